@@ -1,0 +1,28 @@
+# Two commands a newcomer needs: `make test` and (once it lands) `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch first: a bare `pip install torch` would pull a multi-GB CUDA build on machines
+# without one. On a GPU machine install your CUDA torch (>=2.4,<2.14) before `make install`.
+TORCH_SPEC ?= torch>=2.4,<2.14
+EXTRAS ?= dev,wan
+
+.PHONY: install test test-gpu bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,60 @@
+"""The `forcelab` console script: one subcommand per job.
+
+Each subcommand lives beside its concern, in a module with `add_arguments(parser)` and
+`run(args) -> int`; it is imported only when chosen so `forcelab --help` stays fast.
+A `ForcelabError` (bad input) prints one line and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ForcelabError
+
+# name -> (module, one-line help). Only commands that work are listed here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("forcelab.models.convert", "convert a DiT checkpoint between Wan and diffusers formats"),
+    "info": ("forcelab.models.info", "show a model preset or checkpoint: shapes and parameter counts"),
+}
+
+USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="forcelab", description="Train, distill, generate and evaluate causal video diffusion models.")
+    parser.add_argument("--version", action="version", version=f"forcelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help / version / the usage error
+        parser.print_help()
+        return USER_ERROR
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"forcelab {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except ForcelabError as e:
+        print(f"forcelab {name}: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(f"forcelab {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Attention layouts: who sees whom, described per frame.
+
+Every attention call in forcelab is described by an `AttentionLayout`: the latent frame index
+of every query frame and key frame (tokens_per_frame tokens each) plus a visibility rule.
+The rule is evaluated on frames, never on tokens, so a layout is tiny even for 32,760-token
+sequences, and the same object drives the torch reference (a boolean mask) and the Triton
+kernels (per-tile key ranges).
+
+Rule, for a query frame qf and key frame kf (frame indices are absolute positions in the
+video; -1 marks an empty cache slot, never visible):
+
+- chunk_frames is None: every key is visible (bidirectional).
+- block-causal: chunk(f) = f // chunk_frames; kf is visible iff chunk(kf) <= chunk(qf).
+- window_frames (block-causal only): additionally kf >= end(chunk(qf)) - window_frames, i.e.
+  the window counts back from the END of the query's chunk and includes that chunk
+  (Self-Forcing's local attention), ...
+- ... unless kf < sink_frames: the first sink_frames frames stay visible to every query.
+- teacher forcing: frames also carry a "noisy" flag ([clean | noisy] copies of one video).
+  A noisy key is visible only to noisy queries of the same chunk; a noisy query sees clean
+  keys of strictly earlier chunks; clean queries follow the block-causal rule over clean keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _frames(x) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.long)
+    if t.ndim != 1:
+        raise ValueError(f"frame indices must be 1-D, got shape {tuple(t.shape)}")
+    return t.cpu()
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionLayout:
+    """Frame-level description of an attention pattern.
+
+    q_frames: [Fq] frame index of each query frame; k_frames: [Fk] frame index of each key
+    frame (-1 = empty slot). Queries are Fq * tokens_per_frame tokens, keys likewise.
+    """
+
+    q_frames: torch.Tensor
+    k_frames: torch.Tensor
+    tokens_per_frame: int
+    chunk_frames: int | None = None
+    window_frames: int | None = None
+    sink_frames: int = 0
+    q_noisy: torch.Tensor | None = None
+    k_noisy: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.tokens_per_frame < 1:
+            raise ValueError(f"tokens_per_frame must be >= 1, got {self.tokens_per_frame}")
+        if self.chunk_frames is not None and self.chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if self.window_frames is not None:
+            if self.chunk_frames is None:
+                raise ValueError("window_frames needs a block-causal layout (chunk_frames)")
+            if self.window_frames < self.chunk_frames:
+                raise ValueError(
+                    f"window_frames ({self.window_frames}) must cover at least one chunk "
+                    f"({self.chunk_frames} frames)")
+        if self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if (self.q_noisy is None) != (self.k_noisy is None):
+            raise ValueError("q_noisy and k_noisy go together (teacher-forcing layout)")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def full(cls, frames: int, tokens_per_frame: int) -> "AttentionLayout":
+        """Bidirectional attention over `frames` frames (the teacher / critic)."""
+        f = torch.arange(frames)
+        return cls(f, f, tokens_per_frame)
+
+    @classmethod
+    def block_causal(cls, frames: int, tokens_per_frame: int, chunk_frames: int,
+                     window_frames: int | None = None, sink_frames: int = 0,
+                     start_frame: int = 0) -> "AttentionLayout":
+        """Block-causal attention over frames [start_frame, start_frame + frames)."""
+        f = torch.arange(start_frame, start_frame + frames)
+        return cls(f, f, tokens_per_frame, chunk_frames, window_frames, sink_frames)
+
+    @classmethod
+    def teacher_forcing(cls, frames: int, tokens_per_frame: int, chunk_frames: int,
+                        window_frames: int | None = None,
+                        sink_frames: int = 0) -> "AttentionLayout":
+        """[clean | noisy] copies of one `frames`-frame video, concatenated along tokens."""
+        f = torch.arange(frames).repeat(2)
+        noisy = torch.arange(2 * frames) >= frames
+        return cls(f, f, tokens_per_frame, chunk_frames, window_frames, sink_frames,
+                   q_noisy=noisy, k_noisy=noisy)
+
+    @classmethod
+    def cached(cls, query_frames, key_frames, tokens_per_frame: int, chunk_frames: int,
+               window_frames: int | None = None, sink_frames: int = 0) -> "AttentionLayout":
+        """Streaming: queries = the frames being denoised, keys = cache slots + those frames.
+
+        key_frames holds the frame index of every key frame in the order the keys are laid
+        out (cache slots in any order, -1 for empty slots, then the query frames)."""
+        return cls(_frames(query_frames), _frames(key_frames), tokens_per_frame,
+                   chunk_frames, window_frames, sink_frames)
+
+    # ------------------------------------------------------------------ the rule
+    @property
+    def num_queries(self) -> int:
+        return self.q_frames.numel() * self.tokens_per_frame
+
+    @property
+    def num_keys(self) -> int:
+        return self.k_frames.numel() * self.tokens_per_frame
+
+    def frame_mask(self) -> torch.Tensor:
+        """[Fq, Fk] bool: True where the key frame is visible to the query frame."""
+        qf = self.q_frames[:, None]
+        kf = self.k_frames[None, :]
+        valid = kf >= 0
+        if self.chunk_frames is None:
+            return valid.expand(qf.shape[0], kf.shape[1]).clone()
+        c = self.chunk_frames
+        qc, kc = qf // c, kf // c
+        if self.q_noisy is None:
+            causal = kc <= qc
+        else:
+            qn, kn = self.q_noisy[:, None], self.k_noisy[None, :]
+            causal = torch.where(kn, qn & (kc == qc), torch.where(qn, kc < qc, kc <= qc))
+        visible = causal
+        if self.window_frames is not None:
+            in_window = kf >= (qc + 1) * c - self.window_frames
+            visible = visible & in_window
+        if self.sink_frames > 0:
+            sink = kf < self.sink_frames
+            if self.q_noisy is not None:
+                sink = sink & ~self.k_noisy[None, :]
+            visible = visible | (sink & causal)
+        return visible & valid
+
+    def is_dense(self) -> bool:
+        """True when every key is visible to every query (no mask needed)."""
+        return bool(self.frame_mask().all())
+
+    def token_mask(self, device=None) -> torch.Tensor:
+        """[Lq, Lk] bool mask over tokens (the torch reference's SDPA mask)."""
+        s = self.tokens_per_frame
+        m = self.frame_mask()
+        return m.repeat_interleave(s, 0).repeat_interleave(s, 1).to(device)
+
+    def visible_pairs(self) -> int:
+        """Number of visible (query token, key token) pairs: the FLOP count's basis."""
+        return int(self.frame_mask().sum()) * self.tokens_per_frame ** 2
+
+    # ------------------------------------------------------------------ kernel inputs
+    def key(self) -> tuple:
+        """A hashable summary of the layout's content (two equal layouts share kernel plans)."""
+        def flags(t):
+            return None if t is None else tuple(t.tolist())
+        return (tuple(self.q_frames.tolist()), tuple(self.k_frames.tolist()),
+                self.tokens_per_frame, self.chunk_frames, self.window_frames,
+                self.sink_frames, flags(self.q_noisy), flags(self.k_noisy))
+
+    def token_frames(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Lq], [Lk]) int32 frame index of every query and key token (-1 = empty slot).
+
+        The Triton kernels evaluate the rule of `frame_mask` on these per-token ids."""
+        s = self.tokens_per_frame
+        return (self.q_frames.repeat_interleave(s).to(device, torch.int32),
+                self.k_frames.repeat_interleave(s).to(device, torch.int32))
+
+    def token_noisy(self, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """([Lq], [Lk]) int32 noisy flags per token (teacher forcing), or None."""
+        if self.q_noisy is None:
+            return None
+        s = self.tokens_per_frame
+        return (self.q_noisy.repeat_interleave(s).to(device, torch.int32),
+                self.k_noisy.repeat_interleave(s).to(device, torch.int32))
+
+    def tile_visibility(self, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which (query tile, key tile) pairs hold visible pairs: (any, all), [Tq, Tk] bool.
+
+        Query tile i holds query tokens [i * block_m, (i + 1) * block_m), key tile j likewise
+        with block_n; a tile past the sequence end is cut short. `any` marks tiles with at
+        least one visible pair (a kernel must visit them), `all` tiles whose every token pair
+        is visible. Computed on frames with a 2-D prefix sum, so it costs O(Fq * Fk + Tq * Tk)
+        and never builds the token mask."""
+        s = self.tokens_per_frame
+        visible = self.frame_mask().long()
+        counts = torch.zeros(visible.shape[0] + 1, visible.shape[1] + 1, dtype=torch.long)
+        counts[1:, 1:] = visible.cumsum(0).cumsum(1)
+
+        def frame_span(num_tokens, block):
+            first = torch.arange(0, num_tokens, block)
+            last = torch.clamp(first + block, max=num_tokens) - 1
+            return first // s, last // s          # first and last frame touched by each tile
+
+        q_lo, q_hi = frame_span(self.num_queries, block_m)
+        k_lo, k_hi = frame_span(self.num_keys, block_n)
+        q_lo, q_hi1 = q_lo[:, None], q_hi[:, None] + 1
+        k_lo, k_hi1 = k_lo[None, :], k_hi[None, :] + 1
+        pairs = counts[q_hi1, k_hi1] - counts[q_lo, k_hi1] - counts[q_hi1, k_lo] + counts[q_lo, k_lo]
+        frame_pairs = (q_hi1 - q_lo) * (k_hi1 - k_lo)
+        return pairs > 0, pairs == frame_pairs
+
+    def tile_visits(self, block_m: int, block_n: int, by: str = "query") -> "TileVisits":
+        """The host-side visit table of the Triton kernels (CSR, int32, on the CPU).
+
+        by="query": for every query tile, the key tiles it must visit (forward and dQ);
+        by="key": for every key tile, the query tiles (dK/dV). Within a row, tiles whose
+        every pair is visible and that are not cut short by the sequence end come first
+        (the kernel skips the mask there), then the partially visible ones; fully masked
+        tiles are absent."""
+        if by not in ("query", "key"):
+            raise ValueError(f"tile_visits: by must be 'query' or 'key', got {by!r}")
+        any_visible, all_visible = self.tile_visibility(block_m, block_n)
+        complete_q = torch.arange(1, any_visible.shape[0] + 1) * block_m <= self.num_queries
+        complete_k = torch.arange(1, any_visible.shape[1] + 1) * block_n <= self.num_keys
+        full = all_visible & complete_q[:, None] & complete_k[None, :]
+        if by == "key":
+            any_visible, full = any_visible.T, full.T
+        num_cols = any_visible.shape[1]
+        # Sort each row by (partial?, column): full tiles first, then partial, absent last.
+        absent = 2 * num_cols
+        rank = torch.where(full, 0, num_cols) + torch.arange(num_cols)
+        rank = rank.masked_fill(~any_visible, absent).sort(dim=1).values
+        tiles = (rank % num_cols)[rank < absent]
+        start = torch.zeros(any_visible.shape[0] + 1, dtype=torch.long)
+        start[1:] = any_visible.sum(1).cumsum(0)
+        return TileVisits(start.int(), full.sum(1).int(), tiles.int())
+
+
+@dataclass(frozen=True)
+class TileVisits:
+    """Per-tile visit lists in CSR form. Row r visits tiles[start[r]:start[r + 1]]; the first
+    num_full[r] of them are fully visible. start [T + 1], num_full [T], tiles [nnz]: int32."""
+
+    start: torch.Tensor
+    num_full: torch.Tensor
+    tiles: torch.Tensor
+
+    def to(self, device) -> "TileVisits":
+        return TileVisits(self.start.to(device), self.num_full.to(device), self.tiles.to(device))

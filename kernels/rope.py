@@ -1,0 +1,43 @@
+"""QK RMSNorm (full width) and rotary position embedding: the torch reference.
+
+Wan2.1 normalises q and k over the FULL width (all heads together), in fp32, times a weight,
+then rotates adjacent pairs (x[2i], x[2i+1]) as complex numbers by per-token angles.
+Angles come as cos/sin tables [L, D/2] (one entry per token and complex pair), built by
+`forcelab.models.rope` from each token's (frame, row, column) position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., C] -> x / rms(x) * weight, computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y.type_as(x) * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D]; cos, sin [L, D/2] -> x rotated pairwise, in x's dtype (math in fp32)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def qk_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, eps: float, num_heads: int) -> torch.Tensor:
+    """x [B, L, H*D] -> RMSNorm over H*D, split heads, rotate: [B, L, H, D]."""
+    y = rms_norm(x, weight, eps).unflatten(-1, (num_heads, -1))
+    return apply_rope(y, cos, sin)
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float, num_heads: int, backend: str | None = None) -> torch.Tensor:
+    """Fused entry point used by the DiT (backend as in `attention`)."""
+    if backend not in (None, "torch"):
+        raise ValueError(f"unknown qk_norm_rope backend {backend!r}; choose None or 'torch'")
+    return qk_norm_rope_reference(x, weight, cos, sin, eps, num_heads)

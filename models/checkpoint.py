@@ -1,0 +1,246 @@
+"""DiT weights on disk: original Wan2.1 and diffusers WanTransformer3DModel directories.
+
+Both are a directory with config.json and safetensors weights (one file, or shards listed in
+an index JSON). Our module names are the original Wan names; diffusers names are mapped by
+`diffusers_to_wan` / `wan_to_diffusers`. Loading builds the model on the meta device and
+materialises one tensor at a time straight in the target dtype and device (no full fp32 copy).
+forcelab-only settings (text_len, RoPE, causal defaults) ride along in config.json under the
+key "forcelab"; both libraries ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from .config import DiTConfig
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+FORMATS = ("diffusers", "wan")
+EXTRA_KEY = "forcelab"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # diffusers' default shard size
+EXTRA_FIELDS = ("text_len", "rope_theta", "chunk_frames", "window_frames", "sink_frames", "sink_rope")
+
+# (original Wan, diffusers) name fragments, applied in order
+_BLOCK_RENAMES = [
+    ("self_attn.o.", "attn1.to_out.0."), ("self_attn.q.", "attn1.to_q."), ("self_attn.k.", "attn1.to_k."),
+    ("self_attn.v.", "attn1.to_v."), ("self_attn.norm_", "attn1.norm_"),
+    ("cross_attn.o.", "attn2.to_out.0."), ("cross_attn.q.", "attn2.to_q."), ("cross_attn.k.", "attn2.to_k."),
+    ("cross_attn.v.", "attn2.to_v."), ("cross_attn.norm_", "attn2.norm_"),
+    ("ffn.0.", "ffn.net.0.proj."), ("ffn.2.", "ffn.net.2."),
+    ("norm3.", "norm2."), ("modulation", "scale_shift_table"),
+]
+_TOP_RENAMES = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"), ("head.head.", "proj_out."),
+]
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
+
+
+def _rename(name: str, block_pairs, top_pairs) -> str:
+    m = _BLOCK.match(name)
+    if m:
+        rest = m.group(2)
+        for a, b in block_pairs:
+            if rest.startswith(a):
+                rest = b + rest[len(a):]
+                break
+        return f"blocks.{m.group(1)}.{rest}"
+    for a, b in top_pairs:
+        if name.startswith(a):
+            return b + name[len(a):]
+    return name
+
+
+def wan_to_diffusers(name: str) -> str:
+    return _rename(name, _BLOCK_RENAMES, _TOP_RENAMES)
+
+
+def diffusers_to_wan(name: str) -> str:
+    flip = lambda pairs: [(b, a) for a, b in pairs]  # noqa: E731
+    return _rename(name, flip(_BLOCK_RENAMES), flip(_TOP_RENAMES))
+
+
+# ---------------------------------------------------------------------- configs
+def config_to_json(cfg: DiTConfig, fmt: str) -> dict:
+    extra = {k: getattr(cfg, k) for k in EXTRA_FIELDS}
+    if fmt == "diffusers":
+        return {
+            "_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size),
+            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
+            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "text_dim": cfg.text_dim,
+            "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
+            "cross_attn_norm": cfg.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
+            "eps": cfg.eps, "image_dim": None, "added_kv_proj_dim": None,
+            "rope_max_seq_len": cfg.rope_max_len, EXTRA_KEY: extra,
+        }
+    return {
+        "_class_name": "WanModel", "model_type": "t2v", "patch_size": list(cfg.patch_size),
+        "text_len": cfg.text_len, "in_dim": cfg.in_channels, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim, "text_dim": cfg.text_dim, "out_dim": cfg.out_channels,
+        "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "qk_norm": cfg.qk_norm,
+        "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps, EXTRA_KEY: extra,
+    }
+
+
+def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
+    """(DiTConfig, format) from a config.json of either library."""
+    extra = dict(raw.get(EXTRA_KEY, {}))
+    try:
+        if "num_attention_heads" in raw:  # diffusers
+            if raw.get("image_dim") or raw.get("added_kv_proj_dim"):
+                raise CheckpointError(f"{source}: image-to-video checkpoints (image_dim / added_kv_proj_dim) "
+                                      f"are not supported; use a text-to-video checkpoint")
+            heads = raw["num_attention_heads"]
+            cfg = DiTConfig(
+                in_channels=raw.get("in_channels", 16), out_channels=raw.get("out_channels", 16),
+                dim=heads * raw["attention_head_dim"], ffn_dim=raw["ffn_dim"], num_heads=heads,
+                num_layers=raw["num_layers"], patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
+                freq_dim=raw.get("freq_dim", 256), text_dim=raw.get("text_dim", 4096),
+                eps=raw.get("eps", 1e-6), qk_norm=raw.get("qk_norm") is not None,
+                cross_attn_norm=raw.get("cross_attn_norm", True),
+                rope_max_len=raw.get("rope_max_seq_len", 1024), **extra)
+            return cfg, "diffusers"
+        if "dim" in raw and "num_heads" in raw:  # original Wan
+            if raw.get("model_type", "t2v") != "t2v":
+                raise CheckpointError(f"{source}: model_type {raw['model_type']!r} is not supported; "
+                                      f"forcelab loads text-to-video (t2v) checkpoints")
+            extra.setdefault("text_len", raw.get("text_len", 512))
+            cfg = DiTConfig(
+                in_channels=raw.get("in_dim", 16), out_channels=raw.get("out_dim", 16), dim=raw["dim"],
+                ffn_dim=raw["ffn_dim"], num_heads=raw["num_heads"], num_layers=raw["num_layers"],
+                patch_size=tuple(raw.get("patch_size", (1, 2, 2))), freq_dim=raw.get("freq_dim", 256),
+                text_dim=raw.get("text_dim", 4096), eps=raw.get("eps", 1e-6),
+                qk_norm=raw.get("qk_norm", True), cross_attn_norm=raw.get("cross_attn_norm", True), **extra)
+            return cfg, "wan"
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: config.json lacks or mistypes {e}") from None
+    raise CheckpointError(f"{source}: not a Wan2.1 or diffusers WanTransformer3DModel config.json")
+
+
+def read_config(path: str | os.PathLike) -> tuple[DiTConfig, str]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Wan2.1 or diffusers checkpoint directory)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    return config_from_json(raw, str(cfg_file))
+
+
+# ---------------------------------------------------------------------- weights
+def weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights found")
+    return files
+
+
+def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, device=None) -> None:
+    """Materialise model's (meta) parameters from the checkpoint, one tensor at a time."""
+    expected = dict(model.named_parameters())
+    loaded, unexpected, conflicts = set(), [], []
+    for file in weight_files(path):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error classes
+            raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file may be truncated") from None
+        with handle as f:
+            for key in f.keys():
+                name = diffusers_to_wan(key) if fmt == "diffusers" else key
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                param = expected[name]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(param.shape):
+                    conflicts.append(f"{key}: checkpoint {shape} vs model {tuple(param.shape)}")
+                    loaded.add(name)  # present, just the wrong size: not "missing"
+                    continue
+                tensor = f.get_tensor(key).to(dtype=dtype or param.dtype, device=device or "cpu")
+                _set_parameter(model, name, tensor, param.requires_grad)
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing or unexpected or conflicts:
+        lines = []
+        if conflicts:
+            lines.append(f"shape conflicts ({len(conflicts)}): " + "; ".join(conflicts[:8]))
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:8]))
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:8]))
+        raise CheckpointError(f"{path}: checkpoint does not match the model config "
+                              f"(dim={model.config.dim}, layers={model.config.num_layers}): " + " | ".join(lines))
+
+
+def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+
+
+def save_state(model: torch.nn.Module, path: str | os.PathLike, fmt: str = "diffusers",
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write config.json + safetensors (sharded past max_shard_bytes, with an index) atomically:
+    everything goes to a temporary directory that is renamed into place."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    state = {(wan_to_diffusers(k) if fmt == "diffusers" else k): v.detach().contiguous()
+             for k, v in model.state_dict().items()}
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        stem = WEIGHTS_NAME.removesuffix(".safetensors")
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config_to_json(model.config, fmt), indent=2))
+    if path.exists():
+        old = path.parent / f"{tmp.name}.old"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    return path

@@ -1,0 +1,349 @@
+"""CausalDiT: the Wan2.1 transformer, as teacher, critic and causal student.
+
+One module, three ways to call it (x [B, C, F, H, W] latents, timestep [B] or per-frame
+[B, F] in [0, 1000], context [B, L, text_dim] with L <= text_len):
+
+    v = model(x, t, context)                                  # bidirectional (teacher, critic)
+    v = model(x, t, context, chunk_frames=3)                  # block-causal over the whole clip
+    cache = model.new_cache(batch_size=B, height=H, width=W)  # streaming (student)
+    model.set_prompt(cache, context)
+    v = model(x_chunk, t_chunk, cache=cache)                  # reads the cache, changes nothing
+    model(x_clean, t_zero, cache=cache, commit=True)          # the clean pass writes the chunk
+
+It returns the flow prediction v = noise - x0 with x's shape (see models/schedule.py).
+Module and parameter names follow the original Wan2.1 checkpoints (models/checkpoint.py maps
+diffusers names). Block math (Wan2.1; e0 = per-frame modulation, computed in fp32):
+
+    x = x + self_attn(norm1(x) * (1 + scale_msa) + shift_msa) * gate_msa
+    x = x + cross_attn(norm3(x), context)
+    x = x + ffn(norm2(x) * (1 + scale_ffn) + shift_ffn) * gate_ffn
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ForcelabError
+from ..kernels import AttentionLayout, apply_rope, attention, qk_norm_rope, rms_norm
+from .config import DiTConfig
+from .kv_cache import EMPTY, KVCache
+from .rope import rope_tables
+
+MODULATION_TERMS = 6  # shift, scale, gate for attention, then for the FFN
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [N] -> [N, dim], cat(cos, sin), in float64 as Wan computes it."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32, returned in the input dtype (as Wan does)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads, self.eps = cfg.num_heads, cfg.eps
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else None
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else None
+
+    def _norm(self, x, norm):
+        x = norm(x) if norm is not None else x
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x, rope, layout, backend, cache=None, layer=0, start_frame=0, commit=False):
+        """x [B, L, dim]; rope = (cos_q, sin_q, cos_cache, sin_cache) tables."""
+        cos_q, sin_q, cos_c, sin_c = rope
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if cache is None and self.norm_q is not None:
+            q = qk_norm_rope(self.q(x), self.norm_q.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
+            k = qk_norm_rope(self.k(x), self.norm_k.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
+        else:
+            q = apply_rope(self._norm(self.q(x), self.norm_q), cos_q, sin_q)
+            k_pre = self._norm(self.k(x), self.norm_k)
+            k = apply_rope(k_pre, cos_q, sin_q)
+        if cache is not None:
+            used = cos_c.shape[0]
+            if used:
+                k_cached = apply_rope(cache.k[layer][:, :used], cos_c, sin_c)
+                k = torch.cat([k_cached, k], dim=1)
+                v_all = torch.cat([cache.v[layer][:, :used], v], dim=1)
+            else:
+                v_all = v
+            out = attention(q, k, v_all, layout, backend=backend)
+            if commit:
+                cache.write(layer, start_frame, k_pre.detach(), v.detach())
+        else:
+            out = attention(q, k, v, layout, backend=backend)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads, self.eps = cfg.num_heads, cfg.eps
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def context_kv(self, context):
+        """context [B, L, dim] (after text_embedding) -> K, V [B, L, H, D]: cacheable per prompt."""
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def forward(self, x, kv):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k, v = kv
+        # every text token is visible (Wan attends the zero padding too): a dense call
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.randn(1, MODULATION_TERMS, cfg.dim) / cfg.dim ** 0.5)
+        self.norm1 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+
+    def forward(self, x, e0, context_kv, rope, layout, backend, **cache_args):
+        """x [B, f, S, dim] (tokens grouped by frame); e0 [B, f or 1, 6, dim] fp32."""
+        B, f, S, dim = x.shape
+        mod = (self.modulation.float()[None] + e0).unsqueeze(3)  # [B, f, 6, 1, dim]
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unbind(2)
+
+        y = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).type_as(x)
+        y = self.self_attn(y.flatten(1, 2), rope, layout, backend, **cache_args).view(B, f, S, dim)
+        x = (x.float() + y.float() * gate_msa).type_as(x)
+
+        y = self.cross_attn(self.norm3(x).flatten(1, 2), context_kv).view(B, f, S, dim)
+        x = x + y
+
+        y = (self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).type_as(x)
+        y = self.ffn(y)
+        return (x.float() + y.float() * gate_ffn).type_as(x)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.norm = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+
+    def forward(self, x, e):
+        """x [B, f, S, dim]; e [B, f or 1, dim] (the time embedding, not e0)."""
+        shift, scale = (self.modulation.float()[None] + e.float()[:, :, None]).unsqueeze(3).unbind(2)
+        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+
+
+class CausalDiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, MODULATION_TERMS * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def _check_input(self, x: torch.Tensor, timestep: torch.Tensor) -> None:
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ForcelabError(f"CausalDiT: x must be [B, {cfg.in_channels}, F, H, W], got {tuple(x.shape)}")
+        pt, ph, pw = cfg.patch_size
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ForcelabError(f"CausalDiT: frames/height/width {tuple(x.shape[2:])} must be multiples "
+                                f"of the patch size {cfg.patch_size}")
+        B, F_ = x.shape[0], x.shape[2]
+        if timestep.shape not in ((B,), (B, F_)) and timestep.shape != ():
+            raise ForcelabError(f"CausalDiT: timestep must be [B]={B} or per-frame [B, F]=[{B}, {F_}], "
+                                f"got {tuple(timestep.shape)}")
+        if timestep.ndim == 2 and pt != 1:
+            raise ForcelabError("CausalDiT: per-frame timesteps need a temporal patch size of 1")
+
+    def embed_context(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, L, text_dim] -> [B, text_len, dim]: zero-pad to text_len (Wan), then embed."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[2] != cfg.text_dim:
+            raise ForcelabError(f"CausalDiT: context must be [B, L, {cfg.text_dim}], got {tuple(context.shape)}")
+        if context.shape[1] > cfg.text_len:
+            raise ForcelabError(f"CausalDiT: context has {context.shape[1]} tokens, more than text_len={cfg.text_len}")
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        return self.text_embedding(context.to(self.dtype))
+
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention K/V of every layer for a prompt's embedding."""
+        ctx = self.embed_context(context)
+        return [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
+
+    def time_embed(self, timestep: torch.Tensor, batch: int, frames: int):
+        """-> e [B, f or 1, dim] and e0 [B, f or 1, 6, dim], both fp32."""
+        t = timestep.reshape(batch, -1) if timestep.ndim else timestep.expand(batch)[:, None]
+        emb = timestep_embedding(t.flatten(), self.config.freq_dim).to(self.dtype)
+        e = self.time_embedding(emb)
+        e0 = self.time_projection(e).unflatten(-1, (MODULATION_TERMS, -1))
+        return e.float().view(batch, t.shape[1], -1), e0.float().view(batch, t.shape[1], MODULATION_TERMS, -1)
+
+    # ------------------------------------------------------------------ streaming
+    def new_cache(self, batch_size: int, height: int, width: int, *, chunk_frames: int | None = None,
+                  window_frames: int | None = ..., sink_frames: int | None = None,
+                  max_frames: int | None = None, sink_rope: str | None = None,
+                  dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """A KV cache for latents of height x width; unset options come from the config."""
+        cfg = self.config
+        return KVCache(
+            num_layers=cfg.num_layers, batch_size=batch_size,
+            tokens_per_frame=cfg.tokens_per_frame(height, width), num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim, chunk_frames=chunk_frames or cfg.chunk_frames,
+            window_frames=cfg.window_frames if window_frames is ... else window_frames,
+            sink_frames=cfg.sink_frames if sink_frames is None else sink_frames,
+            max_frames=max_frames, sink_rope=sink_rope or cfg.sink_rope,
+            dtype=dtype or self.dtype, device=device or self.device)
+
+    def set_prompt(self, cache: KVCache, context: torch.Tensor) -> None:
+        """Compute the prompt's cross-attention K/V once and keep them in the cache."""
+        cache.set_context(self.context_kv(context))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, timestep, context: torch.Tensor | None = None, *,
+                chunk_frames: int | None = None, window_frames: int | None = None,
+                sink_frames: int = 0, cache: KVCache | None = None, start_frame: int | None = None,
+                commit: bool = False, attention_backend: str | None = None) -> torch.Tensor:
+        cfg = self.config
+        timestep = torch.as_tensor(timestep, device=x.device)
+        self._check_input(x, timestep)
+        backend = attention_backend or cfg.attention_backend
+        B = x.shape[0]
+        tokens = self.patch_embedding(x.to(self.dtype))        # [B, dim, f, h, w]
+        f, h, w = tokens.shape[2:]
+        S = h * w
+        tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
+        e, e0 = self.time_embed(timestep, B, f)
+
+        if cache is None:
+            if context is None:
+                raise ForcelabError("CausalDiT: context is required without a cache")
+            ctx_kv = self.context_kv(context)
+            if f > cfg.rope_max_len or max(h, w) > cfg.rope_max_len:
+                raise ForcelabError(f"CausalDiT: {f} frames / {h}x{w} tokens exceed rope_max_len="
+                                    f"{cfg.rope_max_len}; generate long videos by streaming with a window")
+            if chunk_frames is None:
+                layout = AttentionLayout.full(f, S)
+            else:
+                layout = AttentionLayout.block_causal(f, S, chunk_frames, window_frames, sink_frames)
+            cos_q, sin_q = rope_tables(cfg, torch.arange(f), h, w, x.device)
+            rope = (cos_q, sin_q, None, None)
+            cache_args = {}
+        else:
+            layout, rope, ctx_kv = self._stream_setup(cache, context, f, h, w, start_frame, x.device)
+            start = cache.end_frame if start_frame is None else start_frame
+            cache_args = dict(cache=cache, start_frame=start, commit=commit)
+            if commit and S != cache.tokens_per_frame:
+                raise ForcelabError("CausalDiT: latent size differs from the one the cache was made for")
+
+        for i, blk in enumerate(self.blocks):
+            if cache is not None:
+                cache_args["layer"] = i
+            tokens = blk(tokens, e0, ctx_kv[i], rope, layout, backend, **cache_args)
+        out = self.head(tokens, e)                               # [B, f, S, C * prod(patch)]
+        pt, ph, pw = cfg.patch_size
+        return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)",
+                         h=h, w=w, p=pt, q=ph, r=pw).float().to(x.dtype)
+
+    def _stream_setup(self, cache: KVCache, context, f, h, w, start_frame, device):
+        """Layout, RoPE tables and cross-attention K/V for a pass against the cache."""
+        if f * h * w and h * w != cache.tokens_per_frame:
+            raise ForcelabError(f"CausalDiT: latents give {h * w} tokens per frame, the cache was made "
+                                f"for {cache.tokens_per_frame}")
+        if self.config.patch_size[0] != 1:
+            raise ForcelabError("CausalDiT: streaming needs a temporal patch size of 1")
+        start = cache.end_frame if start_frame is None else start_frame
+        if context is not None:
+            ctx_kv = self.context_kv(context)
+        elif cache.context_kv is not None:
+            ctx_kv = cache.context_kv
+        else:
+            raise ForcelabError("CausalDiT: the cache has no prompt; call model.set_prompt(cache, context)")
+        q_frames = list(range(start, start + f))
+        used = cache.used_slots
+        # keys are the cache slots [0, used) then the frames of this pass; stored frames at or
+        # after `start` are not visible (a re-commit replaces them)
+        k_frames = [fr if fr != EMPTY and fr < start else EMPTY for fr in cache.slot_frame[:used]]
+        layout = AttentionLayout.cached(q_frames, k_frames + q_frames, cache.tokens_per_frame,
+                                        cache.chunk_frames, cache.window_frames, cache.sink_frames)
+        q_pos = [fr + cache.rope_offset for fr in q_frames]
+        k_pos = cache.key_positions(q_pos)
+        base = min(q_pos + [p for i, p in enumerate(k_pos) if k_frames[i] != EMPTY and i >= cache.sink_frames])
+        cos_q, sin_q = rope_tables(self.config, [p - base for p in q_pos], h, w, device)
+        cos_c, sin_c = rope_tables(self.config, [p - base for p in k_pos], h, w, device)
+        return layout, (cos_q, sin_q, cos_c, sin_c), ctx_kv
+
+    # ------------------------------------------------------------------ weights
+    @classmethod
+    def from_pretrained(cls, path, config: DiTConfig | None = None, dtype: torch.dtype | None = None,
+                        device=None, **config_overrides) -> "CausalDiT":
+        """Load an original Wan2.1 or a diffusers WanTransformer3DModel directory.
+
+        config: use this architecture instead of the one in config.json (a mismatch with the
+        weights is an error listing the keys). config_overrides change non-architecture
+        fields (chunk_frames, window_frames, attention_backend ...)."""
+        from pathlib import Path
+
+        from .checkpoint import load_state_into, read_config
+
+        file_config, fmt = read_config(path)
+        config = (config or file_config).replace(**config_overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_into(model, Path(path), fmt, dtype=dtype, device=device)
+        return model.eval()
+
+    def save_pretrained(self, path, format: str = "diffusers", max_shard_bytes: int | None = None):
+        """Write a checkpoint directory that diffusers (format="diffusers") or the original
+        Wan code (format="wan") can read; returns its path."""
+        from .checkpoint import DEFAULT_SHARD_BYTES, save_state
+
+        return save_state(self, path, format, max_shard_bytes or DEFAULT_SHARD_BYTES)

@@ -1,0 +1,36 @@
+"""`forcelab info`: architecture and parameter count of a preset or a checkpoint directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_config
+from .config import PRESETS, DiTConfig
+from .dit import CausalDiT
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory")
+    parser.add_argument("--height", type=int, default=None, help="latent height, to report tokens per frame")
+    parser.add_argument("--width", type=int, default=None, help="latent width, to report tokens per frame")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model in PRESETS or not Path(args.model).exists():
+        config, source = DiTConfig.preset(args.model), "preset"
+    else:
+        config, source = read_config(args.model)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in CausalDiT(config).parameters())
+    print(f"{args.model} ({source})")
+    for field in dataclasses.fields(config):
+        print(f"  {field.name:18s} {getattr(config, field.name)}")
+    print(f"  {'head_dim':18s} {config.head_dim}")
+    print(f"  {'parameters':18s} {n:,}")
+    if args.height and args.width:
+        print(f"  {'tokens_per_frame':18s} {config.tokens_per_frame(args.height, args.width)}")
+    return 0

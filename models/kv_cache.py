@@ -1,0 +1,168 @@
+"""KVCache: preallocated per-layer keys/values for streaming generation.
+
+Layout of the self-attention store (one [B, slots * S, H, D] buffer per layer for keys and
+one for values, S = tokens per frame, allocated once):
+
+    slots [0, sink_frames)            the sink: frames 0..sink_frames-1, kept forever
+    slots [sink_frames, slots)        the ring: the most recent frames, oldest overwritten
+
+With a window of W frames and chunks of c frames, the ring holds W - c frames: exactly the
+past frames the next chunk's queries can see (the window counts back from the end of the
+query chunk and includes it), so in steady state every cached key is visible and the
+attention call is dense. Without a window the ring holds `max_frames` frames and fills up.
+
+Keys are stored AFTER the QK RMSNorm but BEFORE RoPE, together with their frame index (for
+visibility) and their RoPE position (frame + rope_offset at commit time). The DiT rotates
+them at attention time by positions re-based to the window, so a stream never runs past the
+RoPE table and memory stays constant once the window is full.
+
+Reading never changes the cache: a denoising pass calls the DiT with `commit=False`.
+The clean pass (`commit=True`) writes the frames it saw; stored frames at or after its start
+frame are dropped first, so re-committing (recache) is safe. Nothing is cloned per step.
+
+Cross-attention K/V of the current prompt are cached per layer as well (`set_prompt` on the
+DiT); replacing them is a prompt switch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ForcelabError
+from .config import SINK_ROPE_POLICIES
+
+EMPTY = -1
+
+
+class KVCache:
+    def __init__(self, *, num_layers: int, batch_size: int, tokens_per_frame: int, num_heads: int,
+                 head_dim: int, chunk_frames: int, window_frames: int | None, sink_frames: int,
+                 max_frames: int | None, sink_rope: str, dtype: torch.dtype, device=None):
+        if window_frames is None:
+            if max_frames is None:
+                raise ForcelabError("KVCache: without window_frames the cache needs max_frames "
+                                    "(how many frames it may hold); pass one or set a window")
+            sink_frames, ring = 0, max_frames
+        else:
+            if window_frames < chunk_frames:
+                raise ForcelabError(f"KVCache: window_frames ({window_frames}) must be at least "
+                                    f"chunk_frames ({chunk_frames})")
+            ring = window_frames - chunk_frames
+        if sink_rope not in SINK_ROPE_POLICIES:
+            raise ForcelabError(f"KVCache: sink_rope must be one of {SINK_ROPE_POLICIES}, got {sink_rope!r}")
+        self.chunk_frames = chunk_frames
+        self.window_frames = window_frames
+        self.sink_frames = sink_frames
+        self.sink_rope = sink_rope
+        self.tokens_per_frame = tokens_per_frame
+        self.num_slots = sink_frames + ring
+        shape = (batch_size, self.num_slots * tokens_per_frame, num_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slot_frame = [EMPTY] * self.num_slots
+        self.slot_position = [0] * self.num_slots
+        self.rope_offset = 0     # added to frame indices to get RoPE positions (RoPE cut)
+        self.end_frame = 0       # one past the last committed frame
+        self.context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def stored_frames(self) -> list[int]:
+        return sorted(f for f in self.slot_frame if f != EMPTY)
+
+    @property
+    def used_slots(self) -> int:
+        """Slots [0, used_slots) are read at attention time (empty ones are masked)."""
+        used = [i for i, f in enumerate(self.slot_frame) if f != EMPTY]
+        return used[-1] + 1 if used else 0
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        if self.context_kv is not None:
+            n += sum(t.numel() * t.element_size() for kv in self.context_kv for t in kv)
+        return n
+
+    def key_positions(self, query_positions: list[int]) -> list[int]:
+        """RoPE positions of slots [0, used_slots), under the sink policy.
+
+        "true_distance": every key at its own position. "adjacent": the sink frames sit just
+        before the oldest non-sink frame in view (Rolling Forcing / Deep Forcing)."""
+        used = self.used_slots
+        pos = list(self.slot_position[:used])
+        if self.sink_rope == "adjacent" and self.sink_frames:
+            window = [p for i, p in enumerate(pos) if i >= self.sink_frames and self.slot_frame[i] != EMPTY]
+            first = min(window + list(query_positions))
+            for i in range(min(self.sink_frames, used)):
+                pos[i] = first - self.sink_frames + i
+        return pos
+
+    # ------------------------------------------------------------------ prompt
+    def set_context(self, context_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Cross-attention K/V per layer ([B, L, H, D] each): the prompt the cache serves."""
+        self.context_kv = context_kv
+
+    # ------------------------------------------------------------------ writing
+    def _slot_for(self, frame: int) -> int:
+        if frame < self.sink_frames:
+            return frame
+        ring = range(self.sink_frames, self.num_slots)
+        if not len(ring):
+            return EMPTY  # a window of exactly one chunk keeps no past frames
+        for s in ring:
+            if self.slot_frame[s] == EMPTY:
+                return s
+        oldest = min(ring, key=lambda s: self.slot_frame[s])
+        if self.window_frames is None:
+            raise ForcelabError(f"KVCache: full at frame {frame} ({self.num_slots} frames); "
+                                f"create it with a larger max_frames or a window_frames")
+        return oldest
+
+    def drop_from(self, frame: int) -> None:
+        """Forget stored frames >= frame (before re-committing them)."""
+        for s, f in enumerate(self.slot_frame):
+            if f >= frame:
+                self.slot_frame[s] = EMPTY
+        self.end_frame = min(self.end_frame, frame)
+
+    def write(self, layer: int, start_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys (pre-RoPE) and values of frames [start_frame, start_frame + n).
+
+        k, v: [B, n * S, H, D]. Slots are assigned when layer 0 writes; all layers share them."""
+        S = self.tokens_per_frame
+        n = k.shape[1] // S
+        if layer == 0:
+            self.drop_from(start_frame)
+            self._pending = []
+            for f in range(start_frame, start_frame + n):
+                s = self._slot_for(f)
+                if s != EMPTY:
+                    self.slot_frame[s] = f
+                    self.slot_position[s] = f + self.rope_offset
+                self._pending.append(s)
+            self.end_frame = start_frame + n
+        # the last writer of a slot wins (a commit longer than the ring keeps its newest frames)
+        last = {s: i for i, s in enumerate(self._pending) if s != EMPTY}
+        kb = self.k[layer].view(k.shape[0], self.num_slots, S, *k.shape[2:])
+        vb = self.v[layer].view(kb.shape)
+        ks, vs = k.view(k.shape[0], n, S, *k.shape[2:]), v.view(k.shape[0], n, S, *k.shape[2:])
+        with torch.no_grad():
+            for s, i in last.items():
+                kb[:, s].copy_(ks[:, i])
+                vb[:, s].copy_(vs[:, i])
+
+    # ------------------------------------------------------------------ clearing
+    def reset(self, keep_sink: bool = False) -> None:
+        """Clear the self-attention store (optionally keeping the sink); the prompt stays."""
+        for s in range(self.num_slots):
+            if not (keep_sink and s < self.sink_frames):
+                self.slot_frame[s] = EMPTY
+        if not keep_sink:
+            self.end_frame = 0
+
+    def flush(self, keep_last: int = 1) -> None:
+        """Keep only the sink and the newest `keep_last` frames (Infinity-RoPE's KV flush)."""
+        ring = [s for s in range(self.sink_frames, self.num_slots) if self.slot_frame[s] != EMPTY]
+        ring.sort(key=lambda s: self.slot_frame[s])
+        for s in ring[:max(len(ring) - keep_last, 0)]:
+            self.slot_frame[s] = EMPTY
