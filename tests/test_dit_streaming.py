@@ -140,3 +140,39 @@ def test_flush_keeps_sink_and_last_frame():
         model(torch.randn(1, 48, 8, 4, 4), torch.zeros(1), cache=cache, commit=True)
     cache.flush(keep_last=1)
     assert cache.stored_frames == [0, 1, 7]
+
+
+def test_adjacent_sink_sits_just_before_the_window():
+    """sink_rope="adjacent": far into a stream, the sink frame is rotated as if it were the
+    frame right before the window - the same as a short stream where it really is.
+    One layer: cached K/V then depend only on each frame's own input, not on what it saw."""
+    model = toy_model(layers=1)
+    B, H, W = 1, 4, 4
+    g = torch.Generator().manual_seed(5)
+    sink, b1, b2, q = (torch.randn(B, 48, 1, H, W, generator=g) for _ in range(4))
+    ctx = torch.randn(B, 6, 32, generator=g)
+    zero, mid = torch.zeros(B), torch.full((B,), 400.0)
+    with torch.no_grad():
+        far = model.new_cache(B, H, W, chunk_frames=1, window_frames=3, sink_frames=1, sink_rope="adjacent")
+        model.set_prompt(far, ctx)
+        model(sink, zero, cache=far, start_frame=0, commit=True)
+        for f in range(1, 10):  # filler frames, evicted by the window
+            model(torch.randn(B, 48, 1, H, W, generator=g), zero, cache=far, start_frame=f, commit=True)
+        model(b1, zero, cache=far, start_frame=10, commit=True)
+        model(b2, zero, cache=far, start_frame=11, commit=True)
+        assert far.stored_frames == [0, 10, 11]
+        got = model(q, mid, cache=far, start_frame=12)
+
+        near = model.new_cache(B, H, W, chunk_frames=1, window_frames=None, max_frames=4)
+        model.set_prompt(near, ctx)
+        for f, x in enumerate((sink, b1, b2)):
+            model(x, zero, cache=near, start_frame=f, commit=True)
+        expect = model(q, mid, cache=near, start_frame=3)
+
+        true_dist = model.new_cache(B, H, W, chunk_frames=1, window_frames=3, sink_frames=1)
+        model.set_prompt(true_dist, ctx)
+        for f, x in [(0, sink), (10, b1), (11, b2)]:
+            model(x, zero, cache=true_dist, start_frame=f, commit=True)
+        other = model(q, mid, cache=true_dist, start_frame=12)
+    assert max_rel(got, expect) <= 1e-5
+    assert max_rel(other, expect) > 1e-4  # the policy matters
