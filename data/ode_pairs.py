@@ -1,0 +1,66 @@
+"""ODE pairs: teacher sampling trajectories kept at chosen steps, for ODE-regression init.
+
+CausVid / Self-Forcing initialise the causal student by regressing the teacher's deterministic
+ODE solution: from noise x_T, the teacher's sampler (many steps, CFG) gives latents at a few
+chosen timesteps down to x0. A pair sample stores that trajectory:
+
+    ode_latents    [S, C, F, H, W]   latents at the chosen steps, noise first, x0 last
+    ode_timesteps  [S]               their timesteps (sigma * 1000; 0 for x0)
+    text_emb, text_len, caption, meta as in every sample (data/schema.py)
+
+    write_ode_pairs("data/ode", samples)             # the teacher-side recipe produces samples
+    ds = ode_pair_dataset("data/ode", shuffle=256)    # ShardDataset of such samples
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..errors import ForcelabError
+from .schema import encode_sample
+from .shards import ShardDataset, write_shard
+
+
+def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 256, dtype: str = "bf16",
+                    first_index: int = 0) -> dict:
+    """Write samples {ode_latents, ode_timesteps, text_emb, text_len, caption[, meta]} as shards
+    ode-K.tar in `out` plus a manifest.json (readable by shard_urls / ShardDataset).
+
+    Keys are first_index + i; several writers (ranks) can share a folder with distinct
+    first_index ranges and shard names (pass out/rank folders otherwise). Returns the manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries, buffer, total = [], [], 0
+
+    def flush():
+        name = f"ode-{first_index + total - len(buffer):09d}.tar"
+        entries.append({"name": name, "samples": write_shard(out / name, buffer)})
+        buffer.clear()
+
+    for i, s in enumerate(samples):
+        lat, steps = s["ode_latents"], torch.as_tensor(s["ode_timesteps"], dtype=torch.float32)
+        if lat.ndim != 5 or steps.shape != lat.shape[:1]:
+            raise ForcelabError(f"ODE pair {i}: ode_latents must be [S, C, F, H, W] with ode_timesteps [S], "
+                                f"got {list(lat.shape)} and {list(steps.shape)}")
+        meta = dict(s.get("meta", {}), caption=s["caption"], steps=steps.tolist(), shape=list(lat.shape[1:]))
+        meta.setdefault("text_max_length", s["text_emb"].shape[0])
+        buffer.append(encode_sample(f"{first_index + i:09d}", ode_latents=lat, ode_timesteps=steps,
+                                    text_emb=s["text_emb"], text_len=int(s["text_len"]), meta=meta, dtype=dtype))
+        total += 1
+        if len(buffer) == shard_size:
+            flush()
+    if buffer:
+        flush()
+    manifest = {"kind": "ode_pairs", "counts": {"written": total, "shards": len(entries), "skipped": 0},
+                "shards": entries, "skipped": []}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def ode_pair_dataset(source, **kwargs) -> ShardDataset:
+    """A ShardDataset of ODE pairs (every sample must have its trajectory)."""
+    return ShardDataset(source, require=("ode",), **kwargs)

@@ -1,0 +1,400 @@
+"""`forcelab preprocess`: encode videos + captions (or prompts) into webdataset shards.
+
+    forcelab preprocess --videos DIR|manifest.csv|manifest.jsonl --out DIR --vae PATH|toy \
+        --text-encoder PATH|toy [--size 480x832] [--frames 81] [--fps 16] [--batch-size 4]
+    forcelab preprocess --prompts prompts.txt --out DIR --text-encoder PATH|toy   # prompt shards
+    accelerate launch -m forcelab.data.preprocess ...                              # several ranks
+
+Inputs: a folder of videos with a sidecar caption each (clip.mp4 + clip.txt), or a CSV/JSONL
+manifest with `path,caption` (relative paths are relative to the manifest); a prompt list
+(.txt one per line, or CSV/JSONL with a caption or prompt column).
+
+Shards: inputs in their listed order are cut into shards of --shard-size inputs; shard k is
+written by rank k % world_size as shard-k.tar, atomically, followed by shard-k.json (what
+went in, what was skipped and why). A rerun with the same settings skips shards that have
+both files, so an interrupted run resumes without redoing or duplicating anything, even with
+a different number of ranks. Rank 0 then writes manifest.json (counts, shards, skipped
+inputs). A bad input (missing, corrupt, too short, no caption) is skipped and recorded, or
+stops the run with --strict. Sample keys are the input's index in the list. --workers N
+decodes videos in N processes per rank while the encoders run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ForcelabError
+from .schema import STORAGE_DTYPES, encode_sample
+from .shards import write_shard
+from .video import VIDEO_SUFFIXES, VideoError, read_video
+
+SETTINGS_FILE, MANIFEST_FILE = "preprocess.json", "manifest.json"
+
+
+@dataclass
+class Item:
+    index: int              # position in the input list: the sample key
+    source: str             # video path (or "prompt:<index>")
+    caption: str | None     # None: no caption found (skipped)
+
+
+# ---- inputs ----
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a CSV (with a header) or JSONL file."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ForcelabError(f"{path}:{n}: not valid JSON ({e}); one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise ForcelabError(f"{path}:{n}: expected a JSON object like {{\"path\": ..., \"caption\": ...}}")
+            rows.append(row)
+    return rows
+
+
+def _caption(row: dict) -> str | None:
+    text = row.get("caption", row.get("prompt"))
+    return (str(text).strip() or None) if text is not None else None
+
+
+def list_videos(videos: str) -> list[Item]:
+    """A folder (recursive, sorted, sidecar .txt captions) or a CSV/JSONL manifest."""
+    path = Path(videos)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+        items = []
+        for i, p in enumerate(files):
+            txt = p.with_suffix(".txt")
+            caption = (txt.read_text(encoding="utf-8").strip() or None) if txt.is_file() else None
+            items.append(Item(i, str(p), caption))
+        if not items:
+            raise ForcelabError(f"--videos {videos}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
+        return items
+    if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
+        rows = _read_rows(path)
+        if rows and "path" not in rows[0]:
+            raise ForcelabError(f"--videos {videos}: the manifest needs a 'path' column (and 'caption'); "
+                                f"it has {sorted(rows[0])}")
+        return [Item(i, str(path.parent / r["path"]), _caption(r)) for i, r in enumerate(rows)]
+    raise ForcelabError(f"--videos {videos}: not found - give a folder of videos with .txt captions "
+                        f"or a .csv/.jsonl manifest with path,caption")
+
+
+def list_prompts(prompts: str) -> list[Item]:
+    """A .txt file (one prompt per line) or a CSV/JSONL with a caption or prompt column."""
+    path = Path(prompts)
+    if not path.is_file():
+        raise ForcelabError(f"--prompts {prompts}: file not found")
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        texts = [_caption(r) for r in _read_rows(path)]
+    else:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ForcelabError(f"--prompts {prompts}: no prompts in this file")
+    return [Item(i, f"{path.name}:{i + 1}", t) for i, t in enumerate(texts)]
+
+
+def parse_size(text: str) -> list[tuple[int, int]]:
+    """"480x832" or "480x832,832x480" (resolution buckets) -> [(H, W), ...]."""
+    try:
+        sizes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) <= 0 for s in sizes):
+        raise ForcelabError(f"--size {text!r}: write HxW, e.g. 480x832, or several buckets 480x832,832x480")
+    return sizes
+
+
+# ---- encoding ----
+
+class Encoder:
+    """Turns items of one shard into encoded samples, batching videos of the same size."""
+
+    def __init__(self, args, vae, text_encoder, device):
+        self.args, self.vae, self.text, self.device = args, vae, text_encoder, device
+        self.sizes = parse_size(args.size) if vae is not None else None
+
+    def _meta(self, item: Item) -> dict:
+        return {"source": item.source, "caption": item.caption, "text_encoder": self.text.name,
+                "text_max_length": self.text.max_length}
+
+    def _text(self, items: list[Item]):
+        emb, lengths = self.text.encode([it.caption for it in items])
+        return emb.float().cpu(), lengths.tolist()
+
+    def prompts(self, items: list[Item]) -> list[dict]:
+        out = []
+        for i in range(0, len(items), self.args.batch_size):
+            batch = items[i:i + self.args.batch_size]
+            emb, lengths = self._text(batch)
+            out += [encode_sample(f"{it.index:09d}", text_emb=e, text_len=n, meta=self._meta(it),
+                                  dtype=self.args.dtype) for it, e, n in zip(batch, emb, lengths)]
+        return out
+
+    def videos(self, items: list[Item], skipped: list[dict], progress) -> list[dict]:
+        clips = _Clips(items, self.args.fps, self.args.frames, self.sizes, self.args.start)
+        loader = DataLoader(clips, batch_size=None, num_workers=self.args.workers, collate_fn=_identity)
+        out, pending = [], {}  # pending: size -> [(item, video [3, F, H, W] in [-1, 1])]
+        for i, video, error in loader:
+            item = items[i]
+            if error is not None:
+                if self.args.strict:
+                    raise ForcelabError(f"{error} (--strict: stopping; drop --strict to skip bad inputs)")
+                skipped.append({"index": item.index, "source": item.source, "reason": error})
+                progress.update(1)
+                continue
+            group = pending.setdefault(tuple(video.shape[-2:]), [])
+            group.append((item, video.float().div_(127.5).sub_(1.0)))
+            if len(group) == self.args.batch_size:
+                out += self._encode_videos(pending.pop(tuple(video.shape[-2:])))
+                progress.update(len(group))
+        for group in pending.values():
+            out += self._encode_videos(group)
+            progress.update(len(group))
+        return out
+
+    def _encode_videos(self, group: list[tuple[Item, torch.Tensor]]) -> list[dict]:
+        items = [it for it, _ in group]
+        latents = encode_batch(self.vae, torch.stack([v for _, v in group]).to(self.device)).float().cpu()
+        emb, lengths = self._text(items)
+        out = []
+        for it, z, e, n in zip(items, latents, emb, lengths):
+            meta = self._meta(it) | {"vae": self.vae.name, "fps": self.args.fps, "frames": self.args.frames,
+                                     "start": self.args.start, "size": list(group[0][1].shape[-2:])}
+            out.append(encode_sample(f"{it.index:09d}", latent=z, text_emb=e, text_len=n, meta=meta,
+                                     dtype=self.args.dtype))
+        return out
+
+
+class _Clips(Dataset):
+    """Decodes input i -> (i, uint8 video [3, F, H, W] or None, error text or None); runs in
+    DataLoader workers with --workers N so decoding overlaps encoding."""
+
+    def __init__(self, items: list[Item], fps: float, frames: int, sizes, start: float):
+        self.items, self.fps, self.frames, self.sizes, self.start = items, fps, frames, sizes, start
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        if item.caption is None:
+            return i, None, (f"{item.source}: no caption - add {Path(item.source).with_suffix('.txt').name} "
+                             f"beside it or a caption in the manifest")
+        try:
+            video = read_video(item.source, fps=self.fps, frames=self.frames, size=self.sizes, start=self.start)
+        except VideoError as e:
+            return i, None, str(e)
+        return i, video.permute(1, 0, 2, 3), None
+
+
+def _identity(x):
+    return x
+
+
+def encode_batch(vae, videos: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] in [-1, 1] -> latents (a seam for tests and for custom encoders)."""
+    return vae.encode(videos)
+
+
+# ---- the run ----
+
+def _distributed(device_arg: str | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we started the process group) from torchrun/accelerate env."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    started = False
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        started = True
+    if device_arg:
+        device = torch.device(device_arg)
+    else:
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device, started
+
+
+def _barrier(world: int) -> None:
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..models.autoencoder import load_autoencoder
+    from ..models.text_encoder import load_text_encoder
+
+    if bool(args.videos) == bool(args.prompts):
+        raise ForcelabError("give exactly one of --videos (videos + captions) or --prompts (a prompt list)")
+    if args.videos and not args.vae:
+        raise ForcelabError("--videos needs --vae (a local Wan VAE directory, or toy)")
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise ForcelabError("--batch-size and --shard-size must be at least 1")
+    items = list_videos(args.videos) if args.videos else list_prompts(args.prompts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world, device, started = _distributed(args.device)
+    try:
+        text = load_text_encoder(args.text_encoder, dtype=args.encoder_dtype, device=device)
+        vae = load_autoencoder(args.vae, dtype=args.encoder_dtype, device=device) if args.videos else None
+        settings = {"mode": "videos" if vae else "prompts", "vae": vae.name if vae else None,
+                    "text_encoder": text.name, "dtype": args.dtype, "shard_size": args.shard_size}
+        if vae:
+            settings |= {"frames": args.frames, "fps": args.fps, "size": args.size, "start": args.start}
+            _check_clip(vae, args)
+        listing = json.dumps([[it.source, it.caption] for it in items]).encode()
+        settings["inputs_sha256"] = hashlib.sha256(listing).hexdigest()
+        _check_settings(out / SETTINGS_FILE, settings, rank)
+
+        shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
+        mine = [k for k in range(len(shards)) if k % world == rank]
+        done = [k for k in mine if _finished(out, k, settings)]
+        progress = tqdm(total=sum(len(shards[k]) for k in mine), initial=sum(len(shards[k]) for k in done),
+                        unit="input", desc=f"preprocess (rank {rank}/{world})", dynamic_ncols=True,
+                        disable=rank != 0 or args.quiet, file=sys.stderr)
+        encoder = Encoder(args, vae, text, device)
+        with torch.inference_mode(), progress:
+            for k in mine:
+                if k in done:
+                    continue
+                skipped: list[dict] = []
+                if vae:
+                    samples = encoder.videos(shards[k], skipped, progress)
+                else:
+                    samples = encoder.prompts(shards[k])
+                    progress.update(len(shards[k]))
+                samples.sort(key=lambda s: s["__key__"])
+                n = write_shard(out / f"shard-{k:06d}.tar", samples)
+                _write_json(out / f"shard-{k:06d}.json",
+                            {"settings_sha256": _digest(settings), "rank": rank, "samples": n,
+                             "inputs": [it.index for it in shards[k]], "skipped": skipped})
+        _barrier(world)
+        if rank == 0:
+            manifest = _write_manifest(out, shards, settings, items)
+            c = manifest["counts"]
+            print(f"preprocess: {c['written']} samples in {c['shards']} shards, {c['skipped']} skipped "
+                  f"-> {out / MANIFEST_FILE}", file=sys.stderr)
+            return 0 if manifest["complete"] else 1
+        return 0
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _check_clip(vae, args) -> None:
+    t, s = vae.temporal_stride, vae.spatial_stride
+    if (args.frames - 1) % t:
+        raise ForcelabError(f"--frames {args.frames}: {vae.name} needs {t}k+1 frames, e.g. "
+                            f"{t * ((args.frames - 1) // t) + 1}")
+    for h, w in parse_size(args.size):
+        if h % s or w % s:
+            raise ForcelabError(f"--size {h}x{w}: {vae.name} needs multiples of {s}")
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _check_settings(path: Path, settings: dict, rank: int) -> None:
+    """A folder holds one preprocess run: resuming with other settings would mix shards."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+            raise ForcelabError(f"{path.parent}: holds a preprocess run with other settings ({what}); "
+                                f"use a new --out, or the same inputs and options to resume")
+    elif rank == 0:
+        _write_json(path, settings)
+
+
+def _finished(out: Path, k: int, settings: dict) -> bool:
+    record = out / f"shard-{k:06d}.json"
+    if not (out / f"shard-{k:06d}.tar").is_file() or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("settings_sha256") == _digest(settings)
+    except ValueError:
+        return False
+
+
+def _write_manifest(out: Path, shards: list[list[Item]], settings: dict, items: list[Item]) -> dict:
+    from .. import __version__
+
+    entries, skipped, missing = [], [], []
+    for k in range(len(shards)):
+        if not _finished(out, k, settings):
+            missing.append(f"shard-{k:06d}")
+            continue
+        record = json.loads((out / f"shard-{k:06d}.json").read_text())
+        entries.append({"name": f"shard-{k:06d}.tar", "samples": record["samples"]})
+        skipped += record["skipped"]
+    manifest = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "forcelab": __version__, "settings": settings, "complete": not missing, "missing_shards": missing,
+        "counts": {"inputs": len(items), "written": sum(e["samples"] for e in entries),
+                   "skipped": len(skipped), "shards": len(entries)},
+        "shards": entries, "skipped": skipped}
+    _write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("inputs (one of)")
+    src.add_argument("--videos", help="folder of videos with sidecar .txt captions, or a CSV/JSONL manifest "
+                                      "with path,caption")
+    src.add_argument("--prompts", help="prompt list (.txt one per line, or CSV/JSONL with a caption column): "
+                                       "prompt-only shards")
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--vae", help="video autoencoder: a local Wan VAE (diffusers) directory, or toy")
+    parser.add_argument("--text-encoder", required=True, help="text encoder: a local umT5 directory, or toy")
+    parser.add_argument("--size", default="480x832", help="HxW, or comma-separated buckets (closest aspect wins)")
+    parser.add_argument("--frames", type=int, default=81, help="frames per clip (4k+1 for the Wan VAE)")
+    parser.add_argument("--fps", type=float, default=16.0, help="frame rate the clip is sampled at")
+    parser.add_argument("--start", type=float, default=0.0, help="clip start in seconds")
+    parser.add_argument("--batch-size", type=int, default=4, help="videos (or prompts) encoded together")
+    parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
+    parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="bf16", help="stored tensor dtype")
+    parser.add_argument("--encoder-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="dtype the encoders run in")
+    parser.add_argument("--workers", type=int, default=0, help="video decoding processes per rank (0: decode "
+                                                               "in the main process)")
+    parser.add_argument("--device", help="device for the encoders (default: this rank's GPU, else cpu)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import main as cli_main
+
+    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

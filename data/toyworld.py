@@ -1,0 +1,233 @@
+"""The toy world: balls bouncing in a box, a synthetic video world with known physics.
+
+The embedded default of the suite (demo, ToyBench, tests): no files, seconds on a CPU.
+
+    world = ToyWorld()                       # ToyWorldConfig: 32x32, 1-3 balls, ...
+    clip = world.clip(seed=7, frames=200)    # any length: video uint8 [F, 3, H, W] + ground truth
+    clip.positions, clip.velocities          # [F, N, 2] (x, y) in pixels, px/frame
+    sample = world.sample(index=3)           # the latent-shard schema (data/schema.py) + "state"
+    ds = ToyWorldDataset(world)              # an endless stream of such samples, split by rank/worker
+
+Physics: each ball moves with constant velocity and bounces elastically off the walls (the
+velocity component normal to the wall flips; speed is preserved). Balls do not collide with
+each other; later balls are drawn over earlier ones. Positions have a closed form (a
+triangle wave per axis), so frame t costs the same for t = 10 and t = 10^6 and a clip from any
+start frame matches the same frames of a longer clip exactly.
+
+Captions come from a tiny grammar naming the count and colors, optionally the speed:
+"a red ball", "a red ball and a blue ball moving quickly",
+"a red ball, a green ball and a blue ball moving slowly".
+Everything is a pure function of (config, seed).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from ..errors import ConfigError
+from ..models.autoencoder import ToyPixelCodec, VideoAutoencoder, load_autoencoder
+from ..models.text_encoder import TextEncoder, load_text_encoder
+
+# name -> RGB; distinct hues that a nearest-color classifier separates easily
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
+    "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230),
+}
+SPEED_WORDS = ("slowly", "quickly")
+
+
+@dataclass
+class ToyWorldConfig:
+    height: int = 32                                  # frame height in pixels
+    width: int = 32                                   # frame width in pixels
+    frames: int = 16                                  # frames per sample (training clip length)
+    fps: float = 8.0                                  # frame rate recorded in meta and used for mp4
+    min_balls: int = 1                                # balls per scene, drawn uniformly in [min, max]
+    max_balls: int = 3
+    radius: tuple[float, float] = (2.5, 4.0)          # ball radius range in pixels
+    slow_speed: tuple[float, float] = (0.4, 0.9)      # "slowly": speed range in pixels per frame
+    fast_speed: tuple[float, float] = (1.4, 2.2)      # "quickly": speed range in pixels per frame
+    speed_in_caption: float = 0.5                     # probability that the caption names the speed
+    background: tuple[int, int, int] = (24, 24, 32)   # plain background RGB
+    colors: tuple[str, ...] = tuple(PALETTE)          # palette names balls are drawn from
+
+    def __post_init__(self):
+        unknown = [c for c in self.colors if c not in PALETTE]
+        if unknown:
+            raise ConfigError(f"ToyWorldConfig.colors: unknown {unknown}; choose from {list(PALETTE)}")
+        if not 1 <= self.min_balls <= self.max_balls <= len(self.colors):
+            raise ConfigError(f"ToyWorldConfig: need 1 <= min_balls <= max_balls <= {len(self.colors)} colors, "
+                              f"got {self.min_balls}..{self.max_balls}")
+        if 2 * max(self.radius) >= min(self.height, self.width):
+            raise ConfigError(f"ToyWorldConfig: radius {self.radius} does not fit a {self.height}x{self.width} frame")
+        self.radius, self.slow_speed, self.fast_speed = (tuple(float(v) for v in x) for x in
+                                                         (self.radius, self.slow_speed, self.fast_speed))
+        self.colors, self.background = tuple(self.colors), tuple(int(v) for v in self.background)
+
+
+@dataclass
+class Scene:
+    """Initial state of one video: ball i has colors[i], radius[i], position pos0[i] = (x, y)
+    at frame 0 and velocity vel[i] (px/frame, before any bounce)."""
+    colors: list[str]
+    radius: np.ndarray        # [N]
+    pos0: np.ndarray          # [N, 2]
+    vel: np.ndarray           # [N, 2]
+    speed: str                # "slowly" | "quickly"
+    caption: str
+
+
+@dataclass
+class ToyClip:
+    video: torch.Tensor       # uint8 [F, 3, H, W]
+    positions: np.ndarray     # [F, N, 2] ball centers (x, y) in pixels (pixel i spans [i, i+1))
+    velocities: np.ndarray    # [F, N, 2] px/frame, the velocity moving away from frame t
+    bounced: np.ndarray       # [F, N] bool: a wall bounce happened between frame t-1 and t
+    scene: Scene
+    start: int = 0            # index of the first frame
+
+    def state(self) -> dict:
+        """Ground truth as tensors for metrics (the "state" entry of a toy sample)."""
+        return {"positions": torch.from_numpy(self.positions).float(),
+                "velocities": torch.from_numpy(self.velocities).float(),
+                "bounced": torch.from_numpy(self.bounced),
+                "radius": torch.from_numpy(self.scene.radius).float(),
+                "rgb": torch.tensor([PALETTE[c] for c in self.scene.colors], dtype=torch.uint8),
+                "colors": list(self.scene.colors), "speed": self.scene.speed, "start": self.start}
+
+
+def make_caption(colors: list[str], speed: str | None = None) -> str:
+    balls = [f"a {c} ball" for c in colors]
+    text = balls[0] if len(balls) == 1 else ", ".join(balls[:-1]) + " and " + balls[-1]
+    return f"{text} moving {speed}" if speed else text
+
+
+_BALL = re.compile(r"\b(?:a|an|one)\s+([a-z]+)\s+ball\b")
+
+
+def parse_caption(caption: str) -> tuple[list[str], str | None]:
+    """The colors (in order) and the speed word (or None) a toy caption names."""
+    text = caption.lower()
+    colors = [c for c in _BALL.findall(text) if c in PALETTE]
+    speed = next((w for w in SPEED_WORDS if re.search(rf"\b{w}\b", text)), None)
+    return colors, speed
+
+
+def _fold(p0: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray, t: np.ndarray):
+    """Position and velocity at times t of a point bouncing between lo and hi (a triangle wave).
+
+    p0, v, lo, hi: [...]; t: [T] -> positions, velocities, segment index [T, ...]."""
+    span = hi - lo
+    u = (p0 - lo) + v * t.reshape(-1, *([1] * p0.ndim))
+    m = np.mod(u, 2 * span)
+    forward = m < span
+    pos = lo + np.where(forward, m, 2 * span - m)
+    vel = np.where(forward, v, -v)
+    return pos, vel, np.floor(u / span)
+
+
+class ToyWorld:
+    def __init__(self, config: ToyWorldConfig | None = None, seed: int = 0):
+        self.config = config or ToyWorldConfig()
+        self.seed = seed
+        self._encoders = None  # the toy codec and text encoder, built on first use
+
+    def scene(self, seed: int) -> Scene:
+        """A random scene, a pure function of (config, world seed, seed)."""
+        c = self.config
+        rng = np.random.default_rng([self.seed, seed])
+        n = int(rng.integers(c.min_balls, c.max_balls + 1))
+        colors = [c.colors[i] for i in rng.permutation(len(c.colors))[:n]]
+        radius = rng.uniform(*c.radius, size=n)
+        size = np.array([c.width, c.height], dtype=np.float64)
+        pos0 = radius[:, None] + rng.uniform(size=(n, 2)) * (size - 2 * radius[:, None])
+        speed = SPEED_WORDS[int(rng.integers(2))]
+        lo, hi = c.slow_speed if speed == "slowly" else c.fast_speed
+        magnitude = rng.uniform(lo, hi, size=n)
+        angle = rng.uniform(0, 2 * np.pi, size=n)
+        vel = np.stack([np.cos(angle), np.sin(angle)], -1) * magnitude[:, None]
+        named = rng.uniform() < c.speed_in_caption
+        return Scene(colors, radius, pos0, vel, speed, make_caption(colors, speed if named else None))
+
+    def trajectory(self, scene: Scene, frames: int, start: int = 0):
+        """positions, velocities [F, N, 2] and bounced [F, N] for frames start .. start+frames-1."""
+        c = self.config
+        r = scene.radius[:, None]
+        lo, hi = r * np.ones(2), np.array([c.width, c.height]) - r
+        t = np.arange(start - 1, start + frames, dtype=np.float64)
+        pos, vel, segment = _fold(scene.pos0, scene.vel, lo, hi, t)
+        bounced = (segment[1:] != segment[:-1]).any(-1)
+        return pos[1:], vel[1:], bounced
+
+    def render(self, scene: Scene, positions: np.ndarray) -> torch.Tensor:
+        """uint8 [F, 3, H, W]: antialiased discs (coverage = r + 0.5 - distance) on the background."""
+        c = self.config
+        ys, xs = np.mgrid[0:c.height, 0:c.width].astype(np.float32) + 0.5
+        img = np.broadcast_to(np.array(c.background, np.float32), (len(positions), c.height, c.width, 3)).copy()
+        for i, color in enumerate(scene.colors):
+            x = positions[:, i, 0, None, None].astype(np.float32)
+            y = positions[:, i, 1, None, None].astype(np.float32)
+            alpha = np.clip(scene.radius[i] + 0.5 - np.sqrt((xs - x) ** 2 + (ys - y) ** 2), 0, 1)[..., None]
+            img += alpha * (np.array(PALETTE[color], np.float32) - img)
+        return torch.from_numpy(np.rint(img).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+
+    def clip(self, seed: int, frames: int | None = None, start: int = 0) -> ToyClip:
+        """Frames start .. start+frames-1 of scene `seed` (frames defaults to config.frames)."""
+        frames = self.config.frames if frames is None else frames
+        scene = self.scene(seed)
+        positions, velocities, bounced = self.trajectory(scene, frames, start)
+        return ToyClip(self.render(scene, positions), positions, velocities, bounced, scene, start)
+
+    def sample(self, index: int, codec: VideoAutoencoder | None = None, text_encoder: TextEncoder | None = None,
+               frames: int | None = None) -> dict:
+        """Sample `index` in the latent-shard schema, plus "state" (the ground truth).
+        codec / text_encoder default to the toy ones."""
+        if codec is None or text_encoder is None:
+            self._encoders = self._encoders or (ToyPixelCodec(), load_text_encoder("toy"))
+            codec, text_encoder = codec or self._encoders[0], text_encoder or self._encoders[1]
+        clip = self.clip(index, frames)
+        pixels = clip.video.float().div(127.5).sub(1.0).permute(1, 0, 2, 3)[None]  # [1, 3, F, H, W]
+        latent = codec.encode(pixels)[0]
+        emb, lengths = text_encoder.encode([clip.scene.caption])
+        c = self.config
+        meta = {"source": f"toyworld:{self.seed}:{index}", "caption": clip.scene.caption, "fps": c.fps,
+                "frames": len(clip.video), "size": [c.height, c.width], "shape": list(latent.shape),
+                "dtype": "float32", "vae": codec.name, "text_encoder": text_encoder.name,
+                "text_len": int(lengths[0]), "text_max_length": text_encoder.max_length}
+        return {"latent": latent, "text_emb": emb[0], "text_len": int(lengths[0]),
+                "caption": clip.scene.caption, "meta": meta, "key": f"toy{index:09d}", "state": clip.state()}
+
+
+class ToyWorldDataset(IterableDataset):
+    """Toy samples `first_index + i` for i = 0, 1, ... (endless when length is None), dealt out
+    across ranks and DataLoader workers so each index is produced exactly once.
+
+    codec / text_encoder: objects or specs for load_autoencoder / load_text_encoder ("toy")."""
+
+    def __init__(self, world: ToyWorld | None = None, codec="toy", text_encoder="toy",
+                 length: int | None = None, first_index: int = 0, frames: int | None = None):
+        self.world = world or ToyWorld()
+        self.codec = load_autoencoder(codec) if isinstance(codec, str) else codec
+        self.text_encoder = load_text_encoder(text_encoder) if isinstance(text_encoder, str) else text_encoder
+        self.length, self.first_index, self.frames = length, first_index, frames
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Endless mode: epoch e continues with fresh scenes; fixed length: the same scenes."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        from webdataset.utils import pytorch_worker_info
+
+        rank, world, worker, workers = pytorch_worker_info()
+        stride, offset = world * workers, rank * workers + worker
+        base = self.first_index + (self.epoch << 40 if self.length is None else 0)
+        i = offset
+        while self.length is None or i < self.length:
+            yield self.world.sample(base + i, self.codec, self.text_encoder, self.frames)
+            i += stride
