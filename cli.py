@@ -17,6 +17,7 @@ from .errors import ForcelabError
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("forcelab.models.convert", "convert a DiT checkpoint between Wan and diffusers formats"),
     "info": ("forcelab.models.info", "show a model preset or checkpoint: shapes and parameter counts"),
+    "generate": ("forcelab.models.generate", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
 }
 

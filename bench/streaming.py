@@ -1,0 +1,181 @@
+"""Streaming benchmark: per-chunk latency against chunk index, cache vs recompute, and FPS.
+
+    python bench/streaming.py                         # the CPU toy part (a few tens of seconds)
+    python bench/streaming.py --device cuda --wan     # + Wan-1.3B shape FPS (random weights, bf16)
+
+1. Latency per chunk along a long toy stream (chunk-wise plan, 4 steps): with a window +
+   sink the cache has a fixed size, so latency at chunk 100 / chunk 10 should stay <= 1.1;
+   with a full cache every chunk attends to all earlier frames and latency grows.
+2. Cached generation against recomputation (the whole block-causal sequence at every pass,
+   `FrameCache`) for 64 frames on the toy model (goal >= 5x).
+3. --wan: frames per second of the Wan2.1-T2V-1.3B shape (480x832 -> 60x104 latents, chunk 3,
+   4 steps, full cache over 21 latent frames), DiT alone and with streaming VAE decode
+   (diffusers AutoencoderKLWan, Wan2.1 shape, random weights). FPS counts video frames
+   (4 per latent frame, 1 for the first), as the published 17 / 20.7 FPS numbers do.
+Latencies are the minimum over --repeats runs. On CPU with one thread the clock is the
+generating thread's CPU time (torch runs every op inline in that thread), which other
+processes on a shared machine do not inflate; wall-clock totals are printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models.plans import Chunkwise, default_timesteps
+from forcelab.models.rollout import Noise, make_cache, stream
+
+
+CLOCK = time.perf_counter
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def chunk_latencies(model, plan, context, noise, frames, device, recompute=False) -> list[float]:
+    """Seconds between consecutive committed chunks of one stream."""
+    cache = make_cache(model, plan, noise.batch, noise.shape[1], noise.shape[2], frames, recompute)
+    out, t = [], CLOCK()
+    for _ in stream(model, plan, context, noise, frames, cache=cache):
+        sync(device)
+        now = CLOCK()
+        out.append(now - t)
+        t = now
+    return out
+
+
+def around(lat: list[float], index: int, half: int = 2) -> float:
+    return statistics.median(lat[max(0, index - half):index + half + 1])
+
+
+def toy_part(args, device):
+    torch.manual_seed(0)
+    cfg = DiTConfig.preset("toy")
+    model = CausalDiT(cfg).to(device).eval()
+    chunk, h = cfg.chunk_frames, 8                      # 32x32 toy frames -> 8x8 latents
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    noise = Noise([0], cfg.in_channels, h, h, device=device)
+    steps = default_timesteps(args.steps, 5.0)
+    frames = args.chunks * chunk
+    print(f"toy DiT: {cfg.num_layers} layers, dim {cfg.dim}; latent {cfg.in_channels}x{h}x{h} "
+          f"({cfg.tokens_per_frame(h, h)} tokens/frame); chunk {chunk}; {args.steps} steps; "
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"clock: {'thread CPU time' if CLOCK is time.thread_time else 'wall'}")
+    rows = {}
+    with torch.no_grad():
+        for name, plan in (("window", Chunkwise(timesteps=steps, window_frames=args.window, sink_frames=args.sink)),
+                           ("full cache", Chunkwise(timesteps=steps, window_frames=0))):
+            runs = [chunk_latencies(model, plan, context, noise, frames, device) for _ in range(args.repeats)]
+            rows[name] = [min(r[i] for r in runs) for i in range(len(runs[0]))]
+    print(f"\n1. per-chunk latency (ms; median of 5 chunks around the index, min of {args.repeats} runs); "
+          f"window = {args.window} frames incl. a {args.sink}-frame sink")
+    marks = [i for i in (1, 10, 25, 50, 75, 100, args.chunks - 3) if i < args.chunks - 2]
+    print(f"   {'chunk index':12s}" + "".join(f"{m:>9d}" for m in marks) + f"{'100/10':>9s}")
+    ratios = {}
+    for name, lat in rows.items():
+        ratios[name] = around(lat, 100) / around(lat, 10) if args.chunks > 102 else float("nan")
+        print(f"   {name:12s}" + "".join(f"{1000 * around(lat, m):9.2f}" for m in marks) + f"{ratios[name]:9.3f}")
+    print(f"   window: latency at chunk 100 / chunk 10 = {ratios['window']:.3f} (goal <= 1.1); "
+          f"full cache: {ratios['full cache']:.3f}")
+
+    plan = Chunkwise(timesteps=steps, window_frames=0)
+    times = {"cached": float("inf"), "recompute": float("inf")}
+    walls = dict(times)
+    with torch.no_grad():
+        for _ in range(args.repeats):                   # interleaved: both see the same machine load
+            for name in times:
+                t, w = CLOCK(), time.perf_counter()
+                chunk_latencies(model, plan, context, noise, args.frames, device, recompute=name == "recompute")
+                times[name] = min(times[name], CLOCK() - t)
+                walls[name] = min(walls[name], time.perf_counter() - w)
+    speedup = times["recompute"] / times["cached"]
+    print(f"\n2. {args.frames} frames, chunk-wise, {args.steps} steps: cached {times['cached']:.3f} s, "
+          f"recompute {times['recompute']:.3f} s -> speed-up {speedup:.1f}x (goal >= 5x); wall clock: "
+          f"{walls['cached']:.3f} s vs {walls['recompute']:.3f} s = {walls['recompute'] / walls['cached']:.1f}x")
+    return ratios, speedup
+
+
+def wan_part(args, device):
+    """FPS of the Wan-1.3B shape; needs a GPU for meaningful numbers."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = DiTConfig.preset("wan2.1-t2v-1.3b", chunk_frames=3, num_layers=args.wan_layers)
+    torch.manual_seed(0)
+    model = CausalDiT(cfg).to(device=device, dtype=dtype).eval()
+    lat_h, lat_w = args.height // 8, args.width // 8
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
+    noise = Noise([0], cfg.in_channels, lat_h, lat_w, device=device)
+    plan = Chunkwise(timesteps=default_timesteps(4, 5.0), chunk_frames=3, window_frames=0)
+    latent = args.wan_frames
+    video_frames = 1 + (latent - 1) * 4
+
+    vae = None
+    if not args.no_vae:
+        from diffusers import AutoencoderKLWan
+        from diffusers.utils import logging as diffusers_logging
+
+        from forcelab.models.autoencoder import WanVAE
+        diffusers_logging.set_verbosity_error()        # the bf16 cast warning is expected here
+        vae = WanVAE(AutoencoderKLWan().to(device=device, dtype=dtype).eval())
+
+    def run(decode: bool) -> float:
+        cache = make_cache(model, plan, 1, lat_h, lat_w, latent)
+        decoder = vae.decode_stream() if decode else None
+        sync(device)
+        t = time.perf_counter()
+        for chunk in stream(model, plan, context, noise, latent, cache=cache):
+            if decoder is not None:
+                decoder.push(chunk.x.to(dtype))
+        sync(device)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        run(False)                                      # warm-up (allocations, kernels)
+        dit = min(run(False) for _ in range(args.repeats))
+        both = min(run(True) for _ in range(args.repeats)) if vae is not None else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"\n3. Wan2.1-1.3B shape ({cfg.num_layers} layers, {args.height}x{args.width} -> {lat_h}x{lat_w} "
+          f"latents, chunk 3, 4 steps, {latent} latent = {video_frames} video frames, {str(dtype)[6:]}, "
+          f"random weights) on {name}:")
+    print(f"   DiT alone: {dit:.2f} s -> {video_frames / dit:.1f} FPS")
+    if both is not None:
+        print(f"   DiT + VAE decode: {both:.2f} s -> {video_frames / both:.1f} FPS")
+    print("   published (H100): Self-Forcing 17 FPS, LongLive 20.7 FPS; goal >= 30 FPS")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (the toy model is latency-bound)")
+    p.add_argument("--chunks", type=int, default=110, help="chunks of the long toy stream")
+    p.add_argument("--window", type=int, default=6, help="toy attention window in frames")
+    p.add_argument("--sink", type=int, default=2, help="toy attention sink in frames")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--frames", type=int, default=64, help="frames of the cached-vs-recompute comparison")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--wan", action="store_true", help="also measure the Wan-1.3B shape (use a GPU)")
+    p.add_argument("--wan-layers", type=int, default=30, help="fewer for a smoke test")
+    p.add_argument("--wan-frames", type=int, default=21, help="latent frames per measured video")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--no-vae", action="store_true", help="skip the VAE decode measurement")
+    p.add_argument("--skip-toy", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    global CLOCK
+    CLOCK = time.thread_time if device.type == "cpu" and args.threads == 1 else time.perf_counter
+    if not args.skip_toy:
+        toy_part(args, device)
+    if args.wan:
+        wan_part(args, device)
+
+
+if __name__ == "__main__":
+    main()

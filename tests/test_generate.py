@@ -1,0 +1,101 @@
+"""`forcelab generate` end to end on a tiny random checkpoint with the toy encoders."""
+
+import json
+
+import av
+import pytest
+import torch
+
+from forcelab.cli import main
+from forcelab.models import CausalDiT, DiTConfig
+
+torch.set_num_threads(1)
+
+SIDECAR_KEYS = {"video", "prompt", "prompt_text", "sample", "seed", "model", "model_format", "model_config",
+                "vae", "text_encoder", "plan", "frames", "latent_frames", "height", "width", "fps", "batch",
+                "negative_prompt", "switches", "device", "dtype", "vbench", "forcelab", "seconds_per_batch"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy_dit")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)
+    return path
+
+
+def generate(ckpt, out, *extra):
+    return main(["generate", str(ckpt), "--vae", "toy", "--text-encoder", "toy", "--output", str(out),
+                 "--quiet", *map(str, extra)])
+
+
+def frames_of(path):
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape
+
+
+def test_writes_decodable_videos_with_sidecars(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("two green balls\n\nthree yellow balls\n")
+    rc = generate(ckpt, tmp_path / "out", "--prompt", "a red ball", "--prompts", prompts, "--samples", 2,
+                  "--batch", 4, "--frames", 6, "--switch", "4:a blue ball", "--seed", 7)
+    assert rc == 0
+    videos = sorted((tmp_path / "out").glob("*.mp4"))
+    assert len(videos) == 6                                  # 3 prompts x 2 samples, batches of 4 and 2
+    for video in videos:
+        assert frames_of(video) == (6, (32, 32, 3))
+        side = json.loads(video.with_suffix(".json").read_text())
+        assert SIDECAR_KEYS <= set(side) and side["video"] == video.name
+        assert side["frames"] == 6 and side["plan"]["plan"] == "chunkwise"
+        assert side["switches"] == [dict(frame=4, latent_frame=4, prompt="a blue ball", mode="recache",
+                                         recache_frames=None, rope_jump=0)]
+        assert side["seed"] == 7 + side["sample"]
+    first = json.loads((tmp_path / "out" / "0000-a_red_ball-1.json").read_text())
+    assert first["prompt"] == "a red ball" and first["plan"]["timesteps"] == pytest.approx([1000, 937.5, 2500 / 3, 625])
+
+
+def test_vbench_names_and_other_plans(ckpt, tmp_path):
+    assert generate(ckpt, tmp_path, "--prompt", "a red ball", "--samples", 2, "--vbench", "--frames", 4,
+                    "--plan", "rolling", "--window", 4, "--sink", 2) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["a red ball-0.mp4", "a red ball-1.mp4"]
+    assert generate(ckpt, tmp_path / "t", "--prompt", "a ball", "--plan", "teacher", "--steps", 2,
+                    "--solver", "euler", "--frames", 3, "--negative-prompt", "blurry") == 0
+    side = json.loads(next((tmp_path / "t").glob("*.json")).read_text())
+    assert side["plan"]["guidance"] == 5.0 and side["negative_prompt"] == "blurry"
+    assert frames_of(next((tmp_path / "t").glob("*.mp4")))[0] == 3
+    assert generate(ckpt, tmp_path / "s", "--prompt", "a ball", "--plan", "step_matrix", "--ar-step", 2,
+                    "--steps", "1000,500", "--frames", 4) == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "a", "--frames", 6, "--switch", "6:b"], "chunk boundaries"),
+    (["--prompt", "a", "--frames", 6, "--switch", "9:b"], "chunk boundaries"),
+    (["--prompt", "a", "--switch", "b"], "FRAME:PROMPT"),
+    (["--prompt", "a", "--frames", 5], "whole number"),
+    (["--prompt", "a", "--guidance", 3], "teacher plan only"),
+    (["--prompt", "a", "--sink", 2], "needs a window"),
+    (["--prompt", "a", "--plan", "teacher", "--switch", "2:b"], "causal plan"),
+    (["--frames", 4], "no prompt"),
+])
+def test_bad_input_fails_before_any_work(ckpt, tmp_path, monkeypatch, capsys, args, message):
+    def no_work(*a, **k):
+        raise AssertionError("the DiT was loaded before the input was checked")
+    monkeypatch.setattr(CausalDiT, "from_pretrained", no_work)
+    assert generate(ckpt, tmp_path, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_missing_model_or_encoders(ckpt, tmp_path, capsys):
+    assert main(["generate", str(ckpt), "--prompt", "a", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no vae/ folder" in err and "--vae toy" in err
+    weights = next(ckpt.glob("*.safetensors"))
+    assert main(["generate", str(weights), "--prompt", "a", "--vae", "toy", "--text-encoder", "toy"]) == 2
+    assert "training checkpoints" in capsys.readouterr().err.lower()
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "a"]) == 2
+    with pytest.raises(SystemExit) as exc:                   # argparse: unknown plan
+        main(["generate", str(ckpt), "--prompt", "a", "--plan", "magic"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
