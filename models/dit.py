@@ -75,29 +75,28 @@ class SelfAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x, rope, layout, backend, cache=None, layer=0, start_frame=0, commit=False):
-        """x [B, L, dim]; rope = (cos_q, sin_q, cos_cache, sin_cache) tables."""
-        cos_q, sin_q, cos_c, sin_c = rope
+        """x [B, L, dim]; rope = (cos_q, sin_q, cos_k, sin_k): tables for the queries and for
+        all keys (with a cache: the cache slots read, then these frames)."""
+        cos_q, sin_q, cos_k, sin_k = rope
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        if cache is None and self.norm_q is not None:
-            q = qk_norm_rope(self.q(x), self.norm_q.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
-            k = qk_norm_rope(self.k(x), self.norm_k.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
-        else:
-            q = apply_rope(self._norm(self.q(x), self.norm_q), cos_q, sin_q)
-            k_pre = self._norm(self.k(x), self.norm_k)
-            k = apply_rope(k_pre, cos_q, sin_q)
-        if cache is not None:
-            used = cos_c.shape[0]
-            if used:
-                k_cached = apply_rope(cache.k[layer][:, :used], cos_c, sin_c)
-                k = torch.cat([k_cached, k], dim=1)
-                v_all = torch.cat([cache.v[layer][:, :used], v], dim=1)
+        if cache is None:
+            if self.norm_q is not None:
+                q = qk_norm_rope(self.q(x), self.norm_q.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
+                k = qk_norm_rope(self.k(x), self.norm_k.weight, cos_k, sin_k, self.eps, self.num_heads, backend)
             else:
-                v_all = v
-            out = attention(q, k, v_all, layout, backend=backend)
-            if commit:
-                cache.write(layer, start_frame, k_pre.detach(), v.detach())
-        else:
-            out = attention(q, k, v, layout, backend=backend)
+                q = apply_rope(self._norm(self.q(x), None), cos_q, sin_q)
+                k = apply_rope(self._norm(self.k(x), None), cos_k, sin_k)
+            return self.o(attention(q, k, v, layout, backend=backend).flatten(2))
+        q = apply_rope(self._norm(self.q(x), self.norm_q), cos_q, sin_q)
+        k_new = self._norm(self.k(x), self.norm_k)          # before RoPE: what the cache stores
+        read = cos_k.shape[0] - k_new.shape[1]               # cached key tokens this pass reads
+        k_pre, v_all = k_new, v
+        if read:
+            k_pre = torch.cat([cache.k[layer][:, :read], k_new], dim=1)
+            v_all = torch.cat([cache.v[layer][:, :read], v], dim=1)
+        out = attention(q, apply_rope(k_pre, cos_k, sin_k), v_all, layout, backend=backend)
+        if commit:
+            cache.write(layer, start_frame, k_new.detach(), v.detach())
         return self.o(out.flatten(2))
 
 
@@ -274,8 +273,8 @@ class CausalDiT(nn.Module):
                 layout = AttentionLayout.full(f, S)
             else:
                 layout = AttentionLayout.block_causal(f, S, chunk_frames, window_frames, sink_frames)
-            cos_q, sin_q = rope_tables(cfg, torch.arange(f), h, w, x.device)
-            rope = (cos_q, sin_q, None, None)
+            cos_q, sin_q = rope_tables(cfg, range(f), h, w, x.device)
+            rope = (cos_q, sin_q, cos_q, sin_q)
             cache_args = {}
         else:
             layout, rope, ctx_kv = self._stream_setup(cache, context, f, h, w, start_frame, x.device)
@@ -318,8 +317,8 @@ class CausalDiT(nn.Module):
         k_pos = cache.key_positions(q_pos)
         base = min(q_pos + [p for i, p in enumerate(k_pos) if k_frames[i] != EMPTY and i >= cache.sink_frames])
         cos_q, sin_q = rope_tables(self.config, [p - base for p in q_pos], h, w, device)
-        cos_c, sin_c = rope_tables(self.config, [p - base for p in k_pos], h, w, device)
-        return layout, (cos_q, sin_q, cos_c, sin_c), ctx_kv
+        cos_k, sin_k = rope_tables(self.config, [p - base for p in k_pos + q_pos], h, w, device)
+        return layout, (cos_q, sin_q, cos_k, sin_k), ctx_kv
 
     # ------------------------------------------------------------------ weights
     @classmethod
