@@ -112,8 +112,19 @@ class AttentionLayout:
     def num_keys(self) -> int:
         return self.k_frames.numel() * self.tokens_per_frame
 
+    def _memo(self, key, compute):
+        """Masks are computed once per layout: the DiT reuses one layout in every layer."""
+        memo = self.__dict__.setdefault("_memo_masks", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     def frame_mask(self) -> torch.Tensor:
-        """[Fq, Fk] bool: True where the key frame is visible to the query frame."""
+        """[Fq, Fk] bool: True where the key frame is visible to the query frame (shared:
+        do not modify in place)."""
+        return self._memo("frames", self._frame_mask)
+
+    def _frame_mask(self) -> torch.Tensor:
         qf = self.q_frames[:, None]
         kf = self.k_frames[None, :]
         valid = kf >= 0
@@ -139,13 +150,14 @@ class AttentionLayout:
 
     def is_dense(self) -> bool:
         """True when every key is visible to every query (no mask needed)."""
-        return bool(self.frame_mask().all())
+        return self._memo("dense", lambda: bool(self.frame_mask().all()))
 
     def token_mask(self, device=None) -> torch.Tensor:
-        """[Lq, Lk] bool mask over tokens (the torch reference's SDPA mask)."""
+        """[Lq, Lk] bool mask over tokens (the torch reference's SDPA mask; shared)."""
         s = self.tokens_per_frame
-        m = self.frame_mask()
-        return m.repeat_interleave(s, 0).repeat_interleave(s, 1).to(device)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        return self._memo(("tokens", device), lambda: self.frame_mask().repeat_interleave(s, 0)
+                          .repeat_interleave(s, 1).to(device))
 
     def visible_pairs(self) -> int:
         """Number of visible (query token, key token) pairs: the FLOP count's basis."""
@@ -198,7 +210,8 @@ class AttentionLayout:
         k_lo, k_hi = frame_span(self.num_keys, block_n)
         q_lo, q_hi1 = q_lo[:, None], q_hi[:, None] + 1
         k_lo, k_hi1 = k_lo[None, :], k_hi[None, :] + 1
-        pairs = counts[q_hi1, k_hi1] - counts[q_lo, k_hi1] - counts[q_hi1, k_lo] + counts[q_lo, k_lo]
+        pairs = (counts[q_hi1, k_hi1] - counts[q_lo, k_hi1]
+                 - counts[q_hi1, k_lo] + counts[q_lo, k_lo])
         frame_pairs = (q_hi1 - q_lo) * (k_hi1 - k_lo)
         return pairs > 0, pairs == frame_pairs
 

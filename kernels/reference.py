@@ -16,13 +16,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D]; scale 1/sqrt(D).
 
     A query row with no visible key returns zeros (never NaN)."""
-    frame_mask = layout.frame_mask()
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if bool(frame_mask.all()):
+    if layout.is_dense():
         out = F.scaled_dot_product_attention(q, k, v)
     else:
-        s = layout.tokens_per_frame
-        mask = frame_mask.repeat_interleave(s, 0).repeat_interleave(s, 1).to(q.device)
+        mask = layout.token_mask(q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         empty_rows = ~mask.any(dim=1)
         if bool(empty_rows.any()):

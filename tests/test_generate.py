@@ -9,7 +9,6 @@ import torch
 from forcelab.cli import main
 from forcelab.models import CausalDiT, DiTConfig
 
-torch.set_num_threads(1)
 
 SIDECAR_KEYS = {"video", "prompt", "prompt_text", "sample", "seed", "model", "model_format", "model_config",
                 "vae", "text_encoder", "plan", "frames", "latent_frames", "height", "width", "fps", "batch",

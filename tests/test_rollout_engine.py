@@ -11,7 +11,6 @@ from forcelab.models.plans import Chunkwise, Rolling, StepMatrix, Teacher
 from forcelab.models.rollout import (
     Noise, Switch, Training, denoise_window, make_cache, rollout, stream)
 
-torch.set_num_threads(1)   # the toy DiT is latency-bound; extra threads only contend
 H = W = 4                  # latent size: 4 tokens per frame with the (1, 2, 2) patch
 TOL = 1e-5
 
