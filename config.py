@@ -15,12 +15,16 @@ import difflib
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+# dtype names accepted everywhere (CLI flags, configs, loaders)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 BASE_KEY = "_base_"
 
 
@@ -95,3 +99,13 @@ def load_config(schema: type[T], files: Iterable[str | Path] = (),
 def to_yaml(obj: Any) -> str:
     """A config dataclass as YAML (saved beside checkpoints so a run can be inspected)."""
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """"bf16" / "fp16" / "fp32" (or the torch names, or a torch.dtype) -> torch.dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]

@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from forcelab.config import DTYPES
 from forcelab.kernels import AttentionLayout, attention
 
 WAN_TOKENS_PER_FRAME = 1560   # 30 x 52 latent patches at 480 x 832
@@ -39,7 +40,6 @@ STREAM_KEY_FRAMES = (12, 21)
 CPU_DEFAULT_SCALE = 0.05      # 78 tokens per frame: a few seconds on a 2-core CPU
 H100_SXM_BF16_PEAK = 989.0    # dense TFLOP/s
 BACKWARD_FLOP_FACTOR = 2.5
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def shapes(tokens_per_frame: int) -> dict[str, AttentionLayout]:

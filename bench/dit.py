@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from forcelab.config import DTYPES
 from forcelab.models import CausalDiT, DiTConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def timed(fn, warmup: int, repeats: int, device: str) -> float:

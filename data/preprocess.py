@@ -381,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="videos (or prompts) encoded together")
     parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
     parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="bf16", help="stored tensor dtype")
-    parser.add_argument("--encoder-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    parser.add_argument("--encoder-dtype", choices=sorted(STORAGE_DTYPES), default="fp32",
                         help="dtype the encoders run in")
     parser.add_argument("--workers", type=int, default=0, help="video decoding processes per rank (0: decode "
                                                                "in the main process)")

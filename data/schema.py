@@ -32,12 +32,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..config import DTYPES
 from ..errors import ForcelabError
 
 SCHEMA_VERSION = 1
 LATENT_MEMBER, TEXT_MEMBER, ODE_MEMBER = "latent.safetensors", "text.safetensors", "ode.safetensors"
 META_MEMBER = "json"
-STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORAGE_DTYPES = DTYPES  # the names recorded in meta
 
 
 class DataError(ForcelabError):

@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ..config import parse_dtype
 from ..errors import ForcelabError
 
 # Per-channel statistics of Wan2.1 VAE latents (z = (mu - mean) / std); diffusers stores the
@@ -204,16 +205,6 @@ class _WanDecodeStream:
         return out.clamp(-1.0, 1.0)
 
 
-def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in names:
-        raise ForcelabError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
-    return names[dtype]
-
-
 def load_autoencoder(spec: str, dtype=None, device=None) -> VideoAutoencoder:
     """"toy" (or "toy:S" for space-to-depth factor S) -> ToyPixelCodec; a local directory in
     diffusers format (AutoencoderKLWan config.json + weights, or a pipeline folder with vae/)
@@ -235,7 +226,7 @@ def load_autoencoder(spec: str, dtype=None, device=None) -> VideoAutoencoder:
     from diffusers import AutoencoderKLWan
 
     try:
-        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=_dtype(dtype) or torch.float32)
+        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=parse_dtype(dtype) or torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise ForcelabError(f"autoencoder {path}: cannot load as AutoencoderKLWan ({e})") from None
     if device is not None:

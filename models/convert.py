@@ -6,11 +6,11 @@ import argparse
 
 import torch
 
+from ..config import DTYPES
 from ..errors import ForcelabError
 from .checkpoint import FORMATS
 from .dit import CausalDiT
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import DTYPES
 from ..errors import CheckpointError, ForcelabError
 from .plans import PLANS, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps, warp_timesteps
 from .rollout import Noise, Switch, cache_options, stream
 from .schedule import SOLVERS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOY_SIZE, WAN_SIZE = (32, 32), (480, 832)   # default pixel sizes for the toy codec / the Wan VAE
 MAX_NAME_BYTES = 255
 DEFAULT_LATENT_FRAMES = 21                  # Wan's 81-frame clip (rounded up to whole chunks)

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..config import parse_dtype
 from ..errors import ForcelabError
 
 # Every word the toy world's caption grammar can produce (data/toyworld.py); other words are
@@ -173,7 +174,6 @@ def load_text_encoder(spec: str, dtype=None, device=None, max_length: int | None
     either together or as a pipeline folder with text_encoder/ and tokenizer/ subfolders
     (the Wan2.1 diffusers layout). dtype: torch dtype or "bf16"/"fp16"/"fp32" (default fp32).
     """
-    from .autoencoder import _dtype
 
     spec = str(spec)
     if spec == "toy":
@@ -189,7 +189,7 @@ def load_text_encoder(spec: str, dtype=None, device=None, max_length: int | None
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     try:
-        model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=_dtype(dtype) or torch.float32)
+        model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=parse_dtype(dtype) or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except (OSError, ValueError, KeyError) as e:
         raise ForcelabError(f"text encoder {model_dir}: cannot load UMT5EncoderModel + tokenizer ({e})") from None
