@@ -53,7 +53,7 @@ def main() -> None:
     chunk = args.chunk or cfg.chunk_frames
     window = args.window or 3 * chunk
     with torch.device(args.device):
-        model = CausalDiT(cfg).to(DTYPES[args.dtype]).eval()
+        model = CausalDiT(cfg).set_dtype(DTYPES[args.dtype]).eval()
     dev, B = args.device, 1
     x = torch.randn(B, cfg.in_channels, args.frames, args.height, args.width, device=dev)
     ctx = torch.randn(B, cfg.text_len, cfg.text_dim, device=dev)

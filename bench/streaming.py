@@ -107,7 +107,7 @@ def wan_part(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = DiTConfig.preset("wan2.1-t2v-1.3b", chunk_frames=3, num_layers=args.wan_layers)
     torch.manual_seed(0)
-    model = CausalDiT(cfg).to(device=device, dtype=dtype).eval()
+    model = CausalDiT(cfg).to(device).set_dtype(dtype).eval()
     lat_h, lat_w = args.height // 8, args.width // 8
     context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
     noise = Noise([0], cfg.in_channels, lat_h, lat_w, device=device)

@@ -183,7 +183,8 @@ def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, de
                     conflicts.append(f"{key}: checkpoint {shape} vs model {tuple(param.shape)}")
                     loaded.add(name)  # present, just the wrong size: not "missing"
                     continue
-                tensor = f.get_tensor(key).to(dtype=dtype or param.dtype, device=device or "cpu")
+                target = torch.float32 if dtype is not None and model.keeps_fp32(name) else dtype
+                tensor = f.get_tensor(key).to(dtype=target or param.dtype, device=device or "cpu")
                 _set_parameter(model, name, tensor, param.requires_grad)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)

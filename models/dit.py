@@ -35,6 +35,8 @@ from .kv_cache import EMPTY, KVCache
 from .rope import rope_tables
 
 MODULATION_TERMS = 6  # shift, scale, gate for attention, then for the FFN
+FP32_PREFIXES = ("time_embedding.", "time_projection.")
+FP32_SUFFIXES = ("modulation",)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -56,10 +58,12 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32, returned in the input dtype (as Wan does)."""
+    """LayerNorm computed in fp32 (affine parameters too), returned in the input dtype (Wan)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class SelfAttention(nn.Module):
@@ -180,6 +184,19 @@ class CausalDiT(nn.Module):
         self.head = Head(cfg)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def keeps_fp32(name: str) -> bool:
+        """Parameters kept in fp32 when the model runs in bf16/fp16 (as diffusers keeps its
+        time embedder and scale-shift tables): the timestep path and the modulation tables,
+        whose small differences are amplified by every block."""
+        return name.startswith(FP32_PREFIXES) or name.endswith(FP32_SUFFIXES)
+
+    def set_dtype(self, dtype: torch.dtype) -> "CausalDiT":
+        """Cast the weights to dtype, keeping `keeps_fp32` parameters in fp32."""
+        for name, param in self.named_parameters():
+            param.data = param.data.to(torch.float32 if self.keeps_fp32(name) else dtype)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
@@ -221,7 +238,7 @@ class CausalDiT(nn.Module):
     def time_embed(self, timestep: torch.Tensor, batch: int, frames: int):
         """-> e [B, f or 1, dim] and e0 [B, f or 1, 6, dim], both fp32."""
         t = timestep.reshape(batch, -1) if timestep.ndim else timestep.expand(batch)[:, None]
-        emb = timestep_embedding(t.flatten(), self.config.freq_dim).to(self.dtype)
+        emb = timestep_embedding(t.flatten(), self.config.freq_dim).to(self.time_embedding[0].weight.dtype)
         e = self.time_embedding(emb)
         e0 = self.time_projection(e).unflatten(-1, (MODULATION_TERMS, -1))
         return e.float().view(batch, t.shape[1], -1), e0.float().view(batch, t.shape[1], MODULATION_TERMS, -1)

@@ -73,11 +73,29 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert torch.equal(outputs(CausalDiT.from_pretrained(tmp_path / "sharded")), outputs(model))
 
 
-def test_loads_in_target_dtype(tmp_path):
-    toy().save_pretrained(tmp_path / "ckpt")
+def test_loads_in_target_dtype_and_runs(tmp_path):
+    ref = toy()
+    ref.save_pretrained(tmp_path / "ckpt")
     model = CausalDiT.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in model.parameters())
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    # the timestep path and the modulation tables stay fp32 (as diffusers keeps them)
+    assert dtypes["time_embedding.0.weight"] == dtypes["blocks.0.modulation"] == torch.float32
+    assert dtypes["head.modulation"] == dtypes["time_projection.1.bias"] == torch.float32
+    assert dtypes["blocks.0.self_attn.q.weight"] == dtypes["blocks.1.norm3.weight"] == torch.bfloat16
+    expect = outputs(ref)
+    got = outputs(model)
+    assert got.dtype == torch.float32  # output follows the input's dtype
+    assert ((got - expect).abs().max() / expect.abs().max()).item() < 5e-2
+    # streaming in bf16: the cache takes the model's dtype
+    cache = model.new_cache(1, 4, 6, chunk_frames=2, window_frames=4)
+    model.set_prompt(cache, torch.randn(1, 5, 32))
+    with torch.no_grad():
+        out = model(torch.randn(1, 48, 2, 4, 6), torch.zeros(1), cache=cache, commit=True)
+    assert cache.k[0].dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # set_dtype follows the same rule for a model built in memory
+    cast = toy().set_dtype(torch.float16)
+    assert cast.blocks[0].modulation.dtype == torch.float32 and cast.dtype == torch.float16
 
 
 def test_preset_parameter_counts():
