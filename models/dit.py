@@ -294,11 +294,9 @@ class CausalDiT(nn.Module):
             rope = (cos_q, sin_q, cos_q, sin_q)
             cache_args = {}
         else:
-            layout, rope, ctx_kv = self._stream_setup(cache, context, f, h, w, start_frame, x.device)
             start = cache.end_frame if start_frame is None else start_frame
+            layout, rope, ctx_kv = self._stream_setup(cache, context, f, h, w, start, x.device)
             cache_args = dict(cache=cache, start_frame=start, commit=commit)
-            if commit and S != cache.tokens_per_frame:
-                raise ForcelabError("CausalDiT: latent size differs from the one the cache was made for")
 
         for i, blk in enumerate(self.blocks):
             if cache is not None:
@@ -309,14 +307,14 @@ class CausalDiT(nn.Module):
         return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)",
                          h=h, w=w, p=pt, q=ph, r=pw).float().to(x.dtype)
 
-    def _stream_setup(self, cache: KVCache, context, f, h, w, start_frame, device):
-        """Layout, RoPE tables and cross-attention K/V for a pass against the cache."""
-        if f * h * w and h * w != cache.tokens_per_frame:
+    def _stream_setup(self, cache: KVCache, context, f, h, w, start, device):
+        """Layout, RoPE tables and cross-attention K/V for a pass over frames
+        [start, start + f) against the cache."""
+        if h * w != cache.tokens_per_frame:
             raise ForcelabError(f"CausalDiT: latents give {h * w} tokens per frame, the cache was made "
                                 f"for {cache.tokens_per_frame}")
         if self.config.patch_size[0] != 1:
             raise ForcelabError("CausalDiT: streaming needs a temporal patch size of 1")
-        start = cache.end_frame if start_frame is None else start_frame
         if context is not None:
             ctx_kv = self.context_kv(context)
         elif cache.context_kv is not None:

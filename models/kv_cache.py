@@ -63,6 +63,7 @@ class KVCache:
         self.slot_position = [0] * self.num_slots
         self.rope_offset = 0     # added to frame indices to get RoPE positions (RoPE cut)
         self.end_frame = 0       # one past the last committed frame
+        self._pending: list[int] = []  # slot of each frame of the commit in progress (layer 0 assigns)
         self.context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ inspection

@@ -112,6 +112,14 @@ def test_triton_limits(dtype, head_dim, match):
         attention(*qkv(layout, dtype, head_dim=head_dim), layout, backend="triton")
 
 
+def run_without_interpreter(script: str) -> None:
+    """Run a Python script in a fresh process whose environment lacks TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 @needs_triton
 def test_import_is_lazy_and_cpu_needs_the_interpreter():
     """In a fresh process without TRITON_INTERPRET: importing forcelab.kernels leaves triton
@@ -127,10 +135,7 @@ def test_import_is_lazy_and_cpu_needs_the_interpreter():
         "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
         "else:\n"
         "    raise AssertionError('no error')\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_without_interpreter(script)
 
 
 @needs_triton
@@ -146,7 +151,4 @@ def test_interpreter_after_triton_was_imported():
         "q = torch.randn(1, 20, 2, 32, dtype=torch.float64).float()\n"
         "diff = attention(q, q, q, layout, 'triton') - attention(q, q, q, layout, 'torch')\n"
         "assert diff.abs().max() < 1e-5, diff.abs().max()\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_without_interpreter(script)
