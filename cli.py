@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("forcelab.models.info", "show a model preset or checkpoint: shapes and parameter counts"),
     "generate": ("forcelab.models.generate", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
+    "train": ("forcelab.train.cli", "train with a recipe config (teacher, diffusion forcing, AR-diffusion, ...)"),
+    "export": ("forcelab.train.export", "export a run's generator as a diffusers or Wan checkpoint directory"),
 }
 
 USER_ERROR = 2

@@ -74,6 +74,18 @@ def _merge(schema: DictConfig, node: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
 
 
+def _open_mappings(node: DictConfig) -> None:
+    """Fields typed dict[str, X] take any key (their values are still checked against X);
+    dataclass fields stay strict."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_mappings(child)
+
+
 def load_config(schema: type[T], files: Iterable[str | Path] = (),
                 overrides: Iterable[str] = ()) -> T:
     """Compose `files` (in order, later wins) and `overrides` ("a.b=value") onto `schema`."""
@@ -81,6 +93,7 @@ def load_config(schema: type[T], files: Iterable[str | Path] = (),
         raise TypeError(f"schema must be a dataclass, got {schema!r}")
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    _open_mappings(cfg)
     for f in files:
         for source, node in _read_yaml(Path(f)):
             cfg = _merge(cfg, node, source)

@@ -27,6 +27,7 @@ import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ForcelabError
 from ..kernels import AttentionLayout, apply_rope, attention, qk_norm_rope, rms_norm
@@ -182,6 +183,7 @@ class CausalDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, MODULATION_TERMS * cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.gradient_checkpointing = False   # training switch: trade compute for activation memory
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -267,7 +269,15 @@ class CausalDiT(nn.Module):
     def forward(self, x: torch.Tensor, timestep, context: torch.Tensor | None = None, *,
                 chunk_frames: int | None = None, window_frames: int | None = None,
                 sink_frames: int = 0, cache: KVCache | None = None, start_frame: int | None = None,
-                commit: bool = False, attention_backend: str | None = None) -> torch.Tensor:
+                commit: bool = False, attention_backend: str | None = None,
+                teacher_forcing: bool = False) -> torch.Tensor:
+        """v [B, C, F, H, W] for x [B, C, F, H, W] at timestep [B] or [B, F] (0..1000).
+
+        Without a cache: bidirectional over the prompt `context`, or block-causal with
+        chunk_frames (optional window_frames, sink_frames). teacher_forcing: x holds [clean |
+        noisy] copies of one video (F = 2 * frames, both halves at the same RoPE positions);
+        a noisy chunk sees the clean copies of earlier chunks and itself (needs chunk_frames).
+        With a cache: frames [start_frame, start_frame + F) against it (commit=True writes them)."""
         cfg = self.config
         timestep = torch.as_tensor(timestep, device=x.device)
         self._check_input(x, timestep)
@@ -286,11 +296,18 @@ class CausalDiT(nn.Module):
             if f > cfg.rope_max_len or max(h, w) > cfg.rope_max_len:
                 raise ForcelabError(f"CausalDiT: {f} frames / {h}x{w} tokens exceed rope_max_len="
                                     f"{cfg.rope_max_len}; generate long videos by streaming with a window")
-            if chunk_frames is None:
+            positions = range(f)
+            if teacher_forcing:
+                if chunk_frames is None or f % 2:
+                    raise ForcelabError("CausalDiT: teacher_forcing needs chunk_frames and [clean | noisy] "
+                                        f"halves of equal length, got {f} frames")
+                layout = AttentionLayout.teacher_forcing(f // 2, S, chunk_frames, window_frames, sink_frames)
+                positions = list(range(f // 2)) * 2
+            elif chunk_frames is None:
                 layout = AttentionLayout.full(f, S)
             else:
                 layout = AttentionLayout.block_causal(f, S, chunk_frames, window_frames, sink_frames)
-            cos_q, sin_q = rope_tables(cfg, range(f), h, w, x.device)
+            cos_q, sin_q = rope_tables(cfg, positions, h, w, x.device)
             rope = (cos_q, sin_q, cos_q, sin_q)
             cache_args = {}
         else:
@@ -298,10 +315,15 @@ class CausalDiT(nn.Module):
             layout, rope, ctx_kv = self._stream_setup(cache, context, f, h, w, start, x.device)
             cache_args = dict(cache=cache, start_frame=start, commit=commit)
 
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             if cache is not None:
                 cache_args["layer"] = i
-            tokens = blk(tokens, e0, ctx_kv[i], rope, layout, backend, **cache_args)
+            if recompute:   # keep only block inputs; recompute each block in backward
+                tokens = checkpoint(blk, tokens, e0, ctx_kv[i], rope, layout, backend, use_reentrant=False,
+                                    **cache_args)
+            else:
+                tokens = blk(tokens, e0, ctx_kv[i], rope, layout, backend, **cache_args)
         out = self.head(tokens, e)                               # [B, f, S, C * prod(patch)]
         pt, ph, pw = cfg.patch_size
         return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)",

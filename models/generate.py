@@ -157,10 +157,15 @@ def build_plan(args):
 
 
 def resolve_model(path: str) -> tuple[Path, list[Path]]:
-    """-> (DiT directory, folders to look in for encoders)."""
+    """-> (DiT directory, folders to look in for encoders). A forcelab run folder or one of
+    its checkpoints gives the generator (its EMA when kept)."""
+    from .run_folder import is_run, resolve_weights
+
     p = Path(path).expanduser()
     if not p.exists():
         raise ForcelabError(f"model {path}: not found")
+    if is_run(p):
+        return resolve_weights(p, "generator"), []
     if p.is_file():
         raise ForcelabError(f"model {path}: a file; give a checkpoint directory (config.json + safetensors, "
                             f"written by save_pretrained). Loading training checkpoints is not supported yet: "
@@ -174,11 +179,15 @@ def resolve_model(path: str) -> tuple[Path, list[Path]]:
     return p, [p, p.parent]
 
 
-def resolve_encoder(flag_value: str | None, folders: list[Path], sub: str, flag: str, hint: str) -> str:
+def resolve_encoder(flag_value: str | None, folders: list[Path], sub: str, flag: str, hint: str,
+                    recorded: str | None = None) -> str:
+    """The flag's value, else the encoder recorded with the weights, else a pipeline's sub-folder."""
     if flag_value is not None:
         if flag_value != "toy" and not flag_value.startswith("toy:") and not Path(flag_value).exists():
             raise ForcelabError(f"{flag} {flag_value}: not found")
         return flag_value
+    if recorded is not None:
+        return recorded
     for folder in folders:
         if (folder / sub / "config.json").is_file():
             return str(folder)
@@ -218,8 +227,11 @@ def run(args: argparse.Namespace) -> int:
         raise ForcelabError(f"model {args.model}: {e}") from None
     toy_shape = config.in_channels == 48 and config.text_dim == 32
     hint = "; the model has the toy preset's shape" if toy_shape else ""
-    vae_spec = resolve_encoder(args.vae, folders, "vae", "--vae", hint)
-    te_spec = resolve_encoder(args.text_encoder, folders, "text_encoder", "--text-encoder", hint)
+    from .run_folder import recorded_encoders
+    recorded = recorded_encoders(dit_dir) or {}
+    vae_spec = resolve_encoder(args.vae, folders, "vae", "--vae", hint, recorded.get("vae"))
+    te_spec = resolve_encoder(args.text_encoder, folders, "text_encoder", "--text-encoder", hint,
+                              recorded.get("text_encoder"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 

@@ -1,0 +1,181 @@
+"""The training config: one strict schema for every recipe (train/ and distill/).
+
+    cfg = load_train_config(["configs/toy/teacher.yaml"], ["max_steps=6", "output_dir=runs/a"])
+
+Top-level keys hold the infrastructure (output_dir, seed, max_steps, precision, checkpoints,
+logging, data); `roles.<name>` configures each model the recipe uses (generator, critic,
+teacher); `algo` holds the recipe's own options, whose schema is the recipe's `Options`
+dataclass - chosen by `recipe`, so a typo there is an error naming the key like anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import OmegaConf
+
+from ..config import load_config
+from ..errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class RoleConfig:
+    """One model of the recipe: where its weights come from and how it is optimised."""
+    init: str | None = None             # weights: a DiT dir (Wan/diffusers), a forcelab run or checkpoint; None = random
+    init_role: str | None = None        # which role of a forcelab run to take (default: this role's name)
+    preset: str | None = None           # architecture for random init (default: model_preset)
+    trainable: bool | None = None       # None = the recipe's default for this role
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    lr_schedule: str = "constant"       # constant (after warmup) | cosine (to min_lr_ratio * lr at max_steps)
+    warmup_steps: int = 0               # linear warmup over this many of the role's updates
+    min_lr_ratio: float = 0.0           # cosine floor as a fraction of lr
+    update_every: int = 1               # update on steps where step % update_every == 0 (critic 1, generator 5)
+    grad_clip: float | None = None      # max global grad norm (None = no clipping)
+    ema_decay: float | None = None      # keep an EMA of the weights (None = no EMA)
+    ema_start: int = 0                  # first step that updates the EMA (copied from the weights then)
+    dtype: str | None = None            # frozen roles: weight dtype (bf16 halves a frozen teacher's memory)
+    gradient_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+
+
+@dataclass
+class DataConfig:
+    source: str = "toyworld"            # toyworld | a shard folder/manifest | a prompt file | an ODE-pair folder
+    batch_size: int = 1                 # per device, per micro-step
+    num_workers: int = 0                # DataLoader workers for shard sources
+    frames: int | None = None           # toy world: video frames per clip (None: the world's default)
+    shuffle: int = 1000                 # shard sources: shuffle buffer
+    height: int = 32                    # toy world frame size in pixels
+    width: int = 32
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500                    # save every N steps (and at the end); 0 = only at the end
+    keep_last: int = 3                  # keep the newest K checkpoints (older ones forcelab wrote are removed)
+
+
+@dataclass
+class LogConfig:
+    every: int = 10                     # console / JSONL metrics every N steps
+    wandb: str = "offline"              # offline | online | disabled (WANDB_MODE overrides)
+    project: str = "forcelab"
+    sample_every: int = 0               # write sample videos every N steps (0 = never)
+    sample_prompts: list[str] = field(default_factory=list)   # default: a few toy captions / dataset captions
+    progress: bool = True               # tqdm bar on rank 0
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "teacher"             # which recipe (see forcelab.train.recipe.RECIPES)
+    output_dir: str = "runs/run"        # the run folder: checkpoints, metrics.jsonl, samples, config.yaml
+    seed: int = 0
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1    # global batch = batch_size x processes x this
+    mixed_precision: str = "no"         # no | bf16 | fp16 (autocast; weights stay fp32)
+    max_nonfinite_steps: int = 10       # abort after this many non-finite losses/gradients in a row
+    model_preset: str = "toy"           # architecture of randomly initialised roles
+    model_overrides: dict[str, Any] = field(default_factory=dict)   # DiTConfig fields (chunk_frames, ...)
+    vae: str = "toy"                    # "toy" or a local diffusers VAE directory
+    text_encoder: str = "toy"           # "toy" or a local umT5 directory
+    negative_prompt: str = ""           # the unconditional prompt (CFG dropout, CFG at sampling)
+    threads: int | None = None          # CPU threads per process (None: 1 per process when several share a CPU)
+    data: DataConfig = field(default_factory=DataConfig)
+    roles: dict[str, RoleConfig] = field(default_factory=dict)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LogConfig = field(default_factory=LogConfig)
+
+
+def _peek_recipe(files: list[Path], overrides: list[str]) -> str:
+    """The `recipe` key of the composed files and overrides (the last one set wins)."""
+    from ..config import _read_yaml
+
+    name = TrainConfig.recipe
+    for f in files:
+        for _, node in _read_yaml(Path(f)):
+            if "recipe" in node:
+                name = node["recipe"]
+    for item in overrides:
+        if item.startswith("recipe="):
+            name = item.split("=", 1)[1]
+    return str(name)
+
+
+def schema_for(recipe_name: str) -> type:
+    """TrainConfig with `algo` typed as the recipe's Options dataclass."""
+    from .recipe import recipe_class
+
+    options = recipe_class(recipe_name).Options
+    return dataclasses.make_dataclass(
+        "Config", [("algo", options, field(default_factory=options))], bases=(TrainConfig,))
+
+
+def load_train_config(files: Iterable[str | Path] = (), overrides: Iterable[str] = ()):
+    """Compose YAML files and key=value overrides into the recipe's config (validated)."""
+    files, overrides = [Path(f) for f in files], list(overrides)
+    cfg = load_config(schema_for(_peek_recipe(files, overrides)), files, overrides)
+    check_train_config(cfg)
+    return cfg
+
+
+def check_train_config(cfg) -> None:
+    """Numbers and names the schema's types do not catch, each named by its key."""
+    check_positive("max_steps", cfg.max_steps)
+    check_positive("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+    check_positive("max_nonfinite_steps", cfg.max_nonfinite_steps)
+    check_choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
+    check_positive("data.batch_size", cfg.data.batch_size)
+    check_non_negative("data.num_workers", cfg.data.num_workers)
+    check_non_negative("checkpoint.every", cfg.checkpoint.every)
+    check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    check_positive("logging.every", cfg.logging.every)
+    check_non_negative("logging.sample_every", cfg.logging.sample_every)
+    check_choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    if cfg.threads is not None:
+        check_positive("threads", cfg.threads)
+    if cfg.data.frames is not None:
+        check_positive("data.frames", cfg.data.frames)
+    for name, role in cfg.roles.items():
+        key = f"roles.{name}"
+        check_positive(f"{key}.lr", role.lr, allow_zero=True)
+        check_choice(f"{key}.lr_schedule", role.lr_schedule, LR_SCHEDULES)
+        check_non_negative(f"{key}.warmup_steps", role.warmup_steps)
+        check_positive(f"{key}.update_every", role.update_every)
+        check_non_negative(f"{key}.ema_start", role.ema_start)
+        if role.grad_clip is not None:
+            check_positive(f"{key}.grad_clip", role.grad_clip)
+        if role.ema_decay is not None and not 0.0 <= role.ema_decay < 1.0:
+            raise ConfigError(f"{key}.ema_decay must be in [0, 1), got {role.ema_decay}")
+        if not all(0.0 <= b < 1.0 for b in role.betas):
+            raise ConfigError(f"{key}.betas must each be in [0, 1), got {list(role.betas)}")
+
+
+def check_positive(key: str, value, allow_zero: bool = False) -> None:
+    if not (value >= 0 if allow_zero else value > 0) or value != value:
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_non_negative(key: str, value) -> None:
+    check_positive(key, value, allow_zero=True)
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def config_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

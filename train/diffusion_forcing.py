@@ -1,0 +1,93 @@
+"""Diffusion forcing: a causal DiT trained with an independent noise level per chunk under
+block-causal attention (Diffusion Forcing, SkyReels-V2); or, with `teacher_forcing`, each
+noisy chunk conditioned on the CLEAN copies of the earlier chunks ([clean | noisy] sequence,
+one forward: the public teacher-forcing code's layout, with both halves at the same RoPE
+positions). Loss: flow matching (v = noise - x0) on every noisy frame.
+
+Sampling: the chunk-wise plan with Euler ODE steps (each chunk from noise to clean against
+the cache of earlier chunks), or the step-matrix plan (pyramid / AD scheduler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..models.plans import Chunkwise, StepMatrix, default_timesteps
+from ..models.rollout import Noise, rollout
+from ..models.schedule import add_noise, flow_target, sigma_to_timestep
+from .recipe import Recipe, RoleSpec
+from .timesteps import flow_sigmas
+
+SAMPLE_PLANS = ("chunkwise", "step_matrix")
+
+
+@dataclass
+class DiffusionForcingOptions:
+    teacher_forcing: bool = False       # clean context chunks + noisy chunks (else: every chunk noisy)
+    shift: float = 1.0                  # training sigma shift
+    sigma_dist: str = "uniform"         # uniform | logit_normal
+    uncond_prob: float = 0.0            # caption dropout (for CFG-free causal models: 0)
+    window_frames: int | None = None    # attention window in training (None: all past frames)
+    sink_frames: int = 0
+    sample_plan: str = "chunkwise"      # chunkwise | step_matrix
+    sample_steps: int = 20              # denoising steps per chunk
+    sample_shift: float = 3.0
+    ar_step: int = 1                    # step_matrix: levels between consecutive blocks
+
+
+class DiffusionForcingRecipe(Recipe):
+    name = "diffusion_forcing"
+    roles = {"generator": RoleSpec(causal=True)}
+    data = "latents"
+    Options = DiffusionForcingOptions
+
+    def setup(self):
+        if self.opt.sample_plan not in SAMPLE_PLANS:
+            raise ConfigError(f"algo.sample_plan must be one of {SAMPLE_PLANS}, got {self.opt.sample_plan!r}")
+        self.chunk = self.trainer.module("generator").config.chunk_frames
+
+    def chunk_sigmas(self, ctx, frames: int) -> torch.Tensor:
+        """[B, frames]: one sigma per chunk, repeated over its frames."""
+        if frames % self.chunk:
+            raise ConfigError(f"diffusion forcing: clips of {frames} latent frames are not whole chunks of "
+                              f"{self.chunk}; set data.frames so latent frames divide by chunk_frames")
+        u = ctx.uniform((frames // self.chunk,), draw=0)
+        return flow_sigmas(u, self.opt.shift, self.opt.sigma_dist).repeat_interleave(self.chunk, dim=1)
+
+    def loss(self, role, batch, ctx):
+        x0, context = batch["latent"], batch["text_emb"]
+        B, F = x0.shape[0], x0.shape[2]
+        sigma = self.chunk_sigmas(ctx, F)
+        noise = ctx.normal(x0.shape[1:], draw=1)
+        if self.opt.uncond_prob > 0:
+            drop = ctx.uniform((), draw=2) < self.opt.uncond_prob
+            context = torch.where(drop[:, None, None], self.trainer.negative.expand(B, -1, -1), context)
+        x_t = add_noise(x0, noise, sigma)
+        model = self.trainer.model(role)
+        kw = dict(chunk_frames=self.chunk, window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames)
+        if self.opt.teacher_forcing:
+            t = torch.cat([torch.zeros_like(sigma), sigma_to_timestep(sigma)], dim=1)
+            v = model(torch.cat([x0, x_t], dim=2), t, context, teacher_forcing=True, **kw)[:, :, F:]
+        else:
+            v = model(x_t, sigma_to_timestep(sigma), context, **kw)
+        loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
+        return loss, {"sigma": float(sigma.mean())}
+
+    def plan(self):
+        o = self.opt
+        steps = default_timesteps(o.sample_steps, o.sample_shift)
+        if o.sample_plan == "step_matrix":
+            return StepMatrix(timesteps=steps, ar_step=o.ar_step)
+        return Chunkwise(timesteps=steps, update="euler")
+
+    @torch.no_grad()
+    def sample(self, context, seeds, frames):
+        model = self.trainer.sampling_module("generator")
+        c = self.trainer.codec
+        h, w = self.cfg.data.height // c.spatial_stride, self.cfg.data.width // c.spatial_stride
+        noise = Noise(seeds, model.config.in_channels, h, w, device=context.device)
+        frames = -(-frames // self.chunk) * self.chunk
+        return rollout(model, self.plan(), context, noise, frames).x0

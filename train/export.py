@@ -1,0 +1,45 @@
+"""`forcelab export RUN_DIR OUT_DIR --format diffusers|wan`: a run's generator as a DiT
+directory that CausalDiT.from_pretrained and diffusers read, recording its encoders.
+
+RUN_DIR may be a run folder (its newest checkpoint), a checkpoint folder, or a DiT
+directory. The EMA weights are exported when the run kept them (--no-ema for the raw ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ForcelabError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a forcelab run folder, one of its checkpoint-NNNNNN folders, or a DiT directory")
+    p.add_argument("out", help="the directory to write (must not exist, or be an earlier forcelab export)")
+    p.add_argument("--format", choices=("diffusers", "wan"), default="diffusers")
+    p.add_argument("--role", default="generator", help="which role of the run (default: generator)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even if an EMA was kept")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast the weights (default: as stored)")
+
+
+def export(run, out, fmt: str = "diffusers", role: str = "generator", ema: bool = True, dtype=None) -> Path:
+    from ..config import parse_dtype
+    from ..models.dit import CausalDiT
+    from ..models.run_folder import recorded_encoders, resolve_weights, write_encoders_record
+
+    src = resolve_weights(run, role, ema=ema)
+    out = Path(out).expanduser()
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ForcelabError(f"export: the output {out} lies inside the source {src}; choose another folder")
+    encoders = recorded_encoders(src)
+    model = CausalDiT.from_pretrained(src, dtype=parse_dtype(dtype))
+    path = model.save_pretrained(out, format=fmt)
+    if encoders is not None:
+        write_encoders_record(path, encoders["vae"], encoders["text_encoder"], source=str(src.resolve()))
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    path = export(args.run, args.out, args.format, args.role, not args.no_ema, args.dtype)
+    print(f"wrote {path} ({args.format} format)")
+    return 0

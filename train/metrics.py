@@ -1,0 +1,92 @@
+"""Rank-0 logging: every metric to run_dir/metrics.jsonl, console lines, a tqdm bar, wandb.
+
+wandb runs offline unless the config or WANDB_MODE says otherwise, and never blocks or
+fails a run: if it cannot start, the run goes on without it (and says so once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg, enabled: bool, config_dict: dict, start_step: int):
+        self.enabled, self.every = enabled, cfg.logging.every
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.bar = None
+        self._t0, self._s0 = time.perf_counter(), start_step
+        if not enabled:
+            return
+        mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb
+        if mode != "disabled":
+            self.wandb = _start_wandb(mode, cfg.logging.project, Path(run_dir), config_dict)
+        if cfg.logging.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.recipe, unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self._t0
+        rate = (step - self._s0) / elapsed if elapsed > 0 else 0.0
+        record = {"step": step, "time": round(elapsed, 3), "steps_per_s": round(rate, 4), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            loss = {k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("loss")}
+            self.bar.set_postfix(loss, refresh=False)
+            self.bar.update(1)
+        if step % self.every == 0:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            self.write(f"step {step}: {text} ({rate:.2f} steps/s)")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(metrics, step=step)
+            except Exception as e:  # never fail a run for its logging
+                self.write(f"wandb: logging stopped ({type(e).__name__}: {e})")
+                self.wandb = None
+
+    def log_video(self, step: int, name: str, path: Path) -> None:
+        if self.enabled and self.wandb is not None:
+            try:
+                import wandb
+                self.wandb.log({name: wandb.Video(str(path))}, step=step)
+            except Exception:
+                pass
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:
+                pass
+            self.wandb = None
+
+
+def _start_wandb(mode: str, project: str, run_dir: Path, config: dict):
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import wandb
+        return wandb.init(project=project, dir=str(run_dir), mode=mode, config=config,
+                          name=run_dir.name, settings=wandb.Settings(init_timeout=30))
+    except Exception as e:
+        print(f"wandb: not logging ({type(e).__name__}: {e}); metrics are in {run_dir / 'metrics.jsonl'}",
+              file=sys.stderr)
+        return None

@@ -1,0 +1,131 @@
+"""Roles: each model of a recipe (generator, critic, teacher) with its optimizer, LR schedule
+and EMA. Weights come from a DiT directory (Wan or diffusers), from a forcelab run or one of
+its checkpoints (weights only: never its optimizer, step or schedule), or a seeded random init.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..config import parse_dtype
+from ..errors import ConfigError
+from ..models.config import DiTConfig
+from ..models.dit import CausalDiT
+from ..models.run_folder import resolve_weights  # noqa: F401  (re-exported for recipes)
+from .config import RoleConfig
+from .recipe import RoleSpec, mix_seed
+
+@dataclass
+class Role:
+    name: str
+    module: CausalDiT                   # the model itself
+    trainable: bool
+    causal: bool
+    cfg: RoleConfig
+    source: str                         # where the weights came from
+    model: torch.nn.Module = None       # what recipes call (a distributed wrapper, or the module)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    ema: dict[str, torch.Tensor] | None = None
+    updates: int = 0                    # optimizer steps taken
+    params: list = field(default_factory=list)
+
+    def ema_module(self) -> SimpleNamespace:
+        """An object save_pretrained's writer accepts: the config and the EMA state."""
+        state = self.module.state_dict()
+        return SimpleNamespace(config=self.module.config, state_dict=lambda: {k: self.ema.get(k, v) for k, v in state.items()})
+
+
+def lr_factor(rcfg: RoleConfig, total_updates: int):
+    """Multiplier of the base lr after k updates: linear warmup, then constant or cosine."""
+    def factor(k: int) -> float:
+        if rcfg.warmup_steps and k < rcfg.warmup_steps:
+            return (k + 1) / rcfg.warmup_steps
+        if rcfg.lr_schedule == "cosine":
+            span = max(1, total_updates - rcfg.warmup_steps)
+            progress = min(1.0, (k - rcfg.warmup_steps) / span)
+            return rcfg.min_lr_ratio + (1 - rcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def build_role(name: str, spec: RoleSpec, cfg, index: int, device, weights: Path | None,
+               init_source: str | None) -> Role:
+    """The role's model on `device`: from `weights` (a DiT dir) or a seeded random init."""
+    rcfg = cfg.roles.get(name) or RoleConfig()
+    trainable = spec.trainable if rcfg.trainable is None else rcfg.trainable
+    overrides = dict(cfg.model_overrides)
+    if weights is not None:
+        dtype = None if trainable else parse_dtype(rcfg.dtype)
+        config = _checked_config(name, weights, rcfg, overrides)
+        module = CausalDiT.from_pretrained(weights, config=config, device=device, dtype=dtype or torch.float32)
+        source = init_source or str(weights)
+    else:
+        if not trainable:
+            raise ConfigError(f"roles.{name}.init: the frozen {name} needs weights (a DiT directory or a "
+                              f"forcelab run); a random frozen model teaches nothing")
+        config = DiTConfig.preset(rcfg.preset or cfg.model_preset, **overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(cfg.seed, index, 0x5EED))   # the same weights on every rank
+            module = CausalDiT(config)
+        module = module.to(device)
+        source = f"random:{config_name(rcfg, cfg)}"
+    module.gradient_checkpointing = bool(rcfg.gradient_checkpointing) and trainable
+    module.train(trainable).requires_grad_(trainable)
+    return Role(name, module, trainable, spec.causal, rcfg, source, model=module,
+                params=[p for p in module.parameters() if p.requires_grad])
+
+
+RUNTIME_FIELDS = {"chunk_frames", "window_frames", "sink_frames", "sink_rope", "attention_backend", "rope_max_len"}
+
+
+def _checked_config(name: str, weights: Path, rcfg: RoleConfig, overrides: dict) -> DiTConfig:
+    """The loaded role's config: the weights' own architecture with the run's runtime fields.
+    An architecture the config asks for explicitly (roles.X.preset, model_overrides) must match."""
+    from ..models.checkpoint import read_config
+
+    file_config, _ = read_config(weights)
+    wanted = dict(DiTConfig.preset(rcfg.preset).__dict__) if rcfg.preset else {}
+    wanted.update(overrides)
+    clash = [f"{k}: weights {getattr(file_config, k)!r}, config {v!r}" for k, v in wanted.items()
+             if k not in RUNTIME_FIELDS and k in DiTConfig.__dataclass_fields__
+             and _norm(getattr(file_config, k)) != _norm(v)]
+    if clash:
+        raise ConfigError(f"roles.{name}.init: {weights} is a model of another size ({'; '.join(clash)}); "
+                          f"use weights of the configured architecture or drop the preset/overrides")
+    return file_config.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def config_name(rcfg: RoleConfig, cfg) -> str:
+    return rcfg.preset or cfg.model_preset
+
+
+def make_optimizer(role: Role, max_steps: int) -> None:
+    r = role.cfg
+    role.optimizer = torch.optim.AdamW(role.params, lr=r.lr, betas=tuple(r.betas), eps=r.eps,
+                                       weight_decay=r.weight_decay)
+    total = -(-max_steps // r.update_every)
+    role.scheduler = torch.optim.lr_scheduler.LambdaLR(role.optimizer, lr_factor(r, total))
+
+
+@torch.no_grad()
+def update_ema(role: Role, step: int) -> None:
+    """EMA of the weights from step ema_start on (initialised to the weights at that step)."""
+    decay = role.cfg.ema_decay
+    if decay is None or step < role.cfg.ema_start:
+        return
+    params = dict(role.module.named_parameters())
+    if role.ema is None:
+        role.ema = {k: p.detach().float().clone() for k, p in params.items()}
+        return
+    for k, e in role.ema.items():
+        e.lerp_(params[k].detach().float(), 1.0 - decay)

@@ -1,0 +1,373 @@
+"""The Trainer: one plain loop on accelerate that every recipe (train/, distill/) runs on.
+
+    trainer = Trainer(cfg, resume="latest")
+    trainer.run()
+
+Per step, each trainable role whose update_every divides the step index takes one optimizer
+step (in the recipe's role order): gradient_accumulation_steps micro-batches, each
+`recipe.loss(role, batch, ctx)` under autocast, backward of loss / accumulation; then the
+gradients are averaged over processes, checked (non-finite: the update is skipped and
+counted; max_nonfinite_steps in a row abort the run), clipped, applied; then the LR schedule
+and the EMA. Checkpoints every `checkpoint.every` steps (train/checkpoint.py).
+
+Data-parallel: every process holds the whole model and the trainer all-reduces gradients
+once per optimizer step (after accumulation). This is DDP's arithmetic without DDP's
+forward hooks, which the recipes' multi-pass rollouts (several forwards, KV caches, no-grad
+passes) would trip over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import CheckpointError, ConfigError, ForcelabError
+from ..models.autoencoder import latent_frames, load_autoencoder
+from ..models.text_encoder import load_text_encoder
+from . import checkpoint as ckpt_io
+from .config import config_dict, config_yaml
+from .data import make_stream, to_device, ShardStream
+from .metrics import MetricsLogger
+from .recipe import StepContext, mix_seed, recipe_class
+from ..models.run_folder import RUN_RECORD, resolve_weights
+from .roles import Role, build_role, make_optimizer, update_ema
+
+
+class TrainingAborted(ForcelabError):
+    """The run stopped itself (too many non-finite steps); the last good checkpoint is kept."""
+
+
+def encoder_spec(spec: str) -> str:
+    """An encoder spec as recorded in a run: 'toy...' as is, a directory as an absolute path."""
+    return spec if spec == "toy" or spec.startswith("toy:") else str(Path(spec).expanduser().resolve())
+
+
+class Trainer:
+    def __init__(self, cfg, *, resume: str | None = None, dry_run: bool = False, accelerator=None):
+        from accelerate import Accelerator
+
+        self.cfg, self.dry_run = cfg, dry_run
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                              mixed_precision=cfg.mixed_precision)
+        self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
+        self.is_main = self.acc.is_main_process
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.threads or 1)   # see README: a shared CPU otherwise slows many-fold
+        elif cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._tmp = tempfile.TemporaryDirectory(prefix="forcelab-dry-run-") if dry_run else None
+        self.run_dir = Path(self._tmp.name) if dry_run else Path(cfg.output_dir).expanduser()
+        self.resume_from = None if dry_run or resume is None else ckpt_io.find_checkpoint(self.run_dir, resume)
+        if not dry_run:
+            self._prepare_run_dir(resume)
+
+        self.recipe_cls = recipe_class(cfg.recipe)
+        unknown = sorted(set(cfg.roles) - set(self.recipe_cls.roles))
+        if unknown:
+            raise ConfigError(f"roles: recipe '{cfg.recipe}' has no role(s) {unknown}; its roles are "
+                              f"{list(self.recipe_cls.roles)}")
+        self.codec = load_autoencoder(cfg.vae, device=self.device)
+        self.text_encoder = load_text_encoder(cfg.text_encoder, device=self.device)
+        state = ckpt_io.read_trainer_state(self.resume_from) if self.resume_from else None
+        if state is not None:
+            self._check_resume(state)
+        self.roles: dict[str, Role] = self._build_roles()
+        self.recipe = self.recipe_cls(cfg, self)
+        kind = self.recipe_cls.data
+        self.stream = make_stream(cfg, kind, self.codec, self.text_encoder)
+        self.negative = self.text_encoder.encode([cfg.negative_prompt])[0].to(self.device)
+        self.step, self.micro_batches, self.nonfinite = 0, 0, 0
+        if state is not None:
+            self._load_state(state)
+        else:
+            torch.manual_seed(mix_seed(cfg.seed, self.rank))
+        self.recipe.setup()
+        if state is not None and self._recipe_state is not None:
+            self.recipe.load_state_dict(self._recipe_state)
+        self.log = MetricsLogger(self.run_dir, cfg, self.is_main and not dry_run, config_dict(cfg), self.step)
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_run_dir(self, resume: str | None) -> None:
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"output_dir {d}: is a file; choose a folder")
+        if d.is_dir() and any(d.iterdir()):
+            if not (d / RUN_RECORD).is_file():
+                raise ConfigError(f"output_dir {d}: exists and was not written by forcelab; choose a new folder")
+            if self.resume_from is None and ckpt_io.checkpoints(d):
+                raise ConfigError(f"output_dir {d}: holds checkpoints of an earlier run; pass --resume latest "
+                                  f"to continue it, or choose another output_dir")
+        if self.is_main:
+            d.mkdir(parents=True, exist_ok=True)
+            record = {"recipe": self.cfg.recipe, "vae": encoder_spec(self.cfg.vae),
+                      "text_encoder": encoder_spec(self.cfg.text_encoder), "forcelab": __version__}
+            (d / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            (d / "config.yaml").write_text(config_yaml(self.cfg))
+        self.acc.wait_for_everyone()
+
+    def _check_resume(self, state: dict) -> None:
+        if state.get("recipe") != self.cfg.recipe:
+            raise CheckpointError(f"checkpoint {self.resume_from}: written by recipe '{state.get('recipe')}', "
+                                  f"this run is '{self.cfg.recipe}'; start a new run with init from it instead")
+        if state.get("world_size") != self.world:
+            raise CheckpointError(f"checkpoint {self.resume_from}: written by {state.get('world_size')} "
+                                  f"process(es); resume with the same number (this run has {self.world})")
+
+    def _init_source(self, name: str) -> tuple[Path | None, str | None]:
+        """(weights dir, description) for a role: its own init, else the role it inits from."""
+        spec = self.recipe_cls.roles[name]
+        rcfg = self.cfg.roles.get(name)
+        src_name = name
+        if (rcfg is None or rcfg.init is None) and spec.init_from:
+            src_name, rcfg = spec.init_from, self.cfg.roles.get(spec.init_from)
+        if rcfg is None or rcfg.init is None:
+            return None, None
+        role_in_source = rcfg.init_role or src_name
+        try:
+            return resolve_weights(rcfg.init, role_in_source), rcfg.init
+        except ForcelabError as e:
+            raise ConfigError(f"roles.{name}.init: {e}") from None
+
+    def _build_roles(self) -> dict[str, Role]:
+        roles = {}
+        for index, (name, spec) in enumerate(self.recipe_cls.roles.items()):
+            weights, source = self._init_source(name)
+            rcfg = self.cfg.roles.get(name)
+            trainable = spec.trainable if rcfg is None or rcfg.trainable is None else rcfg.trainable
+            if self.resume_from is not None and trainable:
+                weights, source = self.resume_from / name, f"resume:{self.resume_from}"
+            role = build_role(name, spec, self.cfg, index, self.device, weights, source)
+            self._check_encoders(role)
+            if role.trainable:
+                make_optimizer(role, self.cfg.max_steps)
+                if self.resume_from is not None:
+                    ckpt_io.load_role_state(self.resume_from, role)
+            roles[name] = role
+        return roles
+
+    def _check_encoders(self, role: Role) -> None:
+        c = role.module.config
+        if c.in_channels != self.codec.latent_channels:
+            raise ConfigError(f"roles.{role.name}: the model takes {c.in_channels} latent channels, vae "
+                              f"'{self.cfg.vae}' gives {self.codec.latent_channels}; set vae to the model's codec")
+        if c.text_dim != self.text_encoder.dim:
+            raise ConfigError(f"roles.{role.name}: the model takes text of width {c.text_dim}, text_encoder "
+                              f"'{self.cfg.text_encoder}' gives {self.text_encoder.dim}")
+
+    def _load_state(self, state: dict) -> None:
+        self.step, self.micro_batches = int(state["step"]), int(state["micro_batches"])
+        self.nonfinite = int(state.get("nonfinite", 0))
+        rank_state = ckpt_io.load_rank_state(self.resume_from, self.rank)
+        ckpt_io.set_rng_state(rank_state["rng"])
+        self._recipe_state = rank_state.get("recipe")
+        if isinstance(self.stream, ShardStream):
+            self.stream.skip(int(rank_state.get("shard_batches", 0)))
+
+    _recipe_state = None
+
+    # ------------------------------------------------------------------ API for recipes
+    def model(self, role: str) -> torch.nn.Module:
+        return self.roles[role].model
+
+    def module(self, role: str):
+        return self.roles[role].module
+
+    def sampling_module(self, role: str = "generator"):
+        """The role's weights for sampling: its EMA when kept (a copy), else the module."""
+        r = self.roles[role]
+        if r.ema is None:
+            return r.module
+        import copy
+        m = copy.deepcopy(r.module)
+        with torch.no_grad():
+            for k, p in m.named_parameters():
+                p.copy_(r.ema[k])
+        return m.eval()
+
+    def next_batch(self) -> tuple[dict, list[int]]:
+        """This rank's next micro-batch and its samples' global positions."""
+        B = self.cfg.data.batch_size
+        first = (self.micro_batches * self.world + self.rank) * B
+        positions = list(range(first, first + B))
+        self.micro_batches += 1
+        return to_device(self.stream.batch(positions), self.device), positions
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train to max_steps (or stop after step `stop_at`, e.g. to hand over to a resume)."""
+        cfg, last = self.cfg, {}
+        end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+        if self.step >= cfg.max_steps:
+            self.log.write(f"nothing to do: the run is at step {self.step} of max_steps={cfg.max_steps}")
+        if self.resume_from is not None:
+            self.log.write(f"resumed from {self.resume_from} at step {self.step}")
+        t0 = time.perf_counter()
+        try:
+            while self.step < end:
+                metrics = self.train_step()
+                self.step += 1
+                for role in self.roles.values():
+                    if role.trainable and f"{role.name}/loss" in metrics:
+                        update_ema(role, self.step)
+                last = metrics
+                if self.dry_run:
+                    return self._report_dry_run(metrics, time.perf_counter() - t0)
+                self.log.log(self.step, metrics)
+                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                    self.write_samples(self.step)
+                due = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.max_steps
+                if due and self.nonfinite:   # mid-streak: keep the older, good checkpoints
+                    self.log.write(f"step {self.step}: checkpoint postponed ({self.nonfinite} non-finite updates in a row)")
+                elif due:
+                    self.save()
+        finally:
+            self.log.close()
+        return last
+
+    def train_step(self) -> dict:
+        metrics = {}
+        for name, role in self.roles.items():
+            if role.trainable and self.step % role.cfg.update_every == 0:
+                metrics.update(self._update(role))
+        return metrics
+
+    def _update(self, role: Role) -> dict:
+        A = self.cfg.gradient_accumulation_steps
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        logs: dict[str, float] = {}
+        for micro in range(A):
+            batch, positions = self.next_batch()
+            ctx = StepContext(self.step, micro, self.cfg.seed, positions, self.device, role=role.name)
+            with self.acc.autocast():
+                loss, extra = self.recipe.loss(role.name, batch, ctx)
+            self.acc.backward(loss / A)
+            total += loss.detach().double() / A
+            for k, v in extra.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / A
+        self._all_reduce_grads(role)
+        finite = torch.isfinite(total).float()
+        grads = [p.grad for p in role.params if p.grad is not None]
+        clip = role.cfg.grad_clip if role.cfg.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(role.params, clip) if grads else torch.zeros(())
+        finite = finite * torch.isfinite(norm).float()
+        if self.world > 1:
+            stats = torch.stack([total, finite.double()]).to(self.device)
+            torch.distributed.all_reduce(stats)
+            total, finite = stats[0] / self.world, stats[1] / self.world
+        out = {f"{role.name}/loss": float(total), f"{role.name}/grad_norm": float(norm),
+               f"{role.name}/lr": role.scheduler.get_last_lr()[0]}
+        out.update({f"{role.name}/{k}": v for k, v in logs.items()})
+        if float(finite) < 1.0:
+            role.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite += 1
+            out[f"{role.name}/skipped"] = 1.0
+            self.log.write(f"step {self.step + 1}: non-finite {role.name} loss or gradient - update skipped "
+                           f"({self.nonfinite} in a row)")
+            if self.nonfinite >= self.cfg.max_nonfinite_steps:
+                found = ckpt_io.checkpoints(self.run_dir)
+                keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+                raise TrainingAborted(f"{self.nonfinite} non-finite updates in a row at step {self.step + 1} "
+                                      f"({role.name} loss {float(total):.4g}); {keep}; lower the learning "
+                                      f"rate or check the data, then resume from it")
+            return out
+        self.nonfinite = 0
+        role.optimizer.step()
+        role.scheduler.step()
+        role.optimizer.zero_grad(set_to_none=True)
+        role.updates += 1
+        return out
+
+    def _all_reduce_grads(self, role: Role) -> None:
+        """Average gradients over processes, in flat buckets (one collective per bucket)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in role.params if p.grad is not None]
+        bucket, size, limit = [], 0, 25 * 2 ** 20
+        for g in grads + [None]:
+            if g is not None:
+                bucket.append(g)
+                size += g.numel() * g.element_size()
+            if bucket and (g is None or size >= limit):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                torch.distributed.all_reduce(flat)
+                flat /= self.world
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = [], 0
+
+    # ------------------------------------------------------------------ outputs
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "micro_batches": self.micro_batches, "nonfinite": self.nonfinite,
+                "world_size": self.world, "recipe": self.cfg.recipe, "seed": self.cfg.seed,
+                "roles": {n: {"source": r.source, "updates": r.updates, "trainable": r.trainable}
+                          for n, r in self.roles.items()},
+                "forcelab": __version__}
+
+    def save(self) -> Path | None:
+        from accelerate.utils import gather_object
+
+        rank_state = {"rng": ckpt_io.rng_state(), "recipe": self.recipe.state_dict()}
+        if isinstance(self.stream, ShardStream):
+            rank_state["shard_batches"] = self.stream.read
+        states = gather_object([rank_state]) if self.world > 1 else [rank_state]
+        path = None
+        if self.is_main:
+            path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.roles, self.trainer_state(), states,
+                                           config_yaml(self.cfg), self.cfg.checkpoint.keep_last)
+            self.log.write(f"saved {path}")
+        self.acc.wait_for_everyone()
+        return path
+
+    def sample_prompts(self) -> list[str]:
+        return list(self.cfg.logging.sample_prompts) or self.stream.captions(2) or ["a red ball"]
+
+    @torch.no_grad()
+    def write_samples(self, step: int) -> list[Path]:
+        """Sample videos of the generator (EMA when kept) into run_dir/samples/step-NNNNNN/."""
+        if not self.is_main:
+            return []
+        from ..data.video import to_uint8_frames, write_video
+
+        prompts = self.sample_prompts()
+        emb = self.text_encoder.encode(prompts)[0].to(self.device)
+        frames = latent_frames(self.codec, self.cfg.data.frames or 16)
+        latents = self.recipe.sample(emb, list(range(len(prompts))), frames)
+        video = self.codec.decode(latents).float().cpu()
+        out = self.run_dir / "samples" / f"step-{step:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, prompt in enumerate(prompts):
+            path = out / f"{i:02d}.mp4"
+            write_video(path, to_uint8_frames(video[i].transpose(0, 1)), 8.0)
+            path.with_suffix(".json").write_text(json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
+            self.log.log_video(step, f"sample/{i}", path)
+            paths.append(path)
+        return paths
+
+    def _report_dry_run(self, metrics: dict, seconds: float) -> dict:
+        if self.is_main:
+            lines = ["dry run: built everything and ran one step", f"recipe: {self.cfg.recipe}"]
+            for name, r in self.roles.items():
+                n = sum(p.numel() for p in r.module.parameters())
+                lines.append(f"role {name}: {n:,} parameters ({'trainable' if r.trainable else 'frozen'}; "
+                             f"weights from {r.source})")
+            lines.append(f"step time: {seconds:.2f} s; " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            lines.append(f"peak host memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+            if torch.cuda.is_available():
+                lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
+            lines.append("resolved config:")
+            lines.append(config_yaml(self.cfg))
+            print("\n".join(lines), file=sys.stdout, flush=True)
+        self._tmp.cleanup()
+        return metrics
