@@ -173,10 +173,10 @@ def _walk(start_frame: torch.Tensor, start_level: torch.Tensor, frames: int, lev
     out = torch.empty(B, frames, dtype=torch.long, device=start_level.device)
     out.scatter_(1, start_frame[:, None], start_level[:, None])
     zero, top = torch.zeros_like(start_level), torch.full_like(start_level, levels - 1)
-    for f in range(frames - 2, -1, -1):        # backward: t_f <= t_{f+1}
+    for f in range(int(start_frame.max()) - 1, -1, -1):        # backward: t_f <= t_{f+1}
         t = _draw_between(log_prefix[:, f], zero, out[:, f + 1], generator)
         out[:, f] = torch.where(f < start_frame, t, out[:, f])
-    for f in range(1, frames):                 # forward: t_f >= t_{f-1}
+    for f in range(int(start_frame.min()) + 1, frames):         # forward: t_f >= t_{f-1}
         t = _draw_between(log_suffix[:, f], out[:, f - 1], top, generator)
         out[:, f] = torch.where(f > start_frame, t, out[:, f])
     return out
