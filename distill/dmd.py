@@ -53,8 +53,8 @@ def _noise_and_level(x0: torch.Tensor, timestep, noise, draw: ScoreTimesteps, ge
     """-> (t [B] or [B, F], sigma same, noise [B, C, F, H, W])."""
     t = draw.sample(x0.shape[0], generator=generator).to(x0.device) if timestep is None else timestep
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else generator.device,
-                            dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+        device = x0.device if generator is None else generator.device
+        noise = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
     return t, timestep_to_sigma(t), noise
 
 
