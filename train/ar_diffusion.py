@@ -18,7 +18,7 @@ from ..models.plans import StepMatrix, default_timesteps
 from ..models.rollout import Noise, rollout
 from ..models.schedule import add_noise, flow_target, sigma_to_timestep
 from .recipe import Recipe, RoleSpec
-from .timesteps import ar_sigmas, fopp_sample
+from .timesteps import ar_sigmas, fopp_sample, uniform_nondecreasing_sample
 
 SAMPLERS = ("fopp", "forward")
 
@@ -47,13 +47,12 @@ class ARDiffusionRecipe(Recipe):
         if self.opt.num_levels < 2 or self.opt.chunk_frames < 1:
             raise ConfigError("algo.num_levels must be >= 2 and algo.chunk_frames >= 1")
 
-    def levels(self, ctx, batch: int, frames: int) -> torch.Tensor:
-        """[B, F] non-decreasing integer levels, one draw per sample."""
-        from .timesteps import forward_sample
-        sampler = fopp_sample if self.opt.sampler == "fopp" else forward_sample
+    def levels(self, ctx, frames: int) -> torch.Tensor:
+        """[B, F] non-decreasing integer levels, one draw per sample (per attention unit)."""
+        sampler = fopp_sample if self.opt.sampler == "fopp" else uniform_nondecreasing_sample
         units = -(-frames // self.opt.chunk_frames)
-        rows = [sampler(1, units, self.opt.num_levels, generator=ctx.sample_generator(i, 0))[0] for i in range(batch)]
-        return torch.stack(rows).repeat_interleave(self.opt.chunk_frames, dim=1)[:, :frames]
+        levels = ctx.per_sample(0, sampler, units, self.opt.num_levels)
+        return levels.repeat_interleave(self.opt.chunk_frames, dim=1)[:, :frames]
 
     def predict(self, model, x_t, sigma, context):
         return model(x_t, sigma_to_timestep(sigma), context, chunk_frames=self.opt.chunk_frames)
@@ -61,7 +60,7 @@ class ARDiffusionRecipe(Recipe):
     def loss(self, role, batch, ctx):
         x0, context = batch["latent"], batch["text_emb"]
         B, F = x0.shape[0], x0.shape[2]
-        sigma = ar_sigmas(self.levels(ctx, B, F), self.opt.num_levels, self.opt.shift).to(x0.device)
+        sigma = ar_sigmas(self.levels(ctx, F), self.opt.num_levels, self.opt.shift).to(x0.device)
         noise = ctx.normal(x0.shape[1:], draw=1)
         if self.opt.uncond_prob > 0:
             drop = ctx.uniform((), draw=2) < self.opt.uncond_prob

@@ -17,9 +17,9 @@ import torch
 from ..errors import ConfigError
 from ..models.plans import Chunkwise, StepMatrix, default_timesteps
 from ..models.rollout import Noise, rollout
-from ..models.schedule import add_noise, flow_target, sigma_to_timestep
+from ..models.schedule import add_noise, flow_target, timestep_to_sigma
 from .recipe import Recipe, RoleSpec
-from .timesteps import flow_sigmas
+from .timesteps import sample_flow_timesteps
 
 SAMPLE_PLANS = ("chunkwise", "step_matrix")
 
@@ -49,18 +49,19 @@ class DiffusionForcingRecipe(Recipe):
             raise ConfigError(f"algo.sample_plan must be one of {SAMPLE_PLANS}, got {self.opt.sample_plan!r}")
         self.chunk = self.trainer.module("generator").config.chunk_frames
 
-    def chunk_sigmas(self, ctx, frames: int) -> torch.Tensor:
-        """[B, frames]: one sigma per chunk, repeated over its frames."""
+    def chunk_timesteps(self, ctx, frames: int) -> torch.Tensor:
+        """[B, frames]: one timestep per chunk, repeated over its frames."""
         if frames % self.chunk:
             raise ConfigError(f"diffusion forcing: clips of {frames} latent frames are not whole chunks of "
                               f"{self.chunk}; set data.frames so latent frames divide by chunk_frames")
-        u = ctx.uniform((frames // self.chunk,), draw=0)
-        return flow_sigmas(u, self.opt.shift, self.opt.sigma_dist).repeat_interleave(self.chunk, dim=1)
+        return ctx.per_sample(0, sample_flow_timesteps, frames, chunk_frames=self.chunk,
+                              distribution=self.opt.sigma_dist, shift=self.opt.shift)
 
     def loss(self, role, batch, ctx):
         x0, context = batch["latent"], batch["text_emb"]
         B, F = x0.shape[0], x0.shape[2]
-        sigma = self.chunk_sigmas(ctx, F)
+        t = self.chunk_timesteps(ctx, F)
+        sigma = timestep_to_sigma(t)
         noise = ctx.normal(x0.shape[1:], draw=1)
         if self.opt.uncond_prob > 0:
             drop = ctx.uniform((), draw=2) < self.opt.uncond_prob
@@ -69,10 +70,10 @@ class DiffusionForcingRecipe(Recipe):
         model = self.trainer.model(role)
         kw = dict(chunk_frames=self.chunk, window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames)
         if self.opt.teacher_forcing:
-            t = torch.cat([torch.zeros_like(sigma), sigma_to_timestep(sigma)], dim=1)
-            v = model(torch.cat([x0, x_t], dim=2), t, context, teacher_forcing=True, **kw)[:, :, F:]
+            both = torch.cat([torch.zeros_like(t), t], dim=1)
+            v = model(torch.cat([x0, x_t], dim=2), both, context, teacher_forcing=True, **kw)[:, :, F:]
         else:
-            v = model(x_t, sigma_to_timestep(sigma), context, **kw)
+            v = model(x_t, t, context, **kw)
         loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
         return loss, {"sigma": float(sigma.mean())}
 

@@ -85,6 +85,12 @@ class StepContext:
         """A fresh generator for sample i's draw (for samplers that take a generator)."""
         return torch.Generator().manual_seed(mix_seed(self.seed, self.positions[i], draw))
 
+    def per_sample(self, draw: int, fn, *args, **kwargs) -> torch.Tensor:
+        """fn(1, *args, generator=g_i, **kwargs) for each sample i with its own generator (a draw
+        from forcelab.train.timesteps), concatenated along the batch."""
+        return torch.cat([fn(1, *args, generator=self.sample_generator(i, draw), **kwargs)
+                          for i in range(len(self.positions))]).to(self.device)
+
     def normal(self, shape, draw: int) -> torch.Tensor:
         """Gaussian [B, *shape]: sample i's draw depends only on (seed, position_i, draw)."""
         out = torch.stack([torch.randn(shape, generator=self._generator(p, draw)) for p in self.positions])

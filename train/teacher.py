@@ -14,9 +14,9 @@ import torch
 
 from ..models.plans import Teacher
 from ..models.rollout import Noise, rollout
-from ..models.schedule import add_noise, flow_target, sigma_to_timestep
+from ..models.schedule import add_noise, flow_target, timestep_to_sigma
 from .recipe import Recipe, RoleSpec
-from .timesteps import flow_sigmas
+from .timesteps import sample_flow_timesteps
 
 
 @dataclass
@@ -39,12 +39,13 @@ class TeacherRecipe(Recipe):
     def loss(self, role, batch, ctx):
         x0 = batch["latent"]
         B = x0.shape[0]
-        sigma = flow_sigmas(ctx.uniform((), draw=0), self.opt.shift, self.opt.sigma_dist)
+        t = ctx.per_sample(0, sample_flow_timesteps, distribution=self.opt.sigma_dist, shift=self.opt.shift)
+        sigma = timestep_to_sigma(t)
         noise = ctx.normal(x0.shape[1:], draw=1)
         drop = ctx.uniform((), draw=2) < self.opt.uncond_prob
         context = torch.where(drop[:, None, None], self.trainer.negative.expand(B, -1, -1), batch["text_emb"])
         x_t = add_noise(x0, noise, sigma)
-        v = self.trainer.model(role)(x_t, sigma_to_timestep(sigma), context)
+        v = self.trainer.model(role)(x_t, t, context)
         loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
         return loss, {"sigma": float(sigma.mean())}
 
