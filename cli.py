@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("forcelab.models.generate", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
     "train": ("forcelab.train.cli", "train with a recipe config (teacher, diffusion forcing, AR-diffusion, ...)"),
+    "distill": ("forcelab.distill.cli", "distill a causal student (ODE init, CausVid, Self-Forcing, Rolling Forcing, LongLive, ...)"),
     "export": ("forcelab.train.export", "export a run's generator as a diffusers or Wan checkpoint directory"),
 }
 

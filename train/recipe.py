@@ -28,6 +28,12 @@ RECIPES: dict[str, str] = {
     "teacher": "forcelab.train.teacher:TeacherRecipe",
     "diffusion_forcing": "forcelab.train.diffusion_forcing:DiffusionForcingRecipe",
     "ar_diffusion": "forcelab.train.ar_diffusion:ARDiffusionRecipe",
+    "ode_init": "forcelab.distill.ode_init:ODEInitRecipe",
+    "causvid": "forcelab.distill.causvid:CausVidRecipe",
+    "self_forcing": "forcelab.distill.self_forcing:SelfForcingRecipe",
+    "rolling_forcing": "forcelab.distill.rolling_forcing:RollingForcingRecipe",
+    "streaming_long": "forcelab.distill.streaming_long:StreamingLongRecipe",
+    "self_forcing_pp": "forcelab.distill.self_forcing_pp:SelfForcingPPRecipe",
 }
 DATA_KINDS = ("latents", "prompts", "ode_pairs")
 
@@ -115,8 +121,17 @@ class Recipe:
     def __init__(self, cfg, trainer):
         self.cfg, self.opt, self.trainer = cfg, cfg.algo, trainer
 
+    def data_kind(self) -> str:
+        """What the default stream reads: latents | prompts | ode_pairs (see train/data.py)."""
+        return self.data
+
+    def make_stream(self):
+        """A custom data stream (an object with batch(positions) -> batch dict), or None for
+        the default one built from cfg.data for data_kind(). Called after the roles exist."""
+        return None
+
     def setup(self) -> None:
-        """Called once the models, encoders and data exist (e.g. encode the negative prompt)."""
+        """Called once the models, encoders and data exist (e.g. prepare a teacher's outputs)."""
 
     def loss(self, role: str, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -81,10 +81,10 @@ class Trainer:
         if state is not None:
             self._check_resume(state)
         self.roles: dict[str, Role] = self._build_roles()
-        self.recipe = self.recipe_cls(cfg, self)
-        kind = self.recipe_cls.data
-        self.stream = make_stream(cfg, kind, self.codec, self.text_encoder)
         self.negative = self.text_encoder.encode([cfg.negative_prompt])[0].to(self.device)
+        self.recipe = self.recipe_cls(cfg, self)
+        self.stream = self.recipe.make_stream() or make_stream(cfg, self.recipe.data_kind(), self.codec,
+                                                               self.text_encoder)
         self.step, self.micro_batches, self.nonfinite = 0, 0, 0
         if state is not None:
             self._load_state(state)
@@ -242,6 +242,9 @@ class Trainer:
 
     def _update(self, role: Role) -> dict:
         A = self.cfg.gradient_accumulation_steps
+        for other in self.roles.values():   # e.g. SiD's generator loss also reaches the critic
+            if other.trainable:
+                other.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         logs: dict[str, float] = {}
         for micro in range(A):

@@ -1,0 +1,10 @@
+"""`forcelab distill CONFIG [key=value ...] [--resume latest|PATH] [--dry-run]`
+
+The distillation recipes (ode_init, causvid, self_forcing, rolling_forcing, streaming_long,
+self_forcing_pp) on the same trainer as `forcelab train`; also
+`accelerate launch -m forcelab.distill CONFIG ...`. Teacher, critic and student weights are
+given as paths (roles.teacher.init=...): Wan / diffusers directories or forcelab runs. A
+stage starts from another stage's weights only - never its step, optimizer or LoRA state.
+"""
+
+from ..train.cli import add_arguments, run  # noqa: F401  (one implementation of the command)
