@@ -156,6 +156,8 @@ def test_masked_mean_by_hand():
     mask = torch.tensor([[True, False, True], [False, False, False]])
     assert masked_mean(v, mask).item() == (0 + 2) / 2
     assert masked_mean(v, torch.zeros(2, 3, dtype=torch.bool)).item() == 0
+    v[1] = float("nan")                                  # a non-finite value in a masked-out frame
+    assert masked_mean(v, mask).item() == 1
     with pytest.raises(ValueError):
         masked_mean(v, torch.ones(2, 2, dtype=torch.bool))
 
