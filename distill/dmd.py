@@ -70,12 +70,14 @@ def _frame_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of values [B, C, F, H, W] over the frames in mask [B, F] (all when None). Masked-out
-    entries are multiplied by 0, so they pass no gradient; an empty mask gives 0."""
+    entries are selected away (no gradient, and a non-finite value there cannot leak into the
+    mean); an empty mask gives 0."""
     w = _frame_weights(mask, values)
     if w is None:
         return values.mean()
     w = w.expand_as(values)
-    return (values * w).sum() / w.sum().clamp_min(1)
+    kept = torch.where(w > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return kept.sum() / w.sum().clamp_min(1)
 
 
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
