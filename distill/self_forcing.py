@@ -1,0 +1,86 @@
+"""Self-Forcing: the student rolls out a whole video with its own KV cache exactly as at
+inference (the chunk-wise plan), and DMD (or SiD) judges the last `frames` frames.
+
+Per rollout: the chunk count is drawn from [min_chunks, max_chunks] and one exit step from
+the denoising list; both come from a seed shared by all processes (the step and micro-step),
+so every rank draws the same values without communication. Each chunk stops at the exit
+step, whose pass carries gradients only for chunks in the DMD window; every other pass and
+every commit runs without gradients, so nothing flows back through the cache and memory stays
+flat in the video length (the rollout engine's `Training` hooks).
+
+When the rollout is longer than the window, the window's first frame is replaced by a
+decode -> encode of one pixel frame (the public code's treatment of a clip's first latent,
+which a causal VAE encodes from a single frame) and its chunk is left out of the loss.
+First-frame conditioning: `prefix_frames` clean frames of a real clip are committed to the
+cache before the rollout (image-to-video / video extension training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..models.rollout import Training
+from .dmd_recipe import DMDOptions, DMDRecipe, Generated
+
+
+@dataclass
+class SelfForcingOptions(DMDOptions):
+    min_chunks: int | None = None       # chunks per rollout drawn from [min_chunks, max_chunks]
+    max_chunks: int | None = None       # (None: frames / chunk_frames, the public default)
+    reencode_first: bool = True         # longer rollouts: re-encode the window's first frame (see above)
+    prefix_frames: int = 0              # first-frame conditioning: clean frames from real clips
+
+
+class SelfForcingRecipe(DMDRecipe):
+    name = "self_forcing"
+    Options = SelfForcingOptions
+
+    def data_kind(self) -> str:
+        return "latents" if self.opt.prefix_frames else "prompts"
+
+    def setup(self) -> None:
+        super().setup()
+        o, c = self.opt, self.chunk
+        if o.frames % c:
+            raise ConfigError(f"algo.frames ({o.frames}) must be a multiple of the student's chunk_frames ({c})")
+        self.min_chunks = o.min_chunks or o.frames // c
+        self.max_chunks = o.max_chunks or max(self.min_chunks, o.frames // c)
+        if not 1 <= self.min_chunks <= self.max_chunks:
+            raise ConfigError(f"algo.min_chunks/max_chunks: need 1 <= min <= max, got {self.min_chunks}..{self.max_chunks}")
+        if o.prefix_frames < 0 or o.prefix_frames % c:
+            raise ConfigError(f"algo.prefix_frames ({o.prefix_frames}) must be a multiple of chunk_frames ({c})")
+
+    def draw_rollout(self, ctx) -> tuple[int, int]:
+        """(frames to generate, exit step): the same on every rank."""
+        chunks = self.min_chunks + ctx.shared_int(self.max_chunks - self.min_chunks + 1, draw=0)
+        return chunks * self.chunk, ctx.shared_int(len(self.timesteps), draw=1)
+
+    def generate(self, batch, ctx, grad):
+        o = self.opt
+        frames, exit_step = self.draw_rollout(ctx)
+        P = o.prefix_frames
+        prefix = batch["latent"][:, :, :P] if P else None
+        total = P + frames
+        window = min(o.frames, total)
+        res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=total - window),
+                                   prefix=prefix)
+        x0 = res.x0 if prefix is None else torch.cat([prefix.to(res.x0.dtype), res.x0], dim=2)
+        generated = torch.arange(total) >= P
+        carries_grad = torch.cat([torch.zeros(P, dtype=torch.bool), res.grad_frames.cpu()])
+        frame_mask = (carries_grad if grad else generated)[total - window:].clone()
+        x0 = x0[:, :, total - window:]
+        if total > window and o.reencode_first:
+            x0 = torch.cat([self.reencode(x0[:, :, :1]), x0[:, :, 1:]], dim=2)
+            if grad:
+                frame_mask[:self.chunk] = False
+        return Generated(x0, frame_mask.to(x0.device)[None].expand(x0.shape[0], -1))
+
+    @torch.no_grad()
+    def reencode(self, latent: torch.Tensor) -> torch.Tensor:
+        """One latent frame -> its first pixel frame -> encoded alone (a clip's first latent)."""
+        codec = self.trainer.codec
+        pixels = codec.decode(latent)[:, :, :1].clamp(-1, 1)
+        return codec.encode(pixels).to(latent.dtype)
