@@ -1,0 +1,132 @@
+"""Training throughput and peak memory per recipe (toy configs, CPU), and the memory that
+gradient checkpointing saves at a larger toy size.
+
+    python bench/train.py                        # every recipe with a toy config, 1 thread
+    python bench/train.py --recipes teacher self_forcing --steps 20
+    python bench/train.py --device cuda --wan    # on a GPU: a Wan-1.3B teacher step (MFU, memory)
+
+Each measurement runs in its own process (one thread unless --threads): build the run, take
+reset the peak-RSS counter (/proc/self/clear_refs), take --warmup then --steps timed steps.
+"Peak" is the process's peak resident memory while training and "training" the part of it
+above the resident memory of the built run (activations, optimizer state, rollout caches). Distillation recipes get a random toy teacher of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LARGER_TOY = ["model_overrides.dim=256", "model_overrides.ffn_dim=1024", "model_overrides.num_layers=8",
+              "model_overrides.num_heads=4", "data.frames=16", "data.batch_size=8"]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(recipe: str, overrides: list[str], steps: int, warmup: int, device: str) -> dict:
+    """One run in this process -> {steps_per_s, peak_mib, above_start_mib}."""
+    import torch
+
+    from forcelab.models.config import DiTConfig
+    from forcelab.models.dit import CausalDiT
+    from forcelab.train.config import load_train_config
+    from forcelab.train.trainer import Trainer
+
+    from forcelab.train.recipe import recipe_class
+
+    tmp = Path(tempfile.mkdtemp(prefix="forcelab-bench-"))
+    base = ROOT / "configs" / "toy" / f"{recipe}.yaml"
+    extra = [f"output_dir={tmp / 'run'}", "logging.wandb=disabled", "logging.progress=false",
+             "checkpoint.every=0", f"max_steps={warmup + steps + 1}"]
+    if "teacher" in recipe_class(recipe).roles:    # a random teacher of the student's size
+        preset = load_train_config([base], overrides + extra).model_preset
+        arch = {k.split(".", 1)[1]: int(v) for k, v in (o.split("=") for o in overrides)
+                if k.startswith("model_overrides.")}
+        CausalDiT(DiTConfig.preset(preset, **arch)).save_pretrained(tmp / "teacher")
+        extra.append(f"roles.teacher.init={tmp / 'teacher'}")
+    cfg = load_train_config([base], overrides + extra)
+    trainer = Trainer(cfg)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    Path("/proc/self/clear_refs").write_text("5")          # reset VmHWM (peak RSS) once the run is built
+    built = _status_kib("VmRSS")
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        trainer.train_step()
+        trainer.step += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    out = {"steps_per_s": steps / seconds, "peak_mib": peak / 1024, "above_start_mib": (peak - built) / 1024}
+    if device == "cuda":
+        out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def run_child(recipe: str, overrides: list[str], args) -> dict:
+    cmd = [sys.executable, __file__, "--child", recipe, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device, "--", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="*", help="recipes to measure (default: every one with a toy config)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        import torch
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measure(args.child, args.overrides, args.steps, args.warmup, args.device)))
+        return
+
+    from forcelab.train.recipe import RECIPES
+    names = args.recipes or [n for n in RECIPES if (ROOT / "configs" / "toy" / f"{n}.yaml").exists()]
+    print(f"toy recipes on {args.device}, {args.threads} thread(s), {args.steps} timed steps after {args.warmup}")
+    print(f"{'recipe':20s} {'steps/s':>9s} {'peak MiB':>9s} {'training MiB':>13s}")
+    for name in names:
+        r = run_child(name, [], args)
+        if "error" in r:
+            print(f"{name:20s} error: {r['error']}")
+            continue
+        print(f"{name:20s} {r['steps_per_s']:9.2f} {r['peak_mib']:9.0f} {r['above_start_mib']:13.1f}")
+
+    print(f"\ngradient checkpointing, teacher recipe at a larger toy size ({' '.join(LARGER_TOY)})")
+    rows = {}
+    for on in (False, True):
+        rows[on] = run_child("teacher", LARGER_TOY + [f"roles.generator.gradient_checkpointing={str(on).lower()}"], args)
+        r = rows[on]
+        print(f"  checkpointing {'on ' if on else 'off'}: " + (f"error: {r['error']}" if "error" in r else
+              f"{r['steps_per_s']:.2f} steps/s, peak {r['peak_mib']:.0f} MiB, {r['above_start_mib']:.1f} MiB for training"))
+    if "error" not in rows[False] and "error" not in rows[True] and rows[False]["above_start_mib"] > 0:
+        print(f"  training memory with / without: {rows[True]['above_start_mib'] / rows[False]['above_start_mib']:.2f}x; "
+              f"speed with / without: {rows[True]['steps_per_s'] / rows[False]['steps_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
