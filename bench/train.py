@@ -3,7 +3,7 @@ gradient checkpointing saves at a larger toy size.
 
     python bench/train.py                        # every recipe with a toy config, 1 thread
     python bench/train.py --recipes teacher self_forcing --steps 20
-    python bench/train.py --device cuda --wan    # on a GPU: a Wan-1.3B teacher step (MFU, memory)
+    python bench/train.py --wan --device cuda --checkpointing   # on a GPU: a Wan-1.3B step (MFU, memory)
 
 Each measurement runs in its own process (one thread unless --threads): build the run, take
 reset the peak-RSS counter (/proc/self/clear_refs), take --warmup then --steps timed steps.
@@ -79,6 +79,55 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int, device: 
     return out
 
 
+def wan_step(args) -> None:
+    """One Wan-1.3B training step (forward + backward + AdamW, bf16 autocast, gradient
+    checkpointing on request) at the 480p training shape: time, model FLOPs utilisation and
+    peak memory. FLOPs: 6 x parameters x tokens for the matmuls plus 3 x 4 x L^2 x dim per
+    layer for self-attention (forward 1x, backward 2x), cross-attention over the text."""
+    import torch
+
+    from forcelab.models.config import DiTConfig
+    from forcelab.models.dit import CausalDiT
+
+    device = torch.device(args.device)
+    cfg = DiTConfig.preset("wan2.1-t2v-1.3b", **({"num_layers": args.layers} if args.layers else {}))
+    model = CausalDiT(cfg).to(device)
+    model.gradient_checkpointing = args.checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    F, H, W = args.latent_frames, args.latent_height, args.latent_width
+    x = torch.randn(1, cfg.in_channels, F, H, W, device=device)
+    t = torch.full((1,), 500.0, device=device)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    tokens = F * cfg.tokens_per_frame(H, W)
+    params = sum(p.numel() for p in model.parameters())
+    flops = 6 * params * tokens + 3 * cfg.num_layers * (4 * tokens ** 2 * cfg.dim + 4 * tokens * cfg.text_len * cfg.dim)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(x, t, ctx, chunk_frames=args.chunk).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / args.steps
+    print(f"Wan-1.3B step ({cfg.num_layers} layers, {F}x{H}x{W} latents = {tokens} tokens, chunk {args.chunk}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}): {seconds * 1e3:.1f} ms, "
+          f"{flops / seconds / 1e12:.1f} TFLOP/s model FLOPs, MFU {flops / seconds / 1e12 / args.peak_tflops:.1%} "
+          f"of {args.peak_tflops} TFLOP/s")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB on {torch.cuda.get_device_name()}")
+
+
 def run_child(recipe: str, overrides: list[str], args) -> dict:
     cmd = [sys.executable, __file__, "--child", recipe, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--", *overrides]
@@ -96,9 +145,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--wan", action="store_true", help="one Wan-1.3B training step (MFU, peak memory)")
+    p.add_argument("--layers", type=int, help="--wan: fewer layers (a CPU smoke run)")
+    p.add_argument("--latent-frames", type=int, default=21)
+    p.add_argument("--latent-height", type=int, default=60)
+    p.add_argument("--latent-width", type=int, default=104)
+    p.add_argument("--chunk", type=int, default=3, help="--wan: block-causal chunk (the causal student)")
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the card (H100/H200 SXM: 989)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.wan:
+        import torch
+        torch.set_num_threads(args.threads)
+        wan_step(args)
+        return
     if args.child:
         import torch
         torch.set_num_threads(args.threads)

@@ -91,15 +91,17 @@ class SelfAttention(nn.Module):
             else:
                 q = apply_rope(self._norm(self.q(x), None), cos_q, sin_q)
                 k = apply_rope(self._norm(self.k(x), None), cos_k, sin_k)
-            return self.o(attention(q, k, v, layout, backend=backend).flatten(2))
+            # under autocast v is bf16 while the fp32 norm/RoPE tables promote q and k
+            return self.o(attention(q.to(v.dtype), k.to(v.dtype), v, layout, backend=backend).flatten(2))
         q = apply_rope(self._norm(self.q(x), self.norm_q), cos_q, sin_q)
         k_new = self._norm(self.k(x), self.norm_k)          # before RoPE: what the cache stores
         read = cos_k.shape[0] - k_new.shape[1]               # cached key tokens this pass reads
         k_pre, v_all = k_new, v
         if read:
-            k_pre = torch.cat([cache.k[layer][:, :read], k_new], dim=1)
-            v_all = torch.cat([cache.v[layer][:, :read], v], dim=1)
-        out = attention(q, apply_rope(k_pre, cos_k, sin_k), v_all, layout, backend=backend)
+            k_pre = torch.cat([cache.k[layer][:, :read].to(k_new.dtype), k_new], dim=1)
+            v_all = torch.cat([cache.v[layer][:, :read].to(v.dtype), v], dim=1)
+        k_all = apply_rope(k_pre, cos_k, sin_k).to(v.dtype)
+        out = attention(q.to(v.dtype), k_all, v_all, layout, backend=backend)
         if commit:
             cache.write(layer, start_frame, k_new.detach(), v.detach())
         return self.o(out.flatten(2))

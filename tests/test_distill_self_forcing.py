@@ -120,3 +120,8 @@ def test_two_processes_draw_the_same_rollout(tmp_path, teacher_dir):
     d0, d1 = (json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in (0, 1))
     assert d0 == d1 and len(d0) >= 4
     assert len({(f, e) for _, _, f, e in d0}) > 1
+
+
+def test_bf16_autocast_rollout_trains(tmp_path, teacher_dir):
+    last = Trainer(sf_config(tmp_path, teacher_dir, "max_steps=3", "mixed_precision=bf16")).run()
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in last.items() if k.endswith("loss"))

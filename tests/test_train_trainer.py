@@ -223,3 +223,10 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_pat
     wa, wb = weights(tmp_path / "a" / "run", 6), weights(run_b, 6)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not [p.name for p in run_b.iterdir() if "tmp" in p.name]   # the dead save's leftovers are gone
+
+
+@pytest.mark.parametrize("name", ["teacher", "teacher_forcing"])
+def test_bf16_autocast_trains(tmp_path, name):
+    cfg = config(tmp_path, name, "max_steps=2", "mixed_precision=bf16")
+    last = Trainer(cfg).run()
+    assert torch.isfinite(torch.tensor(last["generator/loss"]))
