@@ -24,6 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `forcelab CMD: error: argument --x: ...` and exit 2."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -45,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         return USER_ERROR
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    cmd_parser = argparse.ArgumentParser(prog=f"forcelab {name}", description=COMMANDS[name][1])
+    cmd_parser = _Parser(prog=f"forcelab {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
+    try:
+        args = cmd_parser.parse_args(argv[1:])
+    except SystemExit as e:  # --help (0) or a bad flag (2, one line printed): a return value
+        return int(e.code or 0) if not isinstance(e.code, str) else USER_ERROR
     try:
         return int(module.run(args) or 0)
     except ForcelabError as e:

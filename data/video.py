@@ -226,12 +226,13 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: str = "yuv420p",
-                gop: int = 12) -> Path:
+                gop: int = 12, container_format: str | None = None) -> Path:
     """Write uint8 frames [F, H, W, 3] (numpy or torch) as H.264 mp4 (PyAV, libx264).
 
     A short GOP (gop=12 frames) keeps random access fast for decord; yuv420p (the default) plays
     everywhere and needs even H and W. crf: 0 = lossless luma, 18 = visually lossless, 23 = x264's
-    default. The parent folder is created.
+    default. The parent folder is created. container_format: "mp4" when the file name does not
+    end in .mp4 (a temporary name of an atomic write).
     """
     import av
 
@@ -246,7 +247,7 @@ def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: st
         raise ForcelabError(f"write_video {path}: yuv420p needs even sizes, got {h}x{w}; crop or pad a pixel")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         stream.options = {"crf": str(crf), "g": str(gop), "threads": "1"}
