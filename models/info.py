@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..validate import arg, positive_int
 from .checkpoint import read_config
 from .config import PRESETS, DiTConfig
 from .dit import CausalDiT
@@ -15,8 +16,8 @@ from .dit import CausalDiT
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory")
-    parser.add_argument("--height", type=int, default=None, help="latent height, to report tokens per frame")
-    parser.add_argument("--width", type=int, default=None, help="latent width, to report tokens per frame")
+    parser.add_argument("--height", type=arg(positive_int), default=None, help="latent height, to report tokens per frame")
+    parser.add_argument("--width", type=arg(positive_int), default=None, help="latent width, to report tokens per frame")
 
 
 def run(args: argparse.Namespace) -> int:
