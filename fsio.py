@@ -193,6 +193,31 @@ def check_new_directory(path: str | os.PathLike, what: str, *, overwrite: bool =
 
 
 # ---------------------------------------------------------------------- directories
+def current_umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give what a library wrote under `root` the modes of the umask: some writers (safetensors)
+    create private 0600 files, which other users of a shared checkpoint could not read."""
+    mask = current_umask()
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            f = os.path.join(dirpath, name)
+            if not os.path.islink(f):
+                executable = os.stat(f).st_mode & 0o100
+                os.chmod(f, (0o777 if executable else 0o666) & ~mask)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -233,6 +258,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
         yield tmp
         mark(tmp)
         _step("written")
+        _apply_umask(tmp)
         _fsync_tree(tmp)
         # the existing folder may have changed while we worked: check again before replacing
         check_new_directory(path, what, overwrite=overwrite)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..fsio import atomic_directory, recover
 from .config import DiTConfig
 
@@ -126,6 +126,8 @@ def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
                 text_dim=raw.get("text_dim", 4096), eps=raw.get("eps", 1e-6),
                 qk_norm=raw.get("qk_norm", True), cross_attn_norm=raw.get("cross_attn_norm", True), **extra)
             return cfg, "wan"
+    except ConfigError as e:  # a value the model cannot be built with (0 heads, -1 layers)
+        raise CheckpointError(f"{source}: {e}") from None
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{source}: config.json lacks or mistypes {e}") from None
     raise CheckpointError(f"{source}: not a Wan2.1 or diffusers WanTransformer3DModel config.json")
