@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from ..errors import ForcelabError
 from ..kernels import AttentionLayout, apply_rope, attention, qk_norm_rope, rms_norm
+from ..validate import positive_int
 from .config import DiTConfig
 from .kv_cache import EMPTY, KVCache
 from .rope import rope_tables
@@ -253,10 +254,11 @@ class CausalDiT(nn.Module):
                   dtype: torch.dtype | None = None, device=None) -> KVCache:
         """A KV cache for latents of height x width; unset options come from the config."""
         cfg = self.config
+        height, width = positive_int(height, "new_cache: height"), positive_int(width, "new_cache: width")
         return KVCache(
             num_layers=cfg.num_layers, batch_size=batch_size,
             tokens_per_frame=cfg.tokens_per_frame(height, width), num_heads=cfg.num_heads,
-            head_dim=cfg.head_dim, chunk_frames=chunk_frames or cfg.chunk_frames,
+            head_dim=cfg.head_dim, chunk_frames=cfg.chunk_frames if chunk_frames is None else chunk_frames,
             window_frames=cfg.window_frames if window_frames is ... else window_frames,
             sink_frames=cfg.sink_frames if sink_frames is None else sink_frames,
             max_frames=max_frames, sink_rope=sink_rope or cfg.sink_rope,

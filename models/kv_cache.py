@@ -108,6 +108,9 @@ class KVCache:
     # ------------------------------------------------------------------ prompt
     def set_context(self, context_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Cross-attention K/V per layer ([B, L, H, D] each): the prompt the cache serves."""
+        if context_kv and context_kv[0][0].shape[0] != self.batch_size:
+            raise ForcelabError(f"KVCache: a prompt batch of {context_kv[0][0].shape[0]} for a cache made for "
+                                f"batch {self.batch_size}; give one prompt embedding per video")
         self.context_kv = context_kv
 
     # ------------------------------------------------------------------ writing
