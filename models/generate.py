@@ -138,6 +138,8 @@ def parse_steps(text: str | None, plan: str) -> int | list[float]:
                             why=f"the schedule has {NUM_TRAIN_TIMESTEPS} timesteps"))
     if plan == "teacher":
         raise ForcelabError("--steps: the teacher takes a number of solver steps, not a list")
+    for v in values:
+        in_range(v, "--steps: every timestep", 0, NUM_TRAIN_TIMESTEPS)
     return values
 
 
