@@ -127,6 +127,11 @@ def shard_urls(source: str | Path | list) -> list[str]:
     path = Path(source)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob(f"*{SHARD_SUFFIX}"))
+        lost = sorted(str(r.with_suffix(SHARD_SUFFIX)) for r in path.glob(f"*{RECORD_SUFFIX}")
+                      if not r.with_suffix(SHARD_SUFFIX).exists() and shard_record(str(r.with_suffix(SHARD_SUFFIX))))
+        if lost:
+            raise DataError(f"shard {lost[0]}: missing, but its record {Path(lost[0]).with_suffix(RECORD_SUFFIX).name} "
+                            f"is there; re-run preprocess to write it again (finished shards are kept)")
         if not urls:
             raise DataError(f"{source}: no *{SHARD_SUFFIX} shards in this directory; run forcelab preprocess first")
         return urls
