@@ -42,7 +42,7 @@ from ..errors import ForcelabError
 from ..fsio import check_output_dir, clean_stale, read_text, write_text_atomic
 from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
 from .schema import STORAGE_DTYPES, encode_sample
-from .shards import shard_fingerprint, shard_problem, write_shard
+from .shards import shard_problem, write_record, write_shard
 from .video import VIDEO_SUFFIXES, VideoError, read_video
 
 SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
@@ -361,11 +361,8 @@ def run(args) -> int:
                     progress.update(len(shards[k]))
                 samples.sort(key=lambda s: s["__key__"])
                 tar = out / f"shard-{k:06d}.tar"
-                n = write_shard(tar, samples)
-                _write_json(out / f"shard-{k:06d}.json",
-                            {"settings_sha256": _digest(settings), "rank": rank, "samples": n,
-                             "inputs": [it.index for it in shards[k]], "skipped": skipped,
-                             **shard_fingerprint(tar)})
+                write_record(tar, write_shard(tar, samples), settings_sha256=_digest(settings), rank=rank,
+                             inputs=[it.index for it in shards[k]], skipped=skipped)
         _barrier(world)
         if rank == 0:
             manifest = _write_manifest(out, shards, settings, items)

@@ -39,7 +39,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..fsio import atomic_path
+from ..fsio import atomic_path, write_text_atomic
 from .schema import DataError, collate, decode_sample
 
 SHARD_SUFFIX = ".tar"
@@ -78,6 +78,13 @@ def file_sha256(path: str | Path) -> str:
 def shard_fingerprint(path: str | Path) -> dict:
     """{"bytes", "sha256"} of a written shard, for its record."""
     return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def write_record(tar: str | Path, samples: int, **fields) -> dict:
+    """Write shard-k.json beside shard-k.tar: its sample count, size and sha256 (+ fields)."""
+    record = {"samples": samples, **shard_fingerprint(tar), **fields}
+    write_text_atomic(Path(tar).with_suffix(RECORD_SUFFIX), json.dumps(record, indent=1, sort_keys=True))
+    return record
 
 
 def shard_record(url: str) -> dict | None:
