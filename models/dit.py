@@ -356,11 +356,12 @@ class CausalDiT(nn.Module):
 
         from .checkpoint import load_state_into, read_config
 
+        path = Path(path).expanduser()
         file_config, fmt = read_config(path)
         config = (config or file_config).replace(**config_overrides)
         with torch.device("meta"):
             model = cls(config)
-        load_state_into(model, Path(path), fmt, dtype=dtype, device=device)
+        load_state_into(model, path, fmt, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path, format: str = "diffusers", max_shard_bytes: int | None = None,

@@ -245,6 +245,7 @@ def test_tilde_is_expanded(tmp_path, models, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = models[1].save_pretrained("~/ckpt")
     assert out == tmp_path / "home" / "ckpt" and not (tmp_path / "~").exists()
+    assert same_weights(CausalDiT.from_pretrained("~/ckpt"), models[1])
 
 
 # ---------------------------------------------------------------------- weight files
