@@ -7,8 +7,9 @@
 
 Rules (forcelab never deletes or replaces what it did not write):
 - Every directory forcelab writes carries a marker file (MARKER). An existing directory is
-  replaced only when it carries the marker (or is empty) and the caller allows it
-  (overwrite=True); anything else is a ForcelabError raised before any work.
+  replaced only when it carries the marker (or is empty), unless the caller forbids even that
+  (overwrite=False, e.g. a CLI without --overwrite); anything else is a ForcelabError raised
+  before any work.
 - The swap that replaces a directory is recoverable at every point:
       write .NAME.forcelab-tmp-*  ->  rename to .NAME.forcelab-new   (complete, fsynced)
       rename NAME -> .NAME.forcelab-old  ->  rename .NAME.forcelab-new -> NAME  ->  delete old
@@ -178,7 +179,7 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def check_new_directory(path: str | os.PathLike, what: str, *, overwrite: bool = False) -> Path:
+def check_new_directory(path: str | os.PathLike, what: str, *, overwrite: bool = True) -> Path:
     """Check, before any work, that atomic_directory(path, overwrite=overwrite) may write `path`."""
     path = check_output_dir(path, what)
     recover(path)
@@ -239,14 +240,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True,
                      what: str = "output") -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on normal exit it becomes `path`.
 
-    An existing `path` is checked at entry, before any work: an empty folder or (with
-    overwrite=True) a folder forcelab wrote is replaced by the recoverable swap described in
-    the module docstring; anything else raises ForcelabError. On an exception the temporary
-    is deleted and `path` is untouched."""
+    An existing `path` is checked at entry, before any work: an empty folder, or a folder
+    forcelab wrote (its MARKER; unless overwrite=False), is replaced by the recoverable swap
+    described in the module docstring; anything else raises ForcelabError. On an exception
+    the temporary is deleted and `path` is untouched. Delete old outputs (e.g. rotated
+    checkpoints) only where written_by_forcelab(path) holds."""
     path = Path(path).expanduser()
     check_new_directory(path, what, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -311,3 +311,21 @@ def test_a_checkpoint_config_with_zero_heads_is_a_clear_error(tmp_path, models):
     (target / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ForcelabError, match="config.json: DiTConfig: dim must be a whole number >= 1, got 0"):
         CausalDiT.from_pretrained(target)
+
+
+# ---------------------------------------------------------------------- fsio contract
+def test_atomic_directory_contract(tmp_path, monkeypatch):
+    """Default: a folder forcelab wrote is replaced; overwrite=False refuses it; a reader that
+    finishes the swap while the writer is between its renames does not break the writer."""
+    target = tmp_path / "checkpoint-000006"
+    with fsio.atomic_directory(target) as tmp:
+        (tmp / "a").write_text("1")
+    assert fsio.written_by_forcelab(target) and not fsio.written_by_forcelab(tmp_path)
+    with pytest.raises(ForcelabError, match="--overwrite"):
+        with fsio.atomic_directory(target, overwrite=False):
+            raise AssertionError("the check must come before the body runs")
+    monkeypatch.setattr(fsio, "_step", lambda name: fsio.recover(target) if name == "old-moved" else None)
+    with fsio.atomic_directory(target) as tmp:
+        (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "2" and leftovers(tmp_path) == []
+    assert sorted(p.name for p in target.iterdir()) == [fsio.MARKER, "a"]
