@@ -318,11 +318,16 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, what: str = 
             os.replace(tmp, path)
         else:
             try:
-                os.link(tmp, path)
+                os.link(tmp, path)  # fails if `path` appeared meanwhile: never replaced
+                os.unlink(tmp)
             except FileExistsError:
                 raise ForcelabError(f"{what} {path}: appeared while writing; forcelab does not "
                                     f"replace it - choose another name") from None
-            os.unlink(tmp)
+            except OSError:  # a filesystem without hard links: check, then rename
+                if path.exists():
+                    raise ForcelabError(f"{what} {path}: appeared while writing; forcelab does not "
+                                        f"replace it - choose another name") from None
+                os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -26,7 +26,7 @@ import torch
 
 from ..config import DTYPES
 from ..errors import CheckpointError, ForcelabError
-from ..fsio import atomic_path, check_output_dir, read_text, write_text_atomic
+from ..fsio import atomic_path, check_output_dir, clean_stale, read_text, write_text_atomic
 from ..validate import (arg, finite_float, fits_memory, in_range, non_negative_int, parse_device, positive_float,
                         positive_int)
 from .plans import PLANS, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps, warp_timesteps
@@ -276,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
     from .. import __version__
+    clean_stale(out_dir)  # temporaries of an earlier run that was killed while writing a video
     bar = tqdm(total=len(jobs) * latent, unit="frame", disable=args.quiet or None, desc="generate")
     with torch.no_grad():
         for b0 in range(0, len(jobs), args.batch):
@@ -347,7 +348,7 @@ def check_size(config, ae, plan, args, height, width, frames, latent, device, dt
                             f"({config.rope_max_len}, rope_max_len) without an attention window; lower "
                             f"--frames or stream with --window")
     batch = args.batch
-    video_bytes = batch * 3 * frames * height * width * 4
+    video_bytes = 2 * batch * 3 * frames * height * width * 4  # decoded chunks + their concatenation
     fits_memory(video_bytes, torch.device("cpu"), f"--frames {frames} at {height}x{width} x --batch {batch}",
                 "lower --frames, --height/--width or --batch")
     kept = min(latent, window) if window else latent

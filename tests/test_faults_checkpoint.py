@@ -329,3 +329,16 @@ def test_atomic_directory_contract(tmp_path, monkeypatch):
         (tmp / "a").write_text("2")
     assert (target / "a").read_text() == "2" and leftovers(tmp_path) == []
     assert sorted(p.name for p in target.iterdir()) == [fsio.MARKER, "a"]
+
+
+def test_the_reported_convert_reproducer_as_a_subprocess(tmp_path, toymodel):
+    """`forcelab convert toymodel out/mydata` onto a user's folder: exit 2, one line, nothing lost."""
+    import subprocess
+    import sys
+
+    dest = tmp_path / "out" / "mydata"
+    before = user_folder(dest)
+    r = subprocess.run([sys.executable, "-m", "forcelab", "convert", str(toymodel), str(dest)],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "not written by forcelab" in r.stderr and tree(dest) == before

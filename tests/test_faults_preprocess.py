@@ -224,3 +224,16 @@ def test_a_refused_resume_names_the_changed_input(videos, tmp_path, capsys, chan
     line = one_line_error(capsys, "--videos", folder, "--out", out, *COMMON)
     assert "inputs changed (" + expected in line and "use a new --out" in line
     assert len(list(ShardDataset(out, shuffle=0))) == 2  # the earlier run is untouched
+
+
+def test_frames_zero_as_a_subprocess(videos, tmp_path):
+    """The console entry point: exit 2 and one line (it used to skip everything and exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "forcelab", "preprocess", "--videos", str(videos), "--out",
+                        str(tmp_path / "o"), *map(str, COMMON), "--frames", "0"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--frames" in r.stderr
+    assert not (tmp_path / "o").exists()
