@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ForcelabError
-from ..fsio import check_output_dir, clean_stale, read_text, write_text_atomic
+from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
 from .schema import STORAGE_DTYPES, encode_sample
 from .shards import shard_problem, write_record, write_shard
@@ -326,8 +326,13 @@ def run(args) -> int:
     if args.videos:
         parse_size(args.size)
     out = check_output_dir(args.out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (written_by_forcelab(out) or (out / SETTINGS_FILE).is_file()):
+        raise ForcelabError(f"--out {out}: holds other files and no preprocess run; forcelab does not write "
+                            f"among them - choose a new or empty folder")
     items = list_videos(args.videos) if args.videos else list_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
+    if not written_by_forcelab(out):
+        mark(out)
     clean_stale(out)  # temporaries of a killed earlier run
     rank, world, device, started = _distributed(args.device)
     try:

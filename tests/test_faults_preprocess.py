@@ -178,10 +178,14 @@ def test_prompt_rows_without_text_are_skipped_and_recorded(tmp_path):
     assert "empty prompt" in m["skipped"][0]["reason"]
 
 
-@pytest.mark.parametrize("case", ["is-a-file", "under-a-file", "read-only"])
+@pytest.mark.parametrize("case", ["is-a-file", "under-a-file", "read-only", "user-folder"])
 def test_unusable_out_folders_fail_before_any_work(videos, tmp_path, capsys, monkeypatch, case):
     out = tmp_path / "out"
-    if case == "is-a-file":
+    if case == "user-folder":  # e.g. --out pointing at the videos' own folder with its manifest.json
+        out.mkdir()
+        (out / "manifest.json").write_text("mine")
+        expected = "holds other files and no preprocess run"
+    elif case == "is-a-file":
         out.write_text("mine")
         expected = "is a file, not a folder"
     elif case == "under-a-file":
@@ -191,6 +195,8 @@ def test_unusable_out_folders_fail_before_any_work(videos, tmp_path, capsys, mon
         monkeypatch.setattr(fsio, "_writable", lambda d: False)
         expected = "not writable"
     assert expected in one_line_error(capsys, "--videos", videos, "--out", out, *COMMON)
+    if case == "user-folder":
+        assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == "mine"
 
 
 def test_out_with_tilde_is_the_home_folder(tmp_path, monkeypatch):
