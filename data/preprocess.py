@@ -14,8 +14,8 @@ written by rank k % world_size as shard-k.tar, atomically, followed by shard-k.j
 went in, what was skipped and why, the sample count, size and sha256 of the tar). A rerun
 with the same settings skips shards whose tar matches its record (a damaged one is redone),
 so an interrupted run resumes without redoing or duplicating anything, even with a different
-number of ranks. A rerun with other settings or inputs is refused, naming what changed. Rank 0 then writes manifest.json (counts, shards, skipped
-inputs). A bad input (missing, corrupt, too short, no caption, a caption file that is not
+number of ranks. A rerun with other settings or inputs is refused, naming what changed.
+Rank 0 then writes manifest.json (counts, shards, skipped inputs). A bad input (missing, corrupt, too short, no caption, a caption file that is not
 UTF-8, a manifest row without a usable path) is skipped and recorded, or stops the run with
 --strict. Text files are UTF-8 (a BOM is fine); manifest paths are relative to the manifest
 and stay inside its folder. Sample keys are the input's index in the list. --workers N
@@ -64,7 +64,8 @@ def _read_rows(path: Path, flag: str) -> list[dict]:
     text = read_text(path, flag)
     if path.suffix.lower() == ".csv":
         try:
-            return [{k: v for k, v in row.items() if k is not None} for row in csv.DictReader(io.StringIO(text, newline=""))]
+            rows = csv.DictReader(io.StringIO(text, newline=""))
+            return [{k: v for k, v in row.items() if k is not None} for row in rows]  # None: extra cells
         except csv.Error as e:
             raise ForcelabError(f"{flag} {path}: not a valid CSV ({e}); write a header line path,caption") from None
     rows = []
@@ -476,7 +477,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="bf16", help="stored tensor dtype")
     parser.add_argument("--encoder-dtype", choices=sorted(STORAGE_DTYPES), default="fp32",
                         help="dtype the encoders run in")
-    parser.add_argument("--workers", type=arg(non_negative_int), default=0, help="video decoding processes per rank (0: decode "
+    parser.add_argument("--workers", type=arg(non_negative_int), default=0,
+                        help="video decoding processes per rank (0: decode "
                                                                "in the main process)")
     parser.add_argument("--device", help="device for the encoders (default: this rank's GPU, else cpu)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
