@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forcelab", description="Train, distill, generate and evaluate causal video diffusion models.")
     parser.add_argument("--version", action="version", version=f"forcelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv)  # prints help / version / the usage error
+        try:
+            parser.parse_args(argv)  # prints help / version / the one-line usage error
+        except SystemExit as e:
+            return int(e.code or 0) if not isinstance(e.code, str) else USER_ERROR
         parser.print_help()
         return USER_ERROR
     name = argv[0]

@@ -217,3 +217,9 @@ def test_info_height_negative(capsys):
     assert rc == 2 and len(err) == 1 and "argument --height: must be a whole number >= 1, got '-4'" in err[0]
     assert main(["info", "toy", "--height", "8", "--width", "8"]) == 0
     assert "tokens_per_frame   16" in capsys.readouterr().out
+
+
+def test_unknown_command_is_one_line(capsys):
+    assert main(["genrate", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'genrate'" in err[0]
