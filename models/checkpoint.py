@@ -136,6 +136,8 @@ def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
 def read_config(path: str | os.PathLike) -> tuple[DiTConfig, str]:
     path = recover(path)  # finishes a save that was killed between its two renames
     cfg_file = path / "config.json"
+    if path.is_file():
+        raise CheckpointError(f"{path}: a file; give the checkpoint directory (config.json + safetensors)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not cfg_file.is_file():

@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(files.values())) != len(files):
         raise ForcelabError("two videos would get the same file name (repeated prompts with --vbench?)")
     check_existing(out_dir, list(files.values()), args.overwrite)
-    check_size(config, ae, plan, args, height, width, frames, latent, device, dtype)
+    check_size(config, ae, plan, args, jobs, height, width, frames, latent, device, dtype)
 
     model = CausalDiT.from_pretrained(dit_dir, dtype=dtype, device=device)
     lat_h, lat_w = height // ae.spatial_stride, width // ae.spatial_stride
@@ -330,7 +330,7 @@ def check_existing(out_dir: Path, names: list[str], overwrite: bool) -> None:
                             f"generate; it is never replaced - choose a new --output")
 
 
-def check_size(config, ae, plan, args, height, width, frames, latent, device, dtype) -> None:
+def check_size(config, ae, plan, args, jobs, height, width, frames, latent, device, dtype) -> None:
     """Refuse sizes the model cannot address (RoPE table) or the device cannot hold, before
     loading anything: the decoded video (float32 on the host) and the KV cache (on the device)."""
     _, ph, pw = config.patch_size
@@ -346,7 +346,7 @@ def check_size(config, ae, plan, args, height, width, frames, latent, device, dt
         raise ForcelabError(f"--frames {frames}: {latent} latent frames, more than the model's RoPE table "
                             f"({config.rope_max_len}, rope_max_len) without an attention window; lower "
                             f"--frames or stream with --window")
-    batch = args.batch
+    batch = min(args.batch, len(jobs))
     video_bytes = 2 * batch * 3 * frames * height * width * 4  # decoded chunks + their concatenation
     fits_memory(video_bytes, torch.device("cpu"), f"--frames {frames} at {height}x{width} x --batch {batch}",
                 "lower --frames, --height/--width or --batch")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ForcelabError
 from ..validate import arg, positive_int
 from .checkpoint import read_config
 from .config import PRESETS, DiTConfig
@@ -33,5 +34,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'head_dim':18s} {config.head_dim}")
     print(f"  {'parameters':18s} {n:,}")
     if args.height and args.width:
+        _, ph, pw = config.patch_size
+        if args.height % ph or args.width % pw:
+            raise ForcelabError(f"--height/--width {args.height}x{args.width}: latent sizes must be multiples "
+                                f"of the patch size ({ph}x{pw})")
         print(f"  {'tokens_per_frame':18s} {config.tokens_per_frame(args.height, args.width)}")
     return 0

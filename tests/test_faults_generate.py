@@ -217,6 +217,8 @@ def test_info_height_negative(capsys):
     assert rc == 2 and len(err) == 1 and "argument --height: must be a whole number >= 1, got '-4'" in err[0]
     assert main(["info", "toy", "--height", "8", "--width", "8"]) == 0
     assert "tokens_per_frame   16" in capsys.readouterr().out
+    assert main(["info", "toy", "--height", "7", "--width", "8"]) == 2
+    assert "multiples of the patch size (2x2)" in capsys.readouterr().err
 
 
 def test_unknown_command_is_one_line(capsys):

@@ -112,7 +112,7 @@ def test_a_model_cannot_be_built_from_impossible_numbers(changes, match):
 def test_from_pretrained_errors(tmp_path, model):
     raises("checkpoint directory not found", CausalDiT.from_pretrained, tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    raises("checkpoint directory not found", CausalDiT.from_pretrained, tmp_path / "file")
+    raises("a file; give the checkpoint directory", CausalDiT.from_pretrained, tmp_path / "file")
     path = model.save_pretrained(tmp_path / "ckpt")
     raises("num_layers must be a whole number >= 1", CausalDiT.from_pretrained, path, num_layers=0)
     raises("checkpoint does not match the model config", CausalDiT.from_pretrained, path,
