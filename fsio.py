@@ -131,8 +131,13 @@ def recover(path: str | os.PathLike) -> Path:
         return path
     for candidate in (_new(path), _old(path)):  # roll forward if the new copy is complete
         if written_by_forcelab(candidate):
-            with contextlib.suppress(FileNotFoundError):  # a concurrent reader may have won
+            try:
                 os.rename(candidate, path)
+            except FileNotFoundError:  # a concurrent reader may have won
+                pass
+            except OSError as e:
+                raise ForcelabError(f"{path}: an interrupted save left {candidate.name} beside it, which cannot "
+                                    f"be moved into place ({e.strerror}); rename it to {path.name}") from None
             if path.exists():
                 break
     return path
