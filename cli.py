@@ -27,10 +27,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `forcelab CMD: error: argument --x: ...` and exit 2."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forcelab", description="Train, distill, generate and evaluate causal video diffusion models.")
     parser.add_argument("--version", action="version", version=f"forcelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,14 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv)  # prints help / version / the usage error
+        try:
+            parser.parse_args(argv)  # prints help / version / the one-line usage error
+        except SystemExit as e:
+            return int(e.code or 0) if not isinstance(e.code, str) else USER_ERROR
         parser.print_help()
         return USER_ERROR
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    cmd_parser = argparse.ArgumentParser(prog=f"forcelab {name}", description=COMMANDS[name][1])
+    cmd_parser = _Parser(prog=f"forcelab {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
+    try:
+        args = cmd_parser.parse_args(argv[1:])
+    except SystemExit as e:  # --help (0) or a bad flag (2, one line printed): a return value
+        return int(e.code or 0) if not isinstance(e.code, str) else USER_ERROR
     try:
         return int(module.run(args) or 0)
     except ForcelabError as e:

@@ -5,7 +5,8 @@
 A YAML file may start with `_base_: other.yaml` (or a list), resolved relative to the file,
 merged before the file itself. Every key is checked against the dataclass schema: an unknown
 key is a `ConfigError` naming the key, the file (or "command line") and the closest valid keys.
-Values are never evaluated as code.
+Values are never evaluated as code. YAML is read with YAML 1.2 booleans (only true/false):
+`name: NO` is the string "NO", not False. Config files are UTF-8 and end in .yaml or .yml.
 """
 
 from __future__ import annotations
@@ -15,17 +16,67 @@ import difflib
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+import re
 
-from .errors import ConfigError
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+try:  # omegaconf's own loader (float syntax, duplicate keys, alias limits); it moved in 2.4
+    from omegaconf._yaml import get_yaml_loader
+except ImportError:  # omegaconf 2.3
+    from omegaconf._utils import get_yaml_loader
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
+
+from .errors import ConfigError, ForcelabError
+from .fsio import read_text
 
 T = TypeVar("T")
 # dtype names accepted everywhere (CLI flags, configs, loaders)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 BASE_KEY = "_base_"
+YAML_SUFFIXES = (".yaml", ".yml")
+_SHOWN_KEY = 40  # characters of an unknown key echoed back (a wrong file must not be dumped)
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def _yaml12_loader():
+    """omegaconf's YAML loader (1e-5 is a float, duplicate keys are errors) with YAML 1.2
+    booleans: yes/no/on/off (any case) stay strings."""
+    base = get_yaml_loader()
+    loader = type("Yaml12Loader", (base,), {})
+    resolvers = {}
+    for first, entries in base.yaml_implicit_resolvers.items():
+        kept = [(tag, rx) for tag, rx in entries if tag != _BOOL_TAG]
+        if first in "tTfF":
+            kept.insert(0, (_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")))
+        resolvers[first] = kept
+    loader.yaml_implicit_resolvers = resolvers
+    return loader
+
+
+_LOADER = _yaml12_loader()
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{source}{line}: not valid YAML ({problem})") from None
+    except Exception as e:  # omegaconf's duplicate-key check raises a plain error
+        raise ConfigError(f"{source}: not valid YAML ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _shown(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= _SHOWN_KEY else text[:_SHOWN_KEY] + "..."
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
@@ -40,38 +91,95 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
     """The file and its bases, bases first, as (source name, config) pairs."""
-    path = path.resolve()
+    path = path.expanduser().resolve()
     if path in seen:
         raise ConfigError(f"config {path}: {BASE_KEY} forms a cycle ({' -> '.join(map(str, seen))})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix.lower() not in YAML_SUFFIXES:
+        raise ConfigError(f"config {path}: not a YAML config file (the name must end in "
+                          f"{' or '.join(YAML_SUFFIXES)})")
     try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # yaml errors come in many classes
-        raise ConfigError(f"config {path}: not valid YAML ({e})") from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError(f"config {path}: the top level must be a mapping of keys")
+        raw = _parse_yaml(read_text(path, "config"), str(path))
+    except ConfigError:
+        raise
+    except ForcelabError as e:
+        raise ConfigError(str(e)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of keys (key: value lines)")
+    if any(not isinstance(k, str) or not k.strip() or "\n" in k for k in raw):
+        raise ConfigError(f"config {path}: not a forcelab config (its keys are not names)")
+    bases = raw.pop(BASE_KEY, None)
+    try:
+        node = OmegaConf.create(raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config {path}: {_first_line(e)}") from None
     out: list[tuple[str, DictConfig]] = []
-    bases = node.pop(BASE_KEY, None)
     if bases is not None:
-        for base in [bases] if isinstance(bases, str) else list(bases):
-            out += _read_yaml(path.parent / str(base), seen + (path,))
+        listed = [bases] if isinstance(bases, str) else bases
+        if not isinstance(listed, list) or not listed or not all(isinstance(b, str) and b for b in listed):
+            raise ConfigError(f"config {path}: {BASE_KEY} must be a file name or a list of file names "
+                              f"(e.g. {BASE_KEY}: base.yaml), got {_shown(bases)!r}")
+        for base in listed:
+            out += _read_yaml(path.parent / base, seen + (path,))
     out.append((str(path), node))
     return out
 
 
+def _check_sections(schema: DictConfig, node: Any, source: str, prefix: str = "") -> None:
+    """A plain value where the schema has a section (or the reverse) gets a clear message."""
+    if not isinstance(node, DictConfig):
+        return
+    for key in node.keys():
+        if key not in schema:
+            continue  # unknown keys are reported by _merge with suggestions
+        want, got = schema._get_node(key), node._get_node(key)
+        full = f"{prefix}{key}"
+        if isinstance(want, DictConfig) and not isinstance(got, DictConfig) and not OmegaConf.is_missing(node, key):
+            subkeys = list(want.keys())
+            example = f" (e.g. {full}.{subkeys[0]}: ...)" if subkeys else ""
+            raise ConfigError(f"{source}: '{full}' is a section of keys ({', '.join(map(str, subkeys[:6]))}); "
+                              f"give its keys, not a single value{example}")
+        if isinstance(want, DictConfig) and isinstance(got, DictConfig):
+            _check_sections(want, got, source, full + ".")
+
+
 def _merge(schema: DictConfig, node: DictConfig, source: str) -> DictConfig:
+    _check_sections(schema, node, source)
     try:
         return OmegaConf.merge(schema, node)
     except ConfigKeyError as e:
         key = e.full_key or e.key
         close = difflib.get_close_matches(str(key), _valid_keys(schema), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"{source}: unknown config key '{key}'{hint}") from None
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see the schema's fields"
+        raise ConfigError(f"{source}: unknown config key '{_shown(key)}'{hint}") from None
     except (ValidationError, OmegaConfBaseException) as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        where = f"bad value for '{key}'" if key else "bad value"
+        raise ConfigError(f"{source}: {where}: {_first_line(e)}") from None
+
+
+def _overrides(items: list[str]) -> DictConfig:
+    """"a.b=value" strings -> a config, values read as YAML 1.2 like the files."""
+    tree: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ConfigError(f"command line: override '{_shown(item)}' must look like key.sub=value")
+        value = _parse_yaml(text, f"command line: override '{_shown(item)}'") if text.strip() else ""
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: override '{_shown(item)}' sets a key below a value")
+        node[parts[-1]] = value
+    try:
+        return OmegaConf.create(tree)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command line: {_first_line(e)}") from None
 
 
 def _open_mappings(node: DictConfig) -> None:
@@ -98,15 +206,20 @@ def load_config(schema: type[T], files: Iterable[str | Path] = (),
         for source, node in _read_yaml(Path(f)):
             cfg = _merge(cfg, node, source)
     overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command line: override '{item}' must look like key.sub=value")
     if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command line")
-    missing = OmegaConf.missing_keys(cfg)
-    if missing:
-        raise ConfigError(f"config: required keys not set: {', '.join(sorted(missing))}")
-    return OmegaConf.to_object(cfg)
+        cfg = _merge(cfg, _overrides(overrides), "command line")
+    try:
+        missing = OmegaConf.missing_keys(cfg)
+        if missing:
+            raise ConfigError(f"config: required keys not set: {', '.join(sorted(missing))}")
+        return OmegaConf.to_object(cfg)
+    except InterpolationResolutionError as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config: '{key}' refers to something that does not exist ({_first_line(e)}); "
+                          f"fix the ${{...}} reference") from None
+    except (ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config: bad value{f' for {key!r}' if key else ''}: {_first_line(e)}") from None
 
 
 def to_yaml(obj: Any) -> str:

@@ -1,38 +1,385 @@
-"""Atomic writes (interim: replaced by the full implementation of the reliability work)."""
+"""Writing outputs safely: the one atomic-write implementation of forcelab.
+
+    with atomic_directory("ckpt/model") as tmp:        # a fresh folder beside ckpt/model
+        save_file(state, tmp / "weights.safetensors")  # ... moved into place on success
+    write_text_atomic("out/run.json", text)            # tmp file + fsync + os.replace
+    out = check_output_dir("~/videos", "--output")     # usable? (before any work)
+
+Rules (forcelab never deletes or replaces what it did not write):
+- Every directory forcelab writes carries a marker file (MARKER). An existing directory is
+  replaced only when it carries the marker (or is empty), unless the caller forbids even that
+  (overwrite=False, e.g. a CLI without --overwrite); anything else is a ForcelabError raised
+  before any work.
+- The swap that replaces a directory is recoverable at every point:
+      write .NAME.forcelab-tmp-*  ->  rename to .NAME.forcelab-new   (complete, fsynced)
+      rename NAME -> .NAME.forcelab-old  ->  rename .NAME.forcelab-new -> NAME  ->  delete old
+  A kill between the renames leaves NAME missing but .NAME.forcelab-new (or -old) present:
+  `recover(NAME)` (called by every reader and writer) renames it back into place, so a reader
+  finds the old or the new directory. Leftovers (temporaries of killed writes, the old copy)
+  are deleted at the next write into the same folder.
+- Files and folders are created with the process umask (no 0700 / 0600).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ForcelabError
 
-MARKER = ".forcelab"
+MARKER = ".forcelab"            # in every directory forcelab writes
+TMP_TAG = ".forcelab-tmp-"      # .NAME.forcelab-tmp-HOST-PID-RAND: a write in progress
+NEW_TAG = ".forcelab-new"       # .NAME.forcelab-new: complete, about to replace NAME
+OLD_TAG = ".forcelab-old"       # .NAME.forcelab-old: the replaced NAME, about to be deleted
 
 
-def written_by_forcelab(path) -> bool:
-    return (Path(path) / MARKER).is_file()
+def _step(name: str) -> None:
+    """Called between the steps of a directory swap; tests replace it to simulate a kill."""
+
+
+# ---------------------------------------------------------------------- names
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _new(target: Path) -> Path:
+    return target.with_name(f".{target.name}{NEW_TAG}")
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}{OLD_TAG}")
+
+
+def _owner_dead(name: str) -> bool:
+    """A temporary's writer (host hash, pid in its name) is no longer running on this host."""
+    try:
+        host, pid, _ = name.rsplit(TMP_TAG, 1)[1].split("-")
+        pid = int(pid)
+    except ValueError:
+        return False
+    if host != _host():
+        return False  # another machine's write: not ours to judge
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def clean_stale(parent: str | os.PathLike) -> list[Path]:
+    """Delete temporaries left in `parent` by killed writes (their process is gone).
+
+    Only names forcelab made (.NAME.forcelab-tmp-HOST-PID-RAND) are touched."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        if entry.name.startswith(".") and TMP_TAG in entry.name and _owner_dead(entry.name):
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+# ---------------------------------------------------------------------- markers
+def written_by_forcelab(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory forcelab wrote (it holds the marker file)."""
+    path = Path(path)
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def mark(directory: str | os.PathLike) -> None:
+    """Put forcelab's marker into a directory forcelab created."""
+    from . import __version__
+
+    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "forcelab", "version": __version__}) + "\n")
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+# ---------------------------------------------------------------------- recovery
+def recover(path: str | os.PathLike) -> Path:
+    """Finish an interrupted swap of directory `path` (safe for readers: acts only when `path`
+    is missing and forcelab's complete new copy, or the old one, lies beside it)."""
+    path = Path(path).expanduser()
+    if path.exists() or path.is_symlink():
+        return path
+    for candidate in (_new(path), _old(path)):  # roll forward if the new copy is complete
+        if written_by_forcelab(candidate):
+            try:
+                os.rename(candidate, path)
+            except FileNotFoundError:  # a concurrent reader may have won
+                pass
+            except OSError as e:
+                raise ForcelabError(f"{path}: an interrupted save left {candidate.name} beside it, which cannot "
+                                    f"be moved into place ({e.strerror}); rename it to {path.name}") from None
+            if path.exists():
+                break
+    return path
+
+
+def _tidy(path: Path) -> None:
+    """Writer-side recovery: restore `path`, then delete forcelab's leftovers around it."""
+    recover(path)
+    if path.exists():
+        for leftover in (_new(path), _old(path)):
+            if written_by_forcelab(leftover):
+                _remove(leftover)
+    clean_stale(path.parent)
+
+
+# ---------------------------------------------------------------------- checks
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable(directory: Path) -> bool:
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Check that `path` can be a folder forcelab writes into, before any work.
+
+    `~` is expanded. The folder may exist (a directory we can write) or not (then its nearest
+    existing parent must be a directory we can write). Returns the expanded path."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ForcelabError(f"{what} {path}: is a file, not a folder; give a folder path")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ForcelabError(f"{what} {path}: {base} is a file, so this folder cannot be created; "
+                            f"give another path")
+    if not _writable(base):
+        where = "this folder" if base == path else f"its parent {base}"
+        raise ForcelabError(f"{what} {path}: {where} is not writable; choose a writable location "
+                            f"or fix its permissions")
+    return path
+
+
+def check_new_directory(path: str | os.PathLike, what: str, *, overwrite: bool = True) -> Path:
+    """Check, before any work, that atomic_directory(path, overwrite=overwrite) may write `path`."""
+    path = check_output_dir(path, what)
+    recover(path)
+    if path.exists() and not _is_empty_dir(path):
+        if not written_by_forcelab(path):
+            raise ForcelabError(f"{what} {path}: exists and was not written by forcelab (no {MARKER} "
+                                f"marker); forcelab never replaces it - choose a new folder")
+        if not overwrite:
+            raise ForcelabError(f"{what} {path}: exists (an earlier forcelab output); choose a new "
+                                f"folder or allow replacing it (--overwrite)")
+    return path
+
+
+# ---------------------------------------------------------------------- directories
+def current_umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give what a library wrote under `root` the modes of the umask: some writers (safetensors)
+    create private 0600 files, which other users of a shared checkpoint could not read."""
+    mask = current_umask()
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            f = os.path.join(dirpath, name)
+            if not os.path.islink(f):
+                executable = os.stat(f).st_mode & 0o100
+                os.chmod(f, (0o777 if executable else 0o666) & ~mask)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
-def atomic_directory(path, *, overwrite: bool = False):
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True,
+                     what: str = "output") -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; on normal exit it becomes `path`.
+
+    An existing `path` is checked at entry, before any work: an empty folder, or a folder
+    forcelab wrote (its MARKER; unless overwrite=False), is replaced by the recoverable swap
+    described in the module docstring; anything else raises ForcelabError. On an exception
+    the temporary is deleted and `path` is untouched. Delete old outputs (e.g. rotated
+    checkpoints) only where written_by_forcelab(path) holds."""
     path = Path(path).expanduser()
-    if path.exists() and not (overwrite and written_by_forcelab(path)):
-        raise ForcelabError(f"{path}: exists; forcelab will not replace it")
+    check_new_directory(path, what, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.forcelab-tmp-", dir=path.parent))
+    _tidy(path)
+    tmp = _tmp_name(path)
+    os.mkdir(tmp)  # mode 0o777 & ~umask
+    _step("tmp-created")
     try:
         yield tmp
-        (tmp / MARKER).write_text("")
-        if path.exists():
-            old = path.parent / f"{tmp.name}.old"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        mark(tmp)
+        _step("written")
+        _apply_umask(tmp)
+        _fsync_tree(tmp)
+        # the existing folder may have changed while we worked: check again before replacing
+        check_new_directory(path, what, overwrite=overwrite)
+        new = _new(path)
+        if written_by_forcelab(new):
+            _remove(new)
+        os.rename(tmp, new)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+    _step("ready")
+    if path.exists():
+        old = _old(path)
+        if written_by_forcelab(old):
+            _remove(old)
+        if _is_empty_dir(path):
+            path.rmdir()
+        else:
+            os.rename(path, old)
+            _step("old-moved")
+    with contextlib.suppress(FileNotFoundError):  # a reader's recover() may have moved it already
+        os.rename(new, path)
+    _step("new-moved")
+    _fsync_dir(path.parent)
+    if written_by_forcelab(_old(path)):
+        _remove(_old(path))
+    _step("done")
+
+
+# ---------------------------------------------------------------------- files
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, what: str = "output") -> Iterator[Path]:
+    """Yield the name of an empty temporary file beside `path` (for writers that open files by
+    name: tarfile, PyAV); on normal exit it is fsynced and renamed to `path`, so a reader sees
+    the old file or the new one, never a partial one. On an exception it is deleted.
+
+    overwrite=False: an existing `path` is an error, checked at entry and again (atomically,
+    by a hard link) when the file is put in place."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ForcelabError(f"{what} {path}: is a folder, not a file; give a file path")
+    if not overwrite and path.exists():
+        raise ForcelabError(f"{what} {path}: exists; forcelab does not replace it - choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` appeared meanwhile: never replaced
+                os.unlink(tmp)
+            except FileExistsError:
+                raise ForcelabError(f"{what} {path}: appeared while writing; forcelab does not "
+                                    f"replace it - choose another name") from None
+            except OSError:  # a filesystem without hard links: check, then rename
+                if path.exists():
+                    raise ForcelabError(f"{what} {path}: appeared while writing; forcelab does not "
+                                        f"replace it - choose another name") from None
+                os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator:
+    """Like atomic_path, yielding the temporary opened in `mode` ("wb", or "w" for UTF-8 text)."""
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"atomic_file: mode must be 'w', 'wt' or 'wb', got {mode!r}")
+    with atomic_path(path, **kwargs) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, **kwargs) -> Path:
+    with atomic_file(path, "wb", **kwargs) as f:
+        f.write(data)
+    return Path(path).expanduser()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, **kwargs) -> Path:
+    with atomic_file(path, "w", **kwargs) as f:
+        f.write(text)
+    return Path(path).expanduser()
+
+
+# ---------------------------------------------------------------------- reading text
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file (a leading BOM, as spreadsheet programs write, is dropped).
+
+    Not UTF-8: ForcelabError naming the file and the line of the first bad byte."""
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ForcelabError(f"{what} {path}: file not found") from None
+    except IsADirectoryError:
+        raise ForcelabError(f"{what} {path}: is a folder; give a text file") from None
+    except OSError as e:
+        raise ForcelabError(f"{what} {path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ForcelabError(f"{what} {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column "
+                            f"{column}); save the file as UTF-8") from None

@@ -21,14 +21,16 @@ from typing import Iterable
 import torch
 
 from ..errors import ForcelabError
+from ..fsio import write_text_atomic
 from .schema import encode_sample
-from .shards import ShardDataset, write_shard
+from .shards import ShardDataset, write_record, write_shard
 
 
 def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 256, dtype: str = "bf16",
                     first_index: int = 0) -> dict:
     """Write samples {ode_latents, ode_timesteps, text_emb, text_len, caption[, meta]} as shards
-    ode-K.tar in `out` plus a manifest.json (readable by shard_urls / ShardDataset).
+    ode-K.tar in `out` (each with its ode-K.json record: count, size, sha256) plus a manifest.json
+    (readable by shard_urls / ShardDataset, which verify the records).
 
     Keys are first_index + i; several writers (ranks) can share a folder with distinct
     first_index ranges and shard names (pass out/rank folders otherwise). Returns the manifest."""
@@ -38,7 +40,7 @@ def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 
 
     def flush():
         name = f"ode-{first_index + total - len(buffer):09d}.tar"
-        entries.append({"name": name, "samples": write_shard(out / name, buffer)})
+        entries.append({"name": name, "samples": write_record(out / name, write_shard(out / name, buffer))["samples"]})
         buffer.clear()
 
     for i, s in enumerate(samples):
@@ -57,7 +59,7 @@ def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 
         flush()
     manifest = {"kind": "ode_pairs", "counts": {"written": total, "shards": len(entries), "skipped": 0},
                 "shards": entries, "skipped": []}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -11,11 +11,14 @@ manifest with `path,caption` (relative paths are relative to the manifest); a pr
 
 Shards: inputs in their listed order are cut into shards of --shard-size inputs; shard k is
 written by rank k % world_size as shard-k.tar, atomically, followed by shard-k.json (what
-went in, what was skipped and why). A rerun with the same settings skips shards that have
-both files, so an interrupted run resumes without redoing or duplicating anything, even with
-a different number of ranks. Rank 0 then writes manifest.json (counts, shards, skipped
-inputs). A bad input (missing, corrupt, too short, no caption) is skipped and recorded, or
-stops the run with --strict. Sample keys are the input's index in the list. --workers N
+went in, what was skipped and why, the sample count, size and sha256 of the tar). A rerun
+with the same settings skips shards whose tar matches its record (a damaged one is redone),
+so an interrupted run resumes without redoing or duplicating anything, even with a different
+number of ranks. A rerun with other settings or inputs is refused, naming what changed.
+Rank 0 then writes manifest.json (counts, shards, skipped inputs). A bad input (missing, corrupt, too short, no caption, a caption file that is not
+UTF-8, a manifest row without a usable path) is skipped and recorded, or stops the run with
+--strict. Text files are UTF-8 (a BOM is fine); manifest paths are relative to the manifest
+and stay inside its folder. Sample keys are the input's index in the list. --workers N
 decodes videos in N processes per rank while the encoders run.
 """
 
@@ -25,6 +28,7 @@ import argparse
 import csv
 import datetime
 import hashlib
+import io
 import json
 import os
 import sys
@@ -35,11 +39,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ForcelabError
+from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
+from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
 from .schema import STORAGE_DTYPES, encode_sample
-from .shards import write_shard
+from .shards import shard_problem, write_record, write_shard
 from .video import VIDEO_SUFFIXES, VideoError, read_video
 
-SETTINGS_FILE, MANIFEST_FILE = "preprocess.json", "manifest.json"
+SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
+_LISTED_CHANGES = 3  # inputs named in a refused resume's message, per kind of change
 
 
 @dataclass
@@ -47,17 +54,22 @@ class Item:
     index: int              # position in the input list: the sample key
     source: str             # video path (or "prompt:<index>")
     caption: str | None     # None: no caption found (skipped)
+    problem: str | None = None  # why the input cannot be used (skipped and recorded)
 
 
 # ---- inputs ----
 
-def _read_rows(path: Path) -> list[dict]:
-    """Rows of a CSV (with a header) or JSONL file."""
+def _read_rows(path: Path, flag: str) -> list[dict]:
+    """Rows of a CSV (with a header) or JSONL file (UTF-8, a BOM is fine)."""
+    text = read_text(path, flag)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        try:
+            rows = csv.DictReader(io.StringIO(text, newline=""))
+            return [{k: v for k, v in row.items() if k is not None} for row in rows]  # None: extra cells
+        except csv.Error as e:
+            raise ForcelabError(f"{flag} {path}: not a valid CSV ({e}); write a header line path,caption") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
@@ -74,41 +86,66 @@ def _caption(row: dict) -> str | None:
     return (str(text).strip() or None) if text is not None else None
 
 
+def _manifest_item(i: int, row: dict, folder: Path, where: str) -> Item:
+    """A manifest row -> Item; a row without a usable path is kept as a problem (skipped)."""
+    raw = row.get("path")
+    if not isinstance(raw, str) or not raw.strip():
+        return Item(i, f"{where}", None, f"{where}: 'path' must be a file name, got {raw!r}")
+    rel = Path(raw.strip())
+    inside = not rel.is_absolute() and (folder / rel).resolve().is_relative_to(folder.resolve())
+    if not inside:
+        return Item(i, raw, None, f"{where}: path {raw!r} leaves the manifest's folder; give paths "
+                                   f"relative to the manifest, inside its folder")
+    return Item(i, str(folder / rel), _caption(row))
+
+
+def _sidecar_caption(video: Path) -> tuple[str | None, str | None]:
+    """(caption, problem) from video.txt beside the video."""
+    txt = video.with_suffix(".txt")
+    if not txt.is_file():
+        return None, None
+    try:
+        return read_text(txt, "caption").strip() or None, None
+    except ForcelabError as e:
+        return None, str(e)
+
+
 def list_videos(videos: str) -> list[Item]:
     """A folder (recursive, sorted, sidecar .txt captions) or a CSV/JSONL manifest."""
     path = Path(videos)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-        items = []
-        for i, p in enumerate(files):
-            txt = p.with_suffix(".txt")
-            caption = (txt.read_text(encoding="utf-8").strip() or None) if txt.is_file() else None
-            items.append(Item(i, str(p), caption))
+        items = [Item(i, str(p), *_sidecar_caption(p)) for i, p in enumerate(files)]
         if not items:
             raise ForcelabError(f"--videos {videos}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
         return items
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
-        rows = _read_rows(path)
-        if rows and "path" not in rows[0]:
+        rows = _read_rows(path, "--videos")
+        if not rows:
+            raise ForcelabError(f"--videos {videos}: no inputs in this manifest (empty, or a header only); "
+                                f"add rows of path,caption")
+        if path.suffix.lower() == ".csv" and "path" not in rows[0]:
             raise ForcelabError(f"--videos {videos}: the manifest needs a 'path' column (and 'caption'); "
                                 f"it has {sorted(rows[0])}")
-        return [Item(i, str(path.parent / r["path"]), _caption(r)) for i, r in enumerate(rows)]
+        return [_manifest_item(i, r, path.parent, f"{path.name}:{i + (2 if path.suffix.lower() == '.csv' else 1)}")
+                for i, r in enumerate(rows)]
     raise ForcelabError(f"--videos {videos}: not found - give a folder of videos with .txt captions "
                         f"or a .csv/.jsonl manifest with path,caption")
 
 
 def list_prompts(prompts: str) -> list[Item]:
     """A .txt file (one prompt per line) or a CSV/JSONL with a caption or prompt column."""
-    path = Path(prompts)
+    path = Path(prompts).expanduser()
     if not path.is_file():
         raise ForcelabError(f"--prompts {prompts}: file not found")
     if path.suffix.lower() in (".csv", ".jsonl"):
-        texts = [_caption(r) for r in _read_rows(path)]
+        texts = [_caption(r) for r in _read_rows(path, "--prompts")]
     else:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
+        texts = [line.strip() for line in read_text(path, "--prompts").splitlines() if line.strip()]
+    if not any(texts):
         raise ForcelabError(f"--prompts {prompts}: no prompts in this file")
-    return [Item(i, f"{path.name}:{i + 1}", t) for i, t in enumerate(texts)]
+    return [Item(i, f"{path.name}:{i + 1}", t, None if t else f"{path.name}:{i + 1}: empty prompt")
+            for i, t in enumerate(texts)]
 
 
 def parse_size(text: str) -> list[tuple[int, int]]:
@@ -139,8 +176,15 @@ class Encoder:
         emb, lengths = self.text.encode([it.caption for it in items])
         return emb.float().cpu(), lengths.tolist()
 
-    def prompts(self, items: list[Item]) -> list[dict]:
+    def prompts(self, items: list[Item], skipped: list[dict]) -> list[dict]:
         out = []
+        for item in items:
+            if item.problem or item.caption is None:
+                reason = item.problem or f"{item.source}: no prompt text"
+                if self.args.strict:
+                    raise ForcelabError(f"{reason} (--strict: stopping; drop --strict to skip bad inputs)")
+                skipped.append({"index": item.index, "source": item.source, "reason": reason})
+        items = [it for it in items if not it.problem and it.caption is not None]
         for i in range(0, len(items), self.args.batch_size):
             batch = items[i:i + self.args.batch_size]
             emb, lengths = self._text(batch)
@@ -195,6 +239,8 @@ class _Clips(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
+        if item.problem:
+            return i, None, item.problem
         if item.caption is None:
             return i, None, (f"{item.source}: no caption - add {Path(item.source).with_suffix('.txt').name} "
                              f"beside it or a caption in the manifest")
@@ -225,7 +271,7 @@ def _distributed(device_arg: str | None) -> tuple[int, int, torch.device, bool]:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         started = True
     if device_arg:
-        device = torch.device(device_arg)
+        device = parse_device(device_arg)
     else:
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -238,10 +284,28 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def _write_json(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def _listing(items: list[Item]) -> list[list[str]]:
+    """What identifies the inputs: [source, sha256 of the caption] per input, in order."""
+    return [[it.source, hashlib.sha256(str(it.caption).encode()).hexdigest()[:16]] for it in items]
+
+
+def _changed_inputs(old: list, new: list) -> str:
+    """Which inputs were added, removed or re-captioned between two listings (a short list)."""
+    before, after = {s: c for s, c in old}, {s: c for s, c in new}
+    parts = []
+    for label, names in (("added", [s for s in after if s not in before]),
+                         ("removed", [s for s in before if s not in after]),
+                         ("caption changed", [s for s in after if s in before and before[s] != after[s]])):
+        if names:
+            more = f" and {len(names) - _LISTED_CHANGES} more" if len(names) > _LISTED_CHANGES else ""
+            parts.append(f"{label}: {', '.join(names[:_LISTED_CHANGES])}{more}")
+    if not parts and [s for s, _ in old] != [s for s, _ in new]:
+        parts.append("the same inputs in another order")
+    return "; ".join(parts) or "the input list changed"
 
 
 def run(args) -> int:
@@ -254,11 +318,23 @@ def run(args) -> int:
         raise ForcelabError("give exactly one of --videos (videos + captions) or --prompts (a prompt list)")
     if args.videos and not args.vae:
         raise ForcelabError("--videos needs --vae (a local Wan VAE directory, or toy)")
-    if args.batch_size < 1 or args.shard_size < 1:
-        raise ForcelabError("--batch-size and --shard-size must be at least 1")
+    for flag, value, check in (("--frames", args.frames, positive_int), ("--fps", args.fps, positive_float),
+                               ("--start", args.start, non_negative_float),
+                               ("--batch-size", args.batch_size, positive_int),
+                               ("--shard-size", args.shard_size, positive_int),
+                               ("--workers", args.workers, non_negative_int)):
+        check(value, flag)  # argparse checks them too; this guards callers that build args themselves
+    if args.videos:
+        parse_size(args.size)
+    out = check_output_dir(args.out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (written_by_forcelab(out) or (out / SETTINGS_FILE).is_file()):
+        raise ForcelabError(f"--out {out}: holds other files and no preprocess run; forcelab does not write "
+                            f"among them - choose a new or empty folder")
     items = list_videos(args.videos) if args.videos else list_prompts(args.prompts)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not written_by_forcelab(out):
+        mark(out)
+    clean_stale(out)  # temporaries of a killed earlier run
     rank, world, device, started = _distributed(args.device)
     try:
         text = load_text_encoder(args.text_encoder, dtype=args.encoder_dtype, device=device)
@@ -270,7 +346,7 @@ def run(args) -> int:
             _check_clip(vae, args)
         listing = json.dumps([[it.source, it.caption] for it in items]).encode()
         settings["inputs_sha256"] = hashlib.sha256(listing).hexdigest()
-        _check_settings(out / SETTINGS_FILE, settings, rank)
+        _check_settings(out / SETTINGS_FILE, settings, rank, _listing(items))
 
         shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
         mine = [k for k in range(len(shards)) if k % world == rank]
@@ -287,13 +363,12 @@ def run(args) -> int:
                 if vae:
                     samples = encoder.videos(shards[k], skipped, progress)
                 else:
-                    samples = encoder.prompts(shards[k])
+                    samples = encoder.prompts(shards[k], skipped)
                     progress.update(len(shards[k]))
                 samples.sort(key=lambda s: s["__key__"])
-                n = write_shard(out / f"shard-{k:06d}.tar", samples)
-                _write_json(out / f"shard-{k:06d}.json",
-                            {"settings_sha256": _digest(settings), "rank": rank, "samples": n,
-                             "inputs": [it.index for it in shards[k]], "skipped": skipped})
+                tar = out / f"shard-{k:06d}.tar"
+                write_record(tar, write_shard(tar, samples), settings_sha256=_digest(settings), rank=rank,
+                             inputs=[it.index for it in shards[k]], skipped=skipped)
         _barrier(world)
         if rank == 0:
             manifest = _write_manifest(out, shards, settings, items)
@@ -321,27 +396,46 @@ def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _check_settings(path: Path, settings: dict, rank: int) -> None:
+def _check_settings(path: Path, settings: dict, rank: int, listing: list) -> None:
     """A folder holds one preprocess run: resuming with other settings would mix shards."""
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(read_text(path, "--out"))
+        except ValueError:
+            raise ForcelabError(f"{path}: damaged (not JSON); use a new --out") from None
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
-            what = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+            what = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items() if k != "inputs_sha256")
+            if "inputs_sha256" in diff:
+                try:
+                    changed = _changed_inputs(json.loads(read_text(path.parent / INPUTS_FILE, "--out")), listing)
+                except (ForcelabError, ValueError, TypeError):
+                    changed = "the input list changed"
+                what = "; ".join(filter(None, [what, f"inputs changed ({changed})"]))
             raise ForcelabError(f"{path.parent}: holds a preprocess run with other settings ({what}); "
                                 f"use a new --out, or the same inputs and options to resume")
     elif rank == 0:
+        _write_json(path.parent / INPUTS_FILE, listing)
         _write_json(path, settings)
 
 
-def _finished(out: Path, k: int, settings: dict) -> bool:
-    record = out / f"shard-{k:06d}.json"
-    if not (out / f"shard-{k:06d}.tar").is_file() or not record.is_file():
+def _finished(out: Path, k: int, settings: dict, verify: str = "checksum") -> bool:
+    """Shard k is written, by these settings, and its tar still matches the record (a damaged
+    shard is redone - both files are this run's own outputs)."""
+    tar, record = out / f"shard-{k:06d}.tar", out / f"shard-{k:06d}.json"
+    if not tar.is_file() or not record.is_file():
         return False
     try:
-        return json.loads(record.read_text()).get("settings_sha256") == _digest(settings)
-    except ValueError:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
         return False
+    if not isinstance(data, dict) or data.get("settings_sha256") != _digest(settings):
+        return False
+    problem = shard_problem(str(tar), data, verify) if "bytes" in data else "no size or checksum recorded"
+    if problem:
+        print(f"preprocess: {tar.name}: {problem}; writing it again", file=sys.stderr)
+        return False
+    return True
 
 
 def _write_manifest(out: Path, shards: list[list[Item]], settings: dict, items: list[Item]) -> dict:
@@ -349,7 +443,7 @@ def _write_manifest(out: Path, shards: list[list[Item]], settings: dict, items: 
 
     entries, skipped, missing = [], [], []
     for k in range(len(shards)):
-        if not _finished(out, k, settings):
+        if not _finished(out, k, settings, verify="size"):  # the shards were verified when the run began
             missing.append(f"shard-{k:06d}")
             continue
         record = json.loads((out / f"shard-{k:06d}.json").read_text())
@@ -375,15 +469,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", help="video autoencoder: a local Wan VAE (diffusers) directory, or toy")
     parser.add_argument("--text-encoder", required=True, help="text encoder: a local umT5 directory, or toy")
     parser.add_argument("--size", default="480x832", help="HxW, or comma-separated buckets (closest aspect wins)")
-    parser.add_argument("--frames", type=int, default=81, help="frames per clip (4k+1 for the Wan VAE)")
-    parser.add_argument("--fps", type=float, default=16.0, help="frame rate the clip is sampled at")
-    parser.add_argument("--start", type=float, default=0.0, help="clip start in seconds")
-    parser.add_argument("--batch-size", type=int, default=4, help="videos (or prompts) encoded together")
-    parser.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
+    parser.add_argument("--frames", type=arg(positive_int), default=81, help="frames per clip (4k+1 for the Wan VAE)")
+    parser.add_argument("--fps", type=arg(positive_float), default=16.0, help="frame rate the clip is sampled at")
+    parser.add_argument("--start", type=arg(non_negative_float), default=0.0, help="clip start in seconds")
+    parser.add_argument("--batch-size", type=arg(positive_int), default=4, help="videos (or prompts) encoded together")
+    parser.add_argument("--shard-size", type=arg(positive_int), default=256, help="inputs per shard")
     parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="bf16", help="stored tensor dtype")
     parser.add_argument("--encoder-dtype", choices=sorted(STORAGE_DTYPES), default="fp32",
                         help="dtype the encoders run in")
-    parser.add_argument("--workers", type=int, default=0, help="video decoding processes per rank (0: decode "
+    parser.add_argument("--workers", type=arg(non_negative_int), default=0,
+                        help="video decoding processes per rank (0: decode "
                                                                "in the main process)")
     parser.add_argument("--device", help="device for the encoders (default: this rank's GPU, else cpu)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")

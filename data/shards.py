@@ -5,6 +5,11 @@
     loader = shard_loader(ds, batch_size=8, num_workers=2)              # batches (schema.collate)
     for epoch in range(n): ds.set_epoch(epoch); for batch in loader: ...
 
+Verification: preprocess records each shard's sample count, size and sha256 in shard-k.json
+beside shard-k.tar. Opening a dataset checks every recorded shard's size (verify="size", the
+default) or also its checksum (verify="checksum"); while reading, a shard that yields fewer
+or more samples than recorded, or lacks tar's end-of-archive marker, is a DataError naming it.
+
 Splitting: shards are shuffled with a seed shared by all ranks (seed, epoch), then dealt out
 by rank (wds.split_by_node) and by DataLoader worker (wds.split_by_worker), so ranks read
 disjoint shards that together cover the data set; give each rank at least as many shards as
@@ -21,6 +26,7 @@ dropping data. Move batches to the device yourself.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -33,31 +39,90 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..fsio import atomic_path, write_text_atomic
 from .schema import DataError, collate, decode_sample
 
 SHARD_SUFFIX = ".tar"
+RECORD_SUFFIX = ".json"     # shard-k.json: what preprocess put into shard-k.tar
+VERIFY_MODES = ("none", "size", "checksum")
+_HASH_BLOCK = 2**22
 
 
 def write_shard(path: str | Path, samples: Iterable[dict[str, bytes]]) -> int:
-    """Write samples ({"__key__": key, member: bytes}) as a tar, atomically (tmp + rename).
+    """Write samples ({"__key__": key, member: bytes}) as a tar, atomically (fsio.atomic_path).
 
-    A crash leaves at most a *.tar.tmp, never a partial *.tar. Returns the sample count."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    A crash leaves at most a hidden temporary (deleted by the next run), never a partial *.tar.
+    Returns the sample count."""
     n = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            key = sample["__key__"]
-            for member in sorted(k for k in sample if not k.startswith("__")):
-                data = sample[member]
-                info = tarfile.TarInfo(f"{key}.{member}")
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, what="shard") as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                for member in sorted(k for k in sample if not k.startswith("__")):
+                    data = sample[member]
+                    info = tarfile.TarInfo(f"{key}.{member}")
+                    info.size, info.mode, info.mtime = len(data), 0o644, 0
+                    tar.addfile(info, io.BytesIO(data))
+                n += 1
     return n
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_fingerprint(path: str | Path) -> dict:
+    """{"bytes", "sha256"} of a written shard, for its record."""
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def write_record(tar: str | Path, samples: int, **fields) -> dict:
+    """Write shard-k.json beside shard-k.tar: its sample count, size and sha256 (+ fields)."""
+    record = {"samples": samples, **shard_fingerprint(tar), **fields}
+    write_text_atomic(Path(tar).with_suffix(RECORD_SUFFIX), json.dumps(record, indent=1, sort_keys=True))
+    return record
+
+
+def shard_record(url: str) -> dict | None:
+    """The preprocess record beside a local shard (shard-k.json), or None."""
+    if "://" in url:
+        return None
+    record = Path(url).with_suffix(RECORD_SUFFIX)
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "samples" in data else None
+
+
+def shard_problem(url: str, record: dict | None, verify: str = "checksum") -> str | None:
+    """Why a local shard does not match its record (None: it matches, or there is no record)."""
+    if record is None or verify == "none" or "bytes" not in record:
+        return None
+    try:
+        size = os.path.getsize(url)
+    except OSError:
+        return "missing"
+    if size != record["bytes"]:
+        return f"{size} bytes, the record says {record['bytes']} (truncated or padded)"
+    if verify == "checksum" and record.get("sha256") and file_sha256(url) != record["sha256"]:
+        return "checksum differs from the record (the file was changed or damaged)"
+    return None
+
+
+def verify_shards(urls: Iterable[str], verify: str = "size") -> None:
+    """Raise DataError for the first local shard that does not match its preprocess record."""
+    if verify not in VERIFY_MODES:
+        raise DataError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    for url in urls:
+        problem = shard_problem(url, shard_record(url), verify)
+        if problem:
+            raise DataError(f"shard {url}: {problem}; delete it and re-run preprocess (finished shards "
+                            f"are kept)")
 
 
 def shard_urls(source: str | Path | list) -> list[str]:
@@ -69,15 +134,25 @@ def shard_urls(source: str | Path | list) -> list[str]:
     path = Path(source)
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob(f"*{SHARD_SUFFIX}"))
+        lost = sorted(str(r.with_suffix(SHARD_SUFFIX)) for r in path.glob(f"*{RECORD_SUFFIX}")
+                      if not r.with_suffix(SHARD_SUFFIX).exists() and shard_record(str(r.with_suffix(SHARD_SUFFIX))))
+        if lost:
+            raise DataError(f"shard {lost[0]}: missing, but its record {Path(lost[0]).with_suffix(RECORD_SUFFIX).name} "
+                            f"is there; re-run preprocess to write it again (finished shards are kept)")
         if not urls:
             raise DataError(f"{source}: no *{SHARD_SUFFIX} shards in this directory; run forcelab preprocess first")
         return urls
     if path.suffix == ".json" and path.is_file():
         try:
-            manifest = json.loads(path.read_text())
-            return [str(path.parent / s["name"]) for s in manifest["shards"] if s["samples"] > 0]
-        except (ValueError, KeyError, TypeError) as e:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            listed = manifest["shards"]
+            urls = [str(path.parent / Path(s["name"]).name) for s in listed if s["samples"] > 0]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise DataError(f"{source}: not a preprocess manifest ({type(e).__name__}: {e})") from None
+        if not urls:
+            raise DataError(f"{source}: no samples - the manifest lists {len(listed)} shard(s), all empty "
+                            f"(see its 'skipped' list for why each input was skipped)")
+        return urls
     if "{" in source:
         urls = list(wds.shardlists.expand_urls(source))
         missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
@@ -116,6 +191,26 @@ def check_complete(src):
         yield item
 
 
+def _check_count(url: str | None, n: int, expected: int | None) -> None:
+    if url is not None and expected is not None and n != expected:
+        raise DataError(f"shard {url}: {n} samples, its record says {expected}; the shard is damaged - "
+                        f"delete it and re-run preprocess (finished shards are kept)")
+
+
+def check_counts(src):
+    """Pipeline stage after the tar reader: a shard with a preprocess record yields exactly the
+    recorded number of samples (a shard cut at a member boundary reads as a shorter one)."""
+    url, n, expected = None, 0, None
+    for sample in src:
+        u = sample.get("__url__")
+        if u != url:
+            _check_count(url, n, expected)
+            url, n, expected = u, 0, (shard_record(u) or {}).get("samples") if u else None
+        n += 1
+        yield sample
+    _check_count(url, n, expected)
+
+
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
@@ -128,13 +223,16 @@ class ShardDataset(IterableDataset):
 
     decode: raw tar members -> sample (default: schema.decode_sample requiring `require`).
     split_by_node: False reads every shard on every rank (evaluation on one process).
+    verify: "size" (default) or "checksum" checks every shard against its preprocess record
+    when the dataset opens; "none" skips that. Sample counts are checked while reading.
     """
 
     def __init__(self, source, *, shuffle: int = 1000, seed: int = 0, resampled: bool = False,
                  samples_per_epoch: int | None = None, split_by_node: bool = True,
                  require: tuple[str, ...] = ("latent",), dtype: torch.dtype = torch.float32,
-                 decode: Callable[[dict], dict] | None = None):
+                 decode: Callable[[dict], dict] | None = None, verify: str = "size"):
         self.urls = shard_urls(source)
+        verify_shards(self.urls, verify)
         self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
         if resampled and not samples_per_epoch:
             raise DataError("ShardDataset: resampled=True is infinite - set samples_per_epoch")
@@ -159,6 +257,8 @@ class ShardDataset(IterableDataset):
                 stages.append(wds.split_by_node)
             stages.append(wds.split_by_worker)
         stages += [check_complete, wds.tarfile_to_samples(handler=_raise_shard_error)]
+        if not self.resampled:  # resampling may draw a shard twice in a row: counts would merge
+            stages.append(check_counts)
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle, initial=min(self.shuffle, 100),
                                       seed=_seed(self.seed, self.epoch, rank, worker, 1)))

@@ -4,6 +4,10 @@
     clip = read_video("a.mp4", fps=16, frames=81, size=(480, 832), dtype="float")  # [-1, 1]
     write_video("out.mp4", frames_uint8_FHW3, fps=16)
 
+Rotation: a video carrying rotation metadata (a display matrix, as phones write) is decoded
+upright, as players show it, by both backends: decord applies it itself; the PyAV path
+rotates each frame by the first frame's display rotation (multiples of 90 degrees).
+
 Sampling: frame k of the clip is the source frame shown at time start + k / fps, i.e. source
 index floor((start + k / fps) * native_fps); so fps above the native rate repeats frames and
 below it skips. Then each frame is resized (bilinear, antialiased) so it covers the target
@@ -80,6 +84,22 @@ def _open_decord(path: str):
     return VideoInfo(n, fps, h, w), read
 
 
+_RIGHT_ANGLE = 90
+
+
+def _display_rotation(frame) -> int:
+    """Counterclockwise degrees (0, 90, 180, 270) a decoded frame must be turned to stand upright."""
+    angle = getattr(frame, "rotation", None)
+    if angle is None:  # PyAV before VideoFrame.rotation: read the display matrix ourselves
+        angle = 0.0
+        for data in getattr(frame, "side_data", []) or []:
+            if "DISPLAYMATRIX" in str(getattr(data, "type", "")).upper():
+                m = np.frombuffer(bytes(data), dtype=np.int32)[:9].astype(float)
+                # ffmpeg's av_display_rotation_get: minus the matrix's rotation angle
+                angle = -math.degrees(math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3])))
+    return int(round(angle)) % 360
+
+
 def _open_pyav(path: str):
     import av
 
@@ -114,7 +134,18 @@ def _open_pyav(path: str):
     fps = float(rate) if rate else 0.0
     h, w = stream.codec_context.height, stream.codec_context.width
     count = stream.frames  # from the container index; 0 when unknown (webm): count by decoding
-    container.close()
+    try:
+        first = next(iter(container.decode(stream)), None)
+    except (av.error.FFmpegError, ValueError):
+        first = None  # reported by read() with the frame count
+    finally:
+        container.close()
+    rotation = _display_rotation(first) if first is not None else 0
+    if rotation % _RIGHT_ANGLE:
+        raise VideoError(f"{path}: rotated by {rotation} degrees (not a multiple of 90); re-encode it upright")
+    turns = rotation // _RIGHT_ANGLE
+    if turns % 2:
+        h, w = w, h
     if count <= 0:
         count = decode(math.inf, set())[1]
 
@@ -123,7 +154,8 @@ def _open_pyav(path: str):
         if n <= max(indices):
             raise VideoError(f"{path}: too short - the container says {count} frames but only "
                              f"{n} decode; re-encode it")
-        return np.stack([kept[i] for i in indices])
+        frames = np.stack([kept[i] for i in indices])
+        return np.ascontiguousarray(np.rot90(frames, k=turns, axes=(1, 2))) if turns else frames
 
     return VideoInfo(count, fps, h, w), read
 
@@ -226,12 +258,13 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: str = "yuv420p",
-                gop: int = 12) -> Path:
+                gop: int = 12, container_format: str | None = None) -> Path:
     """Write uint8 frames [F, H, W, 3] (numpy or torch) as H.264 mp4 (PyAV, libx264).
 
     A short GOP (gop=12 frames) keeps random access fast for decord; yuv420p (the default) plays
     everywhere and needs even H and W. crf: 0 = lossless luma, 18 = visually lossless, 23 = x264's
-    default. The parent folder is created.
+    default. The parent folder is created. container_format: "mp4" when the file name does not
+    end in .mp4 (a temporary name of an atomic write).
     """
     import av
 
@@ -246,7 +279,7 @@ def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: st
         raise ForcelabError(f"write_video {path}: yuv420p needs even sizes, got {h}x{w}; crop or pad a pixel")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         stream.options = {"crf": str(crf), "g": str(gop), "threads": "1"}

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..fsio import atomic_directory, recover
 from .config import DiTConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -127,45 +126,67 @@ def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
                 text_dim=raw.get("text_dim", 4096), eps=raw.get("eps", 1e-6),
                 qk_norm=raw.get("qk_norm", True), cross_attn_norm=raw.get("cross_attn_norm", True), **extra)
             return cfg, "wan"
+    except ConfigError as e:  # a value the model cannot be built with (0 heads, -1 layers)
+        raise CheckpointError(f"{source}: {e}") from None
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{source}: config.json lacks or mistypes {e}") from None
     raise CheckpointError(f"{source}: not a Wan2.1 or diffusers WanTransformer3DModel config.json")
 
 
 def read_config(path: str | os.PathLike) -> tuple[DiTConfig, str]:
-    path = Path(path)
+    path = recover(path)  # finishes a save that was killed between its two renames
     cfg_file = path / "config.json"
+    if path.is_file():
+        raise CheckpointError(f"{path}: a file; give the checkpoint directory (config.json + safetensors)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Wan2.1 or diffusers checkpoint directory)")
     try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); restore it or re-save the checkpoint (UTF-8 JSON)") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object of settings, got {type(raw).__name__}")
     return config_from_json(raw, str(cfg_file))
 
 
 # ---------------------------------------------------------------------- weights
 def weight_files(path: Path) -> list[Path]:
+    """The weight files to read: the shards the index lists, else the one weights file.
+
+    Without an index only diffusers' file name is read when present (a stray *.safetensors
+    beside it is ignored); several other *.safetensors without an index are ambiguous."""
     index = path / INDEX_NAME
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); "
+                                  f"restore it or re-save the checkpoint") from None
+        if any(Path(n).name != n for n in names):
+            raise CheckpointError(f"{index}: shard names must be file names inside the folder, got {names[:4]}")
         files = [path / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: lists shards that are missing: {', '.join(missing)}")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights found")
+    if len(files) > 1:
+        raise CheckpointError(f"{path}: {len(files)} weight files ({', '.join(f.name for f in files[:4])}) "
+                              f"and no {INDEX_NAME}; keep one weights file ({WEIGHTS_NAME}) or add the index")
     return files
 
 
 def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, device=None) -> None:
     """Materialise model's (meta) parameters from the checkpoint, one tensor at a time."""
     expected = dict(model.named_parameters())
-    loaded, unexpected, conflicts = set(), [], []
+    loaded, unexpected, conflicts, seen = set(), [], [], {}
     for file in weight_files(path):
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -173,6 +194,10 @@ def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, de
             raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file may be truncated") from None
         with handle as f:
             for key in f.keys():
+                if key in seen:
+                    raise CheckpointError(f"{path}: weight {key!r} is in both {seen[key]} and {file.name}; "
+                                          f"a checkpoint holds each weight once - remove the stray file")
+                seen[key] = file.name
                 name = diffusers_to_wan(key) if fmt == "diffusers" else key
                 if name not in expected:
                     unexpected.append(key)
@@ -207,14 +232,13 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor, requ
 
 
 def save_state(model: torch.nn.Module, path: str | os.PathLike, fmt: str = "diffusers",
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write config.json + safetensors (sharded past max_shard_bytes, with an index) atomically:
-    everything goes to a temporary directory that is renamed into place."""
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = True) -> Path:
+    """Write config.json + safetensors (sharded past max_shard_bytes, with an index) atomically
+    (fsio.atomic_directory). overwrite: replace an earlier forcelab save at `path`; a folder
+    forcelab did not write is never replaced (ForcelabError, before any work)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    path = Path(path).expanduser()
     state = {(wan_to_diffusers(k) if fmt == "diffusers" else k): v.detach().contiguous()
              for k, v in model.state_dict().items()}
     shards, size = [{}], 0
@@ -225,23 +249,18 @@ def save_state(model: torch.nn.Module, path: str | os.PathLike, fmt: str = "diff
             size = 0
         shards[-1][k] = v
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        stem = WEIGHTS_NAME.removesuffix(".safetensors")
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config_to_json(model.config, fmt), indent=2))
-    if path.exists():
-        old = path.parent / f"{tmp.name}.old"
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
+    with atomic_directory(path, overwrite=overwrite, what="checkpoint") as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            stem = WEIGHTS_NAME.removesuffix(".safetensors")
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_json(model.config, fmt), indent=2))
     return path

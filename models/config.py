@@ -9,9 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ForcelabError
+from ..kernels.dispatch import BACKENDS
+from ..validate import choice, non_negative_int, positive_float, positive_int
 
 SINK_ROPE_POLICIES = ("true_distance", "adjacent")
+ATTENTION_BACKENDS = (None, *BACKENDS)  # None: automatic
+_POSITIVE_INTS = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers", "freq_dim",
+                  "text_dim", "text_len", "rope_max_len", "chunk_frames")
 
 
 @dataclass
@@ -40,13 +45,29 @@ class DiTConfig:
     attention_backend: str | None = None  # None = automatic; "torch" | "triton"
 
     def __post_init__(self):
+        try:  # every number once, here: a model with 0 heads or -1 layers cannot be built
+            for name in _POSITIVE_INTS:
+                setattr(self, name, positive_int(getattr(self, name), f"DiTConfig: {name}"))
+            if len(tuple(self.patch_size)) != 3:
+                raise ConfigError(f"DiTConfig: patch_size must be 3 numbers (frames, rows, cols), "
+                                  f"got {self.patch_size!r}")
+            self.patch_size = tuple(positive_int(p, "DiTConfig: patch_size entries") for p in self.patch_size)
+            self.eps, self.rope_theta = positive_float(self.eps, "DiTConfig: eps"), \
+                positive_float(self.rope_theta, "DiTConfig: rope_theta")
+            if self.window_frames is not None:
+                self.window_frames = positive_int(self.window_frames, "DiTConfig: window_frames (None: no window)")
+            self.sink_frames = non_negative_int(self.sink_frames, "DiTConfig: sink_frames")
+            choice(self.attention_backend, "DiTConfig: attention_backend", ATTENTION_BACKENDS)
+        except ForcelabError as e:
+            raise ConfigError(str(e)) from None
+        if self.freq_dim % 2:
+            raise ConfigError(f"DiTConfig: freq_dim ({self.freq_dim}) must be even (sin and cos halves)")
         if self.dim % self.num_heads:
             raise ConfigError(f"DiTConfig: dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"DiTConfig: head dim ({self.head_dim}) must be even for RoPE")
         if self.sink_rope not in SINK_ROPE_POLICIES:
             raise ConfigError(f"DiTConfig: sink_rope must be one of {SINK_ROPE_POLICIES}, got {self.sink_rope!r}")
-        self.patch_size = tuple(int(p) for p in self.patch_size)
 
     @property
     def head_dim(self) -> int:

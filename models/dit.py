@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ForcelabError
 from ..kernels import AttentionLayout, apply_rope, attention, qk_norm_rope, rms_norm
+from ..validate import positive_int
 from .config import DiTConfig
 from .kv_cache import EMPTY, KVCache
 from .rope import rope_tables
@@ -223,6 +224,9 @@ class CausalDiT(nn.Module):
                                 f"got {tuple(timestep.shape)}")
         if timestep.ndim == 2 and pt != 1:
             raise ForcelabError("CausalDiT: per-frame timesteps need a temporal patch size of 1")
+        if timestep.is_floating_point() and not bool(torch.isfinite(timestep).all()):
+            raise ForcelabError(f"CausalDiT: timestep has NaN or infinite values ({timestep.flatten()[:8].tolist()}); "
+                                f"timesteps are finite numbers in [0, 1000]")
 
     def embed_context(self, context: torch.Tensor) -> torch.Tensor:
         """[B, L, text_dim] -> [B, text_len, dim]: zero-pad to text_len (Wan), then embed."""
@@ -254,10 +258,11 @@ class CausalDiT(nn.Module):
                   dtype: torch.dtype | None = None, device=None) -> KVCache:
         """A KV cache for latents of height x width; unset options come from the config."""
         cfg = self.config
+        height, width = positive_int(height, "new_cache: height"), positive_int(width, "new_cache: width")
         return KVCache(
             num_layers=cfg.num_layers, batch_size=batch_size,
             tokens_per_frame=cfg.tokens_per_frame(height, width), num_heads=cfg.num_heads,
-            head_dim=cfg.head_dim, chunk_frames=chunk_frames or cfg.chunk_frames,
+            head_dim=cfg.head_dim, chunk_frames=cfg.chunk_frames if chunk_frames is None else chunk_frames,
             window_frames=cfg.window_frames if window_frames is ... else window_frames,
             sink_frames=cfg.sink_frames if sink_frames is None else sink_frames,
             max_frames=max_frames, sink_rope=sink_rope or cfg.sink_rope,
@@ -314,7 +319,7 @@ class CausalDiT(nn.Module):
             cache_args = {}
         else:
             start = cache.end_frame if start_frame is None else start_frame
-            layout, rope, ctx_kv = self._stream_setup(cache, context, f, h, w, start, x.device)
+            layout, rope, ctx_kv = self._stream_setup(cache, context, B, f, h, w, start, x.device)
             cache_args = dict(cache=cache, start_frame=start, commit=commit)
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -331,9 +336,12 @@ class CausalDiT(nn.Module):
         return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)",
                          h=h, w=w, p=pt, q=ph, r=pw).float().to(x.dtype)
 
-    def _stream_setup(self, cache: KVCache, context, f, h, w, start, device):
+    def _stream_setup(self, cache: KVCache, context, batch, f, h, w, start, device):
         """Layout, RoPE tables and cross-attention K/V for a pass over frames
         [start, start + f) against the cache."""
+        if batch != cache.batch_size:
+            raise ForcelabError(f"CausalDiT: a batch of {batch} against a KV cache made for batch "
+                                f"{cache.batch_size}; make the cache with model.new_cache({batch}, ...)")
         if h * w != cache.tokens_per_frame:
             raise ForcelabError(f"CausalDiT: latents give {h * w} tokens per frame, the cache was made "
                                 f"for {cache.tokens_per_frame}")
@@ -372,16 +380,19 @@ class CausalDiT(nn.Module):
 
         from .checkpoint import load_state_into, read_config
 
+        path = Path(path).expanduser()
         file_config, fmt = read_config(path)
         config = (config or file_config).replace(**config_overrides)
         with torch.device("meta"):
             model = cls(config)
-        load_state_into(model, Path(path), fmt, dtype=dtype, device=device)
+        load_state_into(model, path, fmt, dtype=dtype, device=device)
         return model.eval()
 
-    def save_pretrained(self, path, format: str = "diffusers", max_shard_bytes: int | None = None):
+    def save_pretrained(self, path, format: str = "diffusers", max_shard_bytes: int | None = None,
+                        overwrite: bool = True):
         """Write a checkpoint directory that diffusers (format="diffusers") or the original
-        Wan code (format="wan") can read; returns its path."""
+        Wan code (format="wan") can read; returns its path. An earlier save at `path` is
+        replaced atomically (overwrite=False: refused); a folder forcelab did not write never is."""
         from .checkpoint import DEFAULT_SHARD_BYTES, save_state
 
-        return save_state(self, path, format, max_shard_bytes or DEFAULT_SHARD_BYTES)
+        return save_state(self, path, format, max_shard_bytes or DEFAULT_SHARD_BYTES, overwrite=overwrite)

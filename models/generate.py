@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -24,9 +25,12 @@ import torch
 
 from ..config import DTYPES
 from ..errors import CheckpointError, ForcelabError
+from ..fsio import atomic_path, check_output_dir, clean_stale, read_text, write_text_atomic
+from ..validate import (arg, finite_float, fits_memory, in_range, non_negative_int, parse_device, positive_float,
+                        positive_int)
 from .plans import PLANS, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps, warp_timesteps
 from .rollout import Noise, Switch, cache_options, stream
-from .schedule import SOLVERS
+from .schedule import NUM_TRAIN_TIMESTEPS, SOLVERS
 
 TOY_SIZE, WAN_SIZE = (32, 32), (480, 832)   # default pixel sizes for the toy codec / the Wan VAE
 MAX_NAME_BYTES = 255
@@ -46,35 +50,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--switch-mode", choices=("recache", "flush", "keep"), default="recache",
                    help="recache: rebuild the KV cache with the new prompt (LongLive); flush: keep "
                    "sink + last frame (Infinity-RoPE); keep: only the cross-attention changes")
-    g.add_argument("--recache-frames", type=int, default=None, help="latent frames re-run at a switch")
-    g.add_argument("--rope-jump", type=int, default=0, help="temporal RoPE cut at each switch (positions)")
+    g.add_argument("--recache-frames", type=arg(non_negative_int), default=None,
+                   help="latent frames re-run at a switch")
+    g.add_argument("--rope-jump", type=arg(non_negative_int), default=0, help="temporal RoPE cut at each switch (positions)")
     g = p.add_argument_group("plan")
     g.add_argument("--plan", choices=PLANS, default="chunkwise")
     g.add_argument("--steps", default=None, help="number of steps, or a denoising list like "
                    "1000,750,500,250 (warped by --shift); default 4 (teacher: 50)")
-    g.add_argument("--shift", type=float, default=5.0, help="sigma shift")
-    g.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default 5): "
+    g.add_argument("--shift", type=arg(positive_float), default=5.0, help="sigma shift")
+    g.add_argument("--guidance", type=arg(finite_float), default=None, help="teacher CFG scale (default 5): "
                    "uncond + guidance * (cond - uncond)")
     g.add_argument("--solver", choices=SOLVERS, default="unipc", help="teacher ODE solver")
-    g.add_argument("--chunk", type=int, default=None, help="latent frames per chunk (default: the model's)")
-    g.add_argument("--window", type=int, default=None, help="attention window in latent frames (0: none)")
-    g.add_argument("--sink", type=int, default=None, help="attention sink in latent frames")
-    g.add_argument("--ar-step", type=int, default=1, help="step_matrix: levels between blocks")
-    g.add_argument("--block", type=int, default=None, help="step_matrix: latent frames per block")
-    g.add_argument("--segment", type=int, default=None, help="step_matrix: latent frames per segment")
-    g.add_argument("--context-noise", type=float, default=0.0, help="timestep of the commit pass")
+    g.add_argument("--chunk", type=arg(positive_int), default=None, help="latent frames per chunk (default: the model's)")
+    g.add_argument("--window", type=arg(non_negative_int), default=None, help="attention window in latent frames (0: none)")
+    g.add_argument("--sink", type=arg(non_negative_int), default=None, help="attention sink in latent frames")
+    g.add_argument("--ar-step", type=arg(non_negative_int), default=1, help="step_matrix: levels between blocks")
+    g.add_argument("--block", type=arg(positive_int), default=None, help="step_matrix: latent frames per block")
+    g.add_argument("--segment", type=arg(positive_int), default=None, help="step_matrix: latent frames per segment")
+    g.add_argument("--context-noise", type=arg(in_range, 0, NUM_TRAIN_TIMESTEPS - 1), default=0.0, help="timestep of the commit pass")
     g.add_argument("--update", choices=("renoise", "euler"), default=None,
                    help="how a frame reaches its next level (default: renoise; step_matrix: euler)")
     g = p.add_argument_group("video")
-    g.add_argument("--frames", type=int, default=None, help="video frames (default: 21 latent frames, 81 with the Wan VAE)")
-    g.add_argument("--height", type=int, default=None, help="pixels (default 32 toy, 480 Wan)")
-    g.add_argument("--width", type=int, default=None, help="pixels (default 32 toy, 832 Wan)")
-    g.add_argument("--fps", type=float, default=16.0)
-    g.add_argument("--seed", type=int, default=0, help="sample i of every prompt uses seed + i")
-    g.add_argument("--samples", type=int, default=1, help="videos per prompt")
-    g.add_argument("--batch", type=int, default=1, help="videos generated together")
+    g.add_argument("--frames", type=arg(positive_int), default=None, help="video frames (default: 21 latent frames, 81 with the Wan VAE)")
+    g.add_argument("--height", type=arg(positive_int), default=None, help="pixels (default 32 toy, 480 Wan)")
+    g.add_argument("--width", type=arg(positive_int), default=None, help="pixels (default 32 toy, 832 Wan)")
+    g.add_argument("--fps", type=arg(positive_float), default=16.0)
+    g.add_argument("--seed", type=arg(non_negative_int), default=0, help="sample i of every prompt uses seed + i")
+    g.add_argument("--samples", type=arg(positive_int), default=1, help="videos per prompt")
+    g.add_argument("--batch", type=arg(positive_int), default=1, help="videos generated together")
     g = p.add_argument_group("output and hardware")
     g.add_argument("--output", default="outputs/generate", help="folder for the mp4s and sidecars")
+    g.add_argument("--overwrite", action="store_true", help="replace videos of an earlier forcelab run "
+                   "with the same names in --output (default: refuse); other files are never replaced")
     g.add_argument("--vbench", action="store_true", help="name files {prompt}-{i}.mp4 as VBench expects")
     g.add_argument("--vae", default=None, help='"toy" or a directory (default: the model folder\'s vae/)')
     g.add_argument("--text-encoder", default=None, help='"toy" or a directory (default: the model folder\'s text_encoder/)')
@@ -103,19 +110,16 @@ def read_prompts(args) -> tuple[list[str], list[str]]:
 
 
 def _read_lines(path, flag) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ForcelabError(f"{flag}: file not found: {p}")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path, flag).splitlines() if line.strip()]
 
 
 def parse_switches(items: list[str]) -> list[tuple[int, str]]:
     out = []
     for item in items:
         frame, sep, prompt = item.partition(":")
-        if not sep or not frame.strip().isdigit() or not prompt.strip():
+        if not sep or not prompt.strip():
             raise ForcelabError(f"--switch {item!r}: write FRAME:PROMPT, e.g. --switch '48:a cat jumps'")
-        out.append((int(frame), prompt.strip()))
+        out.append((positive_int(frame, f"--switch {item!r}: FRAME"), prompt.strip()))
     return out
 
 
@@ -126,10 +130,15 @@ def parse_steps(text: str | None, plan: str) -> int | list[float]:
         values = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise ForcelabError(f"--steps {text!r}: give a number of steps or a list like 1000,750,500,250") from None
+    if any(not math.isfinite(v) for v in values) or not values:
+        raise ForcelabError(f"--steps {text!r}: give a number of steps or a list like 1000,750,500,250")
     if len(values) == 1 and "," not in str(text) and values[0].is_integer():
-        return int(values[0])
+        return int(in_range(values[0], "--steps", 1, NUM_TRAIN_TIMESTEPS, integer=True,
+                            why=f"the schedule has {NUM_TRAIN_TIMESTEPS} timesteps"))
     if plan == "teacher":
         raise ForcelabError("--steps: the teacher takes a number of solver steps, not a list")
+    for v in values:
+        in_range(v, "--steps: every timestep", 0, NUM_TRAIN_TIMESTEPS)
     return values
 
 
@@ -212,14 +221,13 @@ def run(args: argparse.Namespace) -> int:
     from .dit import CausalDiT
     from .text_encoder import load_text_encoder
 
+    out_dir = check_output_dir(args.output, "--output")
+    device = parse_device(args.device)
     names, texts = read_prompts(args)
     switch_items = parse_switches(args.switch)
     plan = build_plan(args)
     if switch_items and args.plan == "teacher":
         raise ForcelabError("--switch needs a causal plan (chunkwise, rolling, step_matrix), not the teacher")
-    for flag, v, lo in (("--samples", args.samples, 1), ("--batch", args.batch, 1), ("--fps", args.fps, 1e-3)):
-        if v < lo:
-            raise ForcelabError(f"{flag} must be >= {lo}, got {v}")
     dit_dir, folders = resolve_model(args.model)
     try:
         config, fmt = read_config(dit_dir)
@@ -232,7 +240,6 @@ def run(args: argparse.Namespace) -> int:
     vae_spec = resolve_encoder(args.vae, folders, "vae", "--vae", hint, recorded.get("vae"))
     te_spec = resolve_encoder(args.text_encoder, folders, "text_encoder", "--text-encoder", hint,
                               recorded.get("text_encoder"))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
     ae = load_autoencoder(vae_spec, device=device)
@@ -259,10 +266,11 @@ def run(args: argparse.Namespace) -> int:
                             f"{unit}-latent-frame chunks (stride {ae.temporal_stride}): e.g. {good}")
     switch_at = [(latent_switch_frame(f, ae.temporal_stride, unit, latent), f, t) for f, t in switch_items]
     jobs = [(k, i) for k in range(len(names)) for i in range(args.samples)]
-    out_dir = Path(args.output)
     files = {job: _file_name(names[job[0]], job, args.vbench) for job in jobs}
     if len(set(files.values())) != len(files):
         raise ForcelabError("two videos would get the same file name (repeated prompts with --vbench?)")
+    check_existing(out_dir, list(files.values()), args.overwrite)
+    check_size(config, ae, plan, args, jobs, height, width, frames, latent, device, dtype)
 
     model = CausalDiT.from_pretrained(dit_dir, dtype=dtype, device=device)
     lat_h, lat_w = height // ae.spatial_stride, width // ae.spatial_stride
@@ -279,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
     from .. import __version__
+    clean_stale(out_dir)  # temporaries of an earlier run that was killed while writing a video
     bar = tqdm(total=len(jobs) * latent, unit="frame", disable=args.quiet or None, desc="generate")
     with torch.no_grad():
         for b0 in range(0, len(jobs), args.batch):
@@ -298,13 +307,67 @@ def run(args: argparse.Namespace) -> int:
             video = torch.cat(pixels, dim=2)
             for j, (k, i) in enumerate(batch):
                 path = out_dir / files[(k, i)]
-                write_video(path, to_uint8_frames(video[j].transpose(0, 1)), args.fps)
+                with atomic_path(path, overwrite=args.overwrite, what="--output") as tmp:
+                    write_video(tmp, to_uint8_frames(video[j].transpose(0, 1)), args.fps, container_format="mp4")
                 side = dict(video=path.name, prompt=names[k], prompt_text=texts[k], sample=i,
                             seed=seeds[j], seconds_per_batch=round(seconds, 3), forcelab=__version__, **settings)
-                path.with_suffix(".json").write_text(json.dumps(side, indent=2, default=str) + "\n")
+                write_text_atomic(path.with_suffix(".json"), json.dumps(side, indent=2, default=str) + "\n",
+                                  overwrite=args.overwrite, what="--output")
     bar.close()
     print(f"wrote {len(jobs)} video(s) to {out_dir}")
     return 0
+
+
+def _sidecar_is_ours(video: Path) -> bool:
+    """Whether `video` and its sidecar were written by forcelab generate (the sidecar says so)."""
+    try:
+        side = json.loads(video.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(side, dict) and "forcelab" in side and side.get("video") == video.name
+
+
+def check_existing(out_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Never replace earlier results silently, and never a file forcelab did not write."""
+    taken = [n for n in names if (out_dir / n).exists() or (out_dir / n).with_suffix(".json").exists()]
+    if not taken:
+        return
+    if not overwrite:
+        raise ForcelabError(f"--output {out_dir}: already holds {len(taken)} of this run's files (e.g. "
+                            f"{taken[0]}); choose a new --output, or pass --overwrite to replace an earlier "
+                            f"run's videos")
+    foreign = [n for n in taken if not _sidecar_is_ours(out_dir / n)]
+    if foreign:
+        raise ForcelabError(f"--output {out_dir}: {foreign[0]} (or its .json) was not written by forcelab "
+                            f"generate; it is never replaced - choose a new --output")
+
+
+def check_size(config, ae, plan, args, jobs, height, width, frames, latent, device, dtype) -> None:
+    """Refuse sizes the model cannot address (RoPE table) or the device cannot hold, before
+    loading anything: the decoded video (float32 on the host) and the KV cache (on the device)."""
+    _, ph, pw = config.patch_size
+    rows, cols = height // ae.spatial_stride // ph, width // ae.spatial_stride // pw
+    if max(rows, cols) > config.rope_max_len:
+        limit = config.rope_max_len * ph * ae.spatial_stride
+        raise ForcelabError(f"--height/--width {height}x{width}: {max(rows, cols)} tokens per row/column, "
+                            f"the model's RoPE table has {config.rope_max_len} (rope_max_len): at most "
+                            f"{limit} pixels")
+    window = None if args.plan == "teacher" else plan.window_frames  # the teacher sees the whole clip
+    window = config.window_frames if window is None and args.plan != "teacher" else window
+    if window in (None, 0) and latent > config.rope_max_len:
+        raise ForcelabError(f"--frames {frames}: {latent} latent frames, more than the model's RoPE table "
+                            f"({config.rope_max_len}, rope_max_len) without an attention window; lower "
+                            f"--frames or stream with --window")
+    batch = min(args.batch, len(jobs))
+    video_bytes = 2 * batch * 3 * frames * height * width * 4  # decoded chunks + their concatenation
+    fits_memory(video_bytes, torch.device("cpu"), f"--frames {frames} at {height}x{width} x --batch {batch}",
+                "lower --frames, --height/--width or --batch")
+    kept = min(latent, window) if window else latent
+    tokens = kept * rows * cols
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cache_bytes = 2 * config.num_layers * batch * tokens * config.dim * itemsize
+    fits_memory(cache_bytes, device, f"the KV cache for {kept} latent frames at {height}x{width} x --batch {batch}",
+                "lower --frames (or set --window), --height/--width or --batch")
 
 
 def _file_name(prompt: str, job: tuple[int, int], vbench: bool) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ForcelabError
+from ..validate import arg, positive_int
 from .checkpoint import read_config
 from .config import PRESETS, DiTConfig
 from .dit import CausalDiT
@@ -15,8 +17,8 @@ from .dit import CausalDiT
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory")
-    parser.add_argument("--height", type=int, default=None, help="latent height, to report tokens per frame")
-    parser.add_argument("--width", type=int, default=None, help="latent width, to report tokens per frame")
+    parser.add_argument("--height", type=arg(positive_int), default=None, help="latent height, to report tokens per frame")
+    parser.add_argument("--width", type=arg(positive_int), default=None, help="latent width, to report tokens per frame")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,5 +34,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'head_dim':18s} {config.head_dim}")
     print(f"  {'parameters':18s} {n:,}")
     if args.height and args.width:
+        _, ph, pw = config.patch_size
+        if args.height % ph or args.width % pw:
+            raise ForcelabError(f"--height/--width {args.height}x{args.width}: latent sizes must be multiples "
+                                f"of the patch size ({ph}x{pw})")
         print(f"  {'tokens_per_frame':18s} {config.tokens_per_frame(args.height, args.width)}")
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ForcelabError
+from ..validate import non_negative_int, optional, positive_int
 from .config import SINK_ROPE_POLICIES
 
 EMPTY = -1
@@ -38,6 +39,11 @@ class KVCache:
     def __init__(self, *, num_layers: int, batch_size: int, tokens_per_frame: int, num_heads: int,
                  head_dim: int, chunk_frames: int, window_frames: int | None, sink_frames: int,
                  max_frames: int | None, sink_rope: str, dtype: torch.dtype, device=None):
+        batch_size = positive_int(batch_size, "KVCache: batch_size")
+        chunk_frames = positive_int(chunk_frames, "KVCache: chunk_frames")
+        window_frames = optional(positive_int)(window_frames, "KVCache: window_frames (None: no window)")
+        max_frames = optional(positive_int)(max_frames, "KVCache: max_frames")
+        sink_frames = non_negative_int(sink_frames, "KVCache: sink_frames")
         if window_frames is None:
             if max_frames is None:
                 raise ForcelabError("KVCache: without window_frames the cache needs max_frames "
@@ -50,6 +56,7 @@ class KVCache:
             ring = window_frames - chunk_frames
         if sink_rope not in SINK_ROPE_POLICIES:
             raise ForcelabError(f"KVCache: sink_rope must be one of {SINK_ROPE_POLICIES}, got {sink_rope!r}")
+        self.batch_size = batch_size
         self.chunk_frames = chunk_frames
         self.window_frames = window_frames
         self.sink_frames = sink_frames
@@ -101,6 +108,9 @@ class KVCache:
     # ------------------------------------------------------------------ prompt
     def set_context(self, context_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Cross-attention K/V per layer ([B, L, H, D] each): the prompt the cache serves."""
+        if context_kv and context_kv[0][0].shape[0] != self.batch_size:
+            raise ForcelabError(f"KVCache: a prompt batch of {context_kv[0][0].shape[0]} for a cache made for "
+                                f"batch {self.batch_size}; give one prompt embedding per video")
         self.context_kv = context_kv
 
     # ------------------------------------------------------------------ writing

@@ -117,3 +117,50 @@ def test_webm_and_mov_read_the_same_with_both_backends(tmp_path):
         assert video.shape == (5, 3, 32, 32) and probe_video(tmp_path / name, "pyav").frames == 10
         if _has_decord():
             assert torch.equal(video, read_video(tmp_path / name, fps=4, frames=5, backend="decord"))
+
+
+def _write_rotated(path, frames, rotation):
+    """An mp4 whose display matrix says: turn the stored frames `rotation` degrees counterclockwise
+    (what phones write for portrait videos)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "0"}
+        if rotation:
+            if not hasattr(stream, "set_display_rotation"):
+                pytest.skip("PyAV without set_display_rotation")
+            stream.set_display_rotation(rotation)
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotated_videos_decode_upright_and_identically_with_every_backend(tmp_path, rotation):
+    frames = pattern(6, 32, 64)
+    frames[:, :8, :8] = (255, 0, 0)                       # a red top-left corner marks "up"
+    plain = read_video(_write_rotated(tmp_path / "plain.mp4", frames, 0), backend="pyav")
+    path = _write_rotated(tmp_path / f"r{rotation}.mp4", frames, rotation)
+    turns = rotation // 90
+    # reference: the unrotated decode, turned counterclockwise by hand
+    expected = torch.rot90(plain, k=turns, dims=(2, 3))
+    backends = ["pyav"] + (["decord"] if _has_decord() else [])
+    for backend in backends:
+        video = read_video(path, backend=backend)
+        assert torch.equal(video, expected), backend
+        info = probe_video(path, backend)
+        assert (info.height, info.width) == ((64, 32) if turns % 2 else (32, 64)), backend
+    # the red corner lands where a player shows it: 90 -> bottom-left, 180 -> bottom-right, 270 -> top-right
+    red = (expected[0, 0] > 200) & (expected[0, 2] < 60)
+    rows, cols = torch.nonzero(red, as_tuple=True)
+    h, w = expected.shape[-2:]
+    corner = (rows.float().mean() > h / 2, cols.float().mean() > w / 2)
+    assert corner == {1: (True, False), 2: (True, True), 3: (False, True)}[turns]
+    # resize and crop happen after rotation (sizes are of the upright video)
+    clip = read_video(path, backend="pyav", size=(16, 8) if turns % 2 else (8, 16))
+    assert clip.shape[-2:] == ((16, 8) if turns % 2 else (8, 16))
