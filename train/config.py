@@ -21,7 +21,7 @@ from ..config import load_config
 from ..errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16")   # fp16 would need loss scaling; bf16 does not
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
     gradient_accumulation_steps: int = 1    # global batch = batch_size x processes x this
-    mixed_precision: str = "no"         # no | bf16 | fp16 (autocast; weights stay fp32)
+    mixed_precision: str = "no"         # no | bf16 (autocast; weights and optimizer stay fp32)
     max_nonfinite_steps: int = 10       # abort after this many non-finite losses/gradients in a row
     model_preset: str = "toy"           # architecture of randomly initialised roles
     model_overrides: dict[str, Any] = field(default_factory=dict)   # DiTConfig fields (chunk_frames, ...)

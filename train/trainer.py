@@ -18,6 +18,7 @@ passes) would trip over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,8 +57,9 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg, self.dry_run = cfg, dry_run
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              mixed_precision=cfg.mixed_precision)
+        # autocast is ours (torch.autocast): accelerate's process-wide state cannot change
+        # precision between runs in one process (tests, the demo)
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         if self.device.type == "cpu":
@@ -174,6 +176,12 @@ class Trainer:
 
     _recipe_state = None
 
+    def autocast(self):
+        """bf16 autocast when mixed_precision is bf16 (weights and optimizer stay fp32)."""
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     # ------------------------------------------------------------------ API for recipes
     def model(self, role: str) -> torch.nn.Module:
         return self.roles[role].model
@@ -250,9 +258,9 @@ class Trainer:
         for micro in range(A):
             batch, positions = self.next_batch()
             ctx = StepContext(self.step, micro, self.cfg.seed, positions, self.device, role=role.name)
-            with self.acc.autocast():
+            with self.autocast():
                 loss, extra = self.recipe.loss(role.name, batch, ctx)
-            self.acc.backward(loss / A)
+            (loss / A).backward()
             total += loss.detach().double() / A
             for k, v in extra.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / A
