@@ -119,7 +119,8 @@ class StreamingLongRecipe(DMDRecipe):
         if role.cfg.ema_decay is not None:
             raise ConfigError(f"roles.{role.name}.ema_decay: no EMA with LoRA adapters (LongLive skips it); "
                               f"remove it or set algo.lora_rank=0")
-        role.params = lora.add_lora(role.module, o.lora_rank, o.lora_alpha or o.lora_rank, cfg.seed, role.name)
+        alpha = o.lora_rank if o.lora_alpha is None else o.lora_alpha
+        role.params = lora.add_lora(role.module, o.lora_rank, alpha, cfg.seed, role.name)
 
     def make_stream(self):
         self.prompt_source = PromptsOnDemand(make_stream(self.cfg, "prompts", self.trainer.codec,

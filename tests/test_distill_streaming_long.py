@@ -13,7 +13,7 @@ from forcelab.distill.dmd import dmd_loss
 from forcelab.models.config import DiTConfig
 from forcelab.models.dit import CausalDiT
 from forcelab.models.kv_cache import EMPTY
-from forcelab.models.rollout import Noise, commit_frames, rollout
+from forcelab.models.rollout import Training, commit_frames, rollout
 from forcelab.train.config import load_train_config
 from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
@@ -66,7 +66,6 @@ def test_sequence_persists_across_steps_and_resets_at_the_maximum_length(tmp_pat
     # reference: frames 4, 5 generated on a FRESH cache that holds step 1's frames as committed context
     model = trainer.module("generator")
     ref_cache = model.new_cache(2, *recipe.latent_hw, chunk_frames=2, window_frames=4, sink_frames=2)
-    from forcelab.models.rollout import Training
     exit_step = ctx1.shared_int(len(recipe.timesteps), 1)
     with torch.no_grad():
         ref = rollout(model, recipe.plan(), seq.prompt, recipe.noise(ctx1), 2, cache=ref_cache, start_frame=4,
@@ -205,6 +204,16 @@ def test_lora_trains_only_adapters_resumes_and_exports_merged(tmp_path, teacher_
     lora = ("algo.lora_rank=4", "algo.lora_alpha=8")
     check_resume(tmp_path, teacher_dir, *lora)
     run = tmp_path / "a" / "run"
+    # the adapters are written once (rank 0's state); another rank reads them from there
+    resumed = Trainer(sl_config(tmp_path / "b", teacher_dir, "max_steps=6", *lora), resume="latest")
+    module = resumed.module("generator")
+    want = {n: p.detach().clone() for n, p in module.named_parameters()}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    resumed.rank = 1
+    resumed.recipe.load_state_dict({"sequences": 0})
+    assert all(torch.equal(p, want[n]) for n, p in module.named_parameters())
     # a fresh trainer on the same base: the adapters it trains are its only trainable parameters
     trainer = Trainer(sl_config(tmp_path / "c", teacher_dir, "max_steps=2", *lora))
     gen = trainer.roles["generator"]
