@@ -269,3 +269,13 @@ def test_bad_options_are_named(tmp_path, teacher_dir):
                        ("algo.switch_frames=[5]", "switch_frames"), ("algo.max_frames=2", "max_frames")]:
         with pytest.raises(ConfigError, match=key):
             Trainer(sl_config(tmp_path / key, teacher_dir, extra))
+
+
+def test_without_stream_checkpoints_a_resume_starts_a_new_sequence(tmp_path, teacher_dir):
+    trainer = Trainer(sl_config(tmp_path, teacher_dir, "algo.checkpoint_stream=false"))
+    advance(trainer, 0)
+    state = trainer.recipe.state_dict()
+    assert "sequence" not in state and state["sequences"] == 1
+    trainer.recipe.seq = None
+    trainer.recipe.load_state_dict(state)
+    assert trainer.recipe.seq is None              # the next loss call starts a sequence
