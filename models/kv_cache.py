@@ -158,9 +158,10 @@ class KVCache:
         stored keys/values, the slot bookkeeping and the prompt's cross-attention K/V. The
         stored K/V were computed by the weights of their time, so a stream whose model keeps
         training (streaming long tuning) cannot rebuild them from latents; it saves them."""
-        kv = None if self.context_kv is None else [[k.detach().cpu().clone(), v.detach().cpu().clone()]
-                                                   for k, v in self.context_kv]
-        return {"k": [t.cpu().clone() for t in self.k], "v": [t.cpu().clone() for t in self.v],
+        def copy(t):
+            return t.detach().to("cpu", copy=True)
+        kv = None if self.context_kv is None else [[copy(k), copy(v)] for k, v in self.context_kv]
+        return {"k": [copy(t) for t in self.k], "v": [copy(t) for t in self.v],
                 "slot_frame": list(self.slot_frame), "slot_position": list(self.slot_position),
                 "rope_offset": self.rope_offset, "end_frame": self.end_frame, "context_kv": kv}
 
