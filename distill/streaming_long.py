@@ -22,7 +22,8 @@ from `switch_frames` (LongLive: 21, 39, ..., 201): KV recache - the cross-attent
 new prompt, the self-attention cache is cleared except the sink, and the last `recache_frames`
 frames after the sink are re-run at t = context_noise with the new prompt (the engine's
 "recache" switch; at a step start it is the cache's `reset(keep_sink=True)` and the frames
-committed again as the rollout's `prefix`). The public training code wipes the sink too and
+committed again as the rollout's `prefix`, one block-causal pass; LongLive's recache pass has
+no block mask). The public training code wipes the sink too and
 never rewrites it: `keep_sink: false` reproduces that. The teacher judges the window with the
 prompt active at its first new frame.
 
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..models.rollout import Noise, Training, make_cache, rollout
+from ..models.rollout import Noise, Training, cache_options, make_cache, rollout
 from ..train import checkpoint as ckpt_io
 from ..train.data import ShardStream, make_stream
 from ..train.recipe import mix_seed
@@ -154,6 +155,7 @@ class StreamingLongRecipe(DMDRecipe):
         if self.recache_frames < 0:
             raise ConfigError(f"algo.recache_frames must be >= 0, got {self.recache_frames}")
         self.keep_recent = max(self.overlap, self.recache_frames)
+        cache_options(self.plan(), self.trainer.module("generator").config)   # window / sink checked now
         self.seq: Sequence | None = None
         self.sequences = 0
 
