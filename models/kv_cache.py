@@ -162,6 +162,34 @@ class KVCache:
                 kb[:, s].copy_(ks[:, i])
                 vb[:, s].copy_(vs[:, i])
 
+    # ------------------------------------------------------------------ saving
+    def state_dict(self) -> dict:
+        """Everything a stream needs to continue bit for bit (tensors cloned to the CPU): the
+        stored keys/values, the slot bookkeeping and the prompt's cross-attention K/V. The
+        stored K/V were computed by the weights of their time, so a stream whose model keeps
+        training (streaming long tuning) cannot rebuild them from latents; it saves them."""
+        def copy(t):
+            return t.detach().to("cpu", copy=True)
+        kv = None if self.context_kv is None else [[copy(k), copy(v)] for k, v in self.context_kv]
+        return {"k": [copy(t) for t in self.k], "v": [copy(t) for t in self.v],
+                "slot_frame": list(self.slot_frame), "slot_position": list(self.slot_position),
+                "rope_offset": self.rope_offset, "end_frame": self.end_frame, "context_kv": kv}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` into a cache made with the same shape options."""
+        shapes = [tuple(t.shape) for t in state["k"]]
+        if shapes != [tuple(t.shape) for t in self.k] or len(state["slot_frame"]) != self.num_slots:
+            raise ForcelabError(f"KVCache: saved state has layers of shape {shapes[:1]} x {len(shapes)}, this "
+                                f"cache {tuple(self.k[0].shape)} x {len(self.k)}; make it with the same options")
+        with torch.no_grad():
+            for dst, src in zip(self.k + self.v, state["k"] + state["v"]):
+                dst.copy_(src)
+        self.slot_frame, self.slot_position = list(state["slot_frame"]), list(state["slot_position"])
+        self.rope_offset, self.end_frame = int(state["rope_offset"]), int(state["end_frame"])
+        device = self.k[0].device
+        self.context_kv = None if state["context_kv"] is None else [(k.to(device), v.to(device))
+                                                                    for k, v in state["context_kv"]]
+
     # ------------------------------------------------------------------ clearing
     def reset(self, keep_sink: bool = False) -> None:
         """Clear the self-attention store (optionally keeping the sink); the prompt stays."""

@@ -130,6 +130,11 @@ class Recipe:
         the default one built from cfg.data for data_kind(). Called after the roles exist."""
         return None
 
+    @classmethod
+    def prepare_role(cls, cfg, role) -> None:
+        """Adapt a freshly built role before its optimizer exists (e.g. add LoRA adapters and
+        leave only them trainable, updating role.params). Called on every start and resume."""
+
     def setup(self) -> None:
         """Called once the models, encoders and data exist (e.g. prepare a teacher's outputs)."""
 

@@ -149,6 +149,7 @@ class Trainer:
                 weights, source = self.resume_from / name, f"resume:{self.resume_from}"
             role = build_role(name, spec, self.cfg, index, self.device, weights, source)
             self._check_encoders(role)
+            self.recipe_cls.prepare_role(self.cfg, role)
             if role.trainable:
                 make_optimizer(role, self.cfg.max_steps)
                 if self.resume_from is not None:

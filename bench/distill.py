@@ -1,0 +1,158 @@
+"""Distillation benchmark: training-step time and peak memory of the distillation recipes.
+
+    python bench/distill.py                       # every part (CPU toy model)
+    python bench/distill.py --part streaming_long
+
+streaming_long: one training step (generator + critic update, as at every 5th step of the
+LongLive schedule) with the stream at position 10 vs 100 chunks on the toy model (2 layers,
+dim 64, 16 tokens/frame, chunks of 2 frames, each loss call adds one chunk; window 6 frames
+incl. a 2-frame sink). Goal: flat time and peak memory (the window keeps the cache a fixed
+size; the recent-frame buffer is bounded). Each position runs in a FRESH process so one
+measurement's allocator state cannot hide the other's; the stream is first advanced to the
+position with no-grad rollouts, then `--repeats` trainer steps are measured.
+
+Memory, said plainly: on CPU torch allocates outside Python's allocator, so tracemalloc sees
+nothing of it. We report (a) the exact bytes of the sequence state that persists across steps
+(KV cache tensors + recent frames: what could grow with the position), and (b) the process's
+peak resident set during the measured steps minus the resident set just before them, from a
+thread sampling /proc/self/statm every millisecond (resolution: pages; short-lived peaks under
+1 ms can be missed; glibc may keep freed memory mapped, so (b) is an upper bound of the step's
+transient allocations). Time: the main thread's CPU time (torch runs inline with 1 thread),
+which other load on a shared machine does not inflate; wall time beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Peak resident set (bytes) while the block runs, sampled every `period` seconds."""
+
+    def __init__(self, period: float = 1e-3):
+        self.period, self.peak, self._stop = period, 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.start = rss_bytes()
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+# ---------------------------------------------------------------------- streaming_long
+def streaming_long_child(position: int, repeats: int) -> dict:
+    """In this (fresh) process: advance a toy stream to `position` chunks, time trainer steps."""
+    from forcelab.models.config import DiTConfig
+    from forcelab.models.dit import CausalDiT
+    from forcelab.train.config import load_train_config
+    from forcelab.train.recipe import StepContext
+    from forcelab.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        teacher = Path(tmp) / "teacher"
+        CausalDiT(DiTConfig.preset("toy")).save_pretrained(teacher)
+        cfg = load_train_config([], [
+            "recipe=streaming_long", f"roles.teacher.init={teacher}", "data.batch_size=1", "threads=1",
+            "algo.frames=4", "algo.new_frames=2", f"algo.max_frames={4 * (position + repeats * 2 + 8)}",
+            "algo.sink_frames=2", "algo.window_frames=6", "algo.switch=false", "logging.wandb=disabled",
+            "logging.progress=false", "roles.generator.update_every=1", f"output_dir={Path(tmp) / 'run'}"])
+        trainer = Trainer(cfg)
+        recipe = trainer.recipe
+        chunk = recipe.chunk
+        batch, positions = trainer.next_batch()
+        ctx = StepContext(0, 0, cfg.seed, positions, trainer.device)
+        recipe.start_sequence(ctx)
+        with torch.no_grad():
+            while recipe.seq.end < position * chunk:
+                recipe.generate(batch, ctx, grad=False)
+        assert recipe.seq.end == position * chunk
+        trainer.train_step()          # warm-up (allocator, layouts); advances 2 chunks
+        trainer.step += 1
+        state = sum(t.numel() * t.element_size() for t in recipe.seq.cache.k + recipe.seq.cache.v)
+        state += recipe.seq.recent.numel() * recipe.seq.recent.element_size()
+        at = recipe.seq.end // chunk
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        with PeakRSS() as mem:
+            for _ in range(repeats):
+                trainer.train_step()
+                trainer.step += 1
+        cpu, wall = (time.thread_time() - cpu0) / repeats, (time.perf_counter() - wall0) / repeats
+    return {"position": position, "measured_from_chunk": at, "step_cpu_s": cpu, "step_wall_s": wall,
+            "state_bytes": state, "peak_rss_delta": mem.peak - mem.start, "rss_before": mem.start,
+            "ru_maxrss_kib": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss}
+
+
+def streaming_long_part(args) -> None:
+    rows = []
+    for position in args.positions:
+        out = subprocess.run([sys.executable, __file__, "--child-streaming-long", str(position),
+                              "--repeats", str(args.repeats)], capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"streaming_long: toy DiT (2 layers, dim 64, 16 tokens/frame), chunk 2, window 6 incl. 2-frame sink, "
+          f"batch 1; one step = generator + critic update (2 chunks); mean of {args.repeats} steps after 1 warm-up; "
+          f"torch {torch.__version__}, 1 thread")
+    print(f"{'position (chunks)':>18} {'step CPU ms':>12} {'step wall ms':>13} {'state KiB':>10} "
+          f"{'peak RSS delta MiB':>19} {'RSS before MiB':>15}")
+    for r in rows:
+        print(f"{r['position']:>18} {r['step_cpu_s'] * 1e3:>12.1f} {r['step_wall_s'] * 1e3:>13.1f} "
+              f"{r['state_bytes'] / 2 ** 10:>10.1f} {r['peak_rss_delta'] / 2 ** 20:>19.2f} "
+              f"{r['rss_before'] / 2 ** 20:>15.1f}")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        print(f"ratio {b['position']}/{a['position']}: step CPU time {b['step_cpu_s'] / a['step_cpu_s']:.3f}, "
+              f"sequence state {b['state_bytes'] / a['state_bytes']:.3f}, peak RSS delta "
+              f"{b['peak_rss_delta'] / max(a['peak_rss_delta'], 1):.3f} (goal: flat)")
+
+
+PARTS = {"streaming_long": streaming_long_part}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=sorted(PARTS), action="append", help="run only these parts")
+    p.add_argument("--positions", type=int, nargs="+", default=[10, 100], help="stream positions in chunks")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--child-streaming-long", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_streaming_long is not None:
+        print(json.dumps(streaming_long_child(args.child_streaming_long, args.repeats)))
+        return
+    for name in args.part or sorted(PARTS):
+        PARTS[name](args)
+
+
+if __name__ == "__main__":
+    main()
