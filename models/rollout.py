@@ -286,6 +286,7 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
     if prefix is not None:
         commit(prefix.to(noise.dtype), start_frame - prefix.shape[2])
 
+    grad_allowed = torch.is_grad_enabled()     # an outer no_grad wins over the training hooks
     inflight: dict[int, torch.Tensor] = {}     # unit -> its latents at its current level
     exit_x0: dict[int, tuple] = {}              # training: unit -> (x0 of its gradient pass, level)
     done = 0                                    # units [0, done) are committed
@@ -304,7 +305,7 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
         x = torch.cat([inflight[first + k] for k in range(len(levels))], dim=2)
         sig = torch.tensor([sigmas[lv] for lv in levels for _ in range(unit)], device=x.device).expand(B, -1)
         grad_pass = training is not None and i % S == training.exit_step
-        keeps = [grad_pass and f >= training.grad_from_frame for f in starts]
+        keeps = [grad_pass and grad_allowed and f >= training.grad_from_frame for f in starts]
         with torch.set_grad_enabled(any(keeps)):
             v, x0 = denoise_window(model, x, sig, cond, uncond=uncond, start_frame=f0,
                                    guidance=plan.guidance if teacher else 1.0)

@@ -1,0 +1,173 @@
+"""`forcelab demo`: distill a streaming student on the toy world, end to end, on a CPU.
+
+    forcelab demo                       # runs/demo: ~15 minutes on 2 CPU cores
+    forcelab demo --quick               # the same stages with a handful of steps (a smoke test)
+
+Stages (each a forcelab command run in this process; a finished stage is skipped on re-run,
+an interrupted one resumes from its last checkpoint):
+  1 teacher       the toy teacher (configs/toy/teacher.yaml): bidirectional flow matching
+  2 ode_init      ODE pairs from the teacher, regressed into the causal student
+  3 self_forcing  Self-Forcing DMD into a 4-step causal student with a KV cache
+  4 generate      the students stream 10x the training length with sink + window; the
+                  teacher samples clips of its training length (it cannot stream)
+  5 toybench      ToyBench on every set of videos, with frames/s from the same run
+  6 report        one HTML page comparing them (runs/demo/report.html)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
+LONG_FACTOR = 10            # streaming length / training length
+
+
+@dataclass
+class Settings:
+    """Every knob of the demo; --quick shrinks the step counts, not the stages."""
+    teacher_steps: int | None = None     # None: the config's
+    ode_pairs: int | None = None
+    ode_steps: int | None = None
+    sf_steps: int | None = None
+    prompts: int = 8                     # evaluation prompts (held-out toy scenes)
+    long_factor: int = LONG_FACTOR
+    window: int = 4                      # student's attention window (latent frames) when streaming
+    sink: int = 2                        # attention sink (latent frames)
+    teacher_sample_steps: int = 20
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+
+
+QUICK = Settings(teacher_steps=6, ode_pairs=4, ode_steps=4, sf_steps=4, prompts=2, long_factor=2,
+                 teacher_sample_steps=4,
+                 overrides={"all": ["data.batch_size=2", "checkpoint.every=0", "logging.every=2"],
+                            "ode_init": ["algo.teacher_steps=8"]})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="folder for every stage's output (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a handful of steps per stage (checks the pipeline)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores this process may use)")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _train(name: str, config: Path, out: Path, overrides: list[str]) -> dict:
+    from .train.config import load_train_config
+    from .train.trainer import Trainer
+
+    cfg = load_train_config([config], overrides + [f"output_dir={out}"])
+    trainer = Trainer(cfg, resume="latest")
+    t0, start = time.perf_counter(), trainer.step
+    last = trainer.run()
+    state = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "resumed_at": start,
+             **{k: v for k, v in last.items() if k.endswith("loss")}}
+    loss = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith("loss"))
+    done = "already finished" if start == trainer.step else f"{trainer.step - start} steps in {state['seconds']:.0f} s"
+    _say(f"[{name}] {done}; {loss or 'no new steps'} -> {out}")
+    return state
+
+
+def _generate(name: str, model: Path, out: Path, prompts: Path, args: list[str]) -> Path:
+    from .cli import main as cli_main
+
+    if out.is_dir() and any(out.glob("*.mp4")):
+        _say(f"[generate {name}] already done -> {out}")
+        return out
+    code = cli_main(["generate", str(model), "--prompts", str(prompts), "--output", str(out), *args])
+    if code:
+        raise SystemExit(code)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.toyworld import ToyWorld, ToyWorldConfig
+    from .eval.report import write_report
+    from .eval.toybench_run import run_toybench
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    s = QUICK if args.quick else Settings()
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    common = s.overrides.get("all", [])
+
+    def steps(n):
+        return [f"max_steps={n}"] if n else []
+
+    teacher, ode, sf = out / "teacher", out / "ode_init", out / "self_forcing"
+    _say(f"forcelab demo: {threads} thread(s), output in {out}")
+    _train("1/6 teacher", CONFIGS / "teacher.yaml", teacher, common + steps(s.teacher_steps))
+    _train("2/6 ode_init", CONFIGS / "ode_init.yaml", ode,
+           common + steps(s.ode_steps) + s.overrides.get("ode_init", [])
+           + [f"roles.teacher.init={teacher}"] + ([f"algo.num_pairs={s.ode_pairs}"] if s.ode_pairs else []))
+    _train("3/6 self_forcing", CONFIGS / "self_forcing.yaml", sf,
+           common + steps(s.sf_steps) + [f"roles.teacher.init={teacher}", f"roles.generator.init={ode}",
+                                         "roles.generator.init_role=generator"])
+
+    world = ToyWorld(ToyWorldConfig())
+    frames = world.config.frames
+    held_out = 10 ** 6                        # scenes no stage trained on
+    prompts = out / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text("\n".join(world.scene(held_out + i).caption for i in range(s.prompts)) + "\n")
+    videos = out / "videos"
+    long = frames * s.long_factor
+    stream = ["--plan", "chunkwise", "--steps", "4", "--window", str(s.window), "--sink", str(s.sink),
+              "--frames", str(long), "--quiet"]
+    sets = {
+        "teacher": _generate("4/6 teacher", teacher, videos / "teacher", prompts,
+                             ["--plan", "teacher", "--steps", str(s.teacher_sample_steps), "--guidance", "3",
+                              "--solver", "euler", "--shift", "3", "--frames", str(frames), "--quiet"]),
+        "ode_init": _generate("4/6 ode_init", ode, videos / "ode_init", prompts, stream),
+        "self_forcing": _generate("4/6 self_forcing", sf, videos / "self_forcing", prompts, stream),
+    }
+    results = {}
+    for name, folder in sets.items():
+        result_file = folder / "toybench.json"
+        if not result_file.exists():
+            run_toybench(folder, bucket_frames=frames, report=False, progress=True)
+        results[name] = json.loads(result_file.read_text())
+        agg = results[name]["aggregate"]
+        _say(f"[5/6 toybench {name}] " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items()
+                                                  if isinstance(v, (int, float)) and not k.endswith("_drift"))
+             + (f"; {results[name].get('speed_fps', float('nan')):.1f} frames/s"))
+    report = write_report([f / "toybench.json" for f in sets.values()], out / "report.html")
+    _say(f"[6/6 report] {report}")
+    summary = headline(results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _say(f"demo finished in {time.perf_counter() - t_start:.0f} s")
+    print(f"report: {report}")
+    for line in summary["lines"]:
+        print(line)
+    return 0
+
+
+def headline(results: dict) -> dict:
+    """The three numbers that matter: adherence of the distilled student vs the ODE-init
+    student, its streaming speed vs the teacher's sampling, and its drift over 10x length."""
+    sf, ode, teacher = results["self_forcing"], results["ode_init"], results["teacher"]
+
+    def metric(r, k):
+        return float(r["aggregate"].get(k, float("nan")))
+
+    speed = (sf.get("speed_fps") or float("nan")) / (teacher.get("speed_fps") or float("nan"))
+    adherence = ("adherence", metric(sf, "adherence"), metric(ode, "adherence"), metric(teacher, "adherence"))
+    drift = sf.get("slopes", {}).get("adherence", float("nan"))
+    return {"adherence": {"self_forcing": adherence[1], "ode_init": adherence[2], "teacher": adherence[3]},
+            "speedup_vs_teacher": speed, "self_forcing_adherence_slope_per_bucket": drift,
+            "lines": [f"1. prompt adherence: self-forcing {adherence[1]:.3f} vs ode-init {adherence[2]:.3f} "
+                      f"(teacher {adherence[3]:.3f})",
+                      f"2. speed: the student streams {speed:.1f}x the teacher's frames/s",
+                      f"3. drift over {LONG_FACTOR}x the training length: adherence slope {drift:+.4f} per bucket"]}
