@@ -18,6 +18,9 @@ Rules (forcelab never deletes or replaces what it did not write):
   finds the old or the new directory. Leftovers (temporaries of killed writes, the old copy)
   are deleted at the next write into the same folder.
 - Files and folders are created with the process umask (no 0700 / 0600).
+- Old outputs (rotated checkpoints) are deleted with `remove_directory`, which refuses a
+  folder without the marker and first renames the folder to a temporary name, so a kill
+  mid-delete never leaves a half-deleted folder under its real name.
 """
 
 from __future__ import annotations
@@ -120,6 +123,20 @@ def mark(directory: str | os.PathLike) -> None:
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete a folder forcelab wrote (e.g. an old checkpoint); anything else is refused.
+
+    The folder is renamed to a temporary name first: a kill during the deletion leaves a
+    temporary (cleaned by the next write into the folder), never a partial `path`."""
+    path = Path(path).expanduser()
+    if not written_by_forcelab(path):
+        raise ForcelabError(f"{path}: not written by forcelab (no {MARKER} marker); not deleting it")
+    doomed = _tmp_name(path)
+    os.rename(path, doomed)
+    _step("remove-renamed")
+    shutil.rmtree(doomed)
 
 
 # ---------------------------------------------------------------------- recovery

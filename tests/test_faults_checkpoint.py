@@ -342,3 +342,22 @@ def test_the_reported_convert_reproducer_as_a_subprocess(tmp_path, toymodel):
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "not written by forcelab" in r.stderr and tree(dest) == before
+
+
+def test_remove_directory_deletes_only_forcelab_folders_and_never_leaves_a_partial_one(tmp_path, models):
+    before = user_folder(tmp_path / "mine")
+    with pytest.raises(ForcelabError, match="not written by forcelab"):
+        fsio.remove_directory(tmp_path / "mine")
+    assert tree(tmp_path / "mine") == before
+    old = models[1].save_pretrained(tmp_path / "checkpoint-000002")
+    pid = os.fork()
+    if pid == 0:  # killed right after the rename, before any file is deleted
+        fsio._step = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == "remove-renamed" else None
+        fsio.remove_directory(old)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert not old.exists() and len(leftovers(tmp_path)) == 1
+    models[2].save_pretrained(tmp_path / "checkpoint-000004")  # the next save cleans it
+    assert leftovers(tmp_path) == []
+    fsio.remove_directory(tmp_path / "checkpoint-000004")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -177,3 +177,28 @@ def test_valid_dit_configs_still_build():
     cfg = DiTConfig.preset("toy", window_frames=None, sink_frames=0, patch_size=[1, 2, 2])
     assert cfg.patch_size == (1, 2, 2) and cfg.window_frames is None
     assert DiTConfig.preset("toy", num_layers=1, attention_backend="torch").num_layers == 1
+
+
+# ---------------------------------------------------------------------- the shared validators
+def test_validators_convert_or_name_the_thing():
+    import argparse
+
+    from forcelab.errors import ForcelabError
+    from forcelab.validate import arg, choice, in_range, non_negative_int, optional, positive_float, positive_int
+
+    assert positive_int("3", "--x") == 3 and positive_int(4.0, "--x") == 4 and non_negative_int(0, "--x") == 0
+    assert positive_float("1e-3", "--lr") == 1e-3 and optional(positive_int)(None, "--x") is None
+    for fn, value, msg in [(positive_int, True, "--x must be a number, got True"),
+                           (positive_int, 2.5, "--x must be a whole number, got 2.5"),
+                           (positive_int, "0x10", "--x must be a whole number, got '0x10'"),
+                           (positive_float, "nan", "--x must be a finite number"),
+                           (positive_float, -1, "--x must be > 0, got -1")]:
+        with pytest.raises(ForcelabError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            fn(value, "--x")
+    with pytest.raises(ForcelabError, match=r"--steps must be between 1 and 1000 \(the schedule\), got 5000"):
+        in_range(5000, "--steps", 1, 1000, integer=True, why="the schedule")
+    with pytest.raises(ForcelabError, match="--mode must be one of a, b; got 'c'"):
+        choice("c", "--mode", ["a", "b"])
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a whole number >= 1, got '-4'"):
+        arg(positive_int)("-4")
+    assert arg(in_range, 0, 10)("2.5") == 2.5
