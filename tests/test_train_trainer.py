@@ -230,3 +230,10 @@ def test_bf16_autocast_trains(tmp_path, name):
     cfg = config(tmp_path, name, "max_steps=2", "mixed_precision=bf16")
     last = Trainer(cfg).run()
     assert torch.isfinite(torch.tensor(last["generator/loss"]))
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    run = tmp_path / "run"
+    Trainer(config(tmp_path, "teacher", "max_steps=4", "checkpoint.every=1", "checkpoint.keep_last=2")).run()
+    assert [p.name for p in sorted(run.glob("checkpoint-*"))] == ["checkpoint-000003", "checkpoint-000004"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".checkpoint")]

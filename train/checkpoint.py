@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..fsio import atomic_directory, written_by_forcelab
+from ..fsio import atomic_directory, remove_directory, written_by_forcelab
 from ..models.checkpoint import save_state
 from ..models.run_folder import CHECKPOINT_PREFIX, EMA_SUFFIX, TRAINER_STATE, checkpoints
 from .roles import Role
@@ -65,8 +65,7 @@ def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_st
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     for old in checkpoints(run_dir)[:-keep_last]:
         if written_by_forcelab(old):
-            import shutil
-            shutil.rmtree(old)
+            remove_directory(old)
     return path
 
 

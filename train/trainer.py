@@ -32,6 +32,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, ForcelabError
+from ..fsio import mark
 from ..models.autoencoder import latent_frames, load_autoencoder
 from ..models.text_encoder import load_text_encoder
 from . import checkpoint as ckpt_io
@@ -110,6 +111,7 @@ class Trainer:
                                   f"to continue it, or choose another output_dir")
         if self.is_main:
             d.mkdir(parents=True, exist_ok=True)
+            mark(d)
             record = {"recipe": self.cfg.recipe, "vae": encoder_spec(self.cfg.vae),
                       "text_encoder": encoder_spec(self.cfg.text_encoder), "forcelab": __version__}
             (d / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
