@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU torch first: a bare `pip install torch` would pull a multi-GB CUDA build on machines
 # without one. On a GPU machine install your CUDA torch (>=2.4,<2.14) before `make install`.
 TORCH_SPEC ?= torch>=2.4,<2.14
-EXTRAS ?= dev,wan,decord
+EXTRAS ?= dev,wan,decord,lora
 
 .PHONY: install test test-gpu bench clean
 
