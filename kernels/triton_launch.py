@@ -1,9 +1,28 @@
-"""Host side of the Triton attention: tile sizes, per-layout plans, launches, autograd.
+"""Host side of the Triton attention: kernel configs, autotuning, per-layout plans, launches.
 
 The kernels (and their math) are in `triton_attention.py`. This module imports triton, so
 `dispatch.py` imports it lazily, on the first call with backend "triton": that first import
 is when TRITON_INTERPRET is read (see `INTERPRETED`). Under the interpreter the kernels run
 on CPU tensors, one configuration, 16-bit tiles widened to fp32 before they meet tl.dot.
+
+Configs. Each kernel (forward, dK/dV, dQ) has a short list of shipped configs (tile sizes,
+warps, pipeline stages) per head dim and dtype class, chosen so that none spills registers
+on sm_90a (`bench/kernels_sm90.py` prints the compile report of every one). The first is
+the default; with autotuning on (FORCELAB_ATTENTION_AUTOTUNE, default on for compiled
+GPU runs, "0" for tests) every config of the list is timed once per tuning key - kernel,
+head dim, dtype, dense or not, and the query / key lengths rounded up to a power of two (a
+filling streaming cache does not re-tune at every length) - and the winner is kept in
+memory and in a JSON file (FORCELAB_ATTENTION_TUNING, default
+~/.cache/forcelab/attention_tuning.json) so later processes skip the timing. Tile sizes are
+tuned too: the visit tables are built per (layout, tile sizes) on demand. fp32 inputs use
+small tiles (fp32 "ieee" dots do not use tensor cores; big tiles spill and take tens of
+seconds to compile); the automatic backend sends fp32 to the torch reference anyway.
+
+Plans. The visit tables depend only on who sees whom (`AttentionLayout.mask_key`) and the
+tile sizes, so they are cached on that key: consecutive chunks of a stream, whose frame ids
+differ, share them. Tables are built lazily per kernel (inference never builds the two
+backward ones) and reach the GPU in one non-blocking copy from pinned memory. Dense layouts
+build nothing. Launches run under the tensors' device (`torch.cuda.device(q.device)`).
 
 Triton's own library (tl.sum, tl.max, tl.zeros, ...) is @triton.jit code too, decorated when
 triton itself is first imported, which is often earlier and elsewhere: torch._dynamo imports
@@ -14,9 +33,13 @@ would have.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -24,7 +47,7 @@ import triton
 from . import triton_attention as kernels
 from .dispatch import TRITON_DTYPES as SUPPORTED_DTYPES
 from .dispatch import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
-from .layout import AttentionLayout, TileVisits
+from .layout import AttentionLayout, TileRuns
 
 INTERPRETED = kernels.INTERPRETED
 
@@ -52,13 +75,63 @@ def interpret_triton_library() -> None:
 if INTERPRETED:
     interpret_triton_library()
 LOG2E = math.log2(math.e)
-PLAN_CACHE_SIZE = 64  # layouts are rebuilt every call by the DiT; their plans are reused
+TABLE_CACHE_SIZE = 256  # (mask, kernel, tile sizes) visit tables kept per process
+AUTOTUNE_ENV = "FORCELAB_ATTENTION_AUTOTUNE"
+TUNING_FILE_ENV = "FORCELAB_ATTENTION_TUNING"
+TUNING_WARMUP_MS, TUNING_REP_MS = 5, 25
+DELTA_ROWS = 64         # rows per program of the Delta = rowsum(dO * O) pre-pass
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of one kernel: a BLOCK_M x BLOCK_N tile (query rows x key
+    columns), warps and software-pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Shipped configs: kernel -> (head dims, dtype class) -> candidates, default first. Every
+# 16-bit config compiles for sm_90a without spills (bench/kernels_sm90.py). At head dim 128
+# 4 warps hold too many fp32 accumulators (255 registers and spills), hence 8; the backward
+# uses 64-row operands per warpgroup (dK/dV 64 queries x 128 keys, dQ 128 x 64), so no
+# product is computed twice by two warpgroups.
+CONFIGS: dict[str, dict[tuple[str, str], tuple[KernelConfig, ...]]] = {
+    "fwd": {
+        ("d128", "16bit"): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3)),
+        ("d64", "16bit"): (KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3)),
+        ("any", "fp32"): (KernelConfig(32, 32, 4, 2),),
+    },
+    "dkdv": {
+        ("d128", "16bit"): (KernelConfig(64, 128, 8, 2), KernelConfig(64, 64, 4, 2)),
+        ("d64", "16bit"): (KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 4, 3)),
+        ("any", "fp32"): (KernelConfig(32, 32, 4, 2),),
+    },
+    "dq": {
+        ("d128", "16bit"): (KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 2)),
+        ("d64", "16bit"): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 3)),
+        ("any", "fp32"): (KernelConfig(32, 32, 4, 2),),
+    },
+}
+# Under the interpreter: small tiles keep frame boundaries inside tiles and fully masked
+# tiles present even in small test shapes; warps and stages do not matter there.
+INTERPRETER_CONFIG = KernelConfig(32, 32, 4, 1)
+
+
+def shipped_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[KernelConfig, ...]:
+    """The candidate configs of `kernel` ("fwd", "dkdv", "dq") for these inputs."""
+    if dtype == torch.float32:
+        return CONFIGS[kernel][("any", "fp32")]
+    return CONFIGS[kernel][("d128" if head_dim > 64 else "d64", "16bit")]
 
 
 @dataclass(frozen=True)
 class TileSizes:
-    """Tile sizes (tokens) of each kernel; the visit tables are built for exactly these, so
-    they are chosen on the host and only warps / pipeline stages are autotuned."""
+    """Explicit tile sizes (tokens) of each kernel, overriding the configs (tests use it to
+    put frame boundaries and masked tiles where they want them); warps and stages are the
+    default config's."""
 
     fwd_m: int
     fwd_n: int
@@ -67,80 +140,178 @@ class TileSizes:
     dq_m: int
     dq_n: int
 
-
-def default_tile_sizes(head_dim: int, device: torch.device) -> TileSizes:
-    """Per-device defaults. On a GPU they follow the usual FlashAttention-2 shapes (a wide
-    query tile forward; narrow query tiles for dK/dV and narrow key tiles for dQ, halved at
-    D = 128 to bound the fp32 accumulators' registers); they are untuned guesses until
-    measured. Under the interpreter, small tiles keep frame boundaries inside tiles and
-    fully masked tiles present even in small test shapes."""
-    if device.type != "cuda" or INTERPRETED:
-        return TileSizes(32, 32, 32, 32, 32, 32)
-    if head_dim <= 64:
-        return TileSizes(128, 64, 32, 128, 128, 32)
-    return TileSizes(128, 64, 32, 64, 64, 32)
+    def config(self, kernel: str, base: KernelConfig) -> KernelConfig:
+        m, n = {"fwd": (self.fwd_m, self.fwd_n), "dkdv": (self.dkdv_m, self.dkdv_n),
+                "dq": (self.dq_m, self.dq_n)}[kernel]
+        return KernelConfig(m, n, base.num_warps, base.num_stages)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything a launch needs to know about one layout, on the tensors' device."""
-
-    dense: bool
-    q_frames: torch.Tensor  # [Lq] int32
-    k_frames: torch.Tensor  # [Lk] int32
-    q_noisy: torch.Tensor   # [Lq] int32 (a 1-element placeholder unless teacher forcing)
-    k_noisy: torch.Tensor
-    fwd: TileVisits
-    dkdv: TileVisits
-    dq: TileVisits
-    scalars: dict           # runtime rule parameters and their constexpr flags
+# ---------------------------------------------------------------------------- autotuning
+def autotune_enabled() -> bool:
+    """Read at every launch, so tests can switch tuning off (single default config)."""
+    return not INTERPRETED and os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
-_PLANS: OrderedDict = OrderedDict()
+def _tuning_file() -> Path:
+    default = Path.home() / ".cache" / "forcelab" / "attention_tuning.json"
+    return Path(os.environ.get(TUNING_FILE_ENV, default))
 
 
-def plan_for(layout: AttentionLayout, sizes: TileSizes, device: torch.device) -> Plan:
-    """The layout's ids and visit tables, built once per (layout content, sizes, device)."""
-    key = (layout.key(), sizes, str(device))
-    if key in _PLANS:
-        _PLANS.move_to_end(key)
-        return _PLANS[key]
-    q_frames, k_frames = layout.token_frames(device)
-    noisy = layout.token_noisy(device)
-    placeholder = torch.zeros(1, dtype=torch.int32, device=device)
-    q_noisy, k_noisy = noisy if noisy is not None else (placeholder, placeholder)
-    scalars = dict(
-        chunk=layout.chunk_frames or 1, window=layout.window_frames or 0,
-        sink=layout.sink_frames, HAS_CHUNK=layout.chunk_frames is not None,
-        HAS_WINDOW=layout.window_frames is not None, HAS_SINK=layout.sink_frames > 0,
-        NOISY=noisy is not None)
-    plan = Plan(
-        dense=layout.is_dense(), q_frames=q_frames, k_frames=k_frames,
-        q_noisy=q_noisy, k_noisy=k_noisy,
-        fwd=layout.tile_visits(sizes.fwd_m, sizes.fwd_n, "query").to(device),
-        dkdv=layout.tile_visits(sizes.dkdv_m, sizes.dkdv_n, "key").to(device),
-        dq=layout.tile_visits(sizes.dq_m, sizes.dq_n, "query").to(device),
-        scalars=scalars)
-    _PLANS[key] = plan
-    if len(_PLANS) > PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
-    return plan
+class _Tuner:
+    """Best config per tuning key, in memory and persisted as JSON (written atomically)."""
+
+    def __init__(self):
+        self.best: dict[str, KernelConfig] | None = None
+
+    def _load(self) -> dict[str, KernelConfig]:
+        if self.best is None:
+            self.best = {}
+            try:
+                saved = json.loads(_tuning_file().read_text())
+                self.best = {k: KernelConfig(*v) for k, v in saved.items()}
+            except (OSError, ValueError, TypeError):
+                pass  # no file yet, or unreadable: tune again
+        return self.best
+
+    def _save(self) -> None:
+        path = _tuning_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: [c.block_m, c.block_n, c.num_warps, c.num_stages]
+                                       for k, c in self.best.items()}, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home still tunes, per process
+
+    def pick(self, key: str, candidates, run) -> KernelConfig:
+        """The fastest of `candidates` under `run(config)` (a launch), measured once."""
+        best = self._load()
+        if key in best and best[key] in candidates:
+            return best[key]
+        import triton.testing
+        times = {}
+        for cfg in candidates:
+            try:
+                times[cfg] = triton.testing.do_bench(lambda: run(cfg), warmup=TUNING_WARMUP_MS,
+                                                     rep=TUNING_REP_MS)
+            except triton.runtime.errors.OutOfResources:
+                continue  # shared memory / registers of this card: not a candidate here
+        if not times:
+            raise RuntimeError(f"attention autotuning: no config of {key} runs on this GPU")
+        best[key] = min(times, key=times.get)
+        self._save()
+        return best[key]
 
 
-def _autotuned(kernel):
-    """Autotune warps and pipeline stages on a GPU; the interpreter takes one config."""
+_TUNER = _Tuner()
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def choose_config(kernel: str, q: torch.Tensor, Lq: int, Lk: int, dense: bool, run,
+                  sizes: TileSizes | None) -> KernelConfig:
+    """The config a launch uses: interpreter / explicit sizes / default / tuned."""
+    D = q.shape[-1]
     if INTERPRETED:
-        return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
-    return triton.autotune(configs, key=["Lq", "Lk", "HEAD_DIM", "BLOCK_M", "BLOCK_N",
-                                         "DENSE"])(kernel)
+        base = INTERPRETER_CONFIG
+        return sizes.config(kernel, base) if sizes is not None else base
+    candidates = shipped_configs(kernel, D, q.dtype)
+    if sizes is not None:
+        return sizes.config(kernel, candidates[0])
+    if len(candidates) == 1 or not autotune_enabled():
+        return candidates[0]
+    device = torch.cuda.get_device_name(q.device)
+    key = (f"{kernel}|{device}|triton {triton.__version__}|D{D}|{str(q.dtype)[6:]}|"
+           f"{'dense' if dense else 'sparse'}|Lq{_bucket(Lq)}|Lk{_bucket(Lk)}")
+    return _TUNER.pick(key, candidates, run)
 
 
-_fwd_kernel = _autotuned(kernels.attention_fwd)
-_dkdv_kernel = _autotuned(kernels.attention_bwd_dkdv)
-_dq_kernel = _autotuned(kernels.attention_bwd_dq)
+# ---------------------------------------------------------------------------- plans
+_TABLES: OrderedDict = OrderedDict()
 
 
+def _upload(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Int32 CPU tensors -> views of ONE device tensor, copied without a host sync (pinned
+    source, non-blocking; the caching host allocator keeps it alive until the copy ran)."""
+    flat = torch.cat([p.reshape(-1).int() for p in parts])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    out, offset = [], 0
+    for p in parts:
+        out.append(flat[offset:offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return out
+
+
+def tile_runs(layout: AttentionLayout, kernel: str, cfg: KernelConfig,
+              device: torch.device) -> TileRuns:
+    """The run table of `kernel` for `layout` on `device`, cached on the layout's mask."""
+    key = (layout.mask_key(), kernel, cfg.block_m, cfg.block_n, str(device))
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    runs = layout.tile_runs(cfg.block_m, cfg.block_n, "key" if kernel == "dkdv" else "query")
+    table = TileRuns(*_upload([runs.start, runs.num_full, runs.runs, runs.order], device))
+    _TABLES[key] = table
+    if len(_TABLES) > TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _frame_ids(layout: AttentionLayout, device: torch.device) -> dict:
+    """Per-frame ids and rule parameters of a layout on `device` (memoised on the layout,
+    which the DiT shares between all layers of a pass)."""
+    def build():
+        qf, kf, qn, kn = _upload(list(layout.frame_ids()), device)
+        return dict(QF=qf, KF=kf, QN=qn, KN=kn, S=layout.tokens_per_frame,
+                    chunk=layout.chunk_frames or 1, window=layout.window_frames or 0,
+                    sink=layout.sink_frames, HAS_CHUNK=layout.chunk_frames is not None,
+                    HAS_WINDOW=layout.window_frames is not None,
+                    HAS_SINK=layout.sink_frames > 0, NOISY=layout.q_noisy is not None)
+    return layout._memo(("triton ids", str(device)), build)
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A table argument DENSE kernels never read."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _rule_args(layout: AttentionLayout, device: torch.device, dense: bool) -> dict:
+    if not dense:
+        return _frame_ids(layout, device)
+    none = _placeholder(device)
+    return dict(QF=none, KF=none, QN=none, KN=none, S=layout.tokens_per_frame, chunk=1,
+                window=0, sink=0, HAS_CHUNK=False, HAS_WINDOW=False, HAS_SINK=False,
+                NOISY=False)
+
+
+def _run_args(layout, kernel, cfg, device, dense) -> dict:
+    if dense:
+        none = _placeholder(device)
+        return dict(ORDER=none, RUN_START=none, RUN_FULL=none, RUNS=none)
+    t = tile_runs(layout, kernel, cfg, device)
+    return dict(ORDER=t.order, RUN_START=t.start, RUN_FULL=t.num_full, RUNS=t.runs)
+
+
+def host_plan(layout: AttentionLayout, device: torch.device, dtype: torch.dtype,
+              grad: bool, head_dim: int = 128) -> None:
+    """Build what a launch of `layout` needs on the host (ids, the forward's table; the
+    backward's when grad) with the default configs: benchmarks time the host side with it."""
+    dense = layout.is_dense()
+    if dense:
+        return
+    _frame_ids(layout, device)
+    for kernel in ("fwd", "dkdv", "dq") if grad else ("fwd",):
+        base = INTERPRETER_CONFIG if INTERPRETED else shipped_configs(kernel, head_dim, dtype)[0]
+        tile_runs(layout, kernel, base, device)
+
+
+# ---------------------------------------------------------------------------- launches
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, token) strides of a [B, L, H, D] tensor with unit stride over D."""
     return t.stride(0), t.stride(2), t.stride(1)
@@ -153,6 +324,17 @@ def _precision(dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on the current one (multi-GPU without set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_options(cfg: KernelConfig) -> dict:
+    if INTERPRETED:
+        return {}
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Triton-specific limits (shapes were checked by `dispatch.attention`)."""
     if q.dtype not in SUPPORTED_DTYPES:
@@ -163,51 +345,75 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"not supported; use one of {SUPPORTED_HEAD_DIMS} or backend='torch'")
 
 
-def attention_forward(q, k, v, layout: AttentionLayout, sizes: TileSizes):
+def attention_forward(q, k, v, layout: AttentionLayout, sizes: TileSizes | None = None):
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> (out [B, Lq, H, D], lse [B, H, Lq] fp32, base 2)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    plan = plan_for(layout, sizes, q.device)
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    grid = (triton.cdiv(Lq, sizes.fwd_m), B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, plan.q_frames, plan.k_frames, plan.q_noisy, plan.k_noisy,
-        plan.fwd.start, plan.fwd.num_full, plan.fwd.tiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, Lq, Lk, LOG2E / math.sqrt(D), **plan.scalars, DENSE=plan.dense,
-        BLOCK_M=sizes.fwd_m, BLOCK_N=sizes.fwd_n, HEAD_DIM=D, **_precision(q.dtype))
+    dense = layout.is_dense()
+    with _on_device(q):
+        rule = _rule_args(layout, q.device, dense)
+
+        def run(cfg):
+            runs = _run_args(layout, "fwd", cfg, q.device, dense)
+            kernels.attention_fwd[(B * H, triton.cdiv(Lq, cfg.block_m))](
+                q, k, v, out, lse, rule["QF"], rule["KF"], rule["QN"], rule["KN"],
+                runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                H, Lq, Lk, rule["S"], LOG2E / math.sqrt(D), rule["chunk"], rule["window"],
+                rule["sink"], DENSE=dense, HAS_CHUNK=rule["HAS_CHUNK"],
+                HAS_WINDOW=rule["HAS_WINDOW"], HAS_SINK=rule["HAS_SINK"], NOISY=rule["NOISY"],
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, **_precision(q.dtype),
+                **_launch_options(cfg))
+
+        run(choose_config("fwd", q, Lq, Lk, dense, run, sizes))
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout, sizes: TileSizes):
+def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout,
+                       sizes: TileSizes | None = None):
     """dO [B, Lq, H, D] -> (dq, dk, dv) in the inputs' dtype."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    plan = plan_for(layout, sizes, q.device)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    kernels.attention_bwd_delta[(triton.cdiv(Lq, sizes.dq_m), B * H)](
-        out, do, delta, *_strides(out), *_strides(do), H, Lq, BLOCK_M=sizes.dq_m, HEAD_DIM=D)
+    dense = layout.is_dense()
     sm_scale = 1.0 / math.sqrt(D)
-    common = dict(H=H, Lq=Lq, Lk=Lk, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
-                  **plan.scalars, DENSE=plan.dense, HEAD_DIM=D, **_precision(q.dtype))
-    _dkdv_kernel[(triton.cdiv(Lk, sizes.dkdv_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv,
-        plan.q_frames, plan.k_frames, plan.q_noisy, plan.k_noisy,
-        plan.dkdv.start, plan.dkdv.num_full, plan.dkdv.tiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        BLOCK_M=sizes.dkdv_m, BLOCK_N=sizes.dkdv_n, **common)
-    _dq_kernel[(triton.cdiv(Lq, sizes.dq_m), B * H)](
-        q, k, v, do, lse, delta, dq,
-        plan.q_frames, plan.k_frames, plan.q_noisy, plan.k_noisy,
-        plan.dq.start, plan.dq.num_full, plan.dq.tiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        BLOCK_M=sizes.dq_m, BLOCK_N=sizes.dq_n, **common)
+    with _on_device(q):
+        rule = _rule_args(layout, q.device, dense)
+        delta = torch.empty_like(lse)
+        kernels.attention_bwd_delta[(triton.cdiv(Lq, DELTA_ROWS), B * H)](
+            out, do, delta, *_strides(out), *_strides(do), H, Lq, BLOCK_M=DELTA_ROWS,
+            HEAD_DIM=D)
+        common = dict(H=H, Lq=Lq, Lk=Lk, S=rule["S"], sm_scale=sm_scale,
+                      qk_scale=sm_scale * LOG2E, chunk=rule["chunk"], window=rule["window"],
+                      sink=rule["sink"], DENSE=dense, HAS_CHUNK=rule["HAS_CHUNK"],
+                      HAS_WINDOW=rule["HAS_WINDOW"], HAS_SINK=rule["HAS_SINK"],
+                      NOISY=rule["NOISY"], HEAD_DIM=D, **_precision(q.dtype))
+        ids = (rule["QF"], rule["KF"], rule["QN"], rule["KN"])
+
+        def run_dkdv(cfg):
+            runs = _run_args(layout, "dkdv", cfg, q.device, dense)
+            kernels.attention_bwd_dkdv[(B * H, triton.cdiv(Lk, cfg.block_n))](
+                q, k, v, do, lse, delta, dk, dv, *ids,
+                runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **_launch_options(cfg))
+
+        def run_dq(cfg):
+            runs = _run_args(layout, "dq", cfg, q.device, dense)
+            kernels.attention_bwd_dq[(B * H, triton.cdiv(Lq, cfg.block_m))](
+                q, k, v, do, lse, delta, dq, *ids,
+                runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **_launch_options(cfg))
+
+        run_dkdv(choose_config("dkdv", q, Lq, Lk, dense, run_dkdv, sizes))
+        run_dq(choose_config("dq", q, Lq, Lk, dense, run_dq, sizes))
     return dq, dk, dv
 
 
@@ -238,8 +444,6 @@ class TritonAttention(torch.autograd.Function):
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                      sizes: TileSizes | None = None) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]. `sizes` overrides the tile sizes
-    (tests use it to put frame boundaries and masked tiles where they want them)."""
+    of the configs (tests use it to put frame boundaries and masked tiles where they want)."""
     check_inputs(q, k, v)
-    if sizes is None:
-        sizes = default_tile_sizes(q.shape[-1], q.device)
     return TritonAttention.apply(q, k, v, layout, sizes)
