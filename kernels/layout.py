@@ -203,8 +203,10 @@ class AttentionLayout:
         """A hashable summary of WHO SEES WHOM (frame mask, sizes), without the frame ids:
         everything the tile tables depend on. Consecutive chunks of a stream have different
         frame ids but, once the cache is in steady state, the same mask key."""
-        mask = self.frame_mask()
-        return (tuple(mask.shape), mask.numpy().tobytes(), self.tokens_per_frame)
+        def compute():
+            mask = self.frame_mask()
+            return (tuple(mask.shape), mask.numpy().tobytes(), self.tokens_per_frame)
+        return self._memo("mask key", compute)
 
     def tile_runs(self, block_m: int, block_n: int, by: str = "query") -> "TileRuns":
         """The host-side visit table of the Triton kernels (CSR of runs, int32, on the CPU).
