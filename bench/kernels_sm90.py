@@ -45,6 +45,8 @@ KERNELS = {"fwd": kernels.attention_fwd, "dkdv": kernels.attention_bwd_dkdv,
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLOAT_SCALARS = ("qk_scale", "sm_scale")
 FLOAT_POINTERS = ("LSE", "DELTA")
+INT_POINTERS = ("QF", "KF", "QN", "KN", "ORDER", "RUN_START", "RUN_FULL", "RUNS",
+                "VISIT_START", "VISIT_FULL", "VISIT_TILES")  # (the last three: older kernels)
 
 
 def ptxas() -> str:
@@ -70,7 +72,7 @@ def compile_config(kernel: str, cfg, head_dim: int, dtype: torch.dtype, dense: b
         elif i < first_scalar:   # pointers: tensors in the input dtype, fp32 or int32 tables
             if name in FLOAT_POINTERS:
                 signature[name] = "*fp32"
-            elif name in ("QF", "KF", "QN", "KN", "ORDER", "RUN_START", "RUN_FULL", "RUNS"):
+            elif name in INT_POINTERS:
                 signature[name] = "*i32"
             else:
                 signature[name] = "*" + TRITON_TYPES[dtype]

@@ -94,25 +94,29 @@ class KernelConfig:
 
 
 # Shipped configs: kernel -> (head dims, dtype class) -> candidates, default first. Every
-# 16-bit config compiles for sm_90a without spills (bench/kernels_sm90.py). At head dim 128
-# 4 warps hold too many fp32 accumulators (255 registers and spills), hence 8; the backward
-# uses 64-row operands per warpgroup (dK/dV 64 queries x 128 keys, dQ 128 x 64), so no
-# product is computed twice by two warpgroups.
+# 16-bit config compiles for sm_90a without spills and, but for dQ's alternative, with 3
+# pipeline buffers (bench/kernels_sm90.py prints the report). At head dim 128, 4 warps
+# cannot hold the forward's fp32 accumulators (255 registers and spills), hence 8; the
+# backward's tiles give each warpgroup its own 64 rows of every product (no product is
+# computed twice by two warpgroups, no n16 wgmma), and dK/dV 64 x 128 spills here (its
+# fp32 dK, dV accumulators plus K, V fill 255 registers), so 32 x 128 and 64 x 64 are used.
+# fp32 ("ieee", no tensor cores) uses small tiles: few registers, seconds to compile.
+_FP32 = (KernelConfig(32, 32, 8, 1),)
 CONFIGS: dict[str, dict[tuple[str, str], tuple[KernelConfig, ...]]] = {
     "fwd": {
         ("d128", "16bit"): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3)),
         ("d64", "16bit"): (KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3)),
-        ("any", "fp32"): (KernelConfig(32, 32, 4, 2),),
+        ("any", "fp32"): _FP32,
     },
     "dkdv": {
-        ("d128", "16bit"): (KernelConfig(64, 128, 8, 2), KernelConfig(64, 64, 4, 2)),
-        ("d64", "16bit"): (KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 4, 3)),
-        ("any", "fp32"): (KernelConfig(32, 32, 4, 2),),
+        ("d128", "16bit"): (KernelConfig(32, 128, 8, 3), KernelConfig(64, 64, 8, 3)),
+        ("d64", "16bit"): (KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 8, 3)),
+        ("any", "fp32"): _FP32,
     },
     "dq": {
-        ("d128", "16bit"): (KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 2)),
+        ("d128", "16bit"): (KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2)),
         ("d64", "16bit"): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 3)),
-        ("any", "fp32"): (KernelConfig(32, 32, 4, 2),),
+        ("any", "fp32"): _FP32,
     },
 }
 # Under the interpreter: small tiles keep frame boundaries inside tiles and fully masked
@@ -324,7 +328,7 @@ def _precision(dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _on_device(t: torch.Tensor):
+def on_device(t: torch.Tensor):
     """Launch on the tensors' GPU, not on the current one (multi-GPU without set_device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -354,7 +358,7 @@ def attention_forward(q, k, v, layout: AttentionLayout, sizes: TileSizes | None 
     if Lq == 0:
         return out, lse
     dense = layout.is_dense()
-    with _on_device(q):
+    with on_device(q):
         rule = _rule_args(layout, q.device, dense)
 
         def run(cfg):
@@ -383,7 +387,7 @@ def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout,
         return dq.zero_(), dk.zero_(), dv.zero_()
     dense = layout.is_dense()
     sm_scale = 1.0 / math.sqrt(D)
-    with _on_device(q):
+    with on_device(q):
         rule = _rule_args(layout, q.device, dense)
         delta = torch.empty_like(lse)
         kernels.attention_bwd_delta[(triton.cdiv(Lq, DELTA_ROWS), B * H)](
