@@ -107,6 +107,55 @@ def read_report(compiled, dtype: torch.dtype) -> dict:
                 wgmma_shapes=shapes, buffers=max(buffers, default=1))
 
 
+ROPE_WIDTH, ROPE_HEAD_DIM = 1536, 128   # Wan-1.3B: 12 heads x 128
+
+
+def compile_rope(fn, constexprs: dict, dtype: torch.dtype, num_warps: int):
+    """The fused QK-norm + RoPE kernel at Wan-1.3B's width (x, weight, out in dtype)."""
+    names = fn.arg_names
+    floats = {"COS", "SIN", "RSTD", "DW_PARTIAL"}
+    first_scalar = names.index("stride_xb")
+    signature = {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif i < first_scalar:
+            signature[name] = "*fp32" if name in floats else "*" + TRITON_TYPES[dtype]
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if signature[name].startswith("*") or name.startswith("stride") or name == "C"}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
+    return compiled, time.perf_counter() - start
+
+
+def rope_report(dtype: torch.dtype) -> None:
+    from forcelab.kernels import triton_rope
+    from forcelab.kernels import triton_rope_launch as rope_launch
+    tiles = rope_launch._tiles(ROPE_WIDTH, 1 << 20)
+    common = dict(HALF_D=ROPE_HEAD_DIM // 2, BLOCK_R=tiles["BLOCK_R"], BLOCK_C=tiles["BLOCK_C"])
+    kernels_ = (("fwd", triton_rope.qk_norm_rope_fwd, common),
+                ("bwd", triton_rope.qk_norm_rope_bwd,
+                 dict(common, NUM_CHUNKS=triton.next_power_of_2(ROPE_WIDTH // tiles["BLOCK_C"]))))
+    print(f"\n# fused QK-norm + RoPE at width {ROPE_WIDTH} ({TRITON_TYPES[dtype]}): "
+          f"{tiles['BLOCK_R']} rows x {tiles['BLOCK_C']} columns per chunk, "
+          f"{tiles['num_warps']} warps")
+    print(f"{'kernel':6s} {'regs':>4s} {'spill st/ld':>11s} {'global loads':>12s} "
+          f"{'of them vector':>14s} {'global stores':>13s} {'vector':>6s}")
+    for name, fn, constexprs in kernels_:
+        compiled, _ = compile_rope(fn, constexprs, dtype, tiles["num_warps"])
+        r = read_report(compiled, dtype)
+        ptx = compiled.asm["ptx"]
+        loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
+        stores = re.findall(r"st\.global(?:\.\w+)*", ptx)
+        vec = [x for x in loads if ".v2" in x or ".v4" in x]
+        vst = [x for x in stores if ".v2" in x or ".v4" in x]
+        print(f"{name:6s} {r['registers']:4d} {r['spill_stores']:>5d}/{r['spill_loads']:<5d} "
+              f"{len(loads):12d} {len(vec):14d} {len(stores):13d} {len(vst):6d}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,13 +163,14 @@ def main():
     p.add_argument("--kernels", nargs="*", default=list(KERNELS))
     p.add_argument("--fp32", action="store_true", help="also the fp32 (small-tile) configs")
     p.add_argument("--dense", action="store_true", help="also the DENSE kernel variants")
+    p.add_argument("--no-rope", action="store_true", help="skip the QK-norm + RoPE kernels")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"# sm_90a compile report: triton {triton.__version__}, {Path(ptxas()).name}; "
           f"Hopper shared memory limit {HOPPER_SMEM // 1024} KiB")
     print(f"{'kernel':5s} {'variant':7s} {'D':>3s} {'dtype':5s} {'tile':>8s} {'warps':>5s} "
           f"{'stages':>6s} {'regs':>4s} {'spill st/ld':>11s} {'smem KiB':>8s} {'wgmma':>5s} "
-          f"{'buffers':>7s} {'compile s':>9s}  wgmma shapes")
+          f"{'buffers':>7s} {'compile s':>9s}  wgmma shapes  (compile s 0.0: from Triton's cache)")
     problems = []
     dtypes = [torch.bfloat16] + ([torch.float32] if args.fp32 else [])
     for dtype in dtypes:
@@ -147,6 +197,8 @@ def main():
                         if (kernel == "fwd" and dtype != torch.float32 and not dense
                                 and r["buffers"] < 3 and cfg.num_stages >= 3):
                             problems.append(f"{name}: fewer than 3 K/V buffers")
+    if not args.no_rope:
+        rope_report(torch.bfloat16)
     print("\n" + ("\n".join(f"PROBLEM {p}" for p in problems) if problems else
                   "no spills in any 16-bit config; shared memory within the limit; "
                   "sparse forward keeps >= 3 K/V buffers where num_stages >= 3"))
