@@ -253,13 +253,15 @@ def attention_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ol,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kf, kn, m_start, Q, DO, LSE, DELTA, QF, QN, stride_ql, stride_dol,
-               Lq, S, qk_scale, chunk, window, sink,
+def _dkdv_tile(dk, dv, k, v, kf, kn, m_start, Q, DO, LSE, DELTA, QF, QN, DQ_ACC, stride_ql,
+               stride_dol, stride_dql, Lq, S, qk_scale, chunk, window, sink,
                MASKED: tl.constexpr, DENSE: tl.constexpr, HAS_CHUNK: tl.constexpr,
                HAS_WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, NOISY: tl.constexpr,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV [BLOCK_N, D] of one key tile over query tokens [m_start, +BLOCK_M).
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """Accumulate dK, dV [BLOCK_N, D] of one key tile over query tokens [m_start, +BLOCK_M);
+    FUSED_DQ: also add this tile's dS K to the fp32 dQ accumulator (atomically: other key
+    tiles add to the same rows), sparing the dQ kernel's recomputation of S and dP.
 
     Works on transposed scores S^T [BLOCK_N, BLOCK_M] so no large tile is transposed."""
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -299,22 +301,26 @@ def _dkdv_tile(dk, dv, k, v, kf, kn, m_start, Q, DO, LSE, DELTA, QF, QN, stride_
         dst = dst.to(tl.float32)
     dv = tl.dot(pt, do, dv, input_precision=PRECISION)
     dk = tl.dot(dst, q, dk, input_precision=PRECISION)
+    if FUSED_DQ:
+        dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
+        tl.atomic_add(DQ_ACC + offs_m[:, None] * stride_dql + offs_d[None, :], dq,
+                      mask=q_in[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QF, KF, QN, KN,
+def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, QF, KF, QN, KN,
                        ORDER, RUN_START, RUN_FULL, RUNS,
                        stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                        stride_vb, stride_vh, stride_vl, stride_dob, stride_doh, stride_dol,
-                       stride_dkb, stride_dkh, stride_dkl,
+                       stride_dkb, stride_dkh, stride_dkl, stride_dqb, stride_dqh, stride_dql,
                        H, Lq, Lk, S, sm_scale, qk_scale, chunk, window, sink,
                        DENSE: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_SINK: tl.constexpr, NOISY: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     """Program (b * H + h, rank): dK, dV [B, Lk, H, D] of one key tile (strides stride_dk*,
-    shared)."""
+    shared); FUSED_DQ: dQ / scale summed into DQ_ACC [B, Lq, H, D] fp32 (strides stride_dq*)."""
     pid_n, pid_bh = _program(ORDER, DENSE)
     b = (pid_bh // H).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % H
@@ -322,6 +328,8 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QF, KF, QN, KN,
     DO += b * stride_dob + h * stride_doh
     LSE += pid_bh * Lq
     DELTA += pid_bh * Lq
+    if FUSED_DQ:
+        DQ_ACC += b * stride_dqb + h * stride_dqh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_in = offs_n < Lk
@@ -346,16 +354,16 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QF, KF, QN, KN,
         lo, hi = _run_bounds(RUNS, r, Lq, BLOCK_M, DENSE)
         for m in range(lo, hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, kf, kn, m * BLOCK_M, Q, DO, LSE, DELTA, QF, QN,
-                                stride_ql, stride_dol, Lq, S, qk_scale, chunk, window, sink,
-                                False, DENSE, HAS_CHUNK, HAS_WINDOW, HAS_SINK, NOISY,
-                                BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                                DQ_ACC, stride_ql, stride_dol, stride_dql, Lq, S, qk_scale,
+                                chunk, window, sink, False, DENSE, HAS_CHUNK, HAS_WINDOW,
+                                HAS_SINK, NOISY, BLOCK_M, HEAD_DIM, UPCAST, PRECISION, FUSED_DQ)
     for r in range(partial, end):
         lo, hi = _run_bounds(RUNS, r, Lq, BLOCK_M, DENSE)
         for m in range(lo, hi):
             dk, dv = _dkdv_tile(dk, dv, k, v, kf, kn, m * BLOCK_M, Q, DO, LSE, DELTA, QF, QN,
-                                stride_ql, stride_dol, Lq, S, qk_scale, chunk, window, sink,
-                                True, DENSE, HAS_CHUNK, HAS_WINDOW, HAS_SINK, NOISY,
-                                BLOCK_M, HEAD_DIM, UPCAST, PRECISION)
+                                DQ_ACC, stride_ql, stride_dol, stride_dql, Lq, S, qk_scale,
+                                chunk, window, sink, True, DENSE, HAS_CHUNK, HAS_WINDOW,
+                                HAS_SINK, NOISY, BLOCK_M, HEAD_DIM, UPCAST, PRECISION, FUSED_DQ)
 
     out = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])

@@ -77,6 +77,7 @@ if INTERPRETED:
 LOG2E = math.log2(math.e)
 TABLE_CACHE_SIZE = 256  # (mask, kernel, tile sizes) visit tables kept per process
 AUTOTUNE_ENV = "FORCELAB_ATTENTION_AUTOTUNE"
+FUSED_DQ_ENV = "FORCELAB_ATTENTION_FUSED_DQ"  # "1": dQ inside the dK/dV kernel (atomics)
 TUNING_FILE_ENV = "FORCELAB_ATTENTION_TUNING"
 TUNING_WARMUP_MS, TUNING_REP_MS = 5, 25
 DELTA_ROWS = 64         # rows per program of the Delta = rowsum(dO * O) pre-pass
@@ -151,6 +152,13 @@ class TileSizes:
 
 
 # ---------------------------------------------------------------------------- autotuning
+def fused_dq_enabled() -> bool:
+    """Opt-in (read at every backward): the dK/dV kernel also accumulates dQ with fp32
+    atomics, 5 matmuls per tile pair instead of 7, but the summation order, hence the last
+    bits of dQ, varies from run to run. Unmeasured on a GPU: off by default."""
+    return os.environ.get(FUSED_DQ_ENV, "0") == "1"
+
+
 def autotune_enabled() -> bool:
     """Read at every launch, so tests can switch tuning off (single default config)."""
     return not INTERPRETED and os.environ.get(AUTOTUNE_ENV, "1") != "0"
@@ -216,8 +224,9 @@ def _bucket(n: int) -> int:
 
 
 def choose_config(kernel: str, q: torch.Tensor, Lq: int, Lk: int, dense: bool, run,
-                  sizes: TileSizes | None) -> KernelConfig:
-    """The config a launch uses: interpreter / explicit sizes / default / tuned."""
+                  sizes: TileSizes | None, variant: str = "") -> KernelConfig:
+    """The config a launch uses: interpreter / explicit sizes / default / tuned (variant:
+    a kernel variant timed separately, e.g. dK/dV with the fused dQ)."""
     D = q.shape[-1]
     if INTERPRETED:
         base = INTERPRETER_CONFIG
@@ -228,7 +237,7 @@ def choose_config(kernel: str, q: torch.Tensor, Lq: int, Lk: int, dense: bool, r
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     device = torch.cuda.get_device_name(q.device)
-    key = (f"{kernel}|{device}|triton {triton.__version__}|D{D}|{str(q.dtype)[6:]}|"
+    key = (f"{kernel}{variant}|{device}|triton {triton.__version__}|D{D}|{str(q.dtype)[6:]}|"
            f"{'dense' if dense else 'sparse'}|Lq{_bucket(Lq)}|Lk{_bucket(Lk)}")
     return _TUNER.pick(key, candidates, run)
 
@@ -399,14 +408,18 @@ def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout,
                       HAS_WINDOW=rule["HAS_WINDOW"], HAS_SINK=rule["HAS_SINK"],
                       NOISY=rule["NOISY"], HEAD_DIM=D, **_precision(q.dtype))
         ids = (rule["QF"], rule["KF"], rule["QN"], rule["KN"])
+        fused = fused_dq_enabled()
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else lse
 
         def run_dkdv(cfg):
             runs = _run_args(layout, "dkdv", cfg, q.device, dense)
             kernels.attention_bwd_dkdv[(B * H, triton.cdiv(Lk, cfg.block_n))](
-                q, k, v, do, lse, delta, dk, dv, *ids,
+                q, k, v, do, lse, delta, dk, dv, dq_acc, *ids,
                 runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **_launch_options(cfg))
+                *(_strides(dq_acc) if fused else (0, 0, 0)),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSED_DQ=fused, **common,
+                **_launch_options(cfg))
 
         def run_dq(cfg):
             runs = _run_args(layout, "dq", cfg, q.device, dense)
@@ -416,8 +429,14 @@ def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **_launch_options(cfg))
 
-        run_dkdv(choose_config("dkdv", q, Lq, Lk, dense, run_dkdv, sizes))
-        run_dq(choose_config("dq", q, Lq, Lk, dense, run_dq, sizes))
+        cfg = choose_config("dkdv", q, Lq, Lk, dense, run_dkdv, sizes, "+dq" if fused else "")
+        if fused:
+            dq_acc.zero_()  # tuning runs (if any) added to it
+        run_dkdv(cfg)
+        if fused:
+            dq = (dq_acc * sm_scale).to(q.dtype)
+        else:
+            run_dq(choose_config("dq", q, Lq, Lk, dense, run_dq, sizes))
     return dq, dk, dv
 
 

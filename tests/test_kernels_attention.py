@@ -253,6 +253,21 @@ def test_multi_run_layouts(name):
              sizes=sizes, seed=7)
 
 
+@pytest.mark.parametrize("name,dtype", [("window_sink", torch.bfloat16),
+                                        ("teacher_window_sink", torch.float32),
+                                        ("cached_dense", torch.float16)], ids=str)
+def test_fused_dq(name, dtype, monkeypatch):
+    """dQ accumulated by the dK/dV kernel (atomics) instead of its own kernel."""
+    monkeypatch.setenv(launch().FUSED_DQ_ENV, "1")
+    run_case(NAMED_LAYOUTS[name], dtype, batch=1, seed=3)
+
+
+def test_fused_dq_multi_runs(monkeypatch):
+    monkeypatch.setenv(launch().FUSED_DQ_ENV, "1")
+    run_case(RUN_LAYOUTS["scattered_slots"], torch.float32, batch=1,
+             sizes=launch().TileSizes(16, 16, 16, 16, 16, 16), seed=4)
+
+
 def test_dense_run_through_dispatch_equals_reference():
     """A dense layout whose length is not a tile multiple: one full run + one cut tile."""
     run_case(AttentionLayout.cached([2, 3], [0, 1, 2, 3], 13, chunk_frames=2), torch.float16,
