@@ -38,7 +38,8 @@ def launch():
     return triton_backend()
 
 
-def run_case(layout, dtype, batch=2, heads=2, head_dim=32, sizes=None, seed=0, make_qkv=None):
+def run_case(layout, dtype, batch=2, heads=2, head_dim=32, sizes=None, seed=0, make_qkv=None,
+             device=DEVICE):
     """Forward and backward of the kernel and of the float64 reference; compare all four."""
     gen = torch.Generator().manual_seed(seed)
     q_shape = (batch, layout.num_queries, heads, head_dim)
@@ -50,10 +51,10 @@ def run_case(layout, dtype, batch=2, heads=2, head_dim=32, sizes=None, seed=0, m
     want_out = attention_reference(*want_leaves, layout)
     want = (want_out, *torch.autograd.grad(want_out, want_leaves, d_out.double()))
 
-    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     inputs = make_qkv(*leaves) if make_qkv else leaves
     out = launch().triton_attention(*inputs, layout, sizes)
-    got = (out, *torch.autograd.grad(out, leaves, d_out.to(DEVICE)))
+    got = (out, *torch.autograd.grad(out, leaves, d_out.to(device)))
 
     tol = TOLERANCE[dtype]
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
@@ -290,3 +291,31 @@ def test_gpu_wan_shapes(dtype):
              heads=4, head_dim=128)
     run_case(AttentionLayout.cached([9, 10, 11], list(range(12)), 156, 3), dtype,
              heads=4, head_dim=128)
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+def test_gpu_fused_dq(monkeypatch):
+    monkeypatch.setenv(launch().FUSED_DQ_ENV, "1")
+    run_case(AttentionLayout.block_causal(9, 156, 3, window_frames=6, sink_frames=1),
+             torch.bfloat16, heads=4, head_dim=128)
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+def test_gpu_autotuned_configs(monkeypatch, tmp_path):
+    """With tuning on, every candidate runs once and the result stays exact."""
+    monkeypatch.setenv(launch().AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(launch().TUNING_FILE_ENV, str(tmp_path / "tuning.json"))
+    run_case(AttentionLayout.block_causal(6, 156, 3), torch.bfloat16, heads=2, head_dim=128)
+    assert (tmp_path / "tuning.json").exists()
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launches follow the tensors."""
+    assert torch.cuda.current_device() == 0
+    run_case(AttentionLayout.block_causal(6, 156, 3, window_frames=3), torch.bfloat16,
+             heads=2, head_dim=64, device=torch.device("cuda", 1))
