@@ -3,7 +3,7 @@
     python bench/kernels_sm90.py                   # 16-bit configs, head dims 128 and 64
     python bench/kernels_sm90.py --fp32 --dense    # + the fp32 configs, + the DENSE variants
 
-No GPU is needed: each config of `triton_launch.CONFIGS` is compiled by Triton for
+No GPU is needed: each config of `triton_configs.CONFIGS` is compiled by Triton for
 GPUTarget("cuda", 90) and the result is read back, as the GPU would run it:
 - registers and spills: `ptxas -v --gpu-name sm_90a` on the generated PTX (the ptxas
   bundled with triton; its newest one, as the PTX may need it);
@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from forcelab.kernels import triton_attention as kernels  # noqa: E402
-from forcelab.kernels import triton_launch as launch  # noqa: E402
+from forcelab.kernels import triton_configs as configs  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SMEM = 227 * 1024
@@ -186,7 +186,7 @@ def main():
                 kernel_list.insert(kernel_list.index("dkdv") + 1, "dkdv+dq")
             for kernel in kernel_list:
                 base = kernel.split("+")[0]
-                for cfg in launch.shipped_configs(base, head_dim, dtype):
+                for cfg in configs.shipped_configs(base, head_dim, dtype):
                     for dense in (False, True) if args.dense else (False,):
                         compiled, seconds = compile_config(base, cfg, head_dim, dtype, dense,
                                                            fused_dq=kernel == "dkdv+dq")

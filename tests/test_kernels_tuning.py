@@ -12,7 +12,10 @@ from forcelab.kernels.dispatch import triton_backend  # noqa: E402
 
 @pytest.fixture()
 def launch():
-    return triton_backend()
+    """The configs module (imported after the launch module, which reads TRITON_INTERPRET)."""
+    triton_backend()
+    from forcelab.kernels import triton_configs
+    return triton_configs
 
 
 def test_every_shipped_config_is_sound(launch):
