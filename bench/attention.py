@@ -24,6 +24,7 @@ the Triton interpreter is a test tool, not a kernel) and the numbers are CPU num
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -40,6 +41,8 @@ STREAM_KEY_FRAMES = (12, 21)
 CPU_DEFAULT_SCALE = 0.05      # 78 tokens per frame: a few seconds on a 2-core CPU
 H100_SXM_BF16_PEAK = 989.0    # dense TFLOP/s
 BACKWARD_FLOP_FACTOR = 2.5
+FUSED_DQ_METHOD = "forcelab (fused dQ)"
+FUSED_DQ_ENV = "FORCELAB_ATTENTION_FUSED_DQ"
 
 
 def shapes(tokens_per_frame: int) -> dict[str, AttentionLayout]:
@@ -72,6 +75,8 @@ def methods(layout: AttentionLayout, device: torch.device, with_flex: bool):
     out = {}
     if device.type == "cuda":
         out["forcelab (triton)"] = lambda q, k, v: attention(q, k, v, layout, backend="triton")
+        # the opt-in backward variant: dQ accumulated by the dK/dV kernel (FUSED_DQ_ENV)
+        out[FUSED_DQ_METHOD] = out["forcelab (triton)"]
     mask = None if layout.is_dense() else layout.token_mask(device)
 
     def sdpa(q, k, v):
@@ -123,11 +128,13 @@ def bench_shape(name, layout, args, device, dtype):
     print(f"{'method':26s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'peak':>6s} {'speedup':>8s}"
           f" {'bwd ms':>9s} {'TFLOP/s':>8s} {'peak':>6s} {'speedup':>8s}")
     rows, reference = {}, None
+    user_fused_dq = os.environ.get(FUSED_DQ_ENV)
     for method, fn in methods(layout, device, not args.no_flex).items():
         if isinstance(fn, str):
             print(f"{method:26s} {fn}")
             continue
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        os.environ[FUSED_DQ_ENV] = "1" if method == FUSED_DQ_METHOD else "0"
         try:
             out = fn(*leaves)
             if reference is None:
@@ -141,6 +148,10 @@ def bench_shape(name, layout, args, device, dtype):
             print(f"{method:26s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
             continue
         rows[method] = (fwd, bwd, err)
+    if user_fused_dq is None:
+        os.environ.pop(FUSED_DQ_ENV, None)
+    else:
+        os.environ[FUSED_DQ_ENV] = user_fused_dq
     base = rows.get("forcelab (triton)")
     for method, (fwd, bwd, err) in rows.items():
         cells = []

@@ -10,9 +10,13 @@ Backends:
   when another module has already imported forcelab.kernels, or triton itself (see
   `triton_launch.interpret_triton_library`). Once forcelab's Triton modules are imported,
   the mode is fixed for the process (`triton_launch.INTERPRETED`).
-- None: automatic, "triton" for CUDA tensors when triton is installed (Linux) and the
-  kernels support the dtype and head dim (TRITON_DTYPES, TRITON_HEAD_DIMS), "torch"
-  otherwise.
+- None: automatic. Dense layouts (every key visible: a streaming chunk against a full
+  window) go to SDPA without a mask, i.e. the best dense kernel torch has on the device
+  (flash / cuDNN / memory-efficient on a GPU), and build no visit tables. Masked layouts go
+  to "triton" for CUDA tensors when triton is installed (Linux) and the kernels serve the
+  dtype and head dim well (TRITON_AUTO_DTYPES: 16-bit; fp32 "ieee" dots do not use tensor
+  cores, SDPA does better there; TRITON_HEAD_DIMS), "torch" otherwise.
+An explicit backend is always honoured ("triton" runs the kernels on dense layouts too).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .reference import attention_reference
 
 BACKENDS = ("torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_AUTO_DTYPES = (torch.float16, torch.bfloat16)  # what the automatic choice sends there
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; the fp32 accumulators fit registers
 
 
@@ -91,7 +96,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attenti
 
     backend: None (automatic), or one of BACKENDS (see the module docstring)."""
     check_qkv(q, k, v, layout)
-    supported = q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
+    if backend is None and layout.is_dense():
+        return attention_reference(q, k, v, layout)  # SDPA, no mask, no tables
+    supported = q.dtype in TRITON_AUTO_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
     if resolve_backend(backend, q, "attention", supported) == "triton":
         return triton_backend().triton_attention(q, k, v, layout)
     return attention_reference(q, k, v, layout)

@@ -172,22 +172,6 @@ class AttentionLayout:
                 self.tokens_per_frame, self.chunk_frames, self.window_frames,
                 self.sink_frames, flags(self.q_noisy), flags(self.k_noisy))
 
-    def token_frames(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """([Lq], [Lk]) int32 frame index of every query and key token (-1 = empty slot).
-
-        The Triton kernels evaluate the rule of `frame_mask` on these per-token ids."""
-        s = self.tokens_per_frame
-        return (self.q_frames.repeat_interleave(s).to(device, torch.int32),
-                self.k_frames.repeat_interleave(s).to(device, torch.int32))
-
-    def token_noisy(self, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """([Lq], [Lk]) int32 noisy flags per token (teacher forcing), or None."""
-        if self.q_noisy is None:
-            return None
-        s = self.tokens_per_frame
-        return (self.q_noisy.repeat_interleave(s).to(device, torch.int32),
-                self.k_noisy.repeat_interleave(s).to(device, torch.int32))
-
     def tile_visibility(self, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Which (query tile, key tile) pairs hold visible pairs: (any, all), [Tq, Tk] bool.
 
@@ -215,41 +199,82 @@ class AttentionLayout:
         frame_pairs = (q_hi1 - q_lo) * (k_hi1 - k_lo)
         return pairs > 0, pairs == frame_pairs
 
-    def tile_visits(self, block_m: int, block_n: int, by: str = "query") -> "TileVisits":
-        """The host-side visit table of the Triton kernels (CSR, int32, on the CPU).
+    def mask_key(self) -> tuple:
+        """A hashable summary of WHO SEES WHOM (frame mask, sizes), without the frame ids:
+        everything the tile tables depend on. Consecutive chunks of a stream have different
+        frame ids but, once the cache is in steady state, the same mask key."""
+        def compute():
+            mask = self.frame_mask()
+            return (tuple(mask.shape), mask.numpy().tobytes(), self.tokens_per_frame)
+        return self._memo("mask key", compute)
+
+    def tile_runs(self, block_m: int, block_n: int, by: str = "query") -> "TileRuns":
+        """The host-side visit table of the Triton kernels (CSR of runs, int32, on the CPU).
 
         by="query": for every query tile, the key tiles it must visit (forward and dQ);
-        by="key": for every key tile, the query tiles (dK/dV). Within a row, tiles whose
-        every pair is visible and that are not cut short by the sequence end come first
-        (the kernel skips the mask there), then the partially visible ones; fully masked
-        tiles are absent."""
+        by="key": for every key tile, the query tiles (dK/dV). A row's visits are runs of
+        contiguous tiles of the same kind: runs of fully visible tiles that are not cut
+        short by the sequence end come first (the kernel skips the mask there), then runs
+        of partially visible ones; fully masked tiles are absent. `order` lists the rows
+        heaviest first (most tiles to visit), the order the kernels launch them in."""
         if by not in ("query", "key"):
-            raise ValueError(f"tile_visits: by must be 'query' or 'key', got {by!r}")
+            raise ValueError(f"tile_runs: by must be 'query' or 'key', got {by!r}")
         any_visible, all_visible = self.tile_visibility(block_m, block_n)
         complete_q = torch.arange(1, any_visible.shape[0] + 1) * block_m <= self.num_queries
         complete_k = torch.arange(1, any_visible.shape[1] + 1) * block_n <= self.num_keys
         full = all_visible & complete_q[:, None] & complete_k[None, :]
         if by == "key":
             any_visible, full = any_visible.T, full.T
-        num_cols = any_visible.shape[1]
-        # Sort each row by (partial?, column): full tiles first, then partial, absent last.
-        absent = 2 * num_cols
-        rank = torch.where(full, 0, num_cols) + torch.arange(num_cols)
-        rank = rank.masked_fill(~any_visible, absent).sort(dim=1).values
-        tiles = (rank % num_cols)[rank < absent]
-        start = torch.zeros(any_visible.shape[0] + 1, dtype=torch.long)
-        start[1:] = any_visible.sum(1).cumsum(0)
-        return TileVisits(start.int(), full.sum(1).int(), tiles.int())
+        rows, cols = any_visible.shape
+        kind = any_visible.to(torch.int8) + full.to(torch.int8)  # 0 absent, 1 partial, 2 full
+        padded = torch.zeros(rows, cols + 2, dtype=torch.int8)
+        padded[:, 1:-1] = kind
+        change = padded[:, 1:] != padded[:, :-1]                   # [rows, cols + 1]: before col j
+        run_row, lo = (change & (padded[:, 1:] != 0)).nonzero(as_tuple=True)
+        _, hi = (change & (padded[:, :-1] != 0)).nonzero(as_tuple=True)
+        partial = kind[run_row, lo] == 1
+        # Sort runs by (row, partial?, first tile): full runs first within a row.
+        rank = (run_row * 2 + partial) * (cols + 1) + lo
+        order = rank.argsort()
+        runs = torch.stack((lo[order], hi[order]), 1)
+        start = torch.zeros(rows + 1, dtype=torch.long)
+        start[1:] = torch.bincount(run_row, minlength=rows).cumsum(0)
+        num_full = torch.bincount(run_row[~partial], minlength=rows)
+        heaviest = any_visible.sum(1).argsort(descending=True, stable=True)
+        return TileRuns(start.int(), num_full.int(), runs.int().contiguous(), heaviest.int())
+
+    def frame_ids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """([Fq], [Fk], [Fq], [Fk]) int32: frame index and noisy flag of every query and key
+        frame (-1 = empty slot; flags 0 without teacher forcing), the kernels' per-frame ids
+        (token t belongs to frame t // tokens_per_frame)."""
+        zeros_q = torch.zeros(self.q_frames.numel(), dtype=torch.int32)
+        zeros_k = torch.zeros(self.k_frames.numel(), dtype=torch.int32)
+        return (self.q_frames.int(), self.k_frames.int(),
+                zeros_q if self.q_noisy is None else self.q_noisy.int(),
+                zeros_k if self.k_noisy is None else self.k_noisy.int())
 
 
 @dataclass(frozen=True)
-class TileVisits:
-    """Per-tile visit lists in CSR form. Row r visits tiles[start[r]:start[r + 1]]; the first
-    num_full[r] of them are fully visible. start [T + 1], num_full [T], tiles [nnz]: int32."""
+class TileRuns:
+    """Per-tile visits as runs of contiguous tiles, in CSR form. Row r owns runs
+    [start[r], start[r + 1]); the first num_full[r] of them are fully visible; run i covers
+    tiles [runs[i, 0], runs[i, 1]). start [T + 1], num_full [T], runs [R, 2], order [T]
+    (rows heaviest first): int32."""
 
     start: torch.Tensor
     num_full: torch.Tensor
-    tiles: torch.Tensor
+    runs: torch.Tensor
+    order: torch.Tensor
 
-    def to(self, device) -> "TileVisits":
-        return TileVisits(self.start.to(device), self.num_full.to(device), self.tiles.to(device))
+    def tiles(self, row: int) -> list[int]:
+        """Every tile row `row` visits, in visiting order (tests and inspection)."""
+        lo_hi = self.runs[self.start[row]:self.start[row + 1]].tolist()
+        return [t for lo, hi in lo_hi for t in range(lo, hi)]
+
+    def num_full_tiles(self, row: int) -> int:
+        first = int(self.start[row])
+        return int(sum(hi - lo for lo, hi in self.runs[first:first + self.num_full[row]].tolist()))
+
+    @property
+    def num_visits(self) -> int:
+        return int((self.runs[:, 1] - self.runs[:, 0]).sum())

@@ -1,9 +1,17 @@
-"""Host side of the Triton attention: tile sizes, per-layout plans, launches, autograd.
+"""Host side of the Triton attention: kernel configs, autotuning, per-layout plans, launches.
 
 The kernels (and their math) are in `triton_attention.py`. This module imports triton, so
 `dispatch.py` imports it lazily, on the first call with backend "triton": that first import
 is when TRITON_INTERPRET is read (see `INTERPRETED`). Under the interpreter the kernels run
 on CPU tensors, one configuration, 16-bit tiles widened to fp32 before they meet tl.dot.
+
+Configs (tile sizes, warps, stages) and their autotuning: `triton_configs.py`.
+
+Plans. The visit tables depend only on who sees whom (`AttentionLayout.mask_key`) and the
+tile sizes, so they are cached on that key: consecutive chunks of a stream, whose frame ids
+differ, share them. Tables are built lazily per kernel (inference never builds the two
+backward ones) and reach the GPU in one non-blocking copy from pinned memory. Dense layouts
+build nothing. Launches run under the tensors' device (`torch.cuda.device(q.device)`).
 
 Triton's own library (tl.sum, tl.max, tl.zeros, ...) is @triton.jit code too, decorated when
 triton itself is first imported, which is often earlier and elsewhere: torch._dynamo imports
@@ -14,9 +22,9 @@ would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,7 +32,11 @@ import triton
 from . import triton_attention as kernels
 from .dispatch import TRITON_DTYPES as SUPPORTED_DTYPES
 from .dispatch import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
-from .layout import AttentionLayout, TileVisits
+from .layout import AttentionLayout, TileRuns
+# re-exported: callers reach the configs through the lazily imported launch module
+from .triton_configs import (AUTOTUNE_ENV, FUSED_DQ_ENV, INTERPRETER_CONFIG,  # noqa: F401
+                             TUNING_FILE_ENV, KernelConfig, TileSizes, autotune_enabled,
+                             choose_config, fused_dq_enabled, shipped_configs)
 
 INTERPRETED = kernels.INTERPRETED
 
@@ -52,95 +64,93 @@ def interpret_triton_library() -> None:
 if INTERPRETED:
     interpret_triton_library()
 LOG2E = math.log2(math.e)
-PLAN_CACHE_SIZE = 64  # layouts are rebuilt every call by the DiT; their plans are reused
+TABLE_CACHE_SIZE = 256  # (mask, kernel, tile sizes) visit tables kept per process
+DELTA_ROWS = 64         # rows per program of the Delta = rowsum(dO * O) pre-pass
 
 
-@dataclass(frozen=True)
-class TileSizes:
-    """Tile sizes (tokens) of each kernel; the visit tables are built for exactly these, so
-    they are chosen on the host and only warps / pipeline stages are autotuned."""
-
-    fwd_m: int
-    fwd_n: int
-    dkdv_m: int
-    dkdv_n: int
-    dq_m: int
-    dq_n: int
+# ---------------------------------------------------------------------------- plans
+_TABLES: OrderedDict = OrderedDict()
 
 
-def default_tile_sizes(head_dim: int, device: torch.device) -> TileSizes:
-    """Per-device defaults. On a GPU they follow the usual FlashAttention-2 shapes (a wide
-    query tile forward; narrow query tiles for dK/dV and narrow key tiles for dQ, halved at
-    D = 128 to bound the fp32 accumulators' registers); they are untuned guesses until
-    measured. Under the interpreter, small tiles keep frame boundaries inside tiles and
-    fully masked tiles present even in small test shapes."""
-    if device.type != "cuda" or INTERPRETED:
-        return TileSizes(32, 32, 32, 32, 32, 32)
-    if head_dim <= 64:
-        return TileSizes(128, 64, 32, 128, 128, 32)
-    return TileSizes(128, 64, 32, 64, 64, 32)
+def _upload(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Int32 CPU tensors -> views of ONE device tensor, copied without a host sync (pinned
+    source, non-blocking; the caching host allocator keeps it alive until the copy ran)."""
+    flat = torch.cat([p.reshape(-1).int() for p in parts])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    out, offset = [], 0
+    for p in parts:
+        out.append(flat[offset:offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return out
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything a launch needs to know about one layout, on the tensors' device."""
-
-    dense: bool
-    q_frames: torch.Tensor  # [Lq] int32
-    k_frames: torch.Tensor  # [Lk] int32
-    q_noisy: torch.Tensor   # [Lq] int32 (a 1-element placeholder unless teacher forcing)
-    k_noisy: torch.Tensor
-    fwd: TileVisits
-    dkdv: TileVisits
-    dq: TileVisits
-    scalars: dict           # runtime rule parameters and their constexpr flags
-
-
-_PLANS: OrderedDict = OrderedDict()
+def tile_runs(layout: AttentionLayout, kernel: str, cfg: KernelConfig,
+              device: torch.device) -> TileRuns:
+    """The run table of `kernel` for `layout` on `device`, cached on the layout's mask."""
+    key = (layout.mask_key(), kernel, cfg.block_m, cfg.block_n, str(device))
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    runs = layout.tile_runs(cfg.block_m, cfg.block_n, "key" if kernel == "dkdv" else "query")
+    table = TileRuns(*_upload([runs.start, runs.num_full, runs.runs, runs.order], device))
+    _TABLES[key] = table
+    if len(_TABLES) > TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
 
 
-def plan_for(layout: AttentionLayout, sizes: TileSizes, device: torch.device) -> Plan:
-    """The layout's ids and visit tables, built once per (layout content, sizes, device)."""
-    key = (layout.key(), sizes, str(device))
-    if key in _PLANS:
-        _PLANS.move_to_end(key)
-        return _PLANS[key]
-    q_frames, k_frames = layout.token_frames(device)
-    noisy = layout.token_noisy(device)
-    placeholder = torch.zeros(1, dtype=torch.int32, device=device)
-    q_noisy, k_noisy = noisy if noisy is not None else (placeholder, placeholder)
-    scalars = dict(
-        chunk=layout.chunk_frames or 1, window=layout.window_frames or 0,
-        sink=layout.sink_frames, HAS_CHUNK=layout.chunk_frames is not None,
-        HAS_WINDOW=layout.window_frames is not None, HAS_SINK=layout.sink_frames > 0,
-        NOISY=noisy is not None)
-    plan = Plan(
-        dense=layout.is_dense(), q_frames=q_frames, k_frames=k_frames,
-        q_noisy=q_noisy, k_noisy=k_noisy,
-        fwd=layout.tile_visits(sizes.fwd_m, sizes.fwd_n, "query").to(device),
-        dkdv=layout.tile_visits(sizes.dkdv_m, sizes.dkdv_n, "key").to(device),
-        dq=layout.tile_visits(sizes.dq_m, sizes.dq_n, "query").to(device),
-        scalars=scalars)
-    _PLANS[key] = plan
-    if len(_PLANS) > PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
-    return plan
+def _frame_ids(layout: AttentionLayout, device: torch.device) -> dict:
+    """Per-frame ids and rule parameters of a layout on `device` (memoised on the layout,
+    which the DiT shares between all layers of a pass)."""
+    def build():
+        qf, kf, qn, kn = _upload(list(layout.frame_ids()), device)
+        return dict(QF=qf, KF=kf, QN=qn, KN=kn, S=layout.tokens_per_frame,
+                    chunk=layout.chunk_frames or 1, window=layout.window_frames or 0,
+                    sink=layout.sink_frames, HAS_CHUNK=layout.chunk_frames is not None,
+                    HAS_WINDOW=layout.window_frames is not None,
+                    HAS_SINK=layout.sink_frames > 0, NOISY=layout.q_noisy is not None)
+    return layout._memo(("triton ids", str(device)), build)
 
 
-def _autotuned(kernel):
-    """Autotune warps and pipeline stages on a GPU; the interpreter takes one config."""
-    if INTERPRETED:
-        return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
-    return triton.autotune(configs, key=["Lq", "Lk", "HEAD_DIM", "BLOCK_M", "BLOCK_N",
-                                         "DENSE"])(kernel)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A table argument DENSE kernels never read."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-_fwd_kernel = _autotuned(kernels.attention_fwd)
-_dkdv_kernel = _autotuned(kernels.attention_bwd_dkdv)
-_dq_kernel = _autotuned(kernels.attention_bwd_dq)
+def _rule_args(layout: AttentionLayout, device: torch.device, dense: bool) -> dict:
+    if not dense:
+        return _frame_ids(layout, device)
+    none = _placeholder(device)
+    return dict(QF=none, KF=none, QN=none, KN=none, S=layout.tokens_per_frame, chunk=1,
+                window=0, sink=0, HAS_CHUNK=False, HAS_WINDOW=False, HAS_SINK=False,
+                NOISY=False)
 
 
+def _run_args(layout, kernel, cfg, device, dense) -> dict:
+    if dense:
+        none = _placeholder(device)
+        return dict(ORDER=none, RUN_START=none, RUN_FULL=none, RUNS=none)
+    t = tile_runs(layout, kernel, cfg, device)
+    return dict(ORDER=t.order, RUN_START=t.start, RUN_FULL=t.num_full, RUNS=t.runs)
+
+
+def host_plan(layout: AttentionLayout, device: torch.device, dtype: torch.dtype,
+              grad: bool, head_dim: int = 128) -> None:
+    """Build what a launch of `layout` needs on the host (ids, the forward's table; the
+    backward's when grad) with the default configs: benchmarks time the host side with it."""
+    dense = layout.is_dense()
+    if dense:
+        return
+    _frame_ids(layout, device)
+    for kernel in ("fwd", "dkdv", "dq") if grad else ("fwd",):
+        base = INTERPRETER_CONFIG if INTERPRETED else shipped_configs(kernel, head_dim, dtype)[0]
+        tile_runs(layout, kernel, base, device)
+
+
+# ---------------------------------------------------------------------------- launches
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, token) strides of a [B, L, H, D] tensor with unit stride over D."""
     return t.stride(0), t.stride(2), t.stride(1)
@@ -153,6 +163,17 @@ def _precision(dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+def on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on the current one (multi-GPU without set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_options(cfg: KernelConfig) -> dict:
+    if INTERPRETED:
+        return {}
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Triton-specific limits (shapes were checked by `dispatch.attention`)."""
     if q.dtype not in SUPPORTED_DTYPES:
@@ -163,51 +184,85 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"not supported; use one of {SUPPORTED_HEAD_DIMS} or backend='torch'")
 
 
-def attention_forward(q, k, v, layout: AttentionLayout, sizes: TileSizes):
+def attention_forward(q, k, v, layout: AttentionLayout, sizes: TileSizes | None = None):
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> (out [B, Lq, H, D], lse [B, H, Lq] fp32, base 2)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    plan = plan_for(layout, sizes, q.device)
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lq == 0:
         return out, lse
-    grid = (triton.cdiv(Lq, sizes.fwd_m), B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, plan.q_frames, plan.k_frames, plan.q_noisy, plan.k_noisy,
-        plan.fwd.start, plan.fwd.num_full, plan.fwd.tiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, Lq, Lk, LOG2E / math.sqrt(D), **plan.scalars, DENSE=plan.dense,
-        BLOCK_M=sizes.fwd_m, BLOCK_N=sizes.fwd_n, HEAD_DIM=D, **_precision(q.dtype))
+    dense = layout.is_dense()
+    with on_device(q):
+        rule = _rule_args(layout, q.device, dense)
+
+        def run(cfg):
+            runs = _run_args(layout, "fwd", cfg, q.device, dense)
+            kernels.attention_fwd[(B * H, triton.cdiv(Lq, cfg.block_m))](
+                q, k, v, out, lse, rule["QF"], rule["KF"], rule["QN"], rule["KN"],
+                runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                H, Lq, Lk, rule["S"], LOG2E / math.sqrt(D), rule["chunk"], rule["window"],
+                rule["sink"], DENSE=dense, HAS_CHUNK=rule["HAS_CHUNK"],
+                HAS_WINDOW=rule["HAS_WINDOW"], HAS_SINK=rule["HAS_SINK"], NOISY=rule["NOISY"],
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, **_precision(q.dtype),
+                **_launch_options(cfg))
+
+        run(choose_config("fwd", q, Lq, Lk, dense, run, sizes))
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout, sizes: TileSizes):
+def attention_backward(do, q, k, v, out, lse, layout: AttentionLayout,
+                       sizes: TileSizes | None = None):
     """dO [B, Lq, H, D] -> (dq, dk, dv) in the inputs' dtype."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    plan = plan_for(layout, sizes, q.device)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    kernels.attention_bwd_delta[(triton.cdiv(Lq, sizes.dq_m), B * H)](
-        out, do, delta, *_strides(out), *_strides(do), H, Lq, BLOCK_M=sizes.dq_m, HEAD_DIM=D)
+    dense = layout.is_dense()
     sm_scale = 1.0 / math.sqrt(D)
-    common = dict(H=H, Lq=Lq, Lk=Lk, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
-                  **plan.scalars, DENSE=plan.dense, HEAD_DIM=D, **_precision(q.dtype))
-    _dkdv_kernel[(triton.cdiv(Lk, sizes.dkdv_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv,
-        plan.q_frames, plan.k_frames, plan.q_noisy, plan.k_noisy,
-        plan.dkdv.start, plan.dkdv.num_full, plan.dkdv.tiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        BLOCK_M=sizes.dkdv_m, BLOCK_N=sizes.dkdv_n, **common)
-    _dq_kernel[(triton.cdiv(Lq, sizes.dq_m), B * H)](
-        q, k, v, do, lse, delta, dq,
-        plan.q_frames, plan.k_frames, plan.q_noisy, plan.k_noisy,
-        plan.dq.start, plan.dq.num_full, plan.dq.tiles,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        BLOCK_M=sizes.dq_m, BLOCK_N=sizes.dq_n, **common)
+    with on_device(q):
+        rule = _rule_args(layout, q.device, dense)
+        delta = torch.empty_like(lse)
+        kernels.attention_bwd_delta[(triton.cdiv(Lq, DELTA_ROWS), B * H)](
+            out, do, delta, *_strides(out), *_strides(do), H, Lq, BLOCK_M=DELTA_ROWS,
+            HEAD_DIM=D)
+        common = dict(H=H, Lq=Lq, Lk=Lk, S=rule["S"], sm_scale=sm_scale,
+                      qk_scale=sm_scale * LOG2E, chunk=rule["chunk"], window=rule["window"],
+                      sink=rule["sink"], DENSE=dense, HAS_CHUNK=rule["HAS_CHUNK"],
+                      HAS_WINDOW=rule["HAS_WINDOW"], HAS_SINK=rule["HAS_SINK"],
+                      NOISY=rule["NOISY"], HEAD_DIM=D, **_precision(q.dtype))
+        ids = (rule["QF"], rule["KF"], rule["QN"], rule["KN"])
+        fused = fused_dq_enabled()
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else lse
+
+        def run_dkdv(cfg):
+            runs = _run_args(layout, "dkdv", cfg, q.device, dense)
+            kernels.attention_bwd_dkdv[(B * H, triton.cdiv(Lk, cfg.block_n))](
+                q, k, v, do, lse, delta, dk, dv, dq_acc, *ids,
+                runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+                *(_strides(dq_acc) if fused else (0, 0, 0)),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSED_DQ=fused, **common,
+                **_launch_options(cfg))
+
+        def run_dq(cfg):
+            runs = _run_args(layout, "dq", cfg, q.device, dense)
+            kernels.attention_bwd_dq[(B * H, triton.cdiv(Lq, cfg.block_m))](
+                q, k, v, do, lse, delta, dq, *ids,
+                runs["ORDER"], runs["RUN_START"], runs["RUN_FULL"], runs["RUNS"],
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **_launch_options(cfg))
+
+        cfg = choose_config("dkdv", q, Lq, Lk, dense, run_dkdv, sizes, "+dq" if fused else "")
+        if fused:
+            dq_acc.zero_()  # tuning runs (if any) added to it
+        run_dkdv(cfg)
+        if fused:
+            dq = (dq_acc * sm_scale).to(q.dtype)
+        else:
+            run_dq(choose_config("dq", q, Lq, Lk, dense, run_dq, sizes))
     return dq, dk, dv
 
 
@@ -238,8 +293,6 @@ class TritonAttention(torch.autograd.Function):
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout,
                      sizes: TileSizes | None = None) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]. `sizes` overrides the tile sizes
-    (tests use it to put frame boundaries and masked tiles where they want them)."""
+    of the configs (tests use it to put frame boundaries and masked tiles where they want)."""
     check_inputs(q, k, v)
-    if sizes is None:
-        sizes = default_tile_sizes(q.shape[-1], q.device)
     return TritonAttention.apply(q, k, v, layout, sizes)

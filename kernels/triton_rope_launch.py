@@ -10,23 +10,25 @@ import torch
 import triton
 
 from . import triton_rope as kernels
-from .triton_launch import INTERPRETED, SUPPORTED_DTYPES
+from .triton_launch import INTERPRETED, SUPPORTED_DTYPES, on_device
 
-TILE_PAIRS = 4096               # pairs per [rows x pairs] tile on a GPU (registers)
-INTERPRETER_TILE_PAIRS = 16384  # the interpreter's cost is per tile: bigger tiles, fewer
-PAIRS_PER_WARP = 512            # warps grow with the tile, up to MAX_WARPS
+TILE_ELEMENTS = 4096             # elements per [rows x columns] tile on a GPU (registers)
+INTERPRETER_TILE_ELEMENTS = 16384  # the interpreter's cost is per tile: bigger tiles, fewer
+MAX_CHUNK = 1024                 # columns per chunk at most
+ELEMENTS_PER_WARP = 512          # warps grow with the tile, up to MAX_WARPS
 MAX_WARPS = 8
 INTERPRETER_PROGRAMS = 2        # backward row groups under the interpreter (few = fast)
 PROGRAMS_PER_SM = 4             # backward row groups per GPU multiprocessor
 
 
 def _tiles(width: int, num_rows: int) -> dict:
-    """Launch constants: BLOCK_P pairs (a whole row) x BLOCK_R rows, and warps."""
-    block_pairs = triton.next_power_of_2(width // 2)
-    budget = INTERPRETER_TILE_PAIRS if INTERPRETED else TILE_PAIRS
-    block_rows = max(1, min(budget // block_pairs, triton.next_power_of_2(max(num_rows, 1))))
-    warps = max(1, min(MAX_WARPS, block_rows * block_pairs // PAIRS_PER_WARP))
-    return dict(BLOCK_R=block_rows, BLOCK_P=block_pairs, num_warps=warps)
+    """Launch constants: BLOCK_C columns (the largest power of two dividing the even width,
+    so no lane idles) x BLOCK_R rows, and warps."""
+    block_cols = min(width & -width, MAX_CHUNK)
+    budget = INTERPRETER_TILE_ELEMENTS if INTERPRETED else TILE_ELEMENTS
+    block_rows = max(1, min(budget // block_cols, triton.next_power_of_2(max(num_rows, 1))))
+    warps = max(1, min(MAX_WARPS, block_rows * block_cols // ELEMENTS_PER_WARP))
+    return dict(BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=warps)
 
 
 def check_inputs(x, weight, cos, sin, num_heads: int) -> None:
@@ -67,9 +69,10 @@ class QKNormRope(torch.autograd.Function):
         rstd = torch.empty(B * L, dtype=torch.float32, device=x.device)
         tiles = _tiles(C, B * L)
         if B * L > 0:
-            kernels.qk_norm_rope_fwd[(triton.cdiv(B * L, tiles["BLOCK_R"]),)](
-                x, weight, cos, sin, out, rstd, x.stride(0), x.stride(1), cos.stride(0), L, C,
-                eps, B * L, HALF_D=head_dim // 2, **tiles)
+            with on_device(x):
+                kernels.qk_norm_rope_fwd[(triton.cdiv(B * L, tiles["BLOCK_R"]),)](
+                    x, weight, cos, sin, out, rstd, x.stride(0), x.stride(1), cos.stride(0), L,
+                    C, eps, B * L, HALF_D=head_dim // 2, **tiles)
         ctx.save_for_backward(x, weight, cos, sin, rstd)
         ctx.head_dim = head_dim
         return out
@@ -90,11 +93,13 @@ class QKNormRope(torch.autograd.Function):
         rows_per_program = triton.cdiv(num_rows, programs)
         programs = triton.cdiv(num_rows, rows_per_program) if num_rows else 1
         dw_partial = torch.zeros(programs, C, dtype=torch.float32, device=x.device)
+        tiles = _tiles(C, rows_per_program)
         if num_rows > 0:
-            kernels.qk_norm_rope_bwd[(programs,)](
-                x, weight, cos, sin, rstd, dout, dx, dw_partial, x.stride(0), x.stride(1),
-                cos.stride(0), L, C, num_rows, rows_per_program, HALF_D=ctx.head_dim // 2,
-                **_tiles(C, rows_per_program))
+            with on_device(x):
+                kernels.qk_norm_rope_bwd[(programs,)](
+                    x, weight, cos, sin, rstd, dout, dx, dw_partial, x.stride(0), x.stride(1),
+                    cos.stride(0), L, C, num_rows, rows_per_program, HALF_D=ctx.head_dim // 2,
+                    NUM_CHUNKS=triton.next_power_of_2(C // tiles["BLOCK_C"]), **tiles)
         dw = dw_partial.sum(0).to(weight.dtype)
         return dx, dw, None, None, None, None
 

@@ -81,30 +81,29 @@ class SelfAttention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x, rope, layout, backend, cache=None, layer=0, start_frame=0, commit=False):
-        """x [B, L, dim]; rope = (cos_q, sin_q, cos_k, sin_k): tables for the queries and for
-        all keys (with a cache: the cache slots read, then these frames)."""
+        """x [B, L, dim]; rope = (cos, sin, cos_k, sin_k). Without a cache: tables for the
+        queries and for the keys. With one: tables for this pass's frames (queries and new
+        keys alike), then for the sink keys or (None, None) (see KVCache.attention_kv)."""
         cos_q, sin_q, cos_k, sin_k = rope
+        if cache is not None:
+            cos_k, sin_k = cos_q, sin_q          # cached keys are stored already rotated
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if self.norm_q is not None:
+            q = qk_norm_rope(self.q(x), self.norm_q.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
+            k = qk_norm_rope(self.k(x), self.norm_k.weight, cos_k, sin_k, self.eps, self.num_heads, backend)
+        else:
+            q = apply_rope(self._norm(self.q(x), None), cos_q, sin_q)
+            k = apply_rope(self._norm(self.k(x), None), cos_k, sin_k)
         if cache is None:
-            if self.norm_q is not None:
-                q = qk_norm_rope(self.q(x), self.norm_q.weight, cos_q, sin_q, self.eps, self.num_heads, backend)
-                k = qk_norm_rope(self.k(x), self.norm_k.weight, cos_k, sin_k, self.eps, self.num_heads, backend)
-            else:
-                q = apply_rope(self._norm(self.q(x), None), cos_q, sin_q)
-                k = apply_rope(self._norm(self.k(x), None), cos_k, sin_k)
             # under autocast v is bf16 while the fp32 norm/RoPE tables promote q and k
             return self.o(attention(q.to(v.dtype), k.to(v.dtype), v, layout, backend=backend).flatten(2))
-        q = apply_rope(self._norm(self.q(x), self.norm_q), cos_q, sin_q)
-        k_new = self._norm(self.k(x), self.norm_k)          # before RoPE: what the cache stores
-        read = cos_k.shape[0] - k_new.shape[1]               # cached key tokens this pass reads
-        k_pre, v_all = k_new, v
-        if read:
-            k_pre = torch.cat([cache.k[layer][:, :read].to(k_new.dtype), k_new], dim=1)
-            v_all = torch.cat([cache.v[layer][:, :read].to(v.dtype), v], dim=1)
-        k_all = apply_rope(k_pre, cos_k, sin_k).to(v.dtype)
-        out = attention(q.to(v.dtype), k_all, v_all, layout, backend=backend)
+        sink_rope = rope[2:] if rope[2] is not None else None
+        read = layout.num_keys - k.shape[1]                  # cached key tokens this pass reads
+        k_all, v_all = cache.attention_kv(layer, read, k, v, sink_rope)
+        out = attention(q.to(v_all.dtype), k_all, v_all, layout, backend=backend)
         if commit:
-            cache.write(layer, start_frame, k_new.detach(), v.detach())
+            k_pre = self._norm(self.k(x), self.norm_k).detach() if cache.needs_pre_rope(start_frame) else None
+            cache.write(layer, start_frame, k.detach(), v.detach(), k_pre)
         return self.o(out.flatten(2))
 
 
@@ -360,11 +359,14 @@ class CausalDiT(nn.Module):
         k_frames = [fr if fr != EMPTY and fr < start else EMPTY for fr in cache.slot_frame[:used]]
         layout = AttentionLayout.cached(q_frames, k_frames + q_frames, cache.tokens_per_frame,
                                         cache.chunk_frames, cache.window_frames, cache.sink_frames)
+        # Stored keys are rotated at their own positions and RoPE scores depend only on
+        # position differences: this pass rotates only its own frames (and a moving sink).
         q_pos = [fr + cache.rope_offset for fr in q_frames]
-        k_pos = cache.key_positions(q_pos)
-        base = min(q_pos + [p for i, p in enumerate(k_pos) if k_frames[i] != EMPTY and i >= cache.sink_frames])
-        cos_q, sin_q = rope_tables(self.config, [p - base for p in q_pos], h, w, device)
-        cos_k, sin_k = rope_tables(self.config, [p - base for p in k_pos + q_pos], h, w, device)
+        cos_q, sin_q = rope_tables(self.config, q_pos, h, w, device)
+        cos_k = sin_k = None
+        if cache.moves_sink and used:
+            sink_pos = cache.key_positions(q_pos)[:min(cache.sink_frames, used)]
+            cos_k, sin_k = rope_tables(self.config, sink_pos, h, w, device)
         return layout, (cos_q, sin_q, cos_k, sin_k), ctx_kv
 
     # ------------------------------------------------------------------ weights

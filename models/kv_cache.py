@@ -1,22 +1,31 @@
 """KVCache: preallocated per-layer keys/values for streaming generation.
 
-Layout of the self-attention store (one [B, slots * S, H, D] buffer per layer for keys and
-one for values, S = tokens per frame, allocated once):
+Layout of the self-attention store (one [B, (slots + chunk_frames) * S, H, D] buffer per
+layer for keys and one for values, S = tokens per frame, allocated once):
 
     slots [0, sink_frames)            the sink: frames 0..sink_frames-1, kept forever
     slots [sink_frames, slots)        the ring: the most recent frames, oldest overwritten
+    chunk_frames staging slots        scratch for the frames of the pass in flight
 
 With a window of W frames and chunks of c frames, the ring holds W - c frames: exactly the
 past frames the next chunk's queries can see (the window counts back from the end of the
 query chunk and includes it), so in steady state every cached key is visible and the
 attention call is dense. Without a window the ring holds `max_frames` frames and fills up.
 
-Keys are stored AFTER the QK RMSNorm but BEFORE RoPE, together with their frame index (for
-visibility) and their RoPE position (frame + rope_offset at commit time). The DiT rotates
-them at attention time by positions re-based to the window, so a stream never runs past the
-RoPE table and memory stays constant once the window is full.
+Keys are stored AFTER the QK RMSNorm and AFTER RoPE, rotated at their RoPE position (frame +
+rope_offset at commit time), together with their frame index (for visibility) and that
+position. RoPE scores depend only on position differences, so queries rotated at their own
+positions see cached keys exactly as if everything had been re-based to the window: no
+cached key is ever re-rotated, except the sink under sink_rope="adjacent", whose position
+moves with the window. Those few frames are also kept before RoPE (`sink_k`) and rotated
+afresh for every pass (never rotated twice, so no rounding accumulates over a long stream).
 
-Reading never changes the cache: a denoising pass calls the DiT with `commit=False`.
+A pass reads the used slots and its own keys as ONE contiguous range (`attention_kv`): its
+new keys/values are copied into the slots right after the used ones (empty by definition,
+or the staging slots), so no pass concatenates the whole cache. Passes that carry
+gradients concatenate instead (the buffers are never part of an autograd graph).
+
+Reading never changes the stored frames: a denoising pass calls the DiT with `commit=False`.
 The clean pass (`commit=True`) writes the frames it saw; stored frames at or after its start
 frame are dropped first, so re-committing (recache) is safe. Nothing is cloned per step.
 
@@ -29,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ForcelabError
+from ..kernels import apply_rope
 from ..validate import non_negative_int, optional, positive_int
 from .config import SINK_ROPE_POLICIES
 
@@ -63,9 +73,14 @@ class KVCache:
         self.sink_rope = sink_rope
         self.tokens_per_frame = tokens_per_frame
         self.num_slots = sink_frames + ring
-        shape = (batch_size, self.num_slots * tokens_per_frame, num_heads, head_dim)
+        self.capacity = self.num_slots + chunk_frames   # + the staging slots of one chunk
+        shape = (batch_size, self.capacity * tokens_per_frame, num_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # the sink before RoPE, for the "adjacent" policy (its position moves with the window)
+        sink_shape = (batch_size, sink_frames * tokens_per_frame, num_heads, head_dim)
+        self.sink_k = ([torch.zeros(sink_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+                       if self.moves_sink else [])
         self.slot_frame = [EMPTY] * self.num_slots
         self.slot_position = [0] * self.num_slots
         self.rope_offset = 0     # added to frame indices to get RoPE positions (RoPE cut)
@@ -74,6 +89,11 @@ class KVCache:
         self.context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def moves_sink(self) -> bool:
+        """True when the sink's RoPE position follows the window ("adjacent" policy)."""
+        return self.sink_rope == "adjacent" and self.sink_frames > 0
+
     @property
     def stored_frames(self) -> list[int]:
         return sorted(f for f in self.slot_frame if f != EMPTY)
@@ -86,7 +106,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        n = sum(t.numel() * t.element_size() for t in self.k + self.v + self.sink_k)
         if self.context_kv is not None:
             n += sum(t.numel() * t.element_size() for kv in self.context_kv for t in kv)
         return n
@@ -94,8 +114,9 @@ class KVCache:
     def key_positions(self, query_positions: list[int]) -> list[int]:
         """RoPE positions of slots [0, used_slots), under the sink policy.
 
-        "true_distance": every key at its own position. "adjacent": the sink frames sit just
-        before the oldest non-sink frame in view (Rolling Forcing / Deep Forcing)."""
+        "true_distance": every key at its own position (the one its stored keys are rotated
+        at). "adjacent": the sink frames sit just before the oldest non-sink frame in view
+        (Rolling Forcing / Deep Forcing)."""
         used = self.used_slots
         pos = list(self.slot_position[:used])
         if self.sink_rope == "adjacent" and self.sink_frames:
@@ -112,6 +133,39 @@ class KVCache:
             raise ForcelabError(f"KVCache: a prompt batch of {context_kv[0][0].shape[0]} for a cache made for "
                                 f"batch {self.batch_size}; give one prompt embedding per video")
         self.context_kv = context_kv
+
+    # ------------------------------------------------------------------ reading
+    def attention_kv(self, layer: int, read: int, k_new: torch.Tensor, v_new: torch.Tensor,
+                     sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Keys and values a pass attends to: the first `read` cached key tokens (the used
+        slots when the pass began: a committing pass assigns slots in layer 0), then its own.
+
+        k_new (rotated), v_new: [B, n, H, D]. sink_rope: (cos, sin) [sink tokens, D/2] at
+        the sink's current positions when `moves_sink` (the sink keys are rotated afresh).
+        Returns k, v [B, read + n, H, D]: views of the store when the pass carries no
+        gradient and fits (no copy of the cache), else a concatenation."""
+        S = self.tokens_per_frame
+        n = k_new.shape[1]
+        sink = None
+        if self.moves_sink and sink_rope is not None:
+            tokens = min(self.sink_frames * S, read)
+            sink = apply_rope(self.sink_k[layer][:, :tokens], sink_rope[0][:tokens], sink_rope[1][:tokens])
+        kb, vb = self.k[layer], self.v[layer]
+        if not (k_new.requires_grad or v_new.requires_grad) and read + n <= kb.shape[1]:
+            with torch.no_grad():
+                kb[:, read:read + n].copy_(k_new)
+                vb[:, read:read + n].copy_(v_new)
+                if sink is not None:
+                    kb[:, :sink.shape[1]].copy_(sink)
+            return kb[:, :read + n], vb[:, :read + n]
+        k_parts = [kb[:, :read], k_new]
+        if sink is not None:
+            k_parts = [sink, kb[:, sink.shape[1]:read], k_new]
+        return torch.cat(k_parts, dim=1), torch.cat([vb[:, :read], v_new], dim=1)
+
+    def needs_pre_rope(self, start_frame: int) -> bool:
+        """Whether a commit from start_frame writes sink frames that are kept before RoPE."""
+        return self.moves_sink and start_frame < self.sink_frames
 
     # ------------------------------------------------------------------ writing
     def _slot_for(self, frame: int) -> int:
@@ -136,10 +190,14 @@ class KVCache:
                 self.slot_frame[s] = EMPTY
         self.end_frame = min(self.end_frame, frame)
 
-    def write(self, layer: int, start_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store keys (pre-RoPE) and values of frames [start_frame, start_frame + n).
+    def write(self, layer: int, start_frame: int, k: torch.Tensor, v: torch.Tensor,
+              k_pre_rope: torch.Tensor | None = None) -> None:
+        """Store keys (rotated at frame + rope_offset) and values of frames
+        [start_frame, start_frame + n).
 
-        k, v: [B, n * S, H, D]. Slots are assigned when layer 0 writes; all layers share them."""
+        k, v: [B, n * S, H, D]. k_pre_rope: the same keys before RoPE, needed when
+        `needs_pre_rope(start_frame)` (sink frames under the "adjacent" policy).
+        Slots are assigned when layer 0 writes; all layers share them."""
         S = self.tokens_per_frame
         n = k.shape[1] // S
         if layer == 0:
@@ -154,13 +212,19 @@ class KVCache:
             self.end_frame = start_frame + n
         # the last writer of a slot wins (a commit longer than the ring keeps its newest frames)
         last = {s: i for i, s in enumerate(self._pending) if s != EMPTY}
-        kb = self.k[layer].view(k.shape[0], self.num_slots, S, *k.shape[2:])
+        if self.needs_pre_rope(start_frame) and k_pre_rope is None:
+            raise ForcelabError("KVCache.write: sink frames under sink_rope='adjacent' need the "
+                                "keys before RoPE (k_pre_rope)")
+        kb = self.k[layer].view(k.shape[0], self.capacity, S, *k.shape[2:])
         vb = self.v[layer].view(kb.shape)
         ks, vs = k.view(k.shape[0], n, S, *k.shape[2:]), v.view(k.shape[0], n, S, *k.shape[2:])
         with torch.no_grad():
             for s, i in last.items():
                 kb[:, s].copy_(ks[:, i])
                 vb[:, s].copy_(vs[:, i])
+                if s < self.sink_frames and self.moves_sink:
+                    sink = self.sink_k[layer].view(k.shape[0], self.sink_frames, S, *k.shape[2:])
+                    sink[:, s].copy_(k_pre_rope.view(ks.shape)[:, i])
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict:
@@ -172,6 +236,7 @@ class KVCache:
             return t.detach().to("cpu", copy=True)
         kv = None if self.context_kv is None else [[copy(k), copy(v)] for k, v in self.context_kv]
         return {"k": [copy(t) for t in self.k], "v": [copy(t) for t in self.v],
+                "sink_k": [copy(t) for t in self.sink_k],
                 "slot_frame": list(self.slot_frame), "slot_position": list(self.slot_position),
                 "rope_offset": self.rope_offset, "end_frame": self.end_frame, "context_kv": kv}
 
@@ -182,7 +247,7 @@ class KVCache:
             raise ForcelabError(f"KVCache: saved state has layers of shape {shapes[:1]} x {len(shapes)}, this "
                                 f"cache {tuple(self.k[0].shape)} x {len(self.k)}; make it with the same options")
         with torch.no_grad():
-            for dst, src in zip(self.k + self.v, state["k"] + state["v"]):
+            for dst, src in zip(self.k + self.v + self.sink_k, state["k"] + state["v"] + state["sink_k"]):
                 dst.copy_(src)
         self.slot_frame, self.slot_position = list(state["slot_frame"]), list(state["slot_position"])
         self.rope_offset, self.end_frame = int(state["rope_offset"]), int(state["end_frame"])

@@ -176,3 +176,69 @@ def test_adjacent_sink_sits_just_before_the_window():
         other = model(q, mid, cache=true_dist, start_frame=12)
     assert max_rel(got, expect) <= 1e-5
     assert max_rel(other, expect) > 1e-4  # the policy matters
+
+
+def test_rope_tables_join_axes_exactly():
+    """The temporal part joined on the device to the memoised row/column part equals the
+    table of the concatenated float64 angles (cos of a concatenation = concatenation of cos)."""
+    from forcelab.models.rope import _inv_freq, rope_tables
+    cfg = DiTConfig.preset("toy")
+    positions, h, w = [5, 6, 1000], 3, 4
+    cos, sin = rope_tables(cfg, positions, h, w)
+    dt, dh, dw = cfg.rope_axis_dims
+    theta = float(cfg.rope_theta)
+    rows = []
+    for p in positions:
+        for i in range(h):
+            for j in range(w):
+                rows.append(torch.cat([p * _inv_freq(dt, theta), i * _inv_freq(dh, theta),
+                                       j * _inv_freq(dw, theta)]))
+    ang = torch.stack(rows)
+    assert torch.equal(cos, ang.cos().float()) and torch.equal(sin, ang.sin().float())
+
+
+def test_read_pass_attends_to_views_of_the_store():
+    """No gradient: a pass's keys/values are copied after the used slots and attention reads
+    one view of the cache (no concatenation); with gradients it concatenates and the store
+    stays out of the graph."""
+    model = toy_model(layers=1)
+    cache = model.new_cache(1, 4, 4, chunk_frames=2, window_frames=4, sink_frames=0)
+    model.set_prompt(cache, torch.randn(1, 4, 32))
+    with torch.no_grad():
+        model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1), cache=cache, commit=True)
+    S = cache.tokens_per_frame
+    k_new, v_new = torch.randn(2, 1, 2 * S, model.config.num_heads, model.config.head_dim).unbind(0)
+    k, v = cache.attention_kv(0, 2 * S, k_new, v_new)
+    assert k.data_ptr() == cache.k[0].data_ptr() and v.data_ptr() == cache.v[0].data_ptr()
+    assert torch.equal(k[:, 2 * S:], k_new) and torch.equal(v[:, 2 * S:], v_new)
+    assert cache.stored_frames == [0, 1]                     # reading changed nothing stored
+    k_grad = k_new.clone().requires_grad_()
+    k, v = cache.attention_kv(0, 2 * S, k_grad, v_new)
+    assert k.data_ptr() != cache.k[0].data_ptr() and k.requires_grad
+    assert torch.equal(k[:, :2 * S], cache.k[0][:, :2 * S]) and not cache.k[0].requires_grad
+
+
+def test_adjacent_sink_is_rotated_from_its_pre_rope_keys():
+    """The moving sink is rotated afresh from the keys before RoPE at every pass: after many
+    passes its keys are exactly one rotation of the stored pre-RoPE keys (no drift)."""
+    from forcelab.kernels import apply_rope
+    from forcelab.models.rope import rope_tables
+    model = toy_model(layers=1)
+    cfg = model.config
+    B, H, W, chunk = 1, 4, 4, 1
+    cache = model.new_cache(B, H, W, chunk_frames=chunk, window_frames=3, sink_frames=1,
+                            sink_rope="adjacent", dtype=torch.bfloat16)
+    model.set_dtype(torch.bfloat16)
+    model.set_prompt(cache, torch.randn(B, 4, 32))
+    with torch.no_grad():
+        for f in range(12):
+            model(torch.randn(B, 48, 1, H, W), torch.zeros(B), cache=cache, start_frame=f, commit=True)
+    S = cache.tokens_per_frame
+    assert cache.stored_frames == [0, 10, 11]
+    q_pos = [12]
+    sink_pos = cache.key_positions(q_pos)[:1]
+    assert sink_pos == [9]                                   # just before frame 10
+    cos, sin = rope_tables(cfg, sink_pos, H // 2, W // 2)
+    k_new = torch.zeros(B, S, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16)
+    k, _ = cache.attention_kv(0, cache.used_slots * S, k_new, k_new, (cos, sin))
+    assert torch.equal(k[:, :S], apply_rope(cache.sink_k[0], cos, sin))

@@ -38,7 +38,8 @@ def launch():
     return triton_backend()
 
 
-def run_case(layout, dtype, batch=2, heads=2, head_dim=32, sizes=None, seed=0, make_qkv=None):
+def run_case(layout, dtype, batch=2, heads=2, head_dim=32, sizes=None, seed=0, make_qkv=None,
+             device=DEVICE):
     """Forward and backward of the kernel and of the float64 reference; compare all four."""
     gen = torch.Generator().manual_seed(seed)
     q_shape = (batch, layout.num_queries, heads, head_dim)
@@ -50,10 +51,10 @@ def run_case(layout, dtype, batch=2, heads=2, head_dim=32, sizes=None, seed=0, m
     want_out = attention_reference(*want_leaves, layout)
     want = (want_out, *torch.autograd.grad(want_out, want_leaves, d_out.double()))
 
-    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     inputs = make_qkv(*leaves) if make_qkv else leaves
     out = launch().triton_attention(*inputs, layout, sizes)
-    got = (out, *torch.autograd.grad(out, leaves, d_out.to(DEVICE)))
+    got = (out, *torch.autograd.grad(out, leaves, d_out.to(device)))
 
     tol = TOLERANCE[dtype]
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
@@ -124,7 +125,7 @@ def random_layout(rng: random.Random, heads: int = 1) -> AttentionLayout:
             slots = [f if rng.random() < 0.8 else -1 for f in range(first)]
             rng.shuffle(slots)
             layout = AttentionLayout.cached(query, slots + query, tokens, chunk, window, sink)
-        work = heads * layout.tile_visits(32, 32).tiles.numel()
+        work = heads * layout.tile_runs(32, 32).num_visits
         if max(layout.num_queries, layout.num_keys) <= MAX_TOKENS and work <= MAX_TILE_VISITS:
             return layout
 
@@ -187,7 +188,7 @@ def brute_force_tiles(layout, block_m, block_n):
 
 
 @pytest.mark.parametrize("case", range(8))
-def test_tile_visits_match_token_mask(case):
+def test_tile_runs_match_token_mask(case):
     rng = random.Random(case)
     layout = random_layout(rng)
     block_m, block_n = rng.choice([8, 16, 32]), rng.choice([8, 16, 64])
@@ -195,24 +196,83 @@ def test_tile_visits_match_token_mask(case):
     any_got, all_got = layout.tile_visibility(block_m, block_n)
     assert torch.equal(any_got, any_want) and torch.equal(all_got, all_want)
     for by, visible in (("query", any_want), ("key", any_want.T)):
-        visits = layout.tile_visits(block_m, block_n, by)
+        table = layout.tile_runs(block_m, block_n, by)
+        assert sorted(table.order.tolist()) == list(range(visible.shape[0]))
+        work = visible.sum(1)
+        assert (work[table.order.long()].diff() <= 0).all()  # heaviest rows first
         for row in range(visible.shape[0]):
-            tiles = visits.tiles[visits.start[row]:visits.start[row + 1]].tolist()
+            tiles = table.tiles(row)
             assert sorted(tiles) == visible[row].nonzero().flatten().tolist()
-            for t in tiles[:visits.num_full[row]]:  # the unmasked loop: every pair visible
+            runs = table.runs[table.start[row]:table.start[row + 1]].tolist()
+            assert all(lo < hi for lo, hi in runs)
+            for t in tiles[:table.num_full_tiles(row)]:  # the unmasked loop: every pair visible
                 m, n = (row, t) if by == "query" else (t, row)
                 block = layout.token_mask()[m * block_m:(m + 1) * block_m,
                                             n * block_n:(n + 1) * block_n]
                 assert block.all() and block.shape == (block_m, block_n)
+            # maximal runs: two runs of the same kind never touch
+            full, part = runs[:table.num_full[row]], runs[table.num_full[row]:]
+            for group in (full, part):
+                assert all(a[1] < b[0] for a, b in zip(group, group[1:]))
 
 
 def test_block_causal_skips_masked_tiles():
-    """Wan's training shape: 21 frames x 1560 tokens, chunk 3 -> ~57% of tiles visited."""
+    """Wan's training shape: 21 frames x 1560 tokens, chunk 3 -> ~57% of tiles visited, in
+    at most 2 runs per query tile (the full prefix, the partial tile at a chunk boundary)."""
     layout = AttentionLayout.block_causal(21, 1560, chunk_frames=3)
-    visits = layout.tile_visits(128, 64)
+    table = layout.tile_runs(128, 64)
     total = layout.tile_visibility(128, 64)[0].numel()
-    assert 0.5 < visits.tiles.numel() / total < 0.65
-    assert visits.num_full.sum() > 0.9 * visits.tiles.numel()  # most tiles skip the mask
+    assert 0.5 < table.num_visits / total < 0.65
+    full = sum(table.num_full_tiles(r) for r in range(table.start.numel() - 1))
+    assert full > 0.9 * table.num_visits  # most tiles skip the mask
+    assert (table.start.diff() <= 2).all()
+    # window + sink: sink run, its boundary tile, the window (partial start, full, partial end)
+    sink = AttentionLayout.block_causal(21, 1560, 3, window_frames=12, sink_frames=3)
+    assert (sink.tile_runs(128, 64).start.diff() <= 5).all()
+
+
+# Layouts whose rows hold several runs of each kind at 16-token tiles: a sink run and a
+# window run with a gap between them; cache slots scattered with empty ones between;
+# teacher forcing's clean and noisy runs.
+RUN_LAYOUTS = {
+    "sink_gap": AttentionLayout.block_causal(12, 8, chunk_frames=2, window_frames=4,
+                                             sink_frames=2),
+    "scattered_slots": AttentionLayout.cached([10, 11], [0, -1, 6, -1, 8, 9, -1, 7, 10, 11], 16,
+                                              chunk_frames=2, window_frames=6, sink_frames=1),
+    "teacher_runs": AttentionLayout.teacher_forcing(6, 8, chunk_frames=2, window_frames=4,
+                                                    sink_frames=1),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_LAYOUTS))
+def test_multi_run_layouts(name):
+    layout = RUN_LAYOUTS[name]
+    table = layout.tile_runs(16, 16)
+    assert (table.start.diff() >= 2).any()  # the case this test is for: several runs per row
+    sizes = launch().TileSizes(16, 16, 16, 16, 16, 16)
+    run_case(layout, torch.bfloat16 if name == "sink_gap" else torch.float32, batch=1,
+             sizes=sizes, seed=7)
+
+
+@pytest.mark.parametrize("name,dtype", [("window_sink", torch.bfloat16),
+                                        ("teacher_window_sink", torch.float32),
+                                        ("cached_dense", torch.float16)], ids=str)
+def test_fused_dq(name, dtype, monkeypatch):
+    """dQ accumulated by the dK/dV kernel (atomics) instead of its own kernel."""
+    monkeypatch.setenv(launch().FUSED_DQ_ENV, "1")
+    run_case(NAMED_LAYOUTS[name], dtype, batch=1, seed=3)
+
+
+def test_fused_dq_multi_runs(monkeypatch):
+    monkeypatch.setenv(launch().FUSED_DQ_ENV, "1")
+    run_case(RUN_LAYOUTS["scattered_slots"], torch.float32, batch=1,
+             sizes=launch().TileSizes(16, 16, 16, 16, 16, 16), seed=4)
+
+
+def test_dense_run_through_dispatch_equals_reference():
+    """A dense layout whose length is not a tile multiple: one full run + one cut tile."""
+    run_case(AttentionLayout.cached([2, 3], [0, 1, 2, 3], 13, chunk_frames=2), torch.float16,
+             batch=1)
 
 
 # ---------------------------------------------------------------------------- GPU only
@@ -231,3 +291,31 @@ def test_gpu_wan_shapes(dtype):
              heads=4, head_dim=128)
     run_case(AttentionLayout.cached([9, 10, 11], list(range(12)), 156, 3), dtype,
              heads=4, head_dim=128)
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+def test_gpu_fused_dq(monkeypatch):
+    monkeypatch.setenv(launch().FUSED_DQ_ENV, "1")
+    run_case(AttentionLayout.block_causal(9, 156, 3, window_frames=6, sink_frames=1),
+             torch.bfloat16, heads=4, head_dim=128)
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+def test_gpu_autotuned_configs(monkeypatch, tmp_path):
+    """With tuning on, every candidate runs once and the result stays exact."""
+    monkeypatch.setenv(launch().AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(launch().TUNING_FILE_ENV, str(tmp_path / "tuning.json"))
+    run_case(AttentionLayout.block_causal(6, 156, 3), torch.bfloat16, heads=2, head_dim=128)
+    assert (tmp_path / "tuning.json").exists()
+
+
+@pytest.mark.gpu
+@needs_compiled_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launches follow the tensors."""
+    assert torch.cuda.current_device() == 0
+    run_case(AttentionLayout.block_causal(6, 156, 3, window_frames=3), torch.bfloat16,
+             heads=2, head_dim=64, device=torch.device("cuda", 1))

@@ -17,6 +17,7 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 from forcelab.kernels import AttentionLayout, attention, dispatch, qk_norm_rope  # noqa: E402
+from forcelab.kernels.reference import attention_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not dispatch.triton_installed(), reason="needs triton")
@@ -152,3 +153,23 @@ def test_interpreter_after_triton_was_imported():
         "diff = attention(q, q, q, layout, 'triton') - attention(q, q, q, layout, 'torch')\n"
         "assert diff.abs().max() < 1e-5, diff.abs().max()\n")
     run_without_interpreter(script)
+
+
+def test_dense_layouts_go_to_sdpa_without_tables(monkeypatch):
+    """Automatic backend: a dense layout never reaches the Triton backend (no visit tables),
+    a masked one does (when the automatic choice picks triton)."""
+    def no_triton():
+        raise AssertionError("the Triton backend was asked for")
+    monkeypatch.setattr(dispatch, "triton_backend", no_triton)
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda *a, **k: "triton")
+    dense = LAYOUTS["cached_dense"]
+    q, k, v = qkv(dense)
+    torch.testing.assert_close(attention(q, k, v, dense), attention_reference(q, k, v, dense))
+    masked = LAYOUTS["cached_empty_slot"]
+    with pytest.raises(AssertionError, match="was asked for"):
+        attention(*qkv(masked), masked)
+
+
+def test_automatic_backend_sends_fp32_to_torch():
+    assert torch.float32 not in dispatch.TRITON_AUTO_DTYPES
+    assert set(dispatch.TRITON_AUTO_DTYPES) == {torch.float16, torch.bfloat16}
