@@ -145,3 +145,15 @@ def test_resume_is_bit_exact(tmp_path, teacher_dir):
         wa, wb = (load_file(str(tmp_path / d / "run" / "checkpoint-000006" / role / "diffusion_pytorch_model.safetensors"))
                   for d in "ab")
         assert all(torch.equal(wa[k], wb[k]) for k in wa), role
+
+
+def test_the_critic_rollout_builds_no_graph(trainer):
+    recipe, model = trainer.recipe, trainer.module("generator")
+    batch, positions = trainer.next_batch()
+    ctx = StepContext(1, 0, 0, positions, torch.device("cpu"))
+    calls, handle = record_passes(model)
+    with torch.no_grad():
+        out = recipe.generate(batch, ctx, grad=False)
+    handle.remove()
+    assert not any(g for g, *_ in calls) and not out.x0.requires_grad
+    assert out.mask.all() and (out.x0.abs().sum(dim=(1, 3, 4)) > 0).all()

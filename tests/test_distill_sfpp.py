@@ -68,6 +68,19 @@ def test_gradients_only_in_the_window(trainer):
     del recipe.draw_window
 
 
+def test_the_critic_rollout_builds_no_graph(trainer):
+    recipe, model = trainer.recipe, trainer.module("generator")
+    batch, positions = trainer.next_batch()
+    forced(recipe, 6, 1)
+    calls = []
+    h = model.register_forward_hook(lambda m, a, k, o: calls.append(torch.is_grad_enabled()), with_kwargs=True)
+    with torch.no_grad():
+        out = recipe.generate(batch, StepContext(0, 0, 0, positions, torch.device("cpu")), grad=False)
+    h.remove()
+    del recipe.draw_window
+    assert calls and not any(calls) and not out.x0.requires_grad and out.mask.all()
+
+
 def test_window_start_is_chunk_aligned_over_the_long_rollout(tmp_path, trainer, teacher_dir):
     ctxs = [StepContext(s, m, 0, [0], torch.device("cpu")) for s in range(60) for m in range(2)]
     draws = [trainer.recipe.draw_window(c) for c in ctxs]
