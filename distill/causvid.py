@@ -1,6 +1,7 @@
 """CausVid: DMD on noised REAL latents, without a self-rollout.
 
-Per clip x0 [B, C, F, H, W] (data kind "latents": the toy world or latent shards):
+Per clip x0 [B, C, F, H, W] (data kind "latents": the toy world or latent shards; the first
+`frames` latent frames of each clip):
 each chunk of `chunk_frames` frames picks its own level from `levels` (per sample, from the
 sample's position: train.timesteps.choose_levels), default the student's denoising list plus
 0 - CausVid's [1000, 757, 522, 0]; the clip is noised chunk by chunk,
@@ -66,8 +67,12 @@ class CausVidRecipe(DMDRecipe):
             self.levels, n, frames, self.chunk, generator=generator))
 
     def generate(self, batch, ctx, grad):
-        x0, context = batch["latent"], batch["text_emb"]
-        t = self.chunk_levels(ctx, x0.shape[2])
+        x0, context, F = batch["latent"], batch["text_emb"], self.opt.frames
+        if x0.shape[2] < F:
+            raise ConfigError(f"causvid: clips have {x0.shape[2]} latent frames, algo.frames asks for {F}; "
+                              f"lower algo.frames or use longer clips (data.frames)")
+        x0 = x0[:, :, :F]
+        t = self.chunk_levels(ctx, F)
         sigma = timestep_to_sigma(t)
         x_t = add_noise(x0, ctx.normal(x0.shape[1:], NOISE_DRAW).to(x0.dtype), sigma)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):

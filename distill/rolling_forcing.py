@@ -52,7 +52,8 @@ _PROB_RESOLUTION = 1 << 20      # a shared integer draw turned into a Bernoulli(
 
 @dataclass
 class RollingForcingOptions(SelfForcingOptions):
-    steps: list[float] = field(default_factory=lambda: [1000.0, 800.0, 600.0, 400.0, 200.0])  # Rolling Forcing's list (warped)
+    # Rolling Forcing's list (warped): 5 levels -> a rolling window of 5 chunks
+    steps: list[float] = field(default_factory=lambda: [1000.0, 800.0, 600.0, 400.0, 200.0])
     rolling_prob: float = 0.5           # share of rolling rollouts; the rest are chunk-wise (public: 0.5)
     window_frames: int | None = None    # attention window incl. the query chunk (None: the generator's config; 0: none)
     sink_frames: int | None = None      # attention sink: first frames kept visible (None: the generator's config)

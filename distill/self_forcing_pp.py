@@ -12,13 +12,13 @@ horizon), c = chunk_frames, S = len(steps):
 2. Long rollout, no gradients: the chunk-wise plan with an attention window of
    `window_frames` (a rolling KV cache: constant memory however long the video; no sink by
    default) generates frames [0, s) into the cache C_s, then frames [s, s + T) from a copy of
-   C_s -> the window's clean frames x̂. Frames after s + T cannot influence the window (the
+   C_s -> the window's clean frames x_hat. Frames after s + T cannot influence the window (the
    student is causal), so the rollout stops there: the same window as a rollout of all L
    frames would give, for less work. L only decides where windows may start.
 3. Backward-noise initialisation: the window is re-generated from C_s by the rollout engine
    with the chunk-wise plan over the tail timesteps[e:] of the denoising list, each chunk
    entering at level t_e with the latent
-        x_{t_e} = (1 - sigma_e) x̂_chunk + sigma_e eps      (fresh eps)
+        x_{t_e} = (1 - sigma_e) x_hat_chunk + sigma_e eps      (fresh eps)
    instead of pure noise, and stopping at that first pass, which runs WITH gradients
    (`Training(exit_step=0)`): x0 = G(x_{t_e}, t_e | cache). As in Self-Forcing, the chunk's x0
    is both its output and (after the clean pass) the context of the next window chunk. This
@@ -31,7 +31,8 @@ horizon), c = chunk_frames, S = len(steps):
    window that does not start the video gets its first frame re-encoded (a clip's first
    latent, as in Self-Forcing) and that chunk is left out of the generator's loss.
 
-Sampling (`forcelab generate`, samples): the same windowed chunk-wise plan over any length.
+Samples during training: the same windowed chunk-wise plan (`forcelab generate --window` for
+the exported student).
 The paper's optional GRPO stage (optical-flow reward) is not part of this recipe.
 """
 
@@ -54,7 +55,7 @@ DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizo
 
 @dataclass
 class SelfForcingPPOptions(DMDOptions):
-    rollout_frames: int | None = None   # the long rollout: windows start in [0, rollout_frames - frames] (None: 4 x frames)
+    rollout_frames: int | None = None   # long rollout; windows start in [0, rollout_frames - frames] (None: 4 x frames)
     window_frames: int | None = None    # the student's attention window = rolling KV cache (None: frames; 0: none)
     sink_frames: int = 0                # attention sink frames (Self-Forcing++: none)
     reencode_first: bool = True         # windows after the video's start: re-encode the first frame (as Self-Forcing)
@@ -62,7 +63,7 @@ class SelfForcingPPOptions(DMDOptions):
 
 class BackwardNoise:
     """The window rollout's noise source: the starting latent of a window frame is the long
-    rollout's clean frame re-noised to the entry level, (1 - sigma) x̂ + sigma eps with eps
+    rollout's clean frame re-noised to the entry level, (1 - sigma) x_hat + sigma eps with eps
     from `fresh`; every other draw (re-noise, context noise) comes from `base`."""
 
     def __init__(self, base: Noise, fresh: Noise, clean: torch.Tensor, start: int, sigma: float):
@@ -124,7 +125,7 @@ class SelfForcingPPRecipe(DMDRecipe):
         with torch.no_grad():
             if start:
                 rollout(model, plan, context, noise, start, cache=cache)           # cache C_s
-            clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x̂ of the window
+            clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
         source = BackwardNoise(noise, self.noise(ctx, 2), clean, start, timestep_to_sigma(self.timesteps[entry]))
         training = Training(0, grad_from_frame=start if grad else start + T)
         res = rollout(model, self.plan(self.timesteps[entry:]), context, source, T, cache=cache, training=training)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from forcelab.errors import ConfigError
 from forcelab.models.config import DiTConfig
 from forcelab.models.dit import CausalDiT
 from forcelab.train.config import load_train_config
@@ -82,6 +83,21 @@ def test_the_forward_is_block_causal(trainer):
         batch["latent"][:, :, 6:] += 1.0                                         # change the last chunk only
         b = recipe.generate(batch, ctx, grad=False).x0
     assert torch.equal(a[:, :, :6], b[:, :, :6]) and not torch.equal(a[:, :, 6:], b[:, :, 6:])
+
+
+def test_the_clip_is_the_first_frames_and_a_short_clip_is_an_error(trainer):
+    recipe = trainer.recipe
+    batch, positions = trainer.next_batch()
+    ctx = StepContext(0, 0, 0, positions, torch.device("cpu"))
+    try:
+        recipe.opt.frames = 6
+        out = recipe.generate(batch, ctx, grad=False)
+        assert out.x0.shape[2] == 6 and out.mask.shape == (3, 6)
+        recipe.opt.frames = 10
+        with pytest.raises(ConfigError, match="algo.frames"):
+            recipe.generate(batch, ctx, grad=False)
+    finally:
+        recipe.opt.frames = 8
 
 
 def test_resume_is_bit_exact(tmp_path, teacher_dir):
