@@ -58,6 +58,10 @@ class SelfForcingRecipe(DMDRecipe):
         chunks = self.min_chunks + ctx.shared_int(self.max_chunks - self.min_chunks + 1, draw=0)
         return chunks * self.chunk, ctx.shared_int(len(self.timesteps), draw=1)
 
+    def rollout_plan(self, ctx):
+        """The plan of this rollout (chunk-wise; Rolling Forcing draws one per rollout)."""
+        return self.plan()
+
     def generate(self, batch, ctx, grad):
         o = self.opt
         frames, exit_step = self.draw_rollout(ctx)
@@ -65,8 +69,10 @@ class SelfForcingRecipe(DMDRecipe):
         prefix = batch["latent"][:, :, :P] if P else None
         total = P + frames
         window = min(o.frames, total)
-        res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=total - window),
-                                   prefix=prefix)
+        # the critic's rollout stops at the same exit but builds no graph (no frame from grad_from_frame on)
+        grad_from = total - window if grad else total
+        res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=grad_from),
+                                   prefix=prefix, plan=self.rollout_plan(ctx))
         x0 = res.x0 if prefix is None else torch.cat([prefix.to(res.x0.dtype), res.x0], dim=2)
         generated = torch.arange(total) >= P
         carries_grad = torch.cat([torch.zeros(P, dtype=torch.bool), res.grad_frames.cpu()])

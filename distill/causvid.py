@@ -1,0 +1,82 @@
+"""CausVid: DMD on noised REAL latents, without a self-rollout.
+
+Per clip x0 [B, C, F, H, W] (data kind "latents": the toy world or latent shards; the first
+`frames` latent frames of each clip):
+each chunk of `chunk_frames` frames picks its own level from `levels` (per sample, from the
+sample's position: train.timesteps.choose_levels), default the student's denoising list plus
+0 - CausVid's [1000, 757, 522, 0]; the clip is noised chunk by chunk,
+x_t = (1 - sigma) x0 + sigma eps, and the causal student runs ONE block-causal forward over
+the whole clip (each chunk sees itself and the earlier chunks, at their own levels), its
+flow (v) prediction converted to x0 = x_t - sigma v. DMD (or SiD) and the critic judge that
+clip.
+
+Chunks drawn at t = 0 are the real latents, passed through exactly (x0 = x_t = the data):
+they are clean context for the later chunks in the forward and part of the clip the scores
+see (as in CausVid), but they carry no gradient and are masked out of the generator's and
+the critic's loss, so the loss is a mean over generated frames only (a clip whose chunks
+all drew 0 adds nothing).
+
+Sampling: the chunk-wise plan over the student's list (without the 0).
+Guidance in forcelab's form uncond + g (cond - uncond): CausVid's 3.5 (cond + w (cond -
+uncond)) is 4.5 here. The public code shares one batch between generator and critic; here
+each role reads its own batch (the trainer's positions), which changes no expectation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..models.rollout import denoise_window
+from ..models.schedule import add_noise, timestep_to_sigma
+from ..train.timesteps import choose_levels
+from .dmd_recipe import DMDOptions, DMDRecipe, Generated
+
+LEVEL_DRAW, NOISE_DRAW = 30, 31     # StepContext draws (the base recipe uses 10-11 and 20-21)
+
+
+@dataclass
+class CausVidOptions(DMDOptions):
+    steps: list[float] = field(default_factory=lambda: [1000.0, 757.0, 522.0])   # CausVid's list (unwarped)
+    warp_shift: float | None = None
+    guidance: float = 4.5               # CausVid's 3.5 in cond + w (cond - uncond)
+    score_shift: float = 8.0            # CausVid's timestep_shift
+    levels: list[float] | None = None   # per-chunk training levels (None: the student's list + 0)
+
+
+class CausVidRecipe(DMDRecipe):
+    name = "causvid"
+    Options = CausVidOptions
+    data = "latents"
+
+    def setup(self) -> None:
+        super().setup()
+        levels = self.timesteps + [0.0] if self.opt.levels is None else [float(t) for t in self.opt.levels]
+        if not levels or any(not 0.0 <= t <= 1000.0 for t in levels):
+            raise ConfigError(f"algo.levels must be timesteps in [0, 1000], got {levels}")
+        self.levels = levels
+
+    def chunk_levels(self, ctx, frames: int) -> torch.Tensor:
+        """t [B, frames]: one level per chunk per sample (constant within a chunk)."""
+        if frames % self.chunk:
+            raise ConfigError(f"causvid: clips of {frames} latent frames are not whole chunks of {self.chunk}; "
+                              f"set data.frames so the latent frames divide by chunk_frames")
+        return ctx.per_sample(LEVEL_DRAW, lambda n, generator: choose_levels(
+            self.levels, n, frames, self.chunk, generator=generator))
+
+    def generate(self, batch, ctx, grad):
+        x0, context, F = batch["latent"], batch["text_emb"], self.opt.frames
+        if x0.shape[2] < F:
+            raise ConfigError(f"causvid: clips have {x0.shape[2]} latent frames, algo.frames asks for {F}; "
+                              f"lower algo.frames or use longer clips (data.frames)")
+        x0 = x0[:, :, :F]
+        t = self.chunk_levels(ctx, F)
+        sigma = timestep_to_sigma(t)
+        x_t = add_noise(x0, ctx.normal(x0.shape[1:], NOISE_DRAW).to(x0.dtype), sigma)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            _, pred = denoise_window(self.trainer.model("generator"), x_t, sigma, context, chunk_frames=self.chunk)
+        clean = (t == 0).to(x0.device)
+        out = torch.where(clean[:, None, :, None, None], x_t, pred)
+        return Generated(out, ~clean)

@@ -1,0 +1,138 @@
+"""Self-Forcing++: the student rolls out far past the teacher's horizon with a rolling KV
+cache, a window of the teacher's length is taken from that long video, re-noised from the
+student's own frames (backward-noise initialisation) and re-generated with gradients, and
+DMD with the short teacher judges the window.
+
+One generator (or critic) rollout, with L = rollout_frames, T = frames (the teacher's
+horizon), c = chunk_frames, S = len(steps):
+
+1. Draws shared by all processes (step, micro-step): the window start s, chunk aligned and
+   uniform in {0, c, 2c, ..., L - T}, and the entry level e, uniform in [0, S) (Self-Forcing's
+   exit step).
+2. Long rollout, no gradients: the chunk-wise plan with an attention window of
+   `window_frames` (a rolling KV cache: constant memory however long the video; no sink by
+   default) generates frames [0, s) into the cache C_s, then frames [s, s + T) from a copy of
+   C_s -> the window's clean frames x_hat. Frames after s + T cannot influence the window (the
+   student is causal), so the rollout stops there: the same window as a rollout of all L
+   frames would give, for less work. L only decides where windows may start.
+3. Backward-noise initialisation: the window is re-generated from C_s by the rollout engine
+   with the chunk-wise plan over the tail timesteps[e:] of the denoising list, each chunk
+   entering at level t_e with the latent
+        x_{t_e} = (1 - sigma_e) x_hat_chunk + sigma_e eps      (fresh eps)
+   instead of pure noise, and stopping at that first pass, which runs WITH gradients
+   (`Training(exit_step=0)`): x0 = G(x_{t_e}, t_e | cache). As in Self-Forcing, the chunk's x0
+   is both its output and (after the clean pass) the context of the next window chunk. This
+   is Self-Forcing's exit pass, whose input at the exit level is the re-noised x0 of an earlier
+   estimate; here that estimate is the student's own finished long-video frame, so the
+   window starts from content coherent with the preceding frames (e = 0 enters at pure
+   noise, sigma = 1). Gradients never cross the cache (commits and the long rollout run
+   without them), so memory is that of T frames whatever L is.
+4. DMD (or SiD) on the T window frames; the critic's step runs its own such rollout. A
+   window that does not start the video gets its first frame re-encoded (a clip's first
+   latent, as in Self-Forcing) and that chunk is left out of the generator's loss.
+
+Samples during training: the same windowed chunk-wise plan (`forcelab generate --window` for
+the exported student).
+The paper's optional GRPO stage (optical-flow reward) is not part of this recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, ForcelabError
+from ..models.plans import Chunkwise
+from ..models.rollout import INITIAL, Noise, Training, cache_options, default_cache, rollout
+from ..models.schedule import add_noise, timestep_to_sigma
+from .dmd_recipe import DMDOptions, DMDRecipe, Generated
+from .self_forcing import SelfForcingRecipe
+
+DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizons
+
+
+@dataclass
+class SelfForcingPPOptions(DMDOptions):
+    rollout_frames: int | None = None   # long rollout; windows start in [0, rollout_frames - frames] (None: 4 x frames)
+    window_frames: int | None = None    # the student's attention window = rolling KV cache (None: frames; 0: none)
+    sink_frames: int = 0                # attention sink frames (Self-Forcing++: none)
+    reencode_first: bool = True         # windows after the video's start: re-encode the first frame (as Self-Forcing)
+
+
+class BackwardNoise:
+    """The window rollout's noise source: the starting latent of a window frame is the long
+    rollout's clean frame re-noised to the entry level, (1 - sigma) x_hat + sigma eps with eps
+    from `fresh`; every other draw (re-noise, context noise) comes from `base`."""
+
+    def __init__(self, base: Noise, fresh: Noise, clean: torch.Tensor, start: int, sigma: float):
+        self.base, self.fresh, self.clean, self.start, self.sigma = base, fresh, clean, start, sigma
+        self.shape, self.device, self.dtype = base.shape, base.device, base.dtype
+
+    @property
+    def batch(self) -> int:
+        return self.base.batch
+
+    def __call__(self, start: int, n: int, draw: int = INITIAL) -> torch.Tensor:
+        if draw != INITIAL:
+            return self.base(start, n, draw)
+        i = start - self.start
+        if i < 0 or i + n > self.clean.shape[2]:
+            raise RuntimeError(f"backward noise: frames [{start}, {start + n}) are outside the window "
+                               f"[{self.start}, {self.start + self.clean.shape[2]})")
+        return add_noise(self.clean[:, :, i:i + n], self.fresh(start, n, INITIAL), self.sigma).to(self.dtype)
+
+
+class SelfForcingPPRecipe(DMDRecipe):
+    name = "self_forcing_pp"
+    Options = SelfForcingPPOptions
+    reencode = SelfForcingRecipe.reencode   # one implementation of the first-frame re-encode
+
+    def setup(self) -> None:
+        super().setup()
+        o, c = self.opt, self.chunk
+        if o.frames % c:
+            raise ConfigError(f"algo.frames ({o.frames}) must be a multiple of the student's chunk_frames ({c})")
+        self.rollout_frames = DEFAULT_ROLLOUT_FACTOR * o.frames if o.rollout_frames is None else o.rollout_frames
+        if self.rollout_frames < o.frames or self.rollout_frames % c:
+            raise ConfigError(f"algo.rollout_frames ({self.rollout_frames}) must be a multiple of chunk_frames "
+                              f"({c}) and at least algo.frames ({o.frames})")
+        if o.sink_frames < 0:
+            raise ConfigError(f"algo.sink_frames must be >= 0, got {o.sink_frames}")
+        self.window_frames = o.frames if o.window_frames is None else o.window_frames
+        try:
+            cache_options(self.plan(), self.trainer.module("generator").config)
+        except ForcelabError as e:
+            raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
+
+    def plan(self, timesteps: list[float] | None = None) -> Chunkwise:
+        """The student's chunk-wise plan with the rolling cache (over `timesteps`: a tail of its list)."""
+        return Chunkwise(timesteps=timesteps or self.timesteps, context_noise=self.opt.context_noise,
+                         window_frames=self.window_frames, sink_frames=self.opt.sink_frames)
+
+    def draw_window(self, ctx) -> tuple[int, int]:
+        """(window start frame, entry step): the same on every rank."""
+        starts = (self.rollout_frames - self.opt.frames) // self.chunk + 1
+        return self.chunk * ctx.shared_int(starts, draw=0), ctx.shared_int(len(self.timesteps), draw=1)
+
+    def generate(self, batch, ctx, grad):
+        o, T = self.opt, self.opt.frames
+        start, entry = self.draw_window(ctx)
+        model, context = self.trainer.model("generator"), batch["text_emb"]
+        noise, plan = self.noise(ctx, 1), self.plan()
+        cache = default_cache(self.trainer.module("generator"), plan, noise, start + T, start_frame=0)
+        with torch.no_grad():
+            if start:
+                rollout(model, plan, context, noise, start, cache=cache)           # cache C_s
+            clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
+        source = BackwardNoise(noise, self.noise(ctx, 2), clean, start, timestep_to_sigma(self.timesteps[entry]))
+        training = Training(0, grad_from_frame=start if grad else start + T)
+        res = rollout(model, self.plan(self.timesteps[entry:]), context, source, T, cache=cache, training=training)
+        x0 = res.x0
+        mask = res.grad_frames.clone() if grad else torch.ones(T, dtype=torch.bool)
+        if start and o.reencode_first:
+            x0 = torch.cat([self.reencode(x0[:, :, :1]), x0[:, :, 1:]], dim=2)
+            if grad:
+                mask[:self.chunk] = False
+        return Generated(x0, mask.to(x0.device)[None].expand(x0.shape[0], -1))
