@@ -3,11 +3,15 @@
     forcelab generate CKPT --prompt "a red ball bouncing" --plan chunkwise --steps 4
     forcelab generate CKPT --prompts prompts.txt --samples 5 --vbench --output out/vbench
     forcelab generate CKPT --prompt "a red ball" --switch "8:a blue ball" --window 6 --sink 2
+    forcelab generate CKPT --prompt "a red ball" --image first.png          # image-to-video
+    forcelab generate CKPT --prompt "a red ball" --video clip.mp4 --prefix-frames 9   # extension
 
 CKPT is a DiT checkpoint directory (save_pretrained, original Wan or diffusers) or a Wan
 diffusers pipeline folder (transformer/, vae/, text_encoder/, tokenizer/). The encoders
 come from --vae / --text-encoder ("toy" or a directory), else from the pipeline folder.
 Frame counts are video frames; switch points are video frames at chunk boundaries.
+--image / --video: the given frames are encoded and committed to the cache first, and the
+video (--frames in all, prefix included) continues them; see models/prefix.py.
 Every input is checked before the DiT's weights are loaded.
 """
 
@@ -24,6 +28,7 @@ import torch
 
 from ..config import DTYPES
 from ..errors import CheckpointError, ForcelabError
+from .prefix import PrefixInput
 from .plans import PLANS, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps, warp_timesteps
 from .rollout import Noise, Switch, cache_options, stream
 from .schedule import SOLVERS
@@ -65,10 +70,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-noise", type=float, default=0.0, help="timestep of the commit pass")
     g.add_argument("--update", choices=("renoise", "euler"), default=None,
                    help="how a frame reaches its next level (default: renoise; step_matrix: euler)")
+    g = p.add_argument_group("conditioning (causal plans)")
+    g.add_argument("--image", help="first frame (PNG/JPEG): held for the first chunk, the video continues it")
+    g.add_argument("--video", help="a clip whose first --prefix-frames frames the video continues")
+    g.add_argument("--prefix-frames", type=int, default=None,
+                   help="--video: frames taken as the prefix, whole chunks (default: one chunk)")
     g = p.add_argument_group("video")
     g.add_argument("--frames", type=int, default=None, help="video frames (default: 21 latent frames, 81 with the Wan VAE)")
-    g.add_argument("--height", type=int, default=None, help="pixels (default 32 toy, 480 Wan)")
-    g.add_argument("--width", type=int, default=None, help="pixels (default 32 toy, 832 Wan)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default 32 toy, 480 Wan; with "
+                   "--image/--video: the input's size, else the input is scaled and cropped to it)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default 32 toy, 832 Wan; as --height)")
     g.add_argument("--fps", type=float, default=16.0)
     g.add_argument("--seed", type=int, default=0, help="sample i of every prompt uses seed + i")
     g.add_argument("--samples", type=int, default=1, help="videos per prompt")
@@ -217,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(args)
     if switch_items and args.plan == "teacher":
         raise ForcelabError("--switch needs a causal plan (chunkwise, rolling, step_matrix), not the teacher")
+    cond = PrefixInput.from_args(args)
     for flag, v, lo in (("--samples", args.samples, 1), ("--batch", args.batch, 1), ("--fps", args.fps, 1e-3)):
         if v < lo:
             raise ForcelabError(f"{flag} must be >= {lo}, got {v}")
@@ -243,9 +255,11 @@ def run(args: argparse.Namespace) -> int:
     if te.dim != config.text_dim or te.max_length > config.text_len:
         raise ForcelabError(f"text encoder {te.name} gives [{te.max_length}, {te.dim}] embeddings, the DiT "
                             f"takes at most [{config.text_len}, {config.text_dim}]: pass the matching --text-encoder")
-    default_size = TOY_SIZE if ae.name.startswith("toy") else WAN_SIZE
+    default_size = cond.size if cond else TOY_SIZE if ae.name.startswith("toy") else WAN_SIZE
     height, width = args.height or default_size[0], args.width or default_size[1]
     cell = ae.spatial_stride * max(config.patch_size[1:])
+    if cond:
+        cond.check_size(height, width, cell, resized=args.height is not None or args.width is not None)
     if height % cell or width % cell:
         raise ForcelabError(f"--height/--width {height}x{width} must be multiples of {cell} "
                             f"(autoencoder stride {ae.spatial_stride} x patch {config.patch_size[1:]})")
@@ -257,6 +271,13 @@ def run(args: argparse.Namespace) -> int:
         good = [pixel_frames(ae, k * unit) for k in range(1, 9)]
         raise ForcelabError(f"--frames {frames}: the {args.plan} plan needs a whole number of "
                             f"{unit}-latent-frame chunks (stride {ae.temporal_stride}): e.g. {good}")
+    prefix_px, p = None, 0
+    if cond:
+        prefix_px = cond.pixels(ae, unit, (height, width))
+        p = to_latent(ae, prefix_px.shape[2])
+        if latent <= p:
+            raise ForcelabError(f"--frames {frames}: the video holds the {prefix_px.shape[2]} given frames and "
+                                f"continues them; ask for more, e.g. --frames {pixel_frames(ae, p + unit)}")
     switch_at = [(latent_switch_frame(f, ae.temporal_stride, unit, latent), f, t) for f, t in switch_items]
     jobs = [(k, i) for k in range(len(names)) for i in range(args.samples)]
     out_dir = Path(args.output)
@@ -275,11 +296,13 @@ def run(args: argparse.Namespace) -> int:
                     switches=[dict(frame=f, latent_frame=lf, prompt=t, mode=args.switch_mode,
                                    recache_frames=args.recache_frames, rope_jump=args.rope_jump)
                               for lf, f, t in switch_at],
-                    device=str(device), dtype=str(dtype).replace("torch.", ""), vbench=args.vbench)
+                    device=str(device), dtype=str(dtype).replace("torch.", ""), vbench=args.vbench,
+                    conditioning=None if cond is None else dict(cond.describe(ae, unit), prefix_latent_frames=p))
+    prefix = None if prefix_px is None else ae.encode(prefix_px.to(device)).float()
 
     from tqdm import tqdm
     from .. import __version__
-    bar = tqdm(total=len(jobs) * latent, unit="frame", disable=args.quiet or None, desc="generate")
+    bar = tqdm(total=len(jobs) * (latent - p), unit="frame", disable=args.quiet or None, desc="generate")
     with torch.no_grad():
         for b0 in range(0, len(jobs), args.batch):
             batch = jobs[b0:b0 + args.batch]
@@ -290,7 +313,10 @@ def run(args: argparse.Namespace) -> int:
             switches = [Switch(lf, e.expand(n, -1, -1), mode=args.switch_mode, recache_frames=args.recache_frames,
                                rope_jump=args.rope_jump) for (lf, _, _), e in zip(switch_at, sw_emb)]
             decoder, pixels, t0 = ae.decode_stream(), [], time.perf_counter()
-            for chunk_out in stream(model, plan, ctx, noise, latent, switches=switches,
+            given = None if prefix is None else prefix.expand(n, -1, -1, -1, -1)
+            if given is not None:   # the video starts with the given frames (decoded)
+                pixels.append(decoder.push(given).float().cpu())
+            for chunk_out in stream(model, plan, ctx, noise, latent - p, switches=switches, prefix=given,
                                     negative=None if neg is None else neg.expand(n, -1, -1)):
                 pixels.append(decoder.push(chunk_out.x).float().cpu())
                 bar.update(chunk_out.x.shape[2] * n)

@@ -1,0 +1,143 @@
+"""`forcelab generate --image / --video`: the given frames are committed to the cache as the
+rollout's prefix and the video continues them (compared with rollout(..., prefix=...) run
+directly), the output starts with them, and bad input is a one-line error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import forcelab.data.video as video_io
+from forcelab.cli import main
+from forcelab.data.toyworld import ToyWorld
+from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models.autoencoder import ToyPixelCodec
+from forcelab.models.plans import Chunkwise, default_timesteps
+from forcelab.models.rollout import Noise, rollout
+from forcelab.models.text_encoder import load_text_encoder
+
+PROMPT = "a red ball and a blue ball"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy_dit")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)   # chunk_frames 2
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return ToyWorld().clip(seed=3, frames=6).video          # uint8 [6, 3, 32, 32]
+
+
+@pytest.fixture(scope="module")
+def image(clip, tmp_path_factory):
+    PIL = pytest.importorskip("PIL.Image")
+    path = tmp_path_factory.mktemp("img") / "first.png"
+    PIL.fromarray(clip[0].permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """The uint8 frames [F, H, W, 3] handed to the mp4 writer, by file name."""
+    out, real = {}, video_io.write_video
+
+    def capture(path, frames, fps, **kw):
+        out[str(path).rsplit("/", 1)[-1]] = np.array(frames)
+        return real(path, frames, fps, **kw)
+    monkeypatch.setattr(video_io, "write_video", capture)
+    return out
+
+
+def generate(ckpt, out, *extra):
+    return main(["generate", str(ckpt), "--vae", "toy", "--text-encoder", "toy", "--output", str(out),
+                 "--quiet", "--prompt", PROMPT, *map(str, extra)])
+
+
+def direct(ckpt, prefix, new_frames, seed=0):
+    """The same generation through the engine directly: rollout(..., prefix=...), decoded."""
+    model = CausalDiT.from_pretrained(ckpt)
+    ctx = load_text_encoder("toy").encode([PROMPT])[0]
+    plan = Chunkwise(timesteps=default_timesteps(4, 5.0))
+    noise = Noise([seed], 48, 8, 8)
+    with torch.no_grad():
+        x = rollout(model, plan, ctx, noise, new_frames, prefix=prefix).x0
+        pixels = ToyPixelCodec().decode(torch.cat([prefix, x], 2) if prefix is not None else x)
+    return video_io.to_uint8_frames(pixels[0].transpose(0, 1))
+
+
+def test_image_prefix_equals_a_direct_rollout(ckpt, image, clip, tmp_path, written):
+    assert generate(ckpt, tmp_path, "--image", image, "--frames", 6) == 0
+    frames = written["0000-a_red_ball_and_a_blue_ball-0.mp4"]
+    assert frames.shape == (6, 32, 32, 3)                       # 2 held frames + 4 generated
+    given = clip[0].permute(1, 2, 0).numpy()
+    assert (frames[0] == given).all() and (frames[1] == given).all()
+    codec = ToyPixelCodec()
+    still = clip[:1].float().div(127.5).sub(1).expand(2, -1, -1, -1).permute(1, 0, 2, 3)[None]
+    ref = direct(ckpt, codec.encode(still), 4)
+    assert np.array_equal(frames, ref)
+    assert not np.array_equal(frames[2:], direct(ckpt, None, 4)[:4])   # the prefix conditions the rest
+    side = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert side["conditioning"] == {"kind": "image", "path": str(image), "input_size": [32, 32],
+                                    "prefix_frames": 2, "held_still": True, "prefix_latent_frames": 2}
+    assert side["frames"] == 6
+
+
+def test_video_prefix_equals_a_direct_rollout(ckpt, clip, tmp_path, written):
+    src = tmp_path / "clip.mp4"
+    video_io.write_video(src, clip.permute(0, 2, 3, 1).numpy(), 8.0)
+    out = tmp_path / "out"
+    assert generate(ckpt, out, "--video", src, "--prefix-frames", 4, "--frames", 6, "--seed", 5) == 0
+    frames = written["0000-a_red_ball_and_a_blue_ball-0.mp4"]
+    given = video_io.read_video(src, frames=4, dtype="float", backend="pyav")     # [4, 3, 32, 32]
+    prefix = ToyPixelCodec().encode(given.permute(1, 0, 2, 3)[None])
+    assert frames.shape == (6, 32, 32, 3)
+    assert np.array_equal(frames[:4], video_io.to_uint8_frames(given))
+    assert np.array_equal(frames, direct(ckpt, prefix, 2, seed=5))
+    side = json.loads(next(out.glob("*.json")).read_text())
+    assert side["conditioning"]["kind"] == "video" and side["conditioning"]["prefix_latent_frames"] == 4
+
+
+def test_a_larger_input_is_scaled_and_cropped(ckpt, tmp_path, written):
+    PIL = pytest.importorskip("PIL.Image")
+    big = tmp_path / "big.png"
+    PIL.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(big)
+    assert generate(ckpt, tmp_path / "o", "--image", big, "--height", 32, "--width", 32, "--frames", 4) == 0
+    frames = written["0000-a_red_ball_and_a_blue_ball-0.mp4"]
+    assert frames.shape == (4, 32, 32, 3) and (frames[0] == 200).all()
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    PIL = pytest.importorskip("PIL.Image")
+    d = tmp_path_factory.mktemp("bad")
+    PIL.fromarray(np.zeros((20, 24, 3), np.uint8)).save(d / "odd.png")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "{d}/missing.png"], "--image {d}/missing.png: file not found"),
+    (["--image", "{d}/odd.png"], "size 20x24 is not a multiple of 8"),
+    (["--image", "{d}/notes.txt"], "--image {d}/notes.txt: cannot read it"),
+    (["--image", "{d}/odd.png", "--plan", "teacher"], "need a causal plan"),
+    (["--image", "{d}/odd.png", "--video", "{d}/odd.png"], "not both"),
+    (["--prefix-frames", "2"], "goes with --video"),
+    (["--video", "{d}/odd.png", "--prefix-frames", "3", "--height", "32", "--width", "32"], "whole chunks of 2"),
+    (["--image", "{d}/odd.png", "--frames", "2", "--height", "32", "--width", "32"], "ask for more"),
+])
+def test_bad_input_is_one_line_before_the_model_loads(ckpt, bad_files, tmp_path, monkeypatch, capsys,
+                                                      args, message):
+    def no_work(*a, **k):
+        raise AssertionError("the DiT was loaded before the input was checked")
+    monkeypatch.setattr(CausalDiT, "from_pretrained", no_work)
+    args = [a.format(d=bad_files) for a in args]
+    assert generate(ckpt, tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(d=bad_files) in err[0], err
+    assert not list(tmp_path.glob("*.mp4"))
