@@ -240,3 +240,27 @@ def test_resume_is_bit_exact(teacher_dir, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     w3 = weights(a, 3)
     assert any(not torch.equal(w3[k], weights(a, 6)[k]) for k in w3)
+
+
+def test_two_processes_write_the_same_pair_set(teacher_dir, pairs_run, tmp_path):
+    """Ranks split the pieces (0 and 2 on rank 0, 1 and 3 on rank 1); the set equals the
+    one-process set pair for pair, and training starts after the barrier."""
+    import os
+    import subprocess
+    import sys
+
+    _, one = pairs_run
+    out = tmp_path / "run"
+    args = TINY + [f"roles.teacher.init={teacher_dir}", f"output_dir={out}", "max_steps=1",
+                   "algo.pairs_per_shard=1", "data.batch_size=1"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MASTER_PORT="29531")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "forcelab.distill", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "ode_pairs").glob("piece-*")) == [f"piece-00000{j}" for j in range(4)]
+    two, ref = ODEPairs(out / "ode_pairs"), ODEPairs(one)
+    assert two.keys == ref.keys
+    for i in range(4):
+        assert torch.equal(two[i]["ode_latents"], ref[i]["ode_latents"])
+    assert (out / "checkpoint-000001").is_dir()
