@@ -141,3 +141,36 @@ def test_bad_input_is_one_line_before_the_model_loads(ckpt, bad_files, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(d=bad_files) in err[0], err
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_image_with_a_temporally_compressing_vae(tmp_path, written):
+    """Wan VAE (stride 4): the image is held for one chunk = 5 pixel frames -> 2 latent frames."""
+    pytest.importorskip("diffusers")
+    PIL = pytest.importorskip("PIL.Image")
+    from forcelab.models.autoencoder import load_autoencoder, save_tiny_wan_vae
+
+    vae_dir = save_tiny_wan_vae(tmp_path / "vae")
+    dit = tmp_path / "dit"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CausalDiT(DiTConfig.preset("toy", in_channels=16, out_channels=16, num_layers=1)).save_pretrained(dit)
+    img = tmp_path / "first.png"
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    PIL.fromarray(rgb).save(img)
+    assert main(["generate", str(dit), "--vae", str(vae_dir), "--text-encoder", "toy", "--output",
+                 str(tmp_path / "o"), "--quiet", "--prompt", PROMPT, "--image", str(img), "--frames", "13"]) == 0
+    frames = written["0000-a_red_ball_and_a_blue_ball-0.mp4"]
+    assert frames.shape == (13, 32, 48, 3)                      # 5 held + 8 generated
+    ae = load_autoencoder(str(vae_dir))
+    still = torch.from_numpy(rgb).permute(2, 0, 1).float().div(127.5).sub(1)[None, :, None].expand(-1, -1, 5, -1, -1)
+    prefix = ae.encode(still)
+    assert prefix.shape[2] == 2
+    model = CausalDiT.from_pretrained(dit)
+    ctx = load_text_encoder("toy").encode([PROMPT])[0]
+    with torch.no_grad():
+        x = rollout(model, Chunkwise(timesteps=default_timesteps(4, 5.0)), ctx, Noise([0], 16, 4, 6), 2,
+                    prefix=prefix).x0
+        ref = video_io.to_uint8_frames(ae.decode(torch.cat([prefix, x], 2))[0].transpose(0, 1))
+    assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1
+    side = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert side["conditioning"]["prefix_frames"] == 5 and side["conditioning"]["prefix_latent_frames"] == 2
