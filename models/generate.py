@@ -28,7 +28,6 @@ import torch
 
 from ..config import DTYPES
 from ..errors import CheckpointError, ForcelabError
-from .prefix import PrefixInput
 from .plans import PLANS, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps, warp_timesteps
 from .rollout import Noise, Switch, cache_options, stream
 from .schedule import SOLVERS
@@ -70,16 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-noise", type=float, default=0.0, help="timestep of the commit pass")
     g.add_argument("--update", choices=("renoise", "euler"), default=None,
                    help="how a frame reaches its next level (default: renoise; step_matrix: euler)")
-    g = p.add_argument_group("conditioning (causal plans)")
-    g.add_argument("--image", help="first frame (PNG/JPEG): held for the first chunk, the video continues it")
-    g.add_argument("--video", help="a clip whose first --prefix-frames frames the video continues")
-    g.add_argument("--prefix-frames", type=int, default=None,
-                   help="--video: frames taken as the prefix, whole chunks (default: one chunk)")
     g = p.add_argument_group("video")
     g.add_argument("--frames", type=int, default=None, help="video frames (default: 21 latent frames, 81 with the Wan VAE)")
-    g.add_argument("--height", type=int, default=None, help="pixels (default 32 toy, 480 Wan; with "
-                   "--image/--video: the input's size, else the input is scaled and cropped to it)")
-    g.add_argument("--width", type=int, default=None, help="pixels (default 32 toy, 832 Wan; as --height)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default 32 toy, 480 Wan)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default 32 toy, 832 Wan)")
     g.add_argument("--fps", type=float, default=16.0)
     g.add_argument("--seed", type=int, default=0, help="sample i of every prompt uses seed + i")
     g.add_argument("--samples", type=int, default=1, help="videos per prompt")
@@ -92,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="DiT dtype (default: bf16 on cuda, else fp32)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .prefix import add_prefix_arguments
+    add_prefix_arguments(p)
 
 
 # ---------------------------------------------------------------------- checks (no work yet)
@@ -220,15 +215,16 @@ def run(args: argparse.Namespace) -> int:
     from ..data.video import to_uint8_frames, write_video
     from .autoencoder import latent_frames as to_latent, load_autoencoder, pixel_frames
     from .checkpoint import read_config
+    from .prefix import PrefixInput
     from .dit import CausalDiT
     from .text_encoder import load_text_encoder
 
     names, texts = read_prompts(args)
     switch_items = parse_switches(args.switch)
     plan = build_plan(args)
+    cond = PrefixInput.from_args(args)          # None without --image / --video
     if switch_items and args.plan == "teacher":
         raise ForcelabError("--switch needs a causal plan (chunkwise, rolling, step_matrix), not the teacher")
-    cond = PrefixInput.from_args(args)
     for flag, v, lo in (("--samples", args.samples, 1), ("--batch", args.batch, 1), ("--fps", args.fps, 1e-3)):
         if v < lo:
             raise ForcelabError(f"{flag} must be >= {lo}, got {v}")
@@ -271,13 +267,7 @@ def run(args: argparse.Namespace) -> int:
         good = [pixel_frames(ae, k * unit) for k in range(1, 9)]
         raise ForcelabError(f"--frames {frames}: the {args.plan} plan needs a whole number of "
                             f"{unit}-latent-frame chunks (stride {ae.temporal_stride}): e.g. {good}")
-    prefix_px, p = None, 0
-    if cond:
-        prefix_px = cond.pixels(ae, unit, (height, width))
-        p = to_latent(ae, prefix_px.shape[2])
-        if latent <= p:
-            raise ForcelabError(f"--frames {frames}: the video holds the {prefix_px.shape[2]} given frames and "
-                                f"continues them; ask for more, e.g. --frames {pixel_frames(ae, p + unit)}")
+    prefix_px, p = (None, 0) if cond is None else cond.read(ae, unit, (height, width), latent, frames)
     switch_at = [(latent_switch_frame(f, ae.temporal_stride, unit, latent), f, t) for f, t in switch_items]
     jobs = [(k, i) for k in range(len(names)) for i in range(args.samples)]
     out_dir = Path(args.output)
@@ -302,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
     from .. import __version__
-    bar = tqdm(total=len(jobs) * (latent - p), unit="frame", disable=args.quiet or None, desc="generate")
+    bar = tqdm(total=len(jobs) * latent, unit="frame", disable=args.quiet or None, desc="generate")
     with torch.no_grad():
         for b0 in range(0, len(jobs), args.batch):
             batch = jobs[b0:b0 + args.batch]
@@ -316,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
             given = None if prefix is None else prefix.expand(n, -1, -1, -1, -1)
             if given is not None:   # the video starts with the given frames (decoded)
                 pixels.append(decoder.push(given).float().cpu())
+                bar.update(p * n)
             for chunk_out in stream(model, plan, ctx, noise, latent - p, switches=switches, prefix=given,
                                     negative=None if neg is None else neg.expand(n, -1, -1)):
                 pixels.append(decoder.push(chunk_out.x).float().cpu())

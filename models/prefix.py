@@ -27,6 +27,17 @@ from ..errors import ForcelabError
 from .autoencoder import latent_frames, pixel_frames
 
 
+def add_prefix_arguments(p) -> None:
+    """The conditioning flags of `forcelab generate`."""
+    g = p.add_argument_group("conditioning (causal plans)")
+    g.add_argument("--image", help="first frame (PNG/JPEG): held for the first chunk, the video continues "
+                   "it; without --height/--width the image's size, else scaled to cover and center-cropped")
+    g.add_argument("--video", help="a clip whose first --prefix-frames frames the video continues "
+                   "(sized like --image)")
+    g.add_argument("--prefix-frames", type=int, default=None,
+                   help="--video: frames taken as the prefix, whole chunks (default: one chunk)")
+
+
 @dataclass
 class PrefixInput:
     kind: str                           # "image" | "video"
@@ -93,6 +104,16 @@ class PrefixInput:
         if self.kind == "image":
             clip = clip.expand(n, -1, -1, -1)            # held still for the first chunk
         return clip.permute(1, 0, 2, 3)[None].contiguous()
+
+    def read(self, ae, unit: int, size: tuple[int, int], latent: int, frames: int) -> tuple[torch.Tensor, int]:
+        """(pixels [1, 3, n, H, W], latent frames p of the prefix) for a video of `latent`
+        latent frames (`frames` video frames) in all, which must leave room to continue."""
+        pixels = self.pixels(ae, unit, size)
+        p = latent_frames(ae, pixels.shape[2])
+        if latent <= p:
+            raise ForcelabError(f"--frames {frames}: the video holds the {pixels.shape[2]} given frames and "
+                                f"continues them; ask for more, e.g. --frames {pixel_frames(ae, p + unit)}")
+        return pixels, p
 
     def describe(self, ae, unit: int) -> dict:
         return {"kind": self.kind, "path": str(self.path), "input_size": list(self.size),
