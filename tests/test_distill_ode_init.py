@@ -10,6 +10,7 @@ import torch
 from forcelab.data.ode_pairs import ODEPairs
 from forcelab.errors import ConfigError, ForcelabError
 from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models.autoencoder import load_autoencoder
 from forcelab.models.plans import Chunkwise, Teacher
 from forcelab.models.rollout import Noise, rollout
 from forcelab.models.schedule import make_solver, teacher_sigmas
@@ -20,6 +21,8 @@ from forcelab.train.timesteps import choose_levels
 from forcelab.train.trainer import Trainer
 
 ARCH = dict(dim=32, ffn_dim=64, num_layers=1, num_heads=2)
+CODEC = load_autoencoder("toy")                 # the toy run's codec: latent channels and grid from it
+C, GRID = CODEC.latent_channels, 32 // CODEC.spatial_stride     # data.height = data.width = 32
 TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_layers=1",
         "model_overrides.num_heads=2", "data.frames=4", "data.batch_size=2", "logging.wandb=disabled",
         "logging.progress=false", "logging.every=100", "recipe=ode_init", "roles.generator.lr=1e-3",
@@ -60,7 +63,7 @@ def test_recorded_trajectory_is_the_solver_run(teacher, solver):
     g = torch.Generator().manual_seed(3)
     cond, uncond = torch.randn(1, 5, 32, generator=g), torch.randn(1, 3, 32, generator=g)
     plan = Teacher(steps=5, shift=3.0, solver=solver, guidance=2.5, sigma_max=1.0)
-    noise = Noise([11], 48, 4, 4)
+    noise = Noise([11], C, 4, 4)
     states = {}
     out = rollout(teacher, plan, cond, noise, 3, negative=uncond,
                   trajectory=lambda k, x: states.__setitem__(k, x.clone())).x0
@@ -81,7 +84,7 @@ def test_recorded_trajectory_is_the_solver_run(teacher, solver):
 
 def test_trajectory_is_for_the_teacher_plan(teacher):
     with pytest.raises(ForcelabError, match="teacher plan"):
-        rollout(teacher, Chunkwise(), torch.zeros(1, 2, 32), Noise([0], 48, 4, 4), 2, trajectory=print)
+        rollout(teacher, Chunkwise(), torch.zeros(1, 2, 32), Noise([0], C, 4, 4), 2, trajectory=print)
 
 
 def test_public_levels():
@@ -116,9 +119,9 @@ def test_pairs_round_trip(pairs_run, teacher):
         assert p["caption"] == caption and p["text_len"] == int(lengths[0])
         assert torch.equal(p["text_emb"], emb[0])
         states = {}
-        rollout(teacher, plan, emb, Noise([mix_seed(0, i, 0x0DE)], 48, 8, 8), 4, negative=neg,
+        rollout(teacher, plan, emb, Noise([mix_seed(0, i, 0x0DE)], C, GRID, GRID), 4, negative=neg,
                 trajectory=lambda k, x: states.__setitem__(k, x.clone()))
-        assert p["ode_latents"].shape == (3, 48, 4, 8, 8)
+        assert p["ode_latents"].shape == (3, C, 4, GRID, GRID)
         assert torch.equal(p["ode_latents"], torch.stack([states[k][0] for k in (0, 2, 4)]))
         ts = plan.timesteps
         assert p["ode_timesteps"].tolist() == pytest.approx([ts[0], ts[2], 0.0])
