@@ -9,21 +9,24 @@ chosen timesteps down to x0. A pair sample stores that trajectory:
     text_emb, text_len, caption, meta as in every sample (data/schema.py)
 
     write_ode_pairs("data/ode", samples)             # the teacher-side recipe produces samples
-    ds = ode_pair_dataset("data/ode", shuffle=256)    # ShardDataset of such samples
+    ds = ode_pair_dataset("data/ode", shuffle=256)    # ShardDataset of such samples (a stream)
+    pairs = ODEPairs("data/ode"); pairs[3]            # map-style: sample by index, read on access
 """
 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
+from torch.utils.data import Dataset
 
 from ..errors import ForcelabError
 from ..fsio import write_text_atomic
-from .schema import encode_sample
-from .shards import ShardDataset, write_record, write_shard
+from .schema import DataError, decode_sample, encode_sample
+from .shards import ShardDataset, shard_urls, write_record, write_shard
 
 
 def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 256, dtype: str = "bf16",
@@ -66,3 +69,43 @@ def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 
 def ode_pair_dataset(source, **kwargs) -> ShardDataset:
     """A ShardDataset of ODE pairs (every sample must have its trajectory)."""
     return ShardDataset(source, require=("ode",), **kwargs)
+
+
+class ODEPairs(Dataset):
+    """ODE pairs by index, in key order, over every manifest.json under `source` (a folder,
+    searched recursively: several writers' sub-folders form one set) or one manifest.
+
+    Only the tar member offsets are kept in memory; a sample is read from its shard on access,
+    so a large pair set costs no RAM and an index always names the same pair (position-
+    addressed training data: resume and data-parallel runs read exactly the same samples)."""
+
+    def __init__(self, source, dtype: torch.dtype = torch.float32):
+        path = Path(source)
+        manifests = sorted(path.rglob("manifest.json")) if path.is_dir() else [path]
+        if not manifests:
+            raise DataError(f"ODE pairs {source}: no manifest.json found; generate the pairs first "
+                            f"(the ode_init recipe writes them)")
+        members: dict[str, dict[str, tuple[str, int, int]]] = {}
+        for url in (u for m in manifests for u in shard_urls(m)):
+            try:
+                with tarfile.open(url) as tar:
+                    for info in tar.getmembers():
+                        key, _, member = info.name.partition(".")
+                        members.setdefault(key, {})[member] = (url, info.offset_data, info.size)
+            except (OSError, tarfile.TarError) as e:
+                raise DataError(f"shard {url}: unreadable ({e}); delete it and generate the pairs again") from None
+        self.keys = sorted(members)
+        self.members, self.dtype = members, dtype
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        key = self.keys[i]
+        raw = {"__key__": key}
+        for member, (url, offset, size) in self.members[key].items():
+            with open(url, "rb") as f:
+                f.seek(offset)
+                raw[member] = f.read(size)
+            raw["__url__"] = url
+        return decode_sample(raw, require=("ode",), dtype=self.dtype)

@@ -3,11 +3,15 @@
     forcelab generate CKPT --prompt "a red ball bouncing" --plan chunkwise --steps 4
     forcelab generate CKPT --prompts prompts.txt --samples 5 --vbench --output out/vbench
     forcelab generate CKPT --prompt "a red ball" --switch "8:a blue ball" --window 6 --sink 2
+    forcelab generate CKPT --prompt "a red ball" --image first.png          # image-to-video
+    forcelab generate CKPT --prompt "a red ball" --video clip.mp4 --prefix-frames 9   # extension
 
 CKPT is a DiT checkpoint directory (save_pretrained, original Wan or diffusers) or a Wan
 diffusers pipeline folder (transformer/, vae/, text_encoder/, tokenizer/). The encoders
 come from --vae / --text-encoder ("toy" or a directory), else from the pipeline folder.
 Frame counts are video frames; switch points are video frames at chunk boundaries.
+--image / --video: the given frames are encoded and committed to the cache first, and the
+video (--frames in all, prefix included) continues them; see models/prefix.py.
 Every input is checked before the DiT's weights are loaded.
 """
 
@@ -88,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="DiT dtype (default: bf16 on cuda, else fp32)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .prefix import add_prefix_arguments
+    add_prefix_arguments(p)
 
 
 # ---------------------------------------------------------------------- checks (no work yet)
@@ -218,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.video import to_uint8_frames, write_video
     from .autoencoder import latent_frames as to_latent, load_autoencoder, pixel_frames
     from .checkpoint import read_config
+    from .prefix import PrefixInput
     from .dit import CausalDiT
     from .text_encoder import load_text_encoder
 
@@ -226,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
     names, texts = read_prompts(args)
     switch_items = parse_switches(args.switch)
     plan = build_plan(args)
+    cond = PrefixInput.from_args(args)          # None without --image / --video
     if switch_items and args.plan == "teacher":
         raise ForcelabError("--switch needs a causal plan (chunkwise, rolling, step_matrix), not the teacher")
     dit_dir, folders = resolve_model(args.model)
@@ -250,9 +258,11 @@ def run(args: argparse.Namespace) -> int:
     if te.dim != config.text_dim or te.max_length > config.text_len:
         raise ForcelabError(f"text encoder {te.name} gives [{te.max_length}, {te.dim}] embeddings, the DiT "
                             f"takes at most [{config.text_len}, {config.text_dim}]: pass the matching --text-encoder")
-    default_size = TOY_SIZE if ae.name.startswith("toy") else WAN_SIZE
+    default_size = cond.size if cond else TOY_SIZE if ae.name.startswith("toy") else WAN_SIZE
     height, width = args.height or default_size[0], args.width or default_size[1]
     cell = ae.spatial_stride * max(config.patch_size[1:])
+    if cond:
+        cond.check_size(height, width, cell, resized=args.height is not None or args.width is not None)
     if height % cell or width % cell:
         raise ForcelabError(f"--height/--width {height}x{width} must be multiples of {cell} "
                             f"(autoencoder stride {ae.spatial_stride} x patch {config.patch_size[1:]})")
@@ -264,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
         good = [pixel_frames(ae, k * unit) for k in range(1, 9)]
         raise ForcelabError(f"--frames {frames}: the {args.plan} plan needs a whole number of "
                             f"{unit}-latent-frame chunks (stride {ae.temporal_stride}): e.g. {good}")
+    prefix_px, p = (None, 0) if cond is None else cond.read(ae, unit, (height, width), latent, frames)
     switch_at = [(latent_switch_frame(f, ae.temporal_stride, unit, latent), f, t) for f, t in switch_items]
     jobs = [(k, i) for k in range(len(names)) for i in range(args.samples)]
     files = {job: _file_name(names[job[0]], job, args.vbench) for job in jobs}
@@ -283,7 +294,9 @@ def run(args: argparse.Namespace) -> int:
                     switches=[dict(frame=f, latent_frame=lf, prompt=t, mode=args.switch_mode,
                                    recache_frames=args.recache_frames, rope_jump=args.rope_jump)
                               for lf, f, t in switch_at],
-                    device=str(device), dtype=str(dtype).replace("torch.", ""), vbench=args.vbench)
+                    device=str(device), dtype=str(dtype).replace("torch.", ""), vbench=args.vbench,
+                    conditioning=None if cond is None else dict(cond.describe(ae, unit), prefix_latent_frames=p))
+    prefix = None if prefix_px is None else ae.encode(prefix_px.to(device)).float()
 
     from tqdm import tqdm
     from .. import __version__
@@ -299,7 +312,11 @@ def run(args: argparse.Namespace) -> int:
             switches = [Switch(lf, e.expand(n, -1, -1), mode=args.switch_mode, recache_frames=args.recache_frames,
                                rope_jump=args.rope_jump) for (lf, _, _), e in zip(switch_at, sw_emb)]
             decoder, pixels, t0 = ae.decode_stream(), [], time.perf_counter()
-            for chunk_out in stream(model, plan, ctx, noise, latent, switches=switches,
+            given = None if prefix is None else prefix.expand(n, -1, -1, -1, -1)
+            if given is not None:   # the video starts with the given frames (decoded)
+                pixels.append(decoder.push(given).float().cpu())
+                bar.update(p * n)
+            for chunk_out in stream(model, plan, ctx, noise, latent - p, switches=switches, prefix=given,
                                     negative=None if neg is None else neg.expand(n, -1, -1)):
                 pixels.append(decoder.push(chunk_out.x).float().cpu())
                 bar.update(chunk_out.x.shape[2] * n)

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ForcelabError
-from .schedule import NUM_TRAIN_TIMESTEPS, SOLVERS, sigma_to_timestep, teacher_sigmas, warp_timesteps
+from .schedule import NUM_TRAIN_TIMESTEPS, SOLVERS, TEACHER_SIGMA_MAX, sigma_to_timestep, teacher_sigmas, warp_timesteps
 
 UPDATES = ("renoise", "euler")
 PLANS = ("teacher", "chunkwise", "rolling", "step_matrix")
@@ -220,6 +220,7 @@ class Teacher:
     shift: float = 5.0                   # sigma shift of the sampling schedule
     solver: str = "unipc"                # "unipc" or "euler"
     guidance: float = 5.0                # CFG scale (see the convention above)
+    sigma_max: float = TEACHER_SIGMA_MAX  # first sampling level before the shift (Wan: 0.999; CausVid's ODE pairs: 1.0)
     name = "teacher"
 
     def __post_init__(self):
@@ -229,14 +230,16 @@ class Teacher:
             raise ForcelabError(f"teacher: unknown solver {self.solver!r}; choose one of {SOLVERS}")
         if self.shift <= 0:
             raise ForcelabError(f"teacher: shift must be > 0, got {self.shift}")
+        if not 0 < self.sigma_max <= 1:
+            raise ForcelabError(f"teacher: sigma_max must be in (0, 1], got {self.sigma_max}")
 
     @property
     def timesteps(self) -> list[float]:
-        return [float(sigma_to_timestep(s)) for s in teacher_sigmas(self.steps, self.shift)[:-1]]
+        return [float(sigma_to_timestep(s)) for s in teacher_sigmas(self.steps, self.shift, self.sigma_max)[:-1]]
 
     def iterations(self, units: int = 1, chunk_frames: int | None = None) -> Iterator[tuple[int, list[int]]]:
         return iterate_levels(1, self.steps, 0)
 
     def describe(self) -> dict:
         return {"plan": self.name, "steps": self.steps, "shift": self.shift, "solver": self.solver,
-                "guidance": self.guidance, "cfg": "uncond + guidance * (cond - uncond)"}
+                "guidance": self.guidance, "sigma_max": self.sigma_max, "cfg": "uncond + guidance * (cond - uncond)"}

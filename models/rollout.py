@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -229,7 +229,8 @@ def default_cache(model, plan: CausalPlan, noise: Noise, frames: int, start_fram
 def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
            negative: torch.Tensor | None = None, cache=None, start_frame: int | None = None,
            prefix: torch.Tensor | None = None, switches: Sequence[Switch] = (),
-           training: Training | None = None, recompute: bool = False) -> Iterator[Chunk]:
+           training: Training | None = None, recompute: bool = False,
+           trajectory: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[Chunk]:
     """Generate `frames` latent frames with `plan`, yielding chunks as they are committed.
 
     context: prompt embedding [B, L, text_dim] (None: keep the given cache's prompt).
@@ -237,17 +238,22 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
     one from the plan, or a FrameCache recomputing everything when recompute=True).
     start_frame: first frame to generate (default: the cache's end). prefix: clean latents
     [B, C, p, H, W] of frames [start_frame - p, start_frame), committed first (continuation,
-    recached context). Teacher plans: bidirectional over the whole clip, CFG with `negative`."""
+    recached context). Teacher plans: bidirectional over the whole clip, CFG with `negative`.
+    trajectory (teacher plan): called as trajectory(k, x_k) with the clip's latents at every
+    solver state k = 0 .. S, x_0 the starting noise at sigmas[0], x_S the output (ODE pairs
+    keep a few of them; see distill/ode_init.py)."""
     B = noise.batch
     teacher = isinstance(plan, Teacher)
     if frames < 1:
         raise ForcelabError(f"frames must be >= 1, got {frames}")
+    if trajectory is not None and not teacher:
+        raise ForcelabError(f"{plan.name}: trajectory recording is for the teacher plan (one clip, one solver)")
     if teacher:
         if switches or prefix is not None or cache is not None:
             raise ForcelabError("the teacher plan samples one clip bidirectionally: no cache, prefix or prompt switches")
         chunk = unit = frames
         start_frame = start_frame or 0
-        solver = make_solver(plan.solver, plan.steps, plan.shift)
+        solver = make_solver(plan.solver, plan.steps, plan.shift, plan.sigma_max)
         if plan.guidance != 1.0 and negative is None:
             raise ForcelabError("the teacher plan with guidance != 1 needs a negative prompt embedding "
                                 "(encode the negative prompt, or '' for none)")
@@ -303,6 +309,8 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
                     _apply_switch(model, cache, switches.pop(0), history, commit)
                 inflight[first + k] = noise(starts[k], unit, INITIAL)
         x = torch.cat([inflight[first + k] for k in range(len(levels))], dim=2)
+        if trajectory is not None:
+            trajectory(levels[0], x)
         sig = torch.tensor([sigmas[lv] for lv in levels for _ in range(unit)], device=x.device).expand(B, -1)
         grad_pass = training is not None and i % S == training.exit_step
         keeps = [grad_pass and grad_allowed and f >= training.grad_from_frame for f in starts]
@@ -337,6 +345,8 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
         clean = torch.cat([n for _, n in finished], dim=2)
         if not teacher:
             commit(clean, c0)
+        elif trajectory is not None:
+            trajectory(S, clean)
         done += len(finished)
         if training is None:
             yield Chunk(c0, clean, torch.full((clean.shape[2],), plan.timesteps[-1], dtype=torch.float64))
