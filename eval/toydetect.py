@@ -1,0 +1,215 @@
+"""Find the toy world's balls in pixels by colour, and re-render frames from what was found.
+
+    balls = detect_balls(frame)              # frame uint8 [H, W, 3] -> [Ball(color, x, y, radius), ...]
+    for color, x, y, radius in balls: ...    # a Ball unpacks like a tuple
+    image = rerender(balls, (H, W))          # uint8 [H, W, 3] with the toy world's own renderer
+
+The toy renderer paints pixel = background + alpha * (color - background) per ball, alpha the
+disc coverage. So for each palette colour c a pixel's alpha is its projection on the segment
+background -> c, and its residual is its distance from that segment. A pixel belongs to the
+colour (or the background) with the smallest residual; "core" pixels (alpha >= 1/2) of one
+colour form connected blobs, one ball each. A ball's centre is the alpha-weighted centroid of
+its blob plus the anti-aliased rim; its radius follows from the covered area: the ramp
+coverage clip(r + 1/2 - d, 0, 1) of a disc integrates to pi r^2 + pi / 12.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ..data.toyworld import PALETTE, Scene, ToyWorld, ToyWorldConfig
+
+REFINE_STEP = 0.5        # px: first step of the occlusion refinement (halved REFINE_LEVELS - 1 times)
+REFINE_LEVELS = 4
+REFINE_ORDERS_UP_TO = 4   # try every drawing order of at most this many balls (4! = 24)
+REFINE_PASSES = 3         # passes over the balls per step size while they still improve
+MIN_BLOB_PIXELS = 3      # smaller blobs of one colour are noise (the smallest ball covers ~20 px)
+CORE_ALPHA = 0.5         # a pixel at least half covered by a ball's colour is part of that ball
+
+
+class Ball(NamedTuple):
+    color: str            # palette name
+    x: float              # centre in pixels (pixel i spans [i, i + 1)), like ToyClip.positions
+    y: float
+    radius: float         # pixels
+    pixels: int = 0       # core pixels found (how much of the ball is visible)
+
+
+def _colour_maps(frames: np.ndarray, background, palette: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """frames uint8 [..., H, W, 3] -> alpha [..., H, W, K], residual [..., H, W, K], label [..., H, W]
+    (label k in 0..K-1 for palette colour k, K for background)."""
+    bg = np.asarray(background, np.float32)
+    dirs = np.array(list(palette.values()), np.float32) - bg              # [K, 3]
+    d = frames.astype(np.float32) - bg                                    # [..., 3]
+    alpha = np.clip(d @ dirs.T / (dirs ** 2).sum(-1), 0.0, 1.0)           # [..., K]
+    residual = np.linalg.norm(d[..., None, :] - alpha[..., None] * dirs, axis=-1)
+    bg_residual = np.linalg.norm(d, axis=-1)[..., None]
+    label = np.concatenate([residual, bg_residual], -1).argmin(-1)
+    return alpha, residual, label
+
+
+def _blobs(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected components (8-neighbourhood) of a bool [H, W] mask, as [n, 2] (row, col) arrays."""
+    seen = np.zeros_like(mask)
+    h, w = mask.shape
+    out = []
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        seen[r0, c0] = True
+        stack, members = [(r0, c0)], []
+        while stack:
+            r, c = stack.pop()
+            members.append((r, c))
+            for rr in range(max(r - 1, 0), min(r + 2, h)):
+                for cc in range(max(c - 1, 0), min(c + 2, w)):
+                    if mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        out.append(np.array(members))
+    return out
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """3x3 dilation of a bool [H, W] mask."""
+    p = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.any([p[i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=0)
+
+
+def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str]) -> list[Ball]:
+    """Balls in one frame from its colour maps (alpha [H, W, K], label [H, W])."""
+    balls = []
+    for k, name in enumerate(names):
+        own = label == k
+        core = own & (alpha[..., k] >= CORE_ALPHA)
+        if core.sum() < MIN_BLOB_PIXELS:
+            continue
+        for members in _blobs(core):
+            if len(members) < MIN_BLOB_PIXELS:
+                continue
+            blob = np.zeros_like(core)
+            blob[members[:, 0], members[:, 1]] = True
+            support = blob | (_dilate(blob) & own)          # the blob plus its anti-aliased rim
+            rows, cols = np.nonzero(support)
+            weight = alpha[rows, cols, k].astype(np.float64)
+            area = weight.sum()
+            x = float((weight * (cols + 0.5)).sum() / area)
+            y = float((weight * (rows + 0.5)).sum() / area)
+            radius = float(np.sqrt(max(area / np.pi - 1.0 / 12.0, 0.0)))
+            balls.append(Ball(name, x, y, radius, len(members)))
+    return balls
+
+
+def detect_balls(frame: np.ndarray, config: ToyWorldConfig | None = None,
+                 order: list[str] | None = None) -> list[Ball]:
+    """The balls visible in one frame, uint8 [H, W, 3] -> [Ball(color, x, y, radius, pixels)],
+    largest first within each colour, colours in palette order. config gives the background
+    (default: the toy world's). With `order` (the caption's colours: the toy world draws later
+    balls over earlier ones) the balls come in drawing order, unknown colours last, and in a
+    frame where balls touch, the drawing order and each ball are refined against the re-render
+    (which undoes the occlusion bias)."""
+    return detect_frames(np.asarray(frame)[None], config, order)[0]
+
+
+def detect_frames(frames: np.ndarray, config: ToyWorldConfig | None = None,
+                  order: list[str] | None = None) -> list[list[Ball]]:
+    """detect_balls for every frame of uint8 [T, H, W, 3]."""
+    config = config or ToyWorldConfig()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        from ..errors import ForcelabError
+        raise ForcelabError(f"toy frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    names = list(PALETTE)
+    alpha, _, label = _colour_maps(frames, config.background, PALETTE)
+    out = []
+    for t in range(len(frames)):
+        balls = sorted(_detect(alpha[t], label[t], names), key=lambda b: (names.index(b.color), -b.pixels))
+        if order is not None:
+            rank = {c: i for i, c in enumerate(order)}
+            balls.sort(key=lambda b: rank.get(b.color, len(rank)))
+            if touching(balls):
+                balls = refine(frames[t], balls, config)
+        out.append(balls)
+    return out
+
+
+def touching(balls: list[Ball], ball: Ball | None = None) -> bool:
+    """Whether two discs (with their anti-aliased rims) meet, so one may hide the other: any
+    two of `balls`, or `ball` and any of `balls`."""
+    def meet(a, b):
+        return math.hypot(a.x - b.x, a.y - b.y) < a.radius + b.radius + 1.0
+    if ball is not None:
+        return any(meet(ball, b) for b in balls)
+    return any(meet(a, b) for i, a in enumerate(balls) for b in balls[i + 1:])
+
+
+def refine(frame: np.ndarray, balls: list[Ball], config: ToyWorldConfig) -> list[Ball]:
+    """The drawing order (among the first REFINE_ORDERS_UP_TO balls' permutations) and the
+    (x, y, radius) of each ball that best re-render the frame (coordinate search, steps halving
+    from REFINE_STEP): an occluded ball's blob centroid is pulled towards its visible part,
+    and its area undercounts it. Returns the balls in drawing order."""
+    size = frame.shape[:2]
+    target = frame.astype(np.float64)
+
+    def error(candidate):
+        return float(((rerender(candidate, size, config).astype(np.float64) - target) ** 2).sum())
+
+    if len(balls) <= REFINE_ORDERS_UP_TO:
+        balls = min((list(p) for p in itertools.permutations(balls)), key=error)
+    balls = list(balls)
+    best = error(balls)
+    step = REFINE_STEP
+    for _ in range(REFINE_LEVELS):
+        for _ in range(REFINE_PASSES):
+            improved = False
+            for i in range(len(balls)):
+                for field in ("x", "y", "radius"):
+                    for sign in (1.0, -1.0):
+                        trial = balls[i]._replace(**{field: getattr(balls[i], field) + sign * step})
+                        candidate = balls[:i] + [trial] + balls[i + 1:]
+                        e = error(candidate)
+                        if e < best:
+                            best, balls, improved = e, candidate, True
+                            break
+            if not improved:
+                break
+        step /= 2
+    return balls
+
+
+def rerender(balls: list[Ball], size: tuple[int, int], config: ToyWorldConfig | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]: the toy world's renderer applied to `balls`, drawn in list order
+    (later balls over earlier ones; detect_frames with `order` returns them so)."""
+    config = config or ToyWorldConfig()
+    world = _world(config, size)
+    scene = Scene([b.color for b in balls], np.array([b.radius for b in balls], np.float64),
+                  np.zeros((len(balls), 2)), np.zeros((len(balls), 2)), "", "")
+    positions = np.array([[[b.x, b.y] for b in balls]], np.float64).reshape(1, len(balls), 2)
+    return world.render(scene, positions)[0].permute(1, 2, 0).numpy()
+
+
+_WORLDS: dict = {}
+
+
+def _world(config: ToyWorldConfig, size: tuple[int, int]) -> ToyWorld:
+    """A renderer for frames of `size` with config's background (the radius range is not
+    checked against the size: detections may be anything)."""
+    key = (tuple(size), config.background)
+    if key not in _WORLDS:
+        world = ToyWorld(config)
+        world.config = _SizedConfig(config, size)
+        _WORLDS[key] = world
+    return _WORLDS[key]
+
+
+class _SizedConfig:
+    """The fields ToyWorld.render reads, for an arbitrary frame size."""
+
+    def __init__(self, config: ToyWorldConfig, size: tuple[int, int]):
+        self.height, self.width = int(size[0]), int(size[1])
+        self.background = config.background
