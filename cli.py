@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("forcelab.models.info", "show a model preset or checkpoint: shapes and parameter counts"),
     "generate": ("forcelab.models.generate", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
+    "eval": ("forcelab.eval.cli", "evaluate videos: ToyBench, VBench (runner, aggregation), HTML reports"),
 }
 
 USER_ERROR = 2

@@ -49,13 +49,15 @@ METRICS = ("fidelity_psnr", "clean_pixels", "adherence", "identity", "physics", 
 
 
 def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | None = None,
-                config: ToyWorldConfig | None = None) -> dict[str, float]:
+                config: ToyWorldConfig | None = None, codec=None) -> dict[str, float]:
     """Metrics of one toy video: frames uint8 [T, H, W, 3] (numpy or torch), its caption.
 
     Returns a flat dict of floats: the METRICS over the whole video, "continuation" when
     first_frame (uint8 [H, W, 3]) is given, "{metric}@{b}" per bucket of bucket_frames frames
     (default config.frames) and "{metric}_drift". NaN where a metric has nothing to measure
-    (e.g. physics with no ball seen in three consecutive frames).
+    (e.g. physics with no ball seen in three consecutive frames). codec: the lossy round
+    trip the frames went through (uint8 [T, H, W, 3] -> same; e.g. mp4_roundtrip), applied to
+    the re-render too, so that fidelity measures the world and not the codec.
     """
     config = config or ToyWorldConfig()
     frames = _as_frames(frames)
@@ -63,7 +65,7 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
     if not colors:
         raise ForcelabError(f"caption {caption!r} names no toy ball (e.g. 'a red ball'); ToyBench scores "
                             f"toy-world videos only")
-    per_frame = frame_metrics(frames, colors, speed, config)
+    per_frame = frame_metrics(frames, colors, speed, config, codec)
     bucket_frames = int(bucket_frames or config.frames)
     if bucket_frames < 1:
         raise ForcelabError(f"bucket_frames must be >= 1, got {bucket_frames}")
@@ -79,14 +81,16 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
 
 
 def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
-                  config: ToyWorldConfig) -> dict[str, np.ndarray]:
+                  config: ToyWorldConfig, codec=None) -> dict[str, np.ndarray]:
     """Each metric per frame, float [T] (NaN where it has nothing to measure)."""
     T, H, W, _ = frames.shape
     detections = detect_frames(frames, config, order=colors)
+    rendered = np.stack([rerender(balls, (H, W), config) for balls in detections])
+    if codec is not None:
+        rendered = np.asarray(codec(rendered))
     psnr, clean = np.empty(T), np.empty(T)
-    for t, balls in enumerate(detections):
-        image = rerender(balls, (H, W), config).astype(np.float64)
-        diff = image - frames[t]
+    for t in range(T):
+        diff = rendered[t].astype(np.float64) - frames[t]
         mse = float((diff ** 2).mean())
         psnr[t] = min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse)) if mse > 0 else PSNR_CAP
         clean[t] = 1.0 - float((np.abs(diff).max(-1) > STRAY_LEVEL).mean())
@@ -197,8 +201,22 @@ def continuation(given: np.ndarray, first: np.ndarray, config: ToyWorldConfig | 
     return agree / len(union)
 
 
+def mp4_roundtrip(fps: float = 16.0):
+    """A codec for score_video: write_video's mp4 (the settings `forcelab generate` uses) and back."""
+    def roundtrip(frames: np.ndarray) -> np.ndarray:
+        import tempfile
+        from pathlib import Path
+
+        from ..data.video import read_video, write_video
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_video(Path(tmp) / "rerender.mp4", frames, fps)
+            return read_video(path).permute(0, 2, 3, 1).numpy()
+    return roundtrip
+
+
 def score_videos(videos, captions, *, first_frames=None, bucket_frames: int | None = None,
-                 config: ToyWorldConfig | None = None, progress: bool = False) -> dict:
+                 config: ToyWorldConfig | None = None, codec=None, progress: bool = False) -> dict:
     """score_video over a list (frames uint8 [T, H, W, 3] each) and its summary:
     {"aggregate": {metric: mean}, "spread": {metric: stats.spread}, "buckets": {metric:
     {"mean": [...], "std": [...], "n": [...]}}, "slopes": {metric: slope of the bucket means},
@@ -210,7 +228,7 @@ def score_videos(videos, captions, *, first_frames=None, bucket_frames: int | No
     if len(videos) != len(captions):
         raise ForcelabError(f"score_videos: {len(videos)} videos but {len(captions)} captions")
     firsts = list(first_frames) if first_frames is not None else [None] * len(videos)
-    per_video = [score_video(v, c, first_frame=f, bucket_frames=bucket_frames, config=config)
+    per_video = [score_video(v, c, first_frame=f, bucket_frames=bucket_frames, config=config, codec=codec)
                  for v, c, f in tqdm(list(zip(videos, captions, firsts)), desc="toybench", unit="video",
                                      disable=not progress)]
     return summarize(per_video)

@@ -28,6 +28,8 @@ REFINE_LEVELS = 4
 REFINE_ORDERS_UP_TO = 4   # try every drawing order of at most this many balls (4! = 24)
 REFINE_PASSES = 3         # passes over the balls per step size while they still improve
 MIN_BLOB_PIXELS = 3      # smaller blobs of one colour are noise (the smallest ball covers ~20 px)
+BLEND_MAX_PIXELS = 12    # blobs up to this size are checked for being a blend of two neighbours
+MIX_STEPS = 20           # grid steps per weight when fitting a two-colour blend
 CORE_ALPHA = 0.5         # a pixel at least half covered by a ball's colour is part of that ball
 
 
@@ -81,12 +83,42 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return np.any([p[i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=0)
 
 
-def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str]) -> list[Ball]:
-    """Balls in one frame from its colour maps (alpha [H, W, K], label [H, W])."""
+def _mixture_residual(pixels: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Per pixel, the distance from the best mix bg + a d0 + b d1 (a, b >= 0, a + b <= 1) of
+    two colours (dirs [2, 3], relative to the background); pixels [n, 3] relative too."""
+    grid = np.linspace(0.0, 1.0, MIX_STEPS + 1)
+    a, b = np.meshgrid(grid, grid, indexing="ij")
+    keep = a + b <= 1.0 + 1e-9
+    mixes = a[keep][:, None] * dirs[0] + b[keep][:, None] * dirs[1]             # [M, 3]
+    return np.linalg.norm(pixels[:, None, :] - mixes[None], axis=-1).min(1)
+
+
+def _is_blend(frame_rel: np.ndarray, blob: np.ndarray, k: int, cores: list[np.ndarray],
+              dirs: np.ndarray) -> bool:
+    """Whether a blob of colour k is better explained as the blend of two neighbouring balls'
+    colours (anti-aliasing, chroma subsampling of a codec) than as a ball of its own."""
+    near = _dilate(_dilate(blob))
+    neighbours = [j for j, core in enumerate(cores) if j != k and (core & near).any()]
+    if not neighbours:
+        return False
+    rows, cols = np.nonzero(blob)
+    pix = frame_rel[rows, cols]                                                   # [n, 3]
+    alpha = np.clip(pix @ dirs[k] / (dirs[k] ** 2).sum(), 0.0, 1.0)
+    own = np.linalg.norm(pix - alpha[:, None] * dirs[k], axis=-1).mean()
+    pairs = [(i, j) for i in neighbours for j in neighbours if i < j] + [(i, i) for i in neighbours]
+    blend = min(_mixture_residual(pix, dirs[[i, j]]).mean() for i, j in pairs)
+    return blend < own
+
+
+def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str], frame_rel: np.ndarray,
+            dirs: np.ndarray) -> list[Ball]:
+    """Balls in one frame from its colour maps (alpha [H, W, K], label [H, W]); frame_rel
+    [H, W, 3] is the frame minus the background, dirs [K, 3] the palette likewise."""
     balls = []
+    cores = [(label == k) & (alpha[..., k] >= CORE_ALPHA) for k in range(len(names))]
     for k, name in enumerate(names):
         own = label == k
-        core = own & (alpha[..., k] >= CORE_ALPHA)
+        core = cores[k]
         if core.sum() < MIN_BLOB_PIXELS:
             continue
         for members in _blobs(core):
@@ -94,6 +126,8 @@ def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str]) -> list[Ball
                 continue
             blob = np.zeros_like(core)
             blob[members[:, 0], members[:, 1]] = True
+            if len(members) <= BLEND_MAX_PIXELS and _is_blend(frame_rel, blob, k, cores, dirs):
+                continue
             support = blob | (_dilate(blob) & own)          # the blob plus its anti-aliased rim
             rows, cols = np.nonzero(support)
             weight = alpha[rows, cols, k].astype(np.float64)
@@ -126,15 +160,29 @@ def detect_frames(frames: np.ndarray, config: ToyWorldConfig | None = None,
         raise ForcelabError(f"toy frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     names = list(PALETTE)
     alpha, _, label = _colour_maps(frames, config.background, PALETTE)
+    bg = np.asarray(config.background, np.float32)
+    dirs = np.array(list(PALETTE.values()), np.float32) - bg
     out = []
     for t in range(len(frames)):
-        balls = sorted(_detect(alpha[t], label[t], names), key=lambda b: (names.index(b.color), -b.pixels))
-        if order is not None:
-            rank = {c: i for i, c in enumerate(order)}
-            balls.sort(key=lambda b: rank.get(b.color, len(rank)))
-            if touching(balls):
-                balls = refine(frames[t], balls, config)
+        balls = _detect(alpha[t], label[t], names, frames[t].astype(np.float32) - bg, dirs)
+        balls.sort(key=lambda b: (names.index(b.color), -b.pixels))
         out.append(balls)
+    if order is None:
+        return out
+    # a ball keeps its size: where balls touch, start from each colour's median radius over
+    # the frames where it is seen whole (an occluded area undercounts it), then refine
+    rank = {c: i for i, c in enumerate(order)}
+    whole = {}
+    for balls in out:
+        for b in balls:
+            if not touching([o for o in balls if o is not b], b):
+                whole.setdefault(b.color, []).append(b.radius)
+    radius = {c: float(np.median(r)) for c, r in whole.items()}
+    for t, balls in enumerate(out):
+        balls.sort(key=lambda b: rank.get(b.color, len(rank)))
+        if touching(balls):
+            start = [b._replace(radius=radius.get(b.color, b.radius)) for b in balls]
+            out[t] = refine(frames[t], start, config)
     return out
 
 
