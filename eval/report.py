@@ -210,7 +210,8 @@ def _html(runs, metrics, images, samples) -> str:
              "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}"
-             "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.sample{margin:1em 0}",
+             "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.sample{margin:1em 0}"
+             ".row{display:flex;gap:16px;align-items:flex-start}.row img{max-width:75%}",
              "</style></head><body>", "<h1>forcelab evaluation report</h1>",
              f"<p>{len(runs)} run(s): " + ", ".join(e(r.label) for r in runs) + "</p>",
              "<h2>Summary</h2>", table(*_summary_rows(runs, metrics)),
@@ -228,8 +229,8 @@ def _html(runs, metrics, images, samples) -> str:
         parts.append("<h2>Sample videos</h2>")
         for label, name, caption, strip, gif in samples:
             parts.append(f"<div class='sample'><h3>{e(label)}: {e(name)}</h3><p>{e(caption)}</p>"
-                         f"<img alt='frames of {e(name)}' src='data:image/png;base64,{_b64(strip)}'><br>"
-                         f"<img alt='animation of {e(name)}' src='data:image/gif;base64,{_b64(gif)}'></div>")
+                         f"<div class='row'><img alt='frames of {e(name)}' src='data:image/png;base64,{_b64(strip)}'>"
+                         f"<img alt='animation of {e(name)}' src='data:image/gif;base64,{_b64(gif)}'></div></div>")
     parts += ["<h2>Protocol</h2>", table(*_protocol_rows(runs)), "<h2>All numbers (JSON)</h2>"]
     for r in runs:
         parts.append(f"<details><summary>{e(r.label)} ({e(str(r.source))})</summary><pre>"

@@ -26,7 +26,7 @@ from ..data.toyworld import PALETTE, Scene, ToyWorld, ToyWorldConfig
 REFINE_STEP = 0.5        # px: first step of the occlusion refinement (halved REFINE_LEVELS - 1 times)
 REFINE_LEVELS = 4
 REFINE_ORDERS_UP_TO = 4   # try every drawing order of at most this many balls (4! = 24)
-REFINE_PASSES = 3         # passes over the balls per step size while they still improve
+REFINE_PASSES = 4         # passes over the balls per step size while they still improve
 MIN_BLOB_PIXELS = 3      # smaller blobs of one colour are noise (the smallest ball covers ~20 px)
 BLEND_MAX_PIXELS = 12    # blobs up to this size are checked for being a blend of two neighbours
 MIX_STEPS = 20           # grid steps per weight when fitting a two-colour blend
@@ -198,36 +198,53 @@ def touching(balls: list[Ball], ball: Ball | None = None) -> bool:
 
 def refine(frame: np.ndarray, balls: list[Ball], config: ToyWorldConfig) -> list[Ball]:
     """The drawing order (among the first REFINE_ORDERS_UP_TO balls' permutations) and the
-    (x, y, radius) of each ball that best re-render the frame (coordinate search, steps halving
-    from REFINE_STEP): an occluded ball's blob centroid is pulled towards its visible part,
-    and its area undercounts it. Returns the balls in drawing order."""
+    (x, y, radius) of each touching ball that best re-render the frame (coordinate search,
+    steps halving from REFINE_STEP): an occluded ball's blob centroid is pulled towards its
+    visible part, and its area undercounts it. Returns the balls in drawing order."""
     size = frame.shape[:2]
     target = frame.astype(np.float64)
 
-    def error(candidate):
-        return float(((rerender(candidate, size, config).astype(np.float64) - target) ** 2).sum())
+    def errors(candidates):
+        """Squared error of each candidate list of balls (same colours and radii): one render."""
+        scene = _scene(candidates[0])
+        positions = np.array([[[b.x, b.y] for b in c] for c in candidates], np.float64)
+        images = _world(config, size).render(scene, positions).permute(0, 2, 3, 1).numpy().astype(np.float64)
+        return ((images - target) ** 2).sum(axis=(1, 2, 3))
 
     if len(balls) <= REFINE_ORDERS_UP_TO:
-        balls = min((list(p) for p in itertools.permutations(balls)), key=error)
+        orders = [list(p) for p in itertools.permutations(balls)]
+        balls = orders[int(np.argmin([errors([o])[0] for o in orders]))]
     balls = list(balls)
-    best = error(balls)
+    movable = [i for i, b in enumerate(balls) if touching([o for o in balls if o is not b], b)]
+    best = errors([balls])[0]
     step = REFINE_STEP
     for _ in range(REFINE_LEVELS):
         for _ in range(REFINE_PASSES):
             improved = False
-            for i in range(len(balls)):
-                for field in ("x", "y", "radius"):
-                    for sign in (1.0, -1.0):
-                        trial = balls[i]._replace(**{field: getattr(balls[i], field) + sign * step})
-                        candidate = balls[:i] + [trial] + balls[i + 1:]
-                        e = error(candidate)
-                        if e < best:
-                            best, balls, improved = e, candidate, True
-                            break
+            for i in movable:
+                b = balls[i]                                           # a move: one render for all 8
+                trials = [balls[:i] + [b._replace(x=b.x + dx * step, y=b.y + dy * step)] + balls[i + 1:]
+                          for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
+                e = errors(trials)
+                k = int(np.argmin(e))
+                if e[k] < best:
+                    best, balls, improved = e[k], trials[k], True
+                b = balls[i]
+                for r in (b.radius + step, b.radius - step):          # a radius change is another scene
+                    trial = balls[:i] + [b._replace(radius=r)] + balls[i + 1:]
+                    e = errors([trial])[0]
+                    if e < best:
+                        best, balls, improved = e, trial, True
+                        break
             if not improved:
                 break
         step /= 2
     return balls
+
+
+def _scene(balls: list[Ball]) -> Scene:
+    return Scene([b.color for b in balls], np.array([b.radius for b in balls], np.float64),
+                 np.zeros((len(balls), 2)), np.zeros((len(balls), 2)), "", "")
 
 
 def rerender(balls: list[Ball], size: tuple[int, int], config: ToyWorldConfig | None = None) -> np.ndarray:
@@ -235,10 +252,8 @@ def rerender(balls: list[Ball], size: tuple[int, int], config: ToyWorldConfig | 
     (later balls over earlier ones; detect_frames with `order` returns them so)."""
     config = config or ToyWorldConfig()
     world = _world(config, size)
-    scene = Scene([b.color for b in balls], np.array([b.radius for b in balls], np.float64),
-                  np.zeros((len(balls), 2)), np.zeros((len(balls), 2)), "", "")
     positions = np.array([[[b.x, b.y] for b in balls]], np.float64).reshape(1, len(balls), 2)
-    return world.render(scene, positions)[0].permute(1, 2, 0).numpy()
+    return world.render(_scene(balls), positions)[0].permute(1, 2, 0).numpy()
 
 
 _WORLDS: dict = {}
