@@ -193,7 +193,7 @@ def _protocol_rows(runs):
         rows.append([r.label, str(p.get("mode", r.record.get("kind", "-"))), str(p.get("prompts_file", "-")),
                      str(p.get("extended_prompts", "-")), str(p.get("seeds", "-")),
                      str(p.get("samples_per_prompt", gen.get("samples", "-"))),
-                     json.dumps(p.get("versions") or {k: v for k, v in (("forcelab", r.record.get("forcelab")),) if v})])
+                     json.dumps(p.get("versions") or ({"forcelab": r.record["forcelab"]} if r.record.get("forcelab") else {}))])
     return ["run", "mode", "prompts file", "extended", "seeds", "samples/prompt", "versions"], rows
 
 

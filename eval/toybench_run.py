@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ForcelabError
 from . import toybench
-from .vbench_runner import speed_fps
+from .sidecars import check_writable, generation, read_sidecar
 
 RESULT_NAME = "toybench.json"
 
@@ -42,18 +42,6 @@ def _first_frame(folder: Path, name: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def check_writable(path: Path, kind: str) -> None:
-    """forcelab overwrites only files it wrote: a JSON of its own `kind`."""
-    if path.exists():
-        try:
-            ours = json.loads(path.read_text(encoding="utf-8")).get("kind") == kind
-        except (ValueError, AttributeError, OSError):
-            ours = False
-        if not ours:
-            raise ForcelabError(f"{path} exists and was not written by forcelab eval {kind}; move it or pick "
-                                f"another --out")
-
-
 def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, report: bool = True,
                  progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -74,14 +62,9 @@ def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, 
     check_writable(out / RESULT_NAME, "toybench")
     rows, per_video, skipped, sidecars = [], [], {}, []
     for video in tqdm(videos, desc="toybench", unit="video", disable=not progress):
-        side_path = video.with_suffix(".json")
-        if not side_path.is_file():
+        side = read_sidecar(video)
+        if side is None:
             skipped[video.name] = "no JSON sidecar (caption unknown)"
-            continue
-        try:
-            side = json.loads(side_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            skipped[video.name] = "sidecar is not valid JSON"
             continue
         caption = side.get("prompt_text") or side.get("prompt")
         frames = read_video(video).permute(0, 2, 3, 1).numpy()
@@ -104,19 +87,11 @@ def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, 
               "bucket_frames": bucket_frames or toybench.ToyWorldConfig().frames,
               "aggregate": summary["aggregate"], "spread": summary["spread"], "buckets": summary["buckets"],
               "slopes": summary["slopes"], "videos": rows, "skipped": skipped,
-              "generation": _generation(sidecars)}
-    speed = speed_fps(sidecars)
-    if speed is not None:
-        result["speed_fps"] = speed
+              "generation": generation(sidecars)}
+    if result["generation"] and "speed_fps" in result["generation"]:
+        result["speed_fps"] = result["generation"]["speed_fps"]
     (out / RESULT_NAME).write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
     if report:
         from .report import write_report
         write_report([out / RESULT_NAME], out / "toybench.html", progress=progress)
     return result
-
-
-def _generation(sidecars: list[dict]) -> dict | None:
-    if not sidecars:
-        return None
-    keep = ("model", "plan", "frames", "height", "width", "fps", "dtype", "device", "forcelab", "samples")
-    return {k: sidecars[0][k] for k in keep if k in sidecars[0]}

@@ -38,7 +38,6 @@ class Ball(NamedTuple):
     x: float              # centre in pixels (pixel i spans [i, i + 1)), like ToyClip.positions
     y: float
     radius: float         # pixels
-    pixels: int = 0       # core pixels found (how much of the ball is visible)
 
 
 def _colour_maps(frames: np.ndarray, background, palette: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,15 +134,15 @@ def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str], frame_rel: n
             x = float((weight * (cols + 0.5)).sum() / area)
             y = float((weight * (rows + 0.5)).sum() / area)
             radius = float(np.sqrt(max(area / np.pi - 1.0 / 12.0, 0.0)))
-            balls.append(Ball(name, x, y, radius, len(members)))
+            balls.append(Ball(name, x, y, radius))
     return balls
 
 
 def detect_balls(frame: np.ndarray, config: ToyWorldConfig | None = None,
                  order: list[str] | None = None) -> list[Ball]:
-    """The balls visible in one frame, uint8 [H, W, 3] -> [Ball(color, x, y, radius, pixels)],
-    largest first within each colour, colours in palette order. config gives the background
-    (default: the toy world's). With `order` (the caption's colours: the toy world draws later
+    """The balls visible in one frame, uint8 [H, W, 3] -> [Ball(color, x, y, radius)] (a
+    NamedTuple: `for color, x, y, radius in balls`), largest first within each colour, colours
+    in palette order. config gives the background (default: the toy world's). With `order` (the caption's colours: the toy world draws later
     balls over earlier ones) the balls come in drawing order, unknown colours last, and in a
     frame where balls touch, the drawing order and each ball are refined against the re-render
     (which undoes the occlusion bias)."""
@@ -165,7 +164,7 @@ def detect_frames(frames: np.ndarray, config: ToyWorldConfig | None = None,
     out = []
     for t in range(len(frames)):
         balls = _detect(alpha[t], label[t], names, frames[t].astype(np.float32) - bg, dirs)
-        balls.sort(key=lambda b: (names.index(b.color), -b.pixels))
+        balls.sort(key=lambda b: (names.index(b.color), -b.radius))
         out.append(balls)
     if order is None:
         return out

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import ForcelabError
 from . import vbench as vb
+from .sidecars import check_writable, generation, read_sidecar
 from .vbench_prompts import full_info
 
 DRIVER = Path(__file__).resolve().parent / "vbench_driver.py"
@@ -140,6 +141,7 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         raise ForcelabError(f"{videos_dir}: no .mp4 videos (generate them with `forcelab generate --vbench`)")
     out = Path(out_dir) if out_dir else videos_dir / "vbench"
     out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "vbench.json", "vbench")
     dims = vb.check_dimensions(dimensions or vb.DIMENSIONS)
     native = [d for d in dims if native_flickering and d in vb.NATIVE]
     external = [d for d in dims if d not in native]
@@ -151,14 +153,7 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         versions.update({f"vbench_env_{k}": v for k, v in check_python(python).items()})
     if cache is not None and not Path(cache).is_dir():
         raise ForcelabError(f"--vbench-cache {cache}: not a folder (VBench's weights go there)")
-    sidecars = {}
-    for v in videos:
-        side = v.with_suffix(".json")
-        if side.is_file():
-            try:
-                sidecars[v.name] = json.loads(side.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise ForcelabError(f"{side}: not valid JSON (a sidecar of `forcelab generate`?)") from None
+    sidecars = {v.name: side for v in videos if (side := read_sidecar(v)) is not None}
 
     results, failed, skipped = {}, {}, []
     bar = tqdm(dims, desc="vbench", unit="dim", disable=not progress)
@@ -194,18 +189,16 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                     failed[dim] = str(out / "logs" / f"{dim}.log")
                     continue
         mean, rows = read_results(result_file, dim)
-        per_video = defaultdict(list)
+        per_video = defaultdict(list)                    # video file -> its scores (one per clip when long)
         for r in rows:
-            if isinstance(r.get("video_results"), (int, float)):
-                per_video[source_of.get(str(Path(r["video_path"]).resolve()), Path(r["video_path"]).name)].append(
-                    float(r["video_results"]))
-        if long and per_video:   # VBench-Long: a long video scores the mean of its clips, the run the mean of those
-            videos_scores = {k: sum(v) / len(v) for k, v in per_video.items()}
-            mean = sum(videos_scores.values()) / len(videos_scores)
-        else:
-            videos_scores = {k: sum(v) / len(v) for k, v in per_video.items()}
-        results[dim] = {"score": _scale(dim, mean), "raw": mean, "videos": {k: _scale(dim, s) for k, s in videos_scores.items()},
-                        "native": dim in native}
+            if isinstance(r.get("video_results"), (int, float)):   # bool too (dynamic_degree)
+                path = Path(r["video_path"])
+                per_video[source_of.get(str(path.resolve()), path.name)].append(float(r["video_results"]))
+        video_scores = {k: sum(v) / len(v) for k, v in per_video.items()}
+        if long and video_scores:   # VBench-Long: a long video scores the mean of its clips, the run the mean of those
+            mean = sum(video_scores.values()) / len(video_scores)
+        results[dim] = {"score": _scale(dim, mean), "raw": mean, "native": dim in native,
+                        "videos": {k: _scale(dim, s) for k, s in video_scores.items()}}
     bar.close()
 
     scores = {d: r["score"] for d, r in results.items()}
@@ -213,38 +206,16 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                "dimensions": dims, "scores": scores, "aggregate": vb.aggregate(scores) if scores else None,
                "results": results, "failed": failed, "skipped_no_videos": skipped,
                "protocol": protocol(videos, sidecars, long, versions),
-               "notes": {"temporal_flickering": "native (no static filter)" if native else "VBench",
+               "notes": {"temporal_flickering": ("native" if native else "VBench") + ", on the videos as given "
+                                                 "(VBench's static filter, which needs RAFT, is not applied)",
                          "long_consistency_fusion": "not applied (in-clip scores only)" if long else None},
-               "generation": _generation(sidecars)}
+               "generation": generation(list(sidecars.values()))}
     (out / "vbench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if failed:
         raise VBenchRunError(f"VBench failed on {sorted(failed)} (logs: {out / 'logs'}); the other dimensions "
                              f"are in {out / 'vbench.json'}. Fix the cause and run the same command again: "
                              f"finished dimensions are not re-run")
     return summary
-
-
-def _generation(sidecars: dict) -> dict | None:
-    """The generation settings shared by the videos (plan, model, speed) for the report."""
-    if not sidecars:
-        return None
-    first = next(iter(sidecars.values()))
-    keep = ("model", "plan", "frames", "height", "width", "fps", "dtype", "device", "forcelab")
-    info = {k: first.get(k) for k in keep if k in first}
-    speed = speed_fps(list(sidecars.values()))
-    if speed is not None:
-        info["speed_fps"] = speed
-    return info
-
-
-def speed_fps(sidecars: list[dict]) -> float | None:
-    """Generated frames per second of wall time from generate's sidecars (each batch of
-    `batch` videos took seconds_per_batch; the last batch may be smaller, so this is a lower bound)."""
-    rows = [s for s in sidecars if s.get("seconds_per_batch") and s.get("frames")]
-    if not rows:
-        return None
-    per_batch = [s["frames"] * min(s.get("batch", 1), len(rows)) / s["seconds_per_batch"] for s in rows]
-    return float(sum(per_batch) / len(per_batch))
 
 
 def _run_driver(python, info: Path, dim: str, out: Path, device: str, cache) -> bool:

@@ -123,13 +123,13 @@ def test_detect_balls_finds_positions_colours_and_radii():
         assert sorted(b.color for b in balls) == sorted(clip.scene.colors)
         if touching(balls):
             continue
-        for color, x, y, radius, _ in balls:
+        for color, x, y, radius in balls:
             i = clip.scene.colors.index(color)
             errors.append(np.hypot(x - clip.positions[t, i, 0], y - clip.positions[t, i, 1]))
             assert radius == pytest.approx(clip.scene.radius[i], abs=0.15)
     assert errors and np.median(errors) < 0.05 and max(errors) < 0.3
     one = detect_balls(frames_of(clip.video)[0])                  # the single-frame API
-    assert {b.color for b in one} == set(clip.scene.colors) and all(len(tuple(b)[:4]) == 4 for b in one)
+    assert {b.color for b in one} == set(clip.scene.colors) and all(len(tuple(b)) == 4 for b in one)
     blank = np.broadcast_to(np.array(WORLD.config.background, np.uint8), (32, 32, 3)).copy()
     assert detect_balls(blank) == []
 
