@@ -65,10 +65,10 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
     if not colors:
         raise ForcelabError(f"caption {caption!r} names no toy ball (e.g. 'a red ball'); ToyBench scores "
                             f"toy-world videos only")
-    per_frame = frame_metrics(frames, colors, speed, config, codec)
     bucket_frames = int(bucket_frames or config.frames)
     if bucket_frames < 1:
         raise ForcelabError(f"bucket_frames must be >= 1, got {bucket_frames}")
+    per_frame = frame_metrics(frames, colors, speed, config, codec)
     out = {m: stats.nanmean(v) for m, v in per_frame.items()}
     if first_frame is not None:
         out["continuation"] = continuation(_as_frames(first_frame[None])[0], frames[0], config)
@@ -88,6 +88,8 @@ def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
     rendered = np.stack([rerender(balls, (H, W), config) for balls in detections])
     if codec is not None:
         rendered = np.asarray(codec(rendered))
+        if rendered.shape != frames.shape:
+            raise ForcelabError(f"codec returned {list(rendered.shape)} for frames {list(frames.shape)}")
     psnr, clean = np.empty(T), np.empty(T)
     for t in range(T):
         diff = rendered[t].astype(np.float64) - frames[t]

@@ -82,20 +82,22 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return np.any([p[i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=0)
 
 
-def _mixture_residual(pixels: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """Per pixel, the distance from the best mix bg + a d0 + b d1 (a, b >= 0, a + b <= 1) of
-    two colours (dirs [2, 3], relative to the background); pixels [n, 3] relative too."""
+def _blend_weights() -> np.ndarray:
+    """[M, 2] weights (a, b) on a MIX_STEPS grid with a, b >= 0 and a + b <= 1."""
     grid = np.linspace(0.0, 1.0, MIX_STEPS + 1)
     a, b = np.meshgrid(grid, grid, indexing="ij")
     keep = a + b <= 1.0 + 1e-9
-    mixes = a[keep][:, None] * dirs[0] + b[keep][:, None] * dirs[1]             # [M, 3]
-    return np.linalg.norm(pixels[:, None, :] - mixes[None], axis=-1).min(1)
+    return np.stack([a[keep], b[keep]], -1)
+
+
+_BLEND_WEIGHTS = _blend_weights()
 
 
 def _is_blend(frame_rel: np.ndarray, blob: np.ndarray, k: int, cores: list[np.ndarray],
               dirs: np.ndarray) -> bool:
-    """Whether a blob of colour k is better explained as the blend of two neighbouring balls'
-    colours (anti-aliasing, chroma subsampling of a codec) than as a ball of its own."""
+    """Whether a blob of colour k is better explained as the blend bg + a c_i + b c_j of two
+    neighbouring balls' colours (anti-aliasing, a codec's chroma subsampling) than as a ball
+    of its own; frame_rel and dirs are relative to the background."""
     near = _dilate(_dilate(blob))
     neighbours = [j for j, core in enumerate(cores) if j != k and (core & near).any()]
     if not neighbours:
@@ -104,37 +106,36 @@ def _is_blend(frame_rel: np.ndarray, blob: np.ndarray, k: int, cores: list[np.nd
     pix = frame_rel[rows, cols]                                                   # [n, 3]
     alpha = np.clip(pix @ dirs[k] / (dirs[k] ** 2).sum(), 0.0, 1.0)
     own = np.linalg.norm(pix - alpha[:, None] * dirs[k], axis=-1).mean()
-    pairs = [(i, j) for i in neighbours for j in neighbours if i < j] + [(i, i) for i in neighbours]
-    blend = min(_mixture_residual(pix, dirs[[i, j]]).mean() for i, j in pairs)
-    return blend < own
+    pairs = np.array([(i, j) for n, i in enumerate(neighbours) for j in neighbours[n:]])   # [P, 2]
+    mixes = np.einsum("mw,pwc->pmc", _BLEND_WEIGHTS, dirs[pairs])                 # [P, M, 3]
+    residual = np.linalg.norm(pix[:, None, None, :] - mixes[None], axis=-1)       # [n, P, M]
+    return float(residual.min(-1).mean(0).min()) < own
 
 
 def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str], frame_rel: np.ndarray,
-            dirs: np.ndarray) -> list[Ball]:
+            dirs: np.ndarray, max_balls: int) -> list[Ball]:
     """Balls in one frame from its colour maps (alpha [H, W, K], label [H, W]); frame_rel
-    [H, W, 3] is the frame minus the background, dirs [K, 3] the palette likewise."""
-    balls = []
+    [H, W, 3] is the frame minus the background, dirs [K, 3] the palette likewise. Blends are
+    looked for only when there are at most 2 * max_balls blobs: more is no toy-world frame,
+    and the search would only cost time."""
     cores = [(label == k) & (alpha[..., k] >= CORE_ALPHA) for k in range(len(names))]
-    for k, name in enumerate(names):
-        own = label == k
-        core = cores[k]
-        if core.sum() < MIN_BLOB_PIXELS:
+    blobs = [(k, m) for k in range(len(names)) if cores[k].sum() >= MIN_BLOB_PIXELS
+             for m in _blobs(cores[k]) if len(m) >= MIN_BLOB_PIXELS]
+    check_blends = len(blobs) <= 2 * max_balls
+    balls = []
+    for k, members in blobs:
+        blob = np.zeros_like(cores[k])
+        blob[members[:, 0], members[:, 1]] = True
+        if check_blends and len(members) <= BLEND_MAX_PIXELS and _is_blend(frame_rel, blob, k, cores, dirs):
             continue
-        for members in _blobs(core):
-            if len(members) < MIN_BLOB_PIXELS:
-                continue
-            blob = np.zeros_like(core)
-            blob[members[:, 0], members[:, 1]] = True
-            if len(members) <= BLEND_MAX_PIXELS and _is_blend(frame_rel, blob, k, cores, dirs):
-                continue
-            support = blob | (_dilate(blob) & own)          # the blob plus its anti-aliased rim
-            rows, cols = np.nonzero(support)
-            weight = alpha[rows, cols, k].astype(np.float64)
-            area = weight.sum()
-            x = float((weight * (cols + 0.5)).sum() / area)
-            y = float((weight * (rows + 0.5)).sum() / area)
-            radius = float(np.sqrt(max(area / np.pi - 1.0 / 12.0, 0.0)))
-            balls.append(Ball(name, x, y, radius))
+        support = blob | (_dilate(blob) & (label == k))         # the blob plus its anti-aliased rim
+        rows, cols = np.nonzero(support)
+        weight = alpha[rows, cols, k].astype(np.float64)
+        area = weight.sum()
+        x = float((weight * (cols + 0.5)).sum() / area)
+        y = float((weight * (rows + 0.5)).sum() / area)
+        radius = float(np.sqrt(max(area / np.pi - 1.0 / 12.0, 0.0)))
+        balls.append(Ball(names[k], x, y, radius))
     return balls
 
 
@@ -163,7 +164,7 @@ def detect_frames(frames: np.ndarray, config: ToyWorldConfig | None = None,
     dirs = np.array(list(PALETTE.values()), np.float32) - bg
     out = []
     for t in range(len(frames)):
-        balls = _detect(alpha[t], label[t], names, frames[t].astype(np.float32) - bg, dirs)
+        balls = _detect(alpha[t], label[t], names, frames[t].astype(np.float32) - bg, dirs, config.max_balls)
         balls.sort(key=lambda b: (names.index(b.color), -b.radius))
         out.append(balls)
     if order is None:
@@ -179,7 +180,7 @@ def detect_frames(frames: np.ndarray, config: ToyWorldConfig | None = None,
     radius = {c: float(np.median(r)) for c, r in whole.items()}
     for t, balls in enumerate(out):
         balls.sort(key=lambda b: rank.get(b.color, len(rank)))
-        if touching(balls):
+        if touching(balls) and len(balls) <= config.max_balls:   # more than the world shows: not worth it
             start = [b._replace(radius=radius.get(b.color, b.radius)) for b in balls]
             out[t] = refine(frames[t], start, config)
     return out

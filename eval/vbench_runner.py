@@ -211,6 +211,9 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                          "long_consistency_fusion": "not applied (in-clip scores only)" if long else None},
                "generation": generation(list(sidecars.values()))}
     (out / "vbench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if not results and not failed:
+        raise ForcelabError(f"no VBench dimension scored: the videos' prompts belong to none of {skipped} (the suite "
+                            f"scores each prompt on its own dimensions; a custom prompt skips {list(vb.NEEDS_SUITE)})")
     if failed:
         raise VBenchRunError(f"VBench failed on {sorted(failed)} (logs: {out / 'logs'}); the other dimensions "
                              f"are in {out / 'vbench.json'}. Fix the cause and run the same command again: "

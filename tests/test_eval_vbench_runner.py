@@ -173,6 +173,11 @@ def test_native_flickering_needs_no_vbench(videos, tmp_path):
                  "--out", str(tmp_path / "tf"), "--quiet"]) == 0
     result = json.loads((tmp_path / "tf" / "vbench.json").read_text())
     assert 0 < result["scores"]["temporal_flickering"] < 1 and result["aggregate"]["semantic"] is None
+    only_color = tmp_path / "color_only"                          # a suite prompt of another dimension only
+    only_color.mkdir()
+    (only_color / "a red bicycle-0.mp4").write_bytes((videos / "a red bicycle-0.mp4").read_bytes())
+    with pytest.raises(ForcelabError, match="no VBench dimension scored"):
+        run_vbench(only_color, dimensions=["temporal_flickering"], native_flickering=True, progress=False)
 
 
 @pytest.mark.skipif(not os.environ.get("FORCELAB_VBENCH_PYTHON"), reason="the real VBench is not installed "
