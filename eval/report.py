@@ -20,6 +20,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 from ..errors import ForcelabError
@@ -67,11 +68,17 @@ class Run:
             if b.get("mean"):
                 self.drift[m] = (b["mean"], b.get("std", [0.0] * len(b["mean"])))
         self.bucket_frames = rec.get("bucket_frames", 1) or 1
-        folder = Path(rec.get("videos_dir", ""))
         for row in rec.get("videos", [])[:SAMPLES_PER_RUN]:
-            path = (folder / row["video"]).resolve()
-            if folder.resolve() in path.parents and path.is_file():
-                self.videos.append((path, float(row.get("fps") or 16.0), row.get("caption") or ""))
+            self._sample(rec, row["video"], row.get("fps"), row.get("caption") or "")
+
+    def _sample(self, rec: dict, name: str, fps, caption: str) -> None:
+        """A sample video named in a results file; names never leave its videos_dir."""
+        if not rec.get("videos_dir"):
+            return
+        folder = Path(rec["videos_dir"]).resolve()
+        path = (folder / name).resolve()
+        if folder in path.parents and path.is_file():
+            self.videos.append((path, float(fps or (rec.get("generation") or {}).get("fps") or 16.0), caption))
 
     def _vbench(self, rec: dict) -> None:
         agg = rec.get("aggregate") or {}
@@ -81,6 +88,9 @@ class Run:
         for d, s in (rec.get("scores") or {}).items():
             self.metrics[d] = (float(s), None)
         self.protocol = rec.get("protocol")
+        names = sorted({v for r in (rec.get("results") or {}).values() for v in r.get("videos", {})})
+        for name in names[:SAMPLES_PER_RUN]:
+            self._sample(rec, name, None, re.sub(r"-\d+$", "", Path(name).stem))
 
 
 def load_runs(paths) -> list[Run]:

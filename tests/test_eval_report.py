@@ -59,8 +59,11 @@ def results(tmp_path):
         folder.mkdir()
         (folder / "toybench.json").write_text(json.dumps(toybench_record(folder, name, slope)))
         paths.append(folder / "toybench.json")
+    (tmp_path / "escape.mp4").write_bytes((tmp_path / "student" / "0000-a-0.mp4").read_bytes())
     scores = {"subject_consistency": 0.95, "temporal_flickering": 0.97, "color": 0.8}
     vbench = {"kind": "vbench", "name": "wan-vbench", "scores": scores, "aggregate": aggregate(scores),
+              "videos_dir": str(tmp_path / "student"), "results": {"color": {"videos": {"0000-a-0.mp4": 0.8,
+                                                                                      "../escape.mp4": 0.1}}},
               "protocol": {"mode": "VBench-Long", "prompts_file": "all_dimension.txt", "extended_prompts": False,
                            "seeds": [0, 1], "samples_per_prompt": 5, "versions": {"vbench": "0.1.5"}}}
     (tmp_path / "vbench.json").write_text(json.dumps(vbench))
@@ -92,10 +95,11 @@ def test_report_renders_every_run_with_embedded_images(results, tmp_path):
         raw = base64.b64decode(data)
         assert raw[:4] == (b"\x89PNG" if mime == "image/png" else b"GIF8")
         kinds.append(mime)
-    # across-runs bars, speed bars, drift chart, and a strip + animation per sample video (2 runs x 1)
-    assert kinds.count("image/png") == 3 + 2 and kinds.count("image/gif") == 2
+    # across-runs bars, speed bars, drift chart, and a strip + animation per sample video (3 runs x 1;
+    # a name leaving the videos folder is not followed)
+    assert kinds.count("image/png") == 3 + 3 and kinds.count("image/gif") == 3
     md = out.with_suffix(".md").read_text()
-    assert all(label in md for label in labels) and md.count("data:image/gif;base64,") == 2
+    assert all(label in md for label in labels) and md.count("data:image/gif;base64,") == 3
     # every number is in the page's JSON
     text = "".join(page.text)
     assert '"speed_fps": 41.5' in text and '"color": 0.8' in text and '"seeds": [' in text
