@@ -5,9 +5,10 @@
 
 Each dimension is one subprocess (vbench_driver.py in VBench's environment; its log in
 OUT/logs/). It writes OUT/{dimension}_eval_results.json atomically, so a dimension with a
-result is finished: re-running the same command skips it and retries only the ones that
-failed. The videos are found by prompt: a prompt of the VBench suite is scored on the
-dimensions the suite lists for it (the standard protocol, with its auxiliary info); any
+result for the same videos (OUT/{dimension}_info.json) is finished: re-running the same
+command skips it and retries only the ones that failed; changed videos are scored again.
+The videos are found by prompt: a prompt of the VBench suite is scored on the dimensions
+the suite lists for it (the standard protocol, with its auxiliary info); any
 other prompt on the dimensions that need no suite metadata (VBench's custom_input rule).
 Prompts come from the sidecars of `forcelab generate`, else from the file name
 ("{prompt}-{i}.mp4"). --long scores VBench-Long clips (vbench_long.py) and averages each
@@ -175,15 +176,14 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         if not entries:
             skipped.append(dim)
             continue
-        result_file = out / f"{dim}_eval_results.json"
-        if not result_file.is_file():
+        result_file, info = out / f"{dim}_eval_results.json", out / f"{dim}_info.json"
+        if not _finished(result_file, info, entries):
+            info.write_text(json.dumps(entries, indent=2), encoding="utf-8")
             if dim in native:
                 paths = [p for e in entries for p in e["video_list"]]
                 mean, rows = vb.temporal_flickering_files(paths)
                 result_file.write_text(json.dumps({dim: [mean, rows]}, indent=4), encoding="utf-8")
             else:
-                info = out / f"{dim}_info.json"
-                info.write_text(json.dumps(entries, indent=2), encoding="utf-8")
                 ok = _run_driver(python, info, dim, out, device, cache)
                 if not ok or not result_file.is_file():
                     failed[dim] = str(out / "logs" / f"{dim}.log")
@@ -219,6 +219,20 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                              f"are in {out / 'vbench.json'}. Fix the cause and run the same command again: "
                              f"finished dimensions are not re-run")
     return summary
+
+
+def _finished(result_file: Path, info: Path, entries: list[dict]) -> bool:
+    """A dimension is done when its result exists for the same videos (its info file, which
+    this runner writes first, lists them); a result of unknown origin is never overwritten."""
+    if not result_file.is_file():
+        return False
+    if not info.is_file():
+        raise ForcelabError(f"{result_file} exists but was not written by forcelab eval vbench (no {info.name} "
+                            f"beside it); move it or pick another --out")
+    try:
+        return json.loads(info.read_text(encoding="utf-8")) == entries
+    except json.JSONDecodeError:
+        return False
 
 
 def _run_driver(python, info: Path, dim: str, out: Path, device: str, cache) -> bool:

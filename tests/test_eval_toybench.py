@@ -181,3 +181,13 @@ def test_cli_toybench_reads_generate_output(tmp_path):
     (out / "toybench.json").write_text("{}")                       # not ours any more: refuse to overwrite
     assert main(["eval", "toybench", str(videos), "--out", str(out), "--quiet"]) == 2
     assert main(["eval", "toybench", str(tmp_path / "none"), "--quiet"]) == 2
+
+
+def test_spread_and_slope_by_hand():
+    from forcelab.eval import stats
+
+    s = stats.spread([1.0, 2.0, 3.0, float("nan")])
+    assert (s["mean"], s["std"], s["n"], s["missing"], s["min"], s["max"]) == (2.0, 1.0, 3, 1, 1.0, 3.0)
+    assert s["ci95"] == pytest.approx(4.303 / np.sqrt(3))          # Student t, 2 degrees of freedom
+    assert stats.slope([0.9, 0.7, 0.5, 0.3]) == pytest.approx(-0.2)
+    assert stats.slope([1.0, float("nan"), 3.0]) == pytest.approx(1.0) and stats.slope([5.0]) == 0.0

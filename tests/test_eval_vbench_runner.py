@@ -107,6 +107,16 @@ def test_runs_each_dimension_resumes_after_a_failure(fake_python, videos, tmp_pa
     assert scores["imaging_quality"] == pytest.approx(0.61)       # MUSIQ's 0..100 brought to 0..1
     assert result["aggregate"] == aggregate(scores) and "scene" in result["aggregate"]["missing"]
     assert not result["failed"] and result["results"]["temporal_flickering"]["native"]
+    # a changed set of videos is scored again; a result of unknown origin is left alone
+    (videos / "a toy ball bouncing-1.mp4").write_bytes((videos / "a toy ball bouncing-0.mp4").read_bytes())
+    run_vbench(videos, out, python=fake_python, dimensions=["subject_consistency"], device="cpu", progress=False)
+    assert calls(videos)[5:] == ["subject_consistency"]
+    (videos / "a toy ball bouncing-1.mp4").unlink()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "color_eval_results.json").write_text(json.dumps({"color": [0.5, []]}))
+    with pytest.raises(ForcelabError, match="not written by forcelab"):
+        run_vbench(videos, foreign, python=fake_python, dimensions=["color"], device="cpu", progress=False)
 
     # which videos each dimension saw: the suite's prompts on their own dimensions only,
     # the custom prompt on dimensions that need no suite metadata
