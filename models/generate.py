@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", help="a text file, one prompt per line (blank lines skipped)")
     g.add_argument("--extended-prompts", help="line-aligned with --prompts: condition on these, "
                    "name the files by --prompts (VBench with extended prompts)")
+    g.add_argument("--vbench-prompts", metavar="all|DIM,DIM", default=None,
+                   help="the bundled VBench suite: all 946 prompts or those of the listed dimensions "
+                   "(implies --vbench naming; pair with --samples 5 and --seed for the standard protocol)")
+    g.add_argument("--vbench-extended", action="store_true",
+                   help="with --vbench-prompts: condition on the Wan2.1-extended prompts (files keep the originals' names)")
     g.add_argument("--negative-prompt", default="", help="the teacher's unconditional prompt")
     g.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
                    help="from video frame FRAME on, condition on PROMPT (repeatable)")
@@ -99,6 +104,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- checks (no work yet)
 def read_prompts(args) -> tuple[list[str], list[str]]:
     """-> (names, texts): names go into file names, texts condition the model."""
+    if getattr(args, "vbench_prompts", None):
+        if args.prompt or args.prompts or args.extended_prompts:
+            raise ForcelabError("--vbench-prompts replaces --prompt/--prompts/--extended-prompts: give one or the other")
+        from ..eval.vbench_prompts import parse_dimension_list, select_prompts
+        names, texts, args.vbench_suite = select_prompts(parse_dimension_list(args.vbench_prompts),
+                                                         extended=args.vbench_extended)
+        args.vbench = True
+        return names, texts
+    if getattr(args, "vbench_extended", False):
+        raise ForcelabError("--vbench-extended goes with --vbench-prompts")
     names = list(args.prompt)
     if args.prompts:
         names += _read_lines(args.prompts, "--prompts")
@@ -295,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
                                    recache_frames=args.recache_frames, rope_jump=args.rope_jump)
                               for lf, f, t in switch_at],
                     device=str(device), dtype=str(dtype).replace("torch.", ""), vbench=args.vbench,
-                    conditioning=None if cond is None else dict(cond.describe(ae, unit), prefix_latent_frames=p))
+                    conditioning=None if cond is None else dict(cond.describe(ae, unit), prefix_latent_frames=p),
+                    vbench_suite=getattr(args, "vbench_suite", None), samples=args.samples)
     prefix = None if prefix_px is None else ae.encode(prefix_px.to(device)).float()
 
     from tqdm import tqdm

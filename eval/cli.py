@@ -1,0 +1,64 @@
+"""`forcelab eval`: toybench | vbench | report.
+
+    forcelab eval toybench VIDEOS_DIR [--out DIR] [--bucket-frames N]
+    forcelab eval vbench VIDEOS_DIR --vbench-python PATH [--dimensions D ...] [--long] [--vbench-cache DIR]
+    forcelab eval report RESULTS... --out report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="eval_command", metavar="{toybench,vbench,report}", required=True)
+    t = sub.add_parser("toybench", help="ToyBench metrics of toy-world videos (mp4 + generate's JSON sidecars)")
+    t.add_argument("videos", metavar="VIDEOS_DIR")
+    t.add_argument("--out", default=None, help="folder for toybench.json and the report (default: VIDEOS_DIR)")
+    t.add_argument("--bucket-frames", type=int, default=None,
+                   help="frames per drift bucket (default: the toy world's training clip length)")
+    t.add_argument("--no-report", action="store_true", help="write toybench.json only")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    v = sub.add_parser("vbench", help="VBench in its own Python, dimension by dimension (resumable)")
+    v.add_argument("videos", metavar="VIDEOS_DIR")
+    v.add_argument("--vbench-python", default=None, help="the python of an environment with VBench installed")
+    v.add_argument("--dimensions", nargs="+", default=None, help="VBench dimensions (default: all 16)")
+    v.add_argument("--long", action="store_true", help="VBench-Long: split long videos into clips first")
+    v.add_argument("--vbench-cache", default=None, help="folder of VBench's weights (VBENCH_CACHE_DIR)")
+    v.add_argument("--out", default=None, help="results folder (default: VIDEOS_DIR/vbench)")
+    v.add_argument("--device", default="cuda", help="device VBench runs on (default cuda)")
+    v.add_argument("--native-flickering", action="store_true",
+                   help="compute temporal_flickering here (no model, no VBench static filter)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="one self-contained HTML page (+ markdown) comparing runs")
+    r.add_argument("results", nargs="+", metavar="RESULTS", help="toybench.json / vbench.json / run records")
+    r.add_argument("--out", default="report.html", help="the .html to write (the .md goes beside it)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "toybench":
+        from .toybench_run import RESULT_NAME, run_toybench
+
+        result = run_toybench(args.videos, args.out, bucket_frames=args.bucket_frames, report=not args.no_report,
+                              progress=not args.quiet)
+        agg = result["aggregate"]
+        print("  ".join(f"{m}={agg[m]:.4g}" for m in result["metrics"] if m in agg))
+        print(f"wrote {(args.out or args.videos)}/{RESULT_NAME} ({len(result['videos'])} videos, "
+              f"{len(result['skipped'])} skipped)")
+    elif args.eval_command == "vbench":
+        from .vbench_runner import run_vbench
+
+        result = run_vbench(args.videos, args.out, python=args.vbench_python, dimensions=args.dimensions,
+                            long=args.long, cache=args.vbench_cache, device=args.device,
+                            native_flickering=args.native_flickering, progress=not args.quiet)
+        agg = result["aggregate"] or {}
+        print(f"total {agg.get('total')}  quality {agg.get('quality')}  semantic {agg.get('semantic')}  "
+              f"missing {agg.get('missing')}")
+    else:
+        from .report import write_report
+
+        print(f"wrote {write_report(args.results, args.out, progress=not args.quiet)}")
+    return 0

@@ -1,0 +1,271 @@
+"""`forcelab eval report RESULTS... --out report.html`: one self-contained page comparing runs.
+
+    write_report(["a/toybench.json", "b/toybench.json", "vbench/vbench.json"], "report.html")
+
+Writes report.html (every image embedded as base64) and report.md beside it, with: a
+summary table (one row per run: each metric's mean +- 95% CI, VBench's total / quality /
+semantic, speed in frames/s where recorded), bar charts across runs, drift charts (metrics
+per time bucket), frame strips and animated previews of sample videos, the protocol of
+each run (prompts, seeds, samples, mode, versions) and the JSON of every number.
+
+A results file is a toybench.json or vbench.json of `forcelab eval`, or any JSON run record:
+{"name", "speed_fps", "metrics": {name: number}, ...} - or {"runs": [records]} / a list of
+records / {"runs": {name: record}} for several runs in one file. A record may embed
+"toybench" and "vbench" results. Top-level numbers of a record count as metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+from ..errors import ForcelabError
+from . import plots
+
+MARKER = "forcelab eval report"
+SAMPLES_PER_RUN = 2
+SKIP_NUMBERS = ("bucket_frames", "speed_fps", "seed", "frames")
+
+
+class Run:
+    """One row of the report: a label, metric -> (value, ci95 or None), drift series, videos, the raw JSON."""
+
+    def __init__(self, label: str, record: dict, source: Path):
+        self.label, self.record, self.source = label, record, source
+        self.metrics: dict[str, tuple[float, float | None]] = {}
+        self.drift: dict[str, tuple[list, list]] = {}
+        self.bucket_frames = 1
+        self.videos: list[tuple[Path, float, str]] = []     # (path, fps, caption)
+        self.protocol = None
+        self.speed = None
+        self._read(record)
+
+    def _read(self, rec: dict) -> None:
+        if rec.get("kind") == "toybench":
+            self._toybench(rec)
+        elif rec.get("kind") == "vbench":
+            self._vbench(rec)
+        for key in ("toybench", "vbench"):
+            if isinstance(rec.get(key), dict):
+                self._read({**rec[key], "kind": key})
+        for source in (rec, rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}):
+            for k, v in source.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SKIP_NUMBERS:
+                    self.metrics.setdefault(k, (float(v), None))
+        speed = rec.get("speed_fps", (rec.get("generation") or {}).get("speed_fps"))
+        if isinstance(speed, (int, float)):
+            self.speed = float(speed)
+
+    def _toybench(self, rec: dict) -> None:
+        for m, s in rec.get("spread", {}).items():
+            if not m.endswith("_drift"):
+                self.metrics[m] = (s.get("mean", math.nan), s.get("ci95"))
+        for m, b in rec.get("buckets", {}).items():
+            if b.get("mean"):
+                self.drift[m] = (b["mean"], b.get("std", [0.0] * len(b["mean"])))
+        self.bucket_frames = rec.get("bucket_frames", 1) or 1
+        for row in rec.get("videos", [])[:SAMPLES_PER_RUN]:
+            self._sample(rec, row["video"], row.get("fps"), row.get("caption") or "")
+
+    def _sample(self, rec: dict, name: str, fps, caption: str) -> None:
+        """A sample video named in a results file; names never leave its videos_dir."""
+        if not rec.get("videos_dir"):
+            return
+        folder = Path(rec["videos_dir"]).resolve()
+        path = (folder / name).resolve()
+        if folder in path.parents and path.is_file():
+            self.videos.append((path, float(fps or (rec.get("generation") or {}).get("fps") or 16.0), caption))
+
+    def _vbench(self, rec: dict) -> None:
+        agg = rec.get("aggregate") or {}
+        for k in ("total", "quality", "semantic"):
+            if isinstance(agg.get(k), (int, float)):
+                self.metrics[f"vbench_{k}"] = (float(agg[k]), None)
+        for d, s in (rec.get("scores") or {}).items():
+            self.metrics[d] = (float(s), None)
+        self.protocol = rec.get("protocol")
+        names = sorted({v for r in (rec.get("results") or {}).values() for v in r.get("videos", {})})
+        for name in names[:SAMPLES_PER_RUN]:
+            self._sample(rec, name, None, re.sub(r"-\d+$", "", Path(name).stem))
+
+
+def load_runs(paths) -> list[Run]:
+    """Runs from results files (see the module docstring), labelled uniquely."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ForcelabError(f"results file {p}: not found")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ForcelabError(f"results file {p}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("runs"), dict):
+            records = [{"name": k, **v} for k, v in data["runs"].items()]
+        elif isinstance(data, dict) and isinstance(data.get("runs"), list):
+            records = data["runs"]
+        elif isinstance(data, list):
+            records = data
+        elif isinstance(data, dict):
+            records = [data]
+        else:
+            raise ForcelabError(f"results file {p}: expected a JSON object or list of run records")
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise ForcelabError(f"results file {p}: run {i} is not a JSON object")
+            name = str(rec.get("name") or rec.get("label") or (p.parent.name if p.stem in ("toybench", "vbench")
+                                                                 else p.stem))
+            runs.append(Run(name, rec, p))
+    seen: dict[str, int] = {}
+    for run in runs:                                   # same names from different folders stay apart
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({seen[run.label]})"
+    if not runs:
+        raise ForcelabError("no runs in the results files given")
+    return runs
+
+
+def _fmt(value: float | None, ci: float | None = None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    text = f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    return f"{text} ± {ci:.2g}" if ci else text
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def check_writable(path: Path) -> None:
+    if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace")[:4096]:
+        raise ForcelabError(f"{path} exists and was not written by forcelab eval report; move it or pick another --out")
+
+
+def write_report(results, out, *, progress: bool = True) -> Path:
+    """Render the report of the given results files to `out` (.html) and its .md twin."""
+    from tqdm import tqdm
+
+    from ..data.video import read_video
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ForcelabError(f"--out {out}: give an .html path (the markdown goes beside it)")
+    md_path = out.with_suffix(".md")
+    check_writable(out)
+    check_writable(md_path)
+    runs = load_runs(results)
+    labels = [r.label for r in runs]
+    metrics = list(dict.fromkeys(m for r in runs for m in r.metrics))
+    images = []                                         # (section, title, mime, bytes)
+    if metrics:
+        values = {(r.label, m): r.metrics[m][0] for r in runs for m in r.metrics}
+        errors = {(r.label, m): r.metrics[m][1] for r in runs for m in r.metrics}
+        images.append(("across runs", "metrics across runs (bars: mean, whiskers: 95% CI)", "image/png",
+                       plots.bar_chart(metrics, labels, values, errors, "metrics across runs")))
+    speeds = {r.label: r.speed for r in runs if r.speed is not None}
+    if speeds:
+        images.append(("across runs", "speed (frames/s)", "image/png",
+                       plots.bar_chart(["speed_fps"], list(speeds), {(k, "speed_fps"): v for k, v in speeds.items()},
+                                       {}, "generation speed (frames/s)")))
+    drift_metrics = list(dict.fromkeys(m for r in runs for m in r.drift))
+    if drift_metrics:
+        images.append(("drift", "metrics per time bucket", "image/png",
+                       plots.drift_chart(drift_metrics, {r.label: r.drift for r in runs if r.drift},
+                                         {r.label: r.bucket_frames for r in runs})))
+    samples = []                                        # (run, video name, caption, strip, gif)
+    for run in tqdm(runs, desc="report previews", unit="run", disable=not progress):
+        for path, fps, caption in run.videos:
+            frames = read_video(path).permute(0, 2, 3, 1).numpy()
+            samples.append((run.label, path.name, caption, plots.frame_strip(frames), plots.animation(frames, fps)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_html(runs, metrics, images, samples), encoding="utf-8")
+    md_path.write_text(_markdown(runs, metrics, images, samples), encoding="utf-8")
+    return out
+
+
+def _summary_rows(runs, metrics):
+    head = ["run", *metrics, "speed (frames/s)"]
+    rows = [[r.label, *(_fmt(*r.metrics[m]) if m in r.metrics else "-" for m in metrics), _fmt(r.speed)]
+            for r in runs]
+    return head, rows
+
+
+def _protocol_rows(runs):
+    rows = []
+    for r in runs:
+        p = r.protocol or {}
+        gen = r.record.get("generation") or {}
+        rows.append([r.label, str(p.get("mode", r.record.get("kind", "-"))), str(p.get("prompts_file", "-")),
+                     str(p.get("extended_prompts", "-")), str(p.get("seeds", "-")),
+                     str(p.get("samples_per_prompt", gen.get("samples", "-"))),
+                     json.dumps(p.get("versions") or ({"forcelab": r.record["forcelab"]} if r.record.get("forcelab") else {}))])
+    return ["run", "mode", "prompts file", "extended", "seeds", "samples/prompt", "versions"], rows
+
+
+def _html(runs, metrics, images, samples) -> str:
+    e = html.escape
+
+    def table(head, rows):
+        return ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                + "</tbody></table>")
+
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><meta name='generator' content='{MARKER}'>",
+             "<title>forcelab evaluation report</title><style>",
+             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+             "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.sample{margin:1em 0}"
+             ".row{display:flex;gap:16px;align-items:flex-start}.row img{max-width:75%}",
+             "</style></head><body>", "<h1>forcelab evaluation report</h1>",
+             f"<p>{len(runs)} run(s): " + ", ".join(e(r.label) for r in runs) + "</p>",
+             "<h2>Summary</h2>", table(*_summary_rows(runs, metrics)),
+             "<p>Each metric is oriented so that higher is better (ToyBench: ground truth at or near its "
+             "best); ± is the 95% confidence half-width over videos. Drift (per time bucket) is charted "
+             "below; its per-video *_drift values are in the JSON.</p>"]
+    section = None
+    for sec, title, mime, data in images:
+        if sec != section:
+            parts.append(f"<h2>{e(sec.capitalize())}</h2>")
+            section = sec
+        parts.append(f"<figure><img alt='{e(title)}' src='data:{mime};base64,{_b64(data)}'>"
+                     f"<figcaption>{e(title)}</figcaption></figure>")
+    if samples:
+        parts.append("<h2>Sample videos</h2>")
+        for label, name, caption, strip, gif in samples:
+            parts.append(f"<div class='sample'><h3>{e(label)}: {e(name)}</h3><p>{e(caption)}</p>"
+                         f"<div class='row'><img alt='frames of {e(name)}' src='data:image/png;base64,{_b64(strip)}'>"
+                         f"<img alt='animation of {e(name)}' src='data:image/gif;base64,{_b64(gif)}'></div></div>")
+    parts += ["<h2>Protocol</h2>", table(*_protocol_rows(runs)), "<h2>All numbers (JSON)</h2>"]
+    for r in runs:
+        parts.append(f"<details><summary>{e(r.label)} ({e(str(r.source))})</summary><pre>"
+                     f"{e(json.dumps(r.record, indent=2))}</pre></details>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _markdown(runs, metrics, images, samples) -> str:
+    def table(head, rows):
+        esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+        return "\n".join(["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head),
+                          *("| " + " | ".join(map(esc, row)) + " |" for row in rows)])
+
+    parts = [f"<!-- {MARKER} -->", "# forcelab evaluation report", "",
+             f"{len(runs)} run(s): " + ", ".join(r.label for r in runs), "", "## Summary", "",
+             table(*_summary_rows(runs, metrics)), ""]
+    for _, title, mime, data in images:
+        parts += [f"### {title}", "", f"![{title}](data:{mime};base64,{_b64(data)})", ""]
+    if samples:
+        parts += ["## Sample videos", ""]
+        for label, name, caption, strip, gif in samples:
+            parts += [f"### {label}: {name}", "", caption, "", f"![frames](data:image/png;base64,{_b64(strip)})", "",
+                      f"![animation](data:image/gif;base64,{_b64(gif)})", ""]
+    parts += ["## Protocol", "", table(*_protocol_rows(runs)), "", "## All numbers (JSON)", ""]
+    for r in runs:
+        parts += [f"### {r.label}", "", "```json", json.dumps(r.record, indent=2), "```", ""]
+    return "\n".join(parts)

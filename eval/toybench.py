@@ -1,0 +1,259 @@
+"""ToyBench: objective metrics of toy-world videos, from their pixels and their caption alone.
+
+    scores = score_video(frames, "a red ball and a blue ball moving quickly")   # frames uint8 [T, H, W, 3]
+    summary = score_videos([frames, ...], [caption, ...])    # aggregate with spread, per bucket, per video
+
+No learned model: the balls are found by colour (toydetect.detect_balls), and every metric is
+defined so that a ground-truth clip of the toy world scores at (or within a small tolerance
+of) its best. Every metric is oriented so that higher is better:
+
+- fidelity_psnr: PSNR (dB, capped at PSNR_CAP) of the frame against its re-render from the
+  detections with the toy world's renderer: how much of the frame the world explains.
+- clean_pixels: 1 - the fraction of stray pixels (any channel off the re-render by > STRAY_LEVEL).
+- adherence: per frame, |detected & captioned| / |detected | captioned| over the multisets of
+  ball colours (count and colours must match the caption).
+- identity: the fraction of frames showing the video's most common set of balls (balls that
+  appear, vanish, duplicate or change colour break it).
+- physics: the fraction of (ball, frame) triples whose acceleration, allowing for an elastic
+  reflection at a wall (x = r or W - r, y likewise), is at most PHYSICS_TOL px/frame^2:
+  constant velocity between bounces, bounces only at the walls.
+- dynamics: per ball step, how well the speed (median over DYN_WINDOW steps) falls in the
+  caption's speed range ("slowly" / "quickly", either when unnamed); 1 inside, exp(-d / DYN_SCALE)
+  at log-distance d outside. Catches frozen, slowing and stagnant motion.
+- continuation (given first_frame): agreement of frame 0's balls with those of the given frame.
+- drift: each metric per time bucket ("{metric}@{b}", bucket_frames frames each; default the
+  training clip length) and "{metric}_drift" = min(0, slope per bucket): 0 when a metric does
+  not degrade over the rollout, negative when it does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from ..data.toyworld import ToyWorldConfig, parse_caption
+from ..errors import ForcelabError
+from . import stats
+from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
+
+PSNR_CAP = 60.0          # dB; a perfect re-render would be infinite
+STRAY_LEVEL = 32         # a pixel this far (any channel, 0..255) from the re-render is stray
+PHYSICS_TOL = 0.5        # px/frame^2 of acceleration left after allowing for a wall bounce
+DYN_WINDOW = 5           # steps in the running median of a ball's speed (bounce steps look slow)
+DYN_MARGIN = 0.15        # relative slack around the caption's speed range
+DYN_SCALE = 0.1          # log-distance outside the range at which the score falls to 1/e
+
+METRICS = ("fidelity_psnr", "clean_pixels", "adherence", "identity", "physics", "dynamics")
+
+
+def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | None = None,
+                config: ToyWorldConfig | None = None, codec=None) -> dict[str, float]:
+    """Metrics of one toy video: frames uint8 [T, H, W, 3] (numpy or torch), its caption.
+
+    Returns a flat dict of floats: the METRICS over the whole video, "continuation" when
+    first_frame (uint8 [H, W, 3]) is given, "{metric}@{b}" per bucket of bucket_frames frames
+    (default config.frames) and "{metric}_drift". NaN where a metric has nothing to measure
+    (e.g. physics with no ball seen in three consecutive frames). codec: the lossy round
+    trip the frames went through (uint8 [T, H, W, 3] -> same; e.g. mp4_roundtrip), applied to
+    the re-render too, so that fidelity measures the world and not the codec.
+    """
+    config = config or ToyWorldConfig()
+    frames = _as_frames(frames)
+    colors, speed = parse_caption(caption)
+    if not colors:
+        raise ForcelabError(f"caption {caption!r} names no toy ball (e.g. 'a red ball'); ToyBench scores "
+                            f"toy-world videos only")
+    bucket_frames = int(bucket_frames or config.frames)
+    if bucket_frames < 1:
+        raise ForcelabError(f"bucket_frames must be >= 1, got {bucket_frames}")
+    per_frame = frame_metrics(frames, colors, speed, config, codec)
+    out = {m: stats.nanmean(v) for m, v in per_frame.items()}
+    if first_frame is not None:
+        out["continuation"] = continuation(_as_frames(first_frame[None])[0], frames[0], config)
+    starts = range(0, len(frames), bucket_frames)
+    for m, v in per_frame.items():
+        buckets = [stats.nanmean(v[s:s + bucket_frames]) for s in starts]
+        out.update({f"{m}@{b}": x for b, x in enumerate(buckets)})
+        out[f"{m}_drift"] = min(0.0, stats.slope(buckets))
+    return out
+
+
+def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
+                  config: ToyWorldConfig, codec=None) -> dict[str, np.ndarray]:
+    """Each metric per frame, float [T] (NaN where it has nothing to measure)."""
+    T, H, W, _ = frames.shape
+    detections = detect_frames(frames, config, order=colors)
+    rendered = np.stack([rerender(balls, (H, W), config) for balls in detections])
+    if codec is not None:
+        rendered = np.asarray(codec(rendered))
+        if rendered.shape != frames.shape:
+            raise ForcelabError(f"codec returned {list(rendered.shape)} for frames {list(frames.shape)}")
+    psnr, clean = np.empty(T), np.empty(T)
+    for t in range(T):
+        diff = rendered[t].astype(np.float64) - frames[t]
+        mse = float((diff ** 2).mean())
+        psnr[t] = min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse)) if mse > 0 else PSNR_CAP
+        clean[t] = 1.0 - float((np.abs(diff).max(-1) > STRAY_LEVEL).mean())
+    wanted = Counter(colors)
+    seen = [Counter(b.color for b in balls) for balls in detections]
+    adherence = np.array([_jaccard(s, wanted) for s in seen])
+    mode = Counter(frozenset(s.items()) for s in seen).most_common(1)[0][0]
+    identity = np.array([float(frozenset(s.items()) == mode) for s in seen])
+    tracks = _tracks(detections)
+    return {"fidelity_psnr": psnr, "clean_pixels": clean, "adherence": adherence, "identity": identity,
+            "physics": _physics(tracks, T, (W, H)), "dynamics": _dynamics(tracks, T, speed, config)}
+
+
+def _jaccard(a: Counter, b: Counter) -> float:
+    union = sum((a | b).values())
+    return sum((a & b).values()) / union if union else 1.0
+
+
+def _tracks(detections: list[list[Ball]]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """colour -> (positions [T, 2], clear positions [T, 2], median radius). The largest blob of
+    a colour is its ball (captions never repeat a colour). Positions are NaN where the ball is
+    unseen; clear positions also where it touches another ball (occlusion, not motion, may
+    move the measured centre there: physics uses clear positions only)."""
+    out = {}
+    T = len(detections)
+    for color in {b.color for balls in detections for b in balls}:
+        pos = np.full((T, 2), np.nan)
+        clear = pos.copy()
+        radii = []
+        for t, balls in enumerate(detections):
+            ball = next((b for b in balls if b.color == color), None)
+            if ball is None:
+                continue
+            radii.append(ball.radius)
+            pos[t] = ball.x, ball.y
+            if not touching([b for b in balls if b is not ball], ball):
+                clear[t] = pos[t]
+        out[color] = (pos, clear, float(np.median(radii)))
+    return out
+
+
+def _physics(tracks: dict, T: int, size: tuple[int, int]) -> np.ndarray:
+    """Per frame t: the fraction of balls seen at t-1, t, t+1 whose acceleration is lawful."""
+    lawful = np.zeros(T)
+    count = np.zeros(T)
+    extent = np.asarray(size, np.float64)
+    for _, pos, radius in tracks.values():
+        prev, mid, nxt = pos[:-2], pos[1:-1], pos[2:]                  # [T-2, 2]
+        walls = np.stack([np.full(2, radius), extent - radius])        # [2 (lo, hi), 2 (x, y)]
+        candidates = [nxt - 2 * mid + prev]
+        for w in walls:                                                # reflect one end at a wall
+            candidates.append((2 * w - nxt) - 2 * mid + prev)
+            candidates.append(nxt - 2 * mid + (2 * w - prev))
+        residual = np.abs(np.stack(candidates)).min(0)                 # per axis, [T-2, 2]
+        residual = np.hypot(residual[:, 0], residual[:, 1])
+        ok = np.isfinite(residual)
+        lawful[1:-1][ok] += residual[ok] <= PHYSICS_TOL
+        count[1:-1][ok] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, lawful / np.maximum(count, 1), np.nan)
+
+
+def speed_range(speed: str | None, config: ToyWorldConfig) -> tuple[float, float]:
+    """(lo, hi) px/frame the caption's speed word allows (either range when it names none)."""
+    if speed == "slowly":
+        return config.slow_speed
+    if speed == "quickly":
+        return config.fast_speed
+    return min(config.slow_speed[0], config.fast_speed[0]), max(config.slow_speed[1], config.fast_speed[1])
+
+
+def speed_score(s: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """1 inside [lo, hi] (with DYN_MARGIN slack), exp(-d / DYN_SCALE) at log-distance d outside."""
+    with np.errstate(divide="ignore"):
+        low = np.log(lo * (1 - DYN_MARGIN) / np.maximum(s, 1e-12))
+        high = np.log(np.maximum(s, 1e-12) / (hi * (1 + DYN_MARGIN)))
+    return np.exp(-np.maximum(0.0, np.maximum(low, high)) / DYN_SCALE)
+
+
+def _dynamics(tracks: dict, T: int, speed: str | None, config: ToyWorldConfig) -> np.ndarray:
+    """Per frame t: mean over balls of speed_score of the running-median speed of step t -> t+1."""
+    lo, hi = speed_range(speed, config)
+    total, count = np.zeros(T), np.zeros(T)
+    half = DYN_WINDOW // 2
+    for pos, _, _ in tracks.values():
+        step = np.linalg.norm(pos[1:] - pos[:-1], axis=-1)            # [T-1], NaN where unseen
+        for t in range(len(step)):
+            window = step[max(0, t - half):t + half + 1]
+            window = window[np.isfinite(window)]
+            if np.isfinite(step[t]) and len(window):
+                total[t] += speed_score(np.median(window), lo, hi)
+                count[t] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def continuation(given: np.ndarray, first: np.ndarray, config: ToyWorldConfig | None = None) -> float:
+    """Agreement of a video's first frame with the frame it was conditioned on (uint8 [H, W, 3]
+    each): per colour in both, clip(1 - distance / radius, 0, 1); summed over the union of
+    colours and divided by its size. 1 when the balls are where the given frame shows them."""
+    a = {b.color: b for b in detect_balls(given, config)}
+    b = {b.color: b for b in detect_balls(first, config)}
+    union = set(a) | set(b)
+    if not union:
+        return 1.0
+    agree = sum(max(0.0, 1.0 - math.hypot(a[c].x - b[c].x, a[c].y - b[c].y) / max(a[c].radius, 1e-6))
+                for c in set(a) & set(b))
+    return agree / len(union)
+
+
+def mp4_roundtrip(fps: float = 16.0):
+    """A codec for score_video: write_video's mp4 (the settings `forcelab generate` uses) and back."""
+    def roundtrip(frames: np.ndarray) -> np.ndarray:
+        import tempfile
+        from pathlib import Path
+
+        from ..data.video import read_video, write_video
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_video(Path(tmp) / "rerender.mp4", frames, fps)
+            return read_video(path).permute(0, 2, 3, 1).numpy()
+    return roundtrip
+
+
+def score_videos(videos, captions, *, first_frames=None, bucket_frames: int | None = None,
+                 config: ToyWorldConfig | None = None, codec=None, progress: bool = False) -> dict:
+    """score_video over a list (frames uint8 [T, H, W, 3] each) and its summary:
+    {"aggregate": {metric: mean}, "spread": {metric: stats.spread}, "buckets": {metric:
+    {"mean": [...], "std": [...], "n": [...]}}, "slopes": {metric: slope of the bucket means},
+    "videos": [flat dict per video]}. Videos of different lengths share bucket b where they have it.
+    """
+    from tqdm import tqdm
+
+    videos, captions = list(videos), list(captions)
+    if len(videos) != len(captions):
+        raise ForcelabError(f"score_videos: {len(videos)} videos but {len(captions)} captions")
+    firsts = list(first_frames) if first_frames is not None else [None] * len(videos)
+    per_video = [score_video(v, c, first_frame=f, bucket_frames=bucket_frames, config=config, codec=codec)
+                 for v, c, f in tqdm(list(zip(videos, captions, firsts)), desc="toybench", unit="video",
+                                     disable=not progress)]
+    return summarize(per_video)
+
+
+def summarize(per_video: list[dict]) -> dict:
+    """The summary of score_videos from the per-video flat dicts."""
+    keys = [k for k in dict.fromkeys(k for s in per_video for k in s) if "@" not in k]
+    spread = {k: stats.spread(s.get(k, math.nan) for s in per_video) for k in keys}
+    buckets = {}
+    for m in METRICS:
+        n_buckets = max((int(k.split("@")[1]) + 1 for s in per_video for k in s if k.startswith(m + "@")), default=0)
+        cols = [stats.spread(s.get(f"{m}@{b}", math.nan) for s in per_video) for b in range(n_buckets)]
+        buckets[m] = {"mean": [c["mean"] for c in cols], "std": [c["std"] for c in cols], "n": [c["n"] for c in cols]}
+    return {"aggregate": {k: v["mean"] for k, v in spread.items()}, "spread": spread, "buckets": buckets,
+            "slopes": {m: stats.slope(b["mean"]) for m, b in buckets.items()}, "videos": per_video}
+
+
+def _as_frames(frames) -> np.ndarray:
+    if hasattr(frames, "detach"):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ForcelabError(f"ToyBench frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} "
+                            f"{list(frames.shape)} (a [T, 3, H, W] video needs .permute(0, 2, 3, 1))")
+    return frames

@@ -1,0 +1,131 @@
+"""`forcelab eval report`: one self-contained HTML page (and markdown) for any number of runs."""
+
+import base64
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from forcelab.cli import main
+from forcelab.data.toyworld import ToyWorld
+from forcelab.data.video import write_video
+from forcelab.eval.vbench import aggregate
+
+
+class Page(HTMLParser):
+    """Collects images, table rows and text of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.rows, self.text, self._row = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "tr":
+            self._row = []
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._row is not None and data.strip():
+            self._row.append(data.strip())
+
+
+def toybench_record(folder, name, slope):
+    """A toybench.json as `forcelab eval toybench` writes it, with one sample video."""
+    clip = ToyWorld().clip(3, frames=24)
+    write_video(folder / "0000-a-0.mp4", clip.video.permute(0, 2, 3, 1).numpy(), 8.0)
+    metrics = ["fidelity_psnr", "physics"]
+    buckets = {m: {"mean": [0.9 + slope * b for b in range(3)], "std": [0.01] * 3, "n": [1] * 3} for m in metrics}
+    return {"kind": "toybench", "name": name, "videos_dir": str(folder), "metrics": metrics, "bucket_frames": 8,
+            "aggregate": {"fidelity_psnr": 40.0, "physics": 0.95},
+            "spread": {"fidelity_psnr": {"mean": 40.0, "ci95": 1.5}, "physics": {"mean": 0.95, "ci95": 0.02}},
+            "buckets": buckets, "videos": [{"video": "0000-a-0.mp4", "caption": clip.scene.caption, "fps": 8.0}],
+            "speed_fps": 123.0}
+
+
+@pytest.fixture
+def results(tmp_path):
+    paths = []
+    for name, slope in (("student", -0.05), ("teacher", 0.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "toybench.json").write_text(json.dumps(toybench_record(folder, name, slope)))
+        paths.append(folder / "toybench.json")
+    (tmp_path / "escape.mp4").write_bytes((tmp_path / "student" / "0000-a-0.mp4").read_bytes())
+    scores = {"subject_consistency": 0.95, "temporal_flickering": 0.97, "color": 0.8}
+    vbench = {"kind": "vbench", "name": "wan-vbench", "scores": scores, "aggregate": aggregate(scores),
+              "videos_dir": str(tmp_path / "student"), "results": {"color": {"videos": {"0000-a-0.mp4": 0.8,
+                                                                                      "../escape.mp4": 0.1}}},
+              "protocol": {"mode": "VBench-Long", "prompts_file": "all_dimension.txt", "extended_prompts": False,
+                           "seeds": [0, 1], "samples_per_prompt": 5, "versions": {"vbench": "0.1.5"}}}
+    (tmp_path / "vbench.json").write_text(json.dumps(vbench))
+    demo = {"runs": [{"name": "demo-chunkwise", "speed_fps": 41.5, "metrics": {"physics": 0.9}},
+                     {"name": "demo-rolling", "speed_fps": 37.25}]}
+    (tmp_path / "demo.json").write_text(json.dumps(demo))
+    return paths + [tmp_path / "vbench.json", tmp_path / "demo.json"]
+
+
+def test_report_renders_every_run_with_embedded_images(results, tmp_path):
+    out = tmp_path / "rep" / "report.html"
+    assert main(["eval", "report", *map(str, results), "--out", str(out), "--quiet"]) == 0
+    page = Page()
+    page.feed(out.read_text())
+    page.close()
+    labels = ["student", "teacher", "wan-vbench", "demo-chunkwise", "demo-rolling"]
+    summary = [row for row in page.rows if row and row[0] in labels]
+    assert [row[0] for row in summary[:5]] == labels                       # one summary row per run
+    by_label = {row[0]: row for row in summary[:5]}
+    assert "41.5" in by_label["demo-chunkwise"] and "37.25" in by_label["demo-rolling"] and "123" in by_label["student"]
+    assert "40 ± 1.5" in by_label["student"]
+    assert any(cell.startswith(f"{aggregate({'subject_consistency': 0.95, 'temporal_flickering': 0.97, 'color': 0.8})['total']:.4g}")
+               for cell in by_label["wan-vbench"])
+    assert "VBench-Long" in " ".join(page.text)                          # the protocol is shown
+    kinds = []
+    for src in page.images:
+        assert src.startswith("data:image/")                              # nothing refers outside the page
+        mime, data = src[5:].split(";base64,")
+        raw = base64.b64decode(data)
+        assert raw[:4] == (b"\x89PNG" if mime == "image/png" else b"GIF8")
+        kinds.append(mime)
+    # across-runs bars, speed bars, drift chart, and a strip + animation per sample video (3 runs x 1;
+    # a name leaving the videos folder is not followed)
+    assert kinds.count("image/png") == 3 + 3 and kinds.count("image/gif") == 3
+    md = out.with_suffix(".md").read_text()
+    assert all(label in md for label in labels) and md.count("data:image/gif;base64,") == 3
+    # every number is in the page's JSON
+    text = "".join(page.text)
+    assert '"speed_fps": 41.5' in text and '"color": 0.8' in text and '"seeds": [' in text
+
+
+def test_report_refuses_what_it_did_not_write_and_bad_input(results, tmp_path):
+    other = tmp_path / "notes.html"
+    other.write_text("<html>mine</html>")
+    assert main(["eval", "report", str(results[0]), "--out", str(other), "--quiet"]) == 2
+    assert other.read_text() == "<html>mine</html>"
+    assert main(["eval", "report", str(results[0]), "--out", str(tmp_path / "r.png"), "--quiet"]) == 2
+    assert main(["eval", "report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r.html"), "--quiet"]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["eval", "report", str(bad), "--out", str(tmp_path / "r.html"), "--quiet"]) == 2
+    # a report it wrote is replaced
+    out = tmp_path / "again.html"
+    for _ in range(2):
+        assert main(["eval", "report", str(results[2]), "--out", str(out), "--quiet"]) == 0
+
+
+def test_same_names_stay_apart(tmp_path):
+    from forcelab.eval.report import load_runs
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for p in (a, b):
+        p.write_text(json.dumps({"name": "run", "speed_fps": 1.0, "score": np.float64(0.5).item()}))
+    runs = load_runs([a, b])
+    assert [r.label for r in runs] == ["run", "run (2)"] and runs[0].metrics["score"] == (0.5, None)
