@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch>=2.4,<2.14
 EXTRAS ?= dev,wan,decord,lora
 
-.PHONY: install test test-gpu bench clean
+.PHONY: install test test-gpu demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# The toy demo: teacher -> ODE init -> Self-Forcing -> 10x streaming -> ToyBench -> report.
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (a spinning policy made
+# a toy step tens of times slower when another process shared the cores).
+demo: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m forcelab.cli demo $(DEMO_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("forcelab.train.cli", "train with a recipe config (teacher, diffusion forcing, AR-diffusion, ...)"),
     "distill": ("forcelab.distill.cli", "distill a causal student (ODE init, CausVid, Self-Forcing, Rolling Forcing, LongLive, ...)"),
     "export": ("forcelab.train.export", "export a run's generator as a diffusers or Wan checkpoint directory"),
+    "demo": ("forcelab.demo", "distill a streaming student on the toy world end to end, with a report (CPU)"),
     "eval": ("forcelab.eval.cli", "evaluate videos: ToyBench, VBench (runner, aggregation), HTML reports"),
 }
 

@@ -46,7 +46,8 @@ class Settings:
 QUICK = Settings(teacher_steps=6, ode_pairs=4, ode_steps=4, sf_steps=4, prompts=2, long_factor=2,
                  teacher_sample_steps=4,
                  overrides={"all": ["data.batch_size=2", "checkpoint.every=0", "logging.every=2"],
-                            "ode_init": ["algo.teacher_steps=8"]})
+                            "ode_init": ["algo.teacher_steps=8", "algo.stored_steps=[0,2,4,6,-1]",
+                                         "algo.pairs_per_shard=4"]})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
            common + steps(s.sf_steps) + [f"roles.teacher.init={teacher}", f"roles.generator.init={ode}",
                                          "roles.generator.init_role=generator"])
 
-    world = ToyWorld(ToyWorldConfig())
-    frames = world.config.frames
+    from .train.config import load_train_config
+    frames = load_train_config([CONFIGS / "teacher.yaml"]).data.frames   # the training length (video frames)
+    world = ToyWorld(ToyWorldConfig(frames=frames))
     held_out = 10 ** 6                        # scenes no stage trained on
     prompts = out / "prompts.txt"
     if not prompts.exists():
