@@ -2,6 +2,7 @@
 
     python bench/distill.py                       # every part (CPU toy model)
     python bench/distill.py --part streaming_long
+    python bench/distill.py --part self_forcing   # rollouts of 7 vs 14 chunks (goal: peak memory <= 1.3x)
 
 streaming_long: one training step (generator + critic update, as at every 5th step of the
 LongLive schedule) with the stream at position 10 vs 100 chunks on the toy model (2 layers,
@@ -137,7 +138,62 @@ def streaming_long_part(args) -> None:
               f"{b['peak_rss_delta'] / max(a['peak_rss_delta'], 1):.3f} (goal: flat)")
 
 
-PARTS = {"streaming_long": streaming_long_part}
+# ---------------------------------------------------------------------- self_forcing
+def self_forcing_child(chunks: int, repeats: int) -> dict:
+    """In this (fresh) process: Self-Forcing trainer steps whose rollouts have `chunks` chunks;
+    the DMD window (the teacher's horizon) stays 7 chunks, so longer rollouts add only no-grad
+    passes and cache."""
+    from forcelab.models.config import DiTConfig
+    from forcelab.models.dit import CausalDiT
+    from forcelab.train.config import load_train_config
+    from forcelab.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        teacher = Path(tmp) / "teacher"
+        CausalDiT(DiTConfig.preset("toy")).save_pretrained(teacher)
+        chunk = DiTConfig.preset("toy").chunk_frames
+        cfg = load_train_config([], [
+            "recipe=self_forcing", f"roles.teacher.init={teacher}", "data.batch_size=1", "threads=1",
+            f"algo.frames={7 * chunk}", f"algo.min_chunks={chunks}", f"algo.max_chunks={chunks}",
+            "roles.generator.update_every=1", "logging.wandb=disabled", "logging.progress=false",
+            f"output_dir={Path(tmp) / 'run'}"])
+        trainer = Trainer(cfg)
+        trainer.train_step()          # warm-up
+        trainer.step += 1
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        with PeakRSS() as mem:
+            for _ in range(repeats):
+                trainer.train_step()
+                trainer.step += 1
+        cpu, wall = (time.thread_time() - cpu0) / repeats, (time.perf_counter() - wall0) / repeats
+    return {"chunks": chunks, "step_cpu_s": cpu, "step_wall_s": wall, "peak_rss_delta": mem.peak - mem.start,
+            "rss_before": mem.start}
+
+
+def self_forcing_part(args) -> None:
+    rows = []
+    for chunks in args.chunks:
+        out = subprocess.run([sys.executable, __file__, "--child-self-forcing", str(chunks),
+                              "--repeats", str(args.repeats)], capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"self_forcing: toy DiT preset, batch 1, DMD window 7 chunks; one step = generator + critic update "
+          f"(two rollouts); mean of {args.repeats} steps after 1 warm-up; torch {torch.__version__}, 1 thread")
+    print(f"{'chunks per rollout':>18} {'step CPU ms':>12} {'step wall ms':>13} {'peak RSS delta MiB':>19}")
+    for r in rows:
+        print(f"{r['chunks']:>18} {r['step_cpu_s'] * 1e3:>12.1f} {r['step_wall_s'] * 1e3:>13.1f} "
+              f"{r['peak_rss_delta'] / 2 ** 20:>19.2f}")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        print(f"ratio {b['chunks']}/{a['chunks']} chunks: step CPU time {b['step_cpu_s'] / a['step_cpu_s']:.2f}, "
+              f"peak RSS delta {b['peak_rss_delta'] / max(a['peak_rss_delta'], 1):.2f} (goal: <= 1.3)")
+
+
+PARTS = {"streaming_long": streaming_long_part, "self_forcing": self_forcing_part}
 
 
 def main(argv=None) -> None:
@@ -145,8 +201,13 @@ def main(argv=None) -> None:
     p.add_argument("--part", choices=sorted(PARTS), action="append", help="run only these parts")
     p.add_argument("--positions", type=int, nargs="+", default=[10, 100], help="stream positions in chunks")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunks", type=int, nargs="+", default=[7, 14], help="self_forcing: chunks per rollout")
     p.add_argument("--child-streaming-long", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-self-forcing", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_self_forcing is not None:
+        print(json.dumps(self_forcing_child(args.child_self_forcing, args.repeats)))
+        return
     if args.child_streaming_long is not None:
         print(json.dumps(streaming_long_child(args.child_streaming_long, args.repeats)))
         return
