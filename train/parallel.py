@@ -1,0 +1,286 @@
+"""How the trainer spreads its roles over processes: plain data-parallel (DDP arithmetic),
+FSDP2 (sharded parameters, gradients and optimizer state) or DeepSpeed ZeRO-2/3.
+
+    strategy = make_strategy(cfg, accelerator)      # cfg.parallel: auto | ddp | fsdp | zero2 | zero3
+    strategy.prepare(role)                          # after build_role, before the optimizer exists
+    strategy.attach_optimizer(role, cfg)            # after make_optimizer (DeepSpeed wraps it here)
+
+`auto` follows the accelerate config the run was launched with (accelerate launch
+--config_file configs/accelerate/fsdp.yaml ...): its distributed type, FSDP plugin or DeepSpeed
+plugin. The explicit names choose the same code path without accelerate's launcher, which is
+how the CPU tests run it (accelerate enables neither FSDP nor DeepSpeed on CPU).
+
+Every strategy writes the same checkpoint: FULL weights as DiT directories (so generate, export
+and init read a sharded run unchanged), the EMA as full weights, and the optimizer state:
+
+    ddp    optim-ROLE.pt holds torch's optimizer state dict (as without this module)
+    fsdp   optim-ROLE.pt holds the FULL optimizer state keyed by parameter name
+           (torch.distributed.checkpoint's full_state_dict), gathered to rank 0; every rank
+           reads it back and keeps its shard
+    zero*  optim-ROLE.pt holds the LR schedule and update count; each rank's DeepSpeed
+           optimizer partition travels with that rank's state (rng-rankR.pt, key `zero`)
+
+Resume is exact for the same strategy and number of processes (the trainer already requires
+the same number of processes for its per-rank RNG states).
+
+Gradients: ddp averages them itself after accumulation (Trainer._all_reduce_grads); FSDP
+reduce-scatters them in the last micro-batch's backward (gradient sync is off for the
+others); DeepSpeed reduces them inside engine.backward and steps with engine.step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ..config import parse_dtype
+from ..errors import ConfigError
+from .roles import Role
+
+STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
+SHARDED_FROZEN_DTYPE = torch.bfloat16   # frozen roles without a dtype are kept in bf16 when sharded
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint writes for one trainable role (rank 0's copy; None fields elsewhere)."""
+    weights: object                      # has .config and .state_dict() (full tensors)
+    ema: object | None
+    optimizer: dict | None               # torch.save-able: optimizer, scheduler, updates
+
+
+def make_strategy(cfg, accelerator) -> "DataParallel":
+    """The strategy cfg.parallel names; `auto` reads the accelerate launch config."""
+    name = cfg.parallel
+    if name not in STRATEGIES:
+        raise ConfigError(f"parallel must be one of {list(STRATEGIES)}, got {name!r}")
+    if name == "auto":
+        name = strategy_from_accelerate(accelerator)
+    if accelerator.num_processes == 1:
+        return DataParallel(accelerator, cfg)    # one process: nothing to shard or reduce
+    if name == "fsdp":
+        return FSDP(accelerator, cfg)
+    if name in ("zero2", "zero3"):
+        return ZeRO(accelerator, cfg, stage=int(name[-1]))
+    return DataParallel(accelerator, cfg)
+
+
+def strategy_from_accelerate(accelerator) -> str:
+    """ddp | fsdp | zero2 | zero3 from accelerate's distributed type and plugins."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        stage = int(state.deepspeed_plugin.zero_stage)
+        if stage not in (2, 3):
+            raise ConfigError(f"the accelerate DeepSpeed config asks for ZeRO stage {stage}; forcelab runs "
+                              f"ZeRO-2 or ZeRO-3 (set zero_stage: 2 or 3, or use configs/accelerate/ddp.yaml)")
+        return f"zero{stage}"
+    return "ddp"
+
+
+# ---------------------------------------------------------------------------- data-parallel
+class DataParallel:
+    """Every process holds the whole model; the trainer averages gradients itself."""
+    name = "ddp"
+    sharded = False
+
+    def __init__(self, accelerator, cfg):
+        self.acc, self.cfg = accelerator, cfg
+        self.world = accelerator.num_processes
+
+    def describe(self) -> str:
+        return f"parallel: {self.name} over {self.world} process(es)"
+
+    def prepare(self, role: Role) -> None:
+        """Shard / wrap a freshly built role (weights already loaded)."""
+
+    def attach_optimizer(self, role: Role) -> None:
+        """Called once the role's optimizer and LR schedule exist."""
+
+    def reduces_grads(self, role: Role) -> bool:
+        """True when the strategy averages the role's gradients (the trainer must not)."""
+        return False
+
+    def before_backward(self, role: Role, last_micro: bool) -> None:
+        """Called before each micro-batch's backward of `role`'s loss."""
+
+    def backward(self, role: Role, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
+        """Clip to max_norm (inf: measure only); the global norm as a plain scalar tensor."""
+        return torch.nn.utils.clip_grad_norm_(role.params, max_norm)
+
+    def step(self, role: Role) -> None:
+        role.optimizer.step()
+
+    def zero_grad(self, role: Role) -> None:
+        role.optimizer.zero_grad(set_to_none=True)
+
+    # checkpoints: snapshot() is collective (every rank calls it); rank 0 writes the result
+    def snapshot(self, role: Role) -> Snapshot:
+        return Snapshot(role.module, role.ema_module() if role.ema is not None else None,
+                        {"optimizer": role.optimizer.state_dict(), "scheduler": role.scheduler.state_dict(),
+                         "updates": role.updates})
+
+    def rank_state(self, roles: dict[str, Role]) -> dict:
+        """Per-rank state to keep with the rank's RNG states (DeepSpeed partitions)."""
+        return {}
+
+    def load_optimizer(self, role: Role, state: dict) -> None:
+        role.optimizer.load_state_dict(state)
+
+    def load_rank_state(self, roles: dict[str, Role], state: dict) -> None:
+        pass
+
+    def load_ema(self, role: Role, full: dict[str, torch.Tensor]) -> None:
+        params = dict(role.module.named_parameters())
+        role.ema = {k: full[k].to(params[k].device, torch.float32) for k in params}
+
+    def full_module(self, role: Role, use_ema: bool):
+        """Sharded strategies (collective): a plain CausalDiT with the role's full weights (EMA
+        when asked and kept) on rank 0, None elsewhere."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- FSDP2
+class FSDP(DataParallel):
+    """FSDP2 (`fully_shard`): every transformer block (and, inside it, its cross-attention,
+    whose prompt K/V the model computes before the block runs) is one shard unit, the rest
+    of the model the root unit. Trainable roles keep fp32 shards (autocast does the mixed
+    precision, as without sharding); frozen roles are sharded in their configured dtype,
+    bf16 when none is set."""
+    name = "fsdp"
+    sharded = True
+
+    def __init__(self, accelerator, cfg):
+        super().__init__(accelerator, cfg)
+        self.reshard_after_forward = True
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and getattr(plugin, "reshard_after_forward", None) is not None:
+            self.reshard_after_forward = bool(plugin.reshard_after_forward)
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh = init_device_mesh(accelerator.device.type, (self.world,))
+
+    def prepare(self, role: Role) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        module = role.module
+        if not role.trainable and role.cfg.dtype is None:
+            module.set_dtype(SHARDED_FROZEN_DTYPE)
+        reshard = self.reshard_after_forward
+        for block in module.blocks:
+            fully_shard(block.cross_attn, mesh=self.mesh, reshard_after_forward=reshard)
+            register_fsdp_forward_method(block.cross_attn, "context_kv")
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard)
+        register_fsdp_forward_method(module, "set_prompt")   # rollouts call it outside forward
+        role.params = [p for p in module.parameters() if p.requires_grad]
+        role.model = module
+
+    def reduces_grads(self, role: Role) -> bool:
+        return True
+
+    def before_backward(self, role: Role, last_micro: bool) -> None:
+        role.module.set_requires_gradient_sync(last_micro)   # reduce-scatter once per update
+
+    def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(role.params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _full_ema(self, role: Role) -> dict[str, torch.Tensor] | None:
+        if role.ema is None:
+            return None
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in role.ema.items()}
+        return full if self.acc.is_main_process else None
+
+    def snapshot(self, role: Role) -> Snapshot:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        weights = get_model_state_dict(role.module, options=self._options())
+        optim = get_optimizer_state_dict(role.module, role.optimizer, options=self._options())
+        ema = self._full_ema(role)
+        if not self.acc.is_main_process:
+            return Snapshot(None, None, None)
+        config = role.module.config
+        return Snapshot(_weights(config, weights), _weights(config, {**weights, **ema}) if ema else None,
+                        {"optimizer": optim, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
+
+    def load_optimizer(self, role: Role, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(role.module, role.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def load_ema(self, role: Role, full: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        role.ema = {k: distribute_tensor(full[k].to(p.device, torch.float32), p.device_mesh, p.placements)
+                    for k, p in role.module.named_parameters()}
+
+    def full_module(self, role: Role, use_ema: bool):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from ..models.dit import CausalDiT
+
+        weights = get_model_state_dict(role.module, options=self._options())
+        ema = self._full_ema(role) if use_ema else None
+        if not self.acc.is_main_process:
+            return None
+        module = CausalDiT(role.module.config)
+        module.load_state_dict({**weights, **(ema or {})})
+        return module.to(self.acc.device).eval()
+
+
+def _weights(config, state: dict) -> SimpleNamespace:
+    """An object save_state writes: a config and a full state dict."""
+    return SimpleNamespace(config=config, state_dict=lambda: state)
+
+
+# ---------------------------------------------------------------------------- DeepSpeed
+class ZeRO(DataParallel):
+    """DeepSpeed ZeRO-2 / ZeRO-3, one engine per trainable role (frozen roles stay plain
+    modules). The engine reduces gradients in backward and steps at the end of the trainer's
+    accumulation (its gradient_accumulation_steps is the trainer's, and the loss the trainer
+    hands over is already divided by it), so the global batch stays batch x processes x
+    accumulation."""
+    sharded = True
+
+    def __init__(self, accelerator, cfg, stage: int):
+        super().__init__(accelerator, cfg)
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"parallel: zero{stage} needs DeepSpeed; pip install 'forcelab[deepspeed]'") from None
+        self.stage, self.name = stage, f"zero{stage}"
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        self.base_config = dict(plugin.deepspeed_config) if plugin is not None else {}
+        self.engines: dict[str, object] = {}
+
+    def ds_config(self, role: Role) -> dict:
+        """The engine's config: the launch config's DeepSpeed settings (zero_optimization
+        options, buckets) with the trainer's batch, accumulation, precision and clipping."""
+        cfg = self.cfg
+        out = {k: v for k, v in self.base_config.items() if k not in ("optimizer", "scheduler")}
+        zero = dict(out.get("zero_optimization", {}))
+        zero["stage"] = self.stage
+        out["zero_optimization"] = {k: v for k, v in zero.items() if v != "auto"}
+        A = cfg.gradient_accumulation_steps
+        out.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=A,
+                   train_batch_size=cfg.data.batch_size * A * self.world,
+                   gradient_clipping=0.0,            # the trainer clips (and checks the norm) itself
+                   zero_allow_untested_optimizer=True, steps_per_print=2 ** 62, wall_clock_breakdown=False)
+        out["bf16"] = {"enabled": cfg.mixed_precision == "bf16"}
+        out["fp16"] = {"enabled": False}
+        if cfg.mixed_precision == "fp16":
+            raise ConfigError("parallel: zero2/zero3 run with mixed_precision no or bf16 (fp16 loss scaling "
+                              "is DeepSpeed's own and is not wired to the trainer's non-finite guard)")
+        return out
