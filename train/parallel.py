@@ -116,8 +116,10 @@ class DataParallel:
         """Clip to max_norm (inf: measure only); the global norm as a plain scalar tensor."""
         return torch.nn.utils.clip_grad_norm_(role.params, max_norm)
 
-    def step(self, role: Role) -> None:
+    def step(self, role: Role) -> float | None:
+        """Apply the update; a gradient norm measured while stepping (else None)."""
         role.optimizer.step()
+        return None
 
     def zero_grad(self, role: Role) -> None:
         role.optimizer.zero_grad(set_to_none=True)
@@ -248,10 +250,11 @@ def _weights(config, state: dict) -> SimpleNamespace:
 # ---------------------------------------------------------------------------- DeepSpeed
 class ZeRO(DataParallel):
     """DeepSpeed ZeRO-2 / ZeRO-3, one engine per trainable role (frozen roles stay plain
-    modules). The engine reduces gradients in backward and steps at the end of the trainer's
-    accumulation (its gradient_accumulation_steps is the trainer's, and the loss the trainer
-    hands over is already divided by it), so the global batch stays batch x processes x
-    accumulation."""
+    modules). The trainer owns accumulation (DeepSpeed's managed accumulation is off): each
+    micro-batch's backward (loss already divided by the accumulation) accumulates locally,
+    engine.step reduces, clips (roles.X.grad_clip), skips non-finite updates and applies, so
+    the global batch stays batch x processes x accumulation. Weights and optimizer stay fp32
+    (mixed_precision bf16 is the trainer's autocast, as without DeepSpeed)."""
     sharded = True
 
     def __init__(self, accelerator, cfg, stage: int):
@@ -265,22 +268,116 @@ class ZeRO(DataParallel):
         self.base_config = dict(plugin.deepspeed_config) if plugin is not None else {}
         self.engines: dict[str, object] = {}
 
+    def attach_optimizer(self, role: Role) -> None:
+        import deepspeed
+
+        if self.acc.device.type == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build of
+            # minutes) that only its inference all-reduce uses; ZeRO training runs on gloo.
+            import importlib
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        engine, _, _, _ = deepspeed.initialize(model=role.module, optimizer=role.optimizer,
+                                               config=self.ds_config(role), dist_init_required=False)
+        self.engines[role.name] = engine
+        role.model = role.module            # recipes call the module (rollouts use its methods)
+        role.params = [p for p in role.module.parameters() if p.requires_grad]
+
     def ds_config(self, role: Role) -> dict:
         """The engine's config: the launch config's DeepSpeed settings (zero_optimization
-        options, buckets) with the trainer's batch, accumulation, precision and clipping."""
+        options, buckets) with the trainer's batch, precision and clipping. The trainer owns
+        accumulation: each backward accumulates locally, step() reduces and updates
+        (managed_gradient_accumulation off)."""
         cfg = self.cfg
-        out = {k: v for k, v in self.base_config.items() if k not in ("optimizer", "scheduler")}
-        zero = dict(out.get("zero_optimization", {}))
-        zero["stage"] = self.stage
-        out["zero_optimization"] = {k: v for k, v in zero.items() if v != "auto"}
-        A = cfg.gradient_accumulation_steps
-        out.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=A,
-                   train_batch_size=cfg.data.batch_size * A * self.world,
-                   gradient_clipping=0.0,            # the trainer clips (and checks the norm) itself
-                   zero_allow_untested_optimizer=True, steps_per_print=2 ** 62, wall_clock_breakdown=False)
-        out["bf16"] = {"enabled": cfg.mixed_precision == "bf16"}
-        out["fp16"] = {"enabled": False}
         if cfg.mixed_precision == "fp16":
             raise ConfigError("parallel: zero2/zero3 run with mixed_precision no or bf16 (fp16 loss scaling "
                               "is DeepSpeed's own and is not wired to the trainer's non-finite guard)")
+        out = {k: v for k, v in self.base_config.items() if k not in ("optimizer", "scheduler")}
+        zero = {k: v for k, v in out.get("zero_optimization", {}).items() if v != "auto"}
+        zero["stage"] = self.stage
+        out["zero_optimization"] = zero
+        out.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=1,
+                   train_batch_size=cfg.data.batch_size * self.world, managed_gradient_accumulation=False,
+                   gradient_clipping=role.cfg.grad_clip or 0.0, zero_allow_untested_optimizer=True,
+                   steps_per_print=2 ** 31, wall_clock_breakdown=False)
+        # weights and the optimizer stay fp32; autocast (mixed_precision) does the bf16 compute
+        out["bf16"], out["fp16"] = {"enabled": False}, {"enabled": False}
         return out
+
+    def reduces_grads(self, role: Role) -> bool:
+        return role.name in self.engines
+
+    def backward(self, role: Role, loss: torch.Tensor) -> None:
+        engine = self.engines.get(role.name)
+        if engine is None:
+            return super().backward(role, loss)
+        engine.backward(loss, scale_wrt_gas=False)   # the trainer already divided by its accumulation
+
+    def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
+        """DeepSpeed clips (and skips non-finite updates) inside engine.step; the norm it
+        measured is reported by step()."""
+        return torch.zeros(())
+
+    def step(self, role: Role) -> float | None:
+        engine = self.engines[role.name]
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def zero_grad(self, role: Role) -> None:
+        self.engines[role.name].optimizer.zero_grad(set_to_none=True)
+
+    def _partitions(self, role: Role) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions (the tensors the base optimizer updates)."""
+        opt = self.engines[role.name].optimizer
+        return list(opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
+
+    def rank_state(self, roles: dict[str, Role]) -> dict:
+        out = {}
+        for name, engine in self.engines.items():
+            base = engine.optimizer.optimizer        # torch AdamW over this rank's flat partitions
+            out[name] = {"base": base.state_dict(), "fp32": [t.detach().cpu().clone() for t in self._partitions(roles[name])]}
+        return {"zero": out}
+
+    def load_optimizer(self, role: Role, state: dict) -> None:
+        pass    # the partitions come with each rank's state (load_rank_state)
+
+    def load_rank_state(self, roles: dict[str, Role], state: dict) -> None:
+        saved = state.get("zero", {})
+        for name, engine in self.engines.items():
+            if name not in saved:
+                from ..errors import CheckpointError
+                raise CheckpointError(f"checkpoint: no DeepSpeed optimizer state for role '{name}'; it was written "
+                                      f"by another parallel strategy - resume with the one that wrote it")
+            engine.optimizer.optimizer.load_state_dict(saved[name]["base"])
+            with torch.no_grad():
+                for part, value in zip(self._partitions(roles[name]), saved[name]["fp32"]):
+                    part.copy_(value)
+
+    def _gathered(self, role: Role):
+        import contextlib
+
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(role.module.parameters()))
+
+    def snapshot(self, role: Role) -> Snapshot:
+        with self._gathered(role):
+            state = {k: v.detach().cpu().clone() for k, v in role.module.state_dict().items()} \
+                if self.acc.is_main_process else None
+        ema = role.ema if self.acc.is_main_process else None
+        if not self.acc.is_main_process:
+            return Snapshot(None, None, None)
+        config = role.module.config
+        return Snapshot(_weights(config, state), _weights(config, {**state, **ema}) if ema is not None else None,
+                        {"optimizer": {}, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
+
+    def full_module(self, role: Role, use_ema: bool):
+        from ..models.dit import CausalDiT
+
+        snap = self.snapshot(role)
+        if snap.weights is None:
+            return None
+        module = CausalDiT(role.module.config)
+        module.load_state_dict((snap.ema if use_ema and snap.ema is not None else snap.weights).state_dict())
+        return module.to(self.acc.device).eval()

@@ -292,7 +292,9 @@ class Trainer:
                                       f"rate or check the data, then resume from it")
             return out
         self.nonfinite = 0
-        self.parallel.step(role)
+        stepped_norm = self.parallel.step(role)   # DeepSpeed measures (and clips) inside its step
+        if stepped_norm is not None:
+            out[f"{role.name}/grad_norm"] = stepped_norm
         role.scheduler.step()
         self.parallel.zero_grad(role)
         role.updates += 1
