@@ -140,3 +140,29 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path):
     launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero2", "ddp", *TINY)
     check_save_resume(tmp_path, "zero2")
+
+
+@needs_deepspeed
+def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
+    check_save_resume(tmp_path, "zero3")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_accelerate_configs_choose_their_strategy(name):
+    """parallel=auto reads the launch config: each file in configs/accelerate/ maps to its
+    strategy (accelerate enables neither FSDP nor DeepSpeed on CPU, so the state is built from
+    the file as accelerate launch would pass it)."""
+    from types import SimpleNamespace
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from forcelab.train.parallel import strategy_from_accelerate
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    launch_cfg = load_config_from_file(str(path))
+    text = path.read_text()
+    assert "--num_machines" in text and "--machine_rank" in text and "--main_process_ip" in text
+    ds = SimpleNamespace(zero_stage=launch_cfg.deepspeed_config.get("zero_stage"))
+    state = SimpleNamespace(distributed_type=launch_cfg.distributed_type, deepspeed_plugin=ds)
+    assert strategy_from_accelerate(SimpleNamespace(state=state)) == name

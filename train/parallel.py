@@ -30,13 +30,14 @@ others); DeepSpeed reduces them inside engine.backward and steps with engine.ste
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
 from ..config import parse_dtype
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .roles import Role
 
 STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
@@ -115,6 +116,11 @@ class DataParallel:
     def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (inf: measure only); the global norm as a plain scalar tensor."""
         return torch.nn.utils.clip_grad_norm_(role.params, max_norm)
+
+    def full_params(self, role: Role):
+        """A context in which role.module's parameters hold their full values (ZeRO-3
+        gathers them; elsewhere they do, or are DTensors whose shards the EMA follows)."""
+        return contextlib.nullcontext()
 
     def step(self, role: Role) -> float | None:
         """Apply the update; a gradient norm measured while stepping (else None)."""
@@ -250,10 +256,11 @@ def _weights(config, state: dict) -> SimpleNamespace:
 # ---------------------------------------------------------------------------- DeepSpeed
 class ZeRO(DataParallel):
     """DeepSpeed ZeRO-2 / ZeRO-3, one engine per trainable role (frozen roles stay plain
-    modules). The trainer owns accumulation (DeepSpeed's managed accumulation is off): each
-    micro-batch's backward (loss already divided by the accumulation) accumulates locally,
-    engine.step reduces, clips (roles.X.grad_clip), skips non-finite updates and applies, so
-    the global batch stays batch x processes x accumulation. Weights and optimizer stay fp32
+    modules). The trainer sets the accumulation boundary itself (engine.set_gradient_
+    accumulation_boundary): micro-batches accumulate locally, the last one's backward reduces
+    (the loss arrives already divided by the accumulation), and one engine.step per update
+    clips (roles.X.grad_clip), skips non-finite updates and applies, so the global batch stays
+    batch x processes x accumulation. Weights and optimizer stay fp32
     (mixed_precision bf16 is the trainer's autocast, as without DeepSpeed)."""
     sharded = True
 
@@ -284,19 +291,18 @@ class ZeRO(DataParallel):
 
     def ds_config(self, role: Role) -> dict:
         """The engine's config: the launch config's DeepSpeed settings (zero_optimization
-        options, buckets) with the trainer's batch, precision and clipping. The trainer owns
-        accumulation: each backward accumulates locally, step() reduces and updates
-        (managed_gradient_accumulation off)."""
+        options, buckets) with the trainer's batch, accumulation, precision and clipping."""
         cfg = self.cfg
         if cfg.mixed_precision == "fp16":
             raise ConfigError("parallel: zero2/zero3 run with mixed_precision no or bf16 (fp16 loss scaling "
                               "is DeepSpeed's own and is not wired to the trainer's non-finite guard)")
-        out = {k: v for k, v in self.base_config.items() if k not in ("optimizer", "scheduler")}
+        out = {k: v for k, v in self.base_config.items() if k not in ("optimizer", "scheduler") and v != "auto"}
         zero = {k: v for k, v in out.get("zero_optimization", {}).items() if v != "auto"}
         zero["stage"] = self.stage
         out["zero_optimization"] = zero
-        out.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=1,
-                   train_batch_size=cfg.data.batch_size * self.world, managed_gradient_accumulation=False,
+        A = cfg.gradient_accumulation_steps
+        out.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=A,
+                   train_batch_size=cfg.data.batch_size * A * self.world,
                    gradient_clipping=role.cfg.grad_clip or 0.0, zero_allow_untested_optimizer=True,
                    steps_per_print=2 ** 31, wall_clock_breakdown=False)
         # weights and the optimizer stay fp32; autocast (mixed_precision) does the bf16 compute
@@ -305,6 +311,15 @@ class ZeRO(DataParallel):
 
     def reduces_grads(self, role: Role) -> bool:
         return role.name in self.engines
+
+    def before_backward(self, role: Role, last_micro: bool) -> None:
+        engine = self.engines.get(role.name)
+        if engine is None:
+            return
+        engine.set_gradient_accumulation_boundary(last_micro)   # reduce in the last micro-batch only
+        # what engine.forward does first: close the previous backward's books (ZeRO-3 counts
+        # micro-steps here; the recipes call the module, whose rollouts need its methods)
+        engine.optimizer.clear_backward_seen_flag()
 
     def backward(self, role: Role, loss: torch.Tensor) -> None:
         engine = self.engines.get(role.name)
@@ -332,10 +347,17 @@ class ZeRO(DataParallel):
         return list(opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
 
     def rank_state(self, roles: dict[str, Role]) -> dict:
+        """Per role: this rank's fp32 partitions, the base optimizer's state of each, and the
+        param groups' hyperparameters (lr ...). Keyed by partition index, not by tensor
+        identity, which DeepSpeed's ZeRO-3 step swaps in and out of the param groups."""
         out = {}
         for name, engine in self.engines.items():
             base = engine.optimizer.optimizer        # torch AdamW over this rank's flat partitions
-            out[name] = {"base": base.state_dict(), "fp32": [t.detach().cpu().clone() for t in self._partitions(roles[name])]}
+            parts = self._partitions(roles[name])
+            out[name] = {"fp32": [t.detach().cpu().clone() for t in parts],
+                         "state": [{k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                                    for k, v in base.state.get(t, {}).items()} for t in parts],
+                         "groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]}
         return {"zero": out}
 
     def load_optimizer(self, role: Role, state: dict) -> None:
@@ -345,24 +367,26 @@ class ZeRO(DataParallel):
         saved = state.get("zero", {})
         for name, engine in self.engines.items():
             if name not in saved:
-                from ..errors import CheckpointError
                 raise CheckpointError(f"checkpoint: no DeepSpeed optimizer state for role '{name}'; it was written "
                                       f"by another parallel strategy - resume with the one that wrote it")
-            engine.optimizer.optimizer.load_state_dict(saved[name]["base"])
+            base, mine = engine.optimizer.optimizer, saved[name]
+            parts = self._partitions(roles[name])
             with torch.no_grad():
-                for part, value in zip(self._partitions(roles[name]), saved[name]["fp32"]):
+                for part, value, st in zip(parts, mine["fp32"], mine["state"]):
                     part.copy_(value)
+                    if st:
+                        base.state[part] = {k: v.to(part.device) if torch.is_tensor(v) else v for k, v in st.items()}
+            for group, hyper in zip(base.param_groups, mine["groups"]):
+                group.update(hyper)
 
-    def _gathered(self, role: Role):
-        import contextlib
-
-        if self.stage != 3:
+    def full_params(self, role: Role):
+        if self.stage != 3 or role.name not in self.engines:
             return contextlib.nullcontext()
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(role.module.parameters()))
 
     def snapshot(self, role: Role) -> Snapshot:
-        with self._gathered(role):
+        with self.full_params(role):
             state = {k: v.detach().cpu().clone() for k, v in role.module.state_dict().items()} \
                 if self.acc.is_main_process else None
         ema = role.ema if self.acc.is_main_process else None

@@ -225,7 +225,8 @@ class Trainer:
                 self.step += 1
                 for role in self.roles.values():
                     if role.trainable and f"{role.name}/loss" in metrics:
-                        update_ema(role, self.step)
+                        with self.parallel.full_params(role):   # ZeRO-3: gathered for the EMA
+                            update_ema(role, self.step)
                 last = metrics
                 if self.dry_run:
                     return self._report_dry_run(metrics, time.perf_counter() - t0)
