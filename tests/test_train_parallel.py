@@ -92,6 +92,7 @@ def check_save_resume(tmp_path: Path, mode: str) -> dict:
     assert any(not torch.equal(w3[k], w6[k]) for k in w6)          # it trained
     # against plain data-parallel: the same arithmetic up to fp32 summation order
     diff = max_rel_diff(weights(straight, 6), weights(ref, 6))
+    print(f"{mode}: 6 steps vs plain data-parallel, max |dw| / max |w| per tensor = {diff:.3g}")
     assert diff < 1e-5, diff
     return {"vs_ddp_max_rel": diff}
 
@@ -103,13 +104,19 @@ def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path):
 
 SF_SCRIPT = """
 import sys
+import torch
 from forcelab.train.config import load_train_config
 from forcelab.train.trainer import Trainer
 from torch.distributed.fsdp import FSDPModule
 trainer = Trainer(load_train_config([], sys.argv[1:]))
 assert trainer.parallel.name == "fsdp"
 assert all(isinstance(trainer.module(r), FSDPModule) for r in ("generator", "critic", "teacher"))
-assert next(trainer.module("teacher").blocks[0].parameters()).dtype.is_floating_point
+from torch.distributed.tensor import DTensor
+teacher, generator = trainer.module("teacher"), trainer.module("generator")
+assert all(isinstance(p, DTensor) for p in teacher.parameters())            # sharded, frozen
+assert torch.bfloat16 in {p.dtype for p in teacher.parameters()}            # kept in bf16
+assert {p.dtype for p in generator.parameters()} == {torch.float32}         # trainable: fp32 shards
+assert all(p.to_local().numel() < p.numel() for p in generator.blocks[0].parameters() if p.numel() > 1)
 trainer.run()
 """
 
@@ -121,11 +128,13 @@ def test_self_forcing_three_roles_under_fsdp(tmp_path):
     args = ["recipe=self_forcing", f"roles.teacher.init={teacher}", "data.batch_size=1", "data.frames=8",
             "algo.frames=4", "algo.min_chunks=1", "algo.max_chunks=2", "logging.wandb=disabled",
             "logging.progress=false", "roles.generator.update_every=2", "roles.generator.ema_decay=0.9",
-            "max_steps=2", "parallel=fsdp", f"output_dir={tmp_path / 'run'}"]
+            "max_steps=2", "parallel=fsdp", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
+            f"output_dir={tmp_path / 'run'}"]
     launch(tmp_path, SF_SCRIPT, *args)
     ckpt = tmp_path / "run" / "checkpoint-000002"
     for role in ("generator", "critic", "generator_ema"):
         CausalDiT.from_pretrained(ckpt / role)          # full weights, readable as usual
+    assert (tmp_path / "run" / "samples" / "step-000002" / "00.mp4").is_file()   # gathered for sampling
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert "generator/loss" in rows[0] and "critic/loss" in rows[0] and "critic/loss" in rows[1]

@@ -380,7 +380,7 @@ class Trainer:
         if self.is_main:
             lines = ["dry run: built everything and ran one step", f"recipe: {self.cfg.recipe}"]
             for name, r in self.roles.items():
-                n = sum(p.numel() for p in r.module.parameters())
+                n = sum(getattr(p, "ds_numel", p.numel()) for p in r.module.parameters())   # ZeRO-3: full size
                 lines.append(f"role {name}: {n:,} parameters ({'trainable' if r.trainable else 'frozen'}; "
                              f"weights from {r.source})")
             lines.append(f"step time: {seconds:.2f} s; " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
