@@ -3,7 +3,7 @@ FSDP2 (sharded parameters, gradients and optimizer state) or DeepSpeed ZeRO-2/3.
 
     strategy = make_strategy(cfg, accelerator)      # cfg.parallel: auto | ddp | fsdp | zero2 | zero3
     strategy.prepare(role)                          # after build_role, before the optimizer exists
-    strategy.attach_optimizer(role, cfg)            # after make_optimizer (DeepSpeed wraps it here)
+    strategy.attach_optimizer(role)                 # after make_optimizer (DeepSpeed wraps it here)
 
 `auto` follows the accelerate config the run was launched with (accelerate launch
 --config_file configs/accelerate/fsdp.yaml ...): its distributed type, FSDP plugin or DeepSpeed
@@ -25,7 +25,11 @@ the same number of processes for its per-rank RNG states).
 
 Gradients: ddp averages them itself after accumulation (Trainer._all_reduce_grads); FSDP
 reduce-scatters them in the last micro-batch's backward (gradient sync is off for the
-others); DeepSpeed reduces them inside engine.backward and steps with engine.step.
+others); DeepSpeed reduces them in the last micro-batch's backward too (the trainer sets the
+engine's accumulation boundary) and clips and applies them in engine.step.
+
+Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them); under
+ZeRO a non-finite gradient is skipped by DeepSpeed's own check, not by the trainer's guard.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import parse_dtype
 from ..errors import CheckpointError, ConfigError
 from .roles import Role
 
@@ -94,9 +97,6 @@ class DataParallel:
         self.acc, self.cfg = accelerator, cfg
         self.world = accelerator.num_processes
 
-    def describe(self) -> str:
-        return f"parallel: {self.name} over {self.world} process(es)"
-
     def prepare(self, role: Role) -> None:
         """Shard / wrap a freshly built role (weights already loaded)."""
 
@@ -130,11 +130,10 @@ class DataParallel:
     def zero_grad(self, role: Role) -> None:
         role.optimizer.zero_grad(set_to_none=True)
 
-    # checkpoints: snapshot() is collective (every rank calls it); rank 0 writes the result
+    # checkpoints of sharded strategies: snapshot() is collective (every rank calls it); rank 0
+    # writes the result (unsharded roles are written as they are by train/checkpoint.py)
     def snapshot(self, role: Role) -> Snapshot:
-        return Snapshot(role.module, role.ema_module() if role.ema is not None else None,
-                        {"optimizer": role.optimizer.state_dict(), "scheduler": role.scheduler.state_dict(),
-                         "updates": role.updates})
+        raise NotImplementedError
 
     def rank_state(self, roles: dict[str, Role]) -> dict:
         """Per-rank state to keep with the rank's RNG states (DeepSpeed partitions)."""
