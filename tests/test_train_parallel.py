@@ -119,6 +119,12 @@ assert {p.dtype for p in generator.parameters()} == {torch.float32}         # tr
 block = list(generator.blocks[0].parameters())
 assert sum(p.to_local().numel() for p in block) < sum(p.numel() for p in block)   # each rank holds a part
 trainer.run()
+# the same run with an fp32 teacher, sharded and not: the 3-role arithmetic is unchanged
+for name, parallel in (("fsdp32", "fsdp"), ("ddp32", "ddp")):
+    args = [a for a in sys.argv[1:] if not a.startswith(("output_dir=", "logging.sample", "parallel="))]
+    out = sys.argv[1:][-1].split("=", 1)[1] + "-" + name
+    Trainer(load_train_config([], args + ["roles.teacher.dtype=fp32", f"parallel={parallel}",
+                                          f"output_dir={out}"])).run()
 """
 
 
@@ -130,7 +136,7 @@ def test_self_forcing_three_roles_under_fsdp(tmp_path):
             "algo.frames=4", "algo.min_chunks=1", "algo.max_chunks=2", "logging.wandb=disabled",
             "logging.progress=false", "roles.generator.update_every=2", "roles.generator.ema_decay=0.9",
             "max_steps=2", "parallel=fsdp", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
-            f"output_dir={tmp_path / 'run'}"]
+            f"output_dir={tmp_path / 'run'}"]   # output_dir last: the script derives its other runs from it
     launch(tmp_path, SF_SCRIPT, *args)
     ckpt = tmp_path / "run" / "checkpoint-000002"
     for role in ("generator", "critic", "generator_ema"):
@@ -140,6 +146,11 @@ def test_self_forcing_three_roles_under_fsdp(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert "generator/loss" in rows[0] and "critic/loss" in rows[0] and "critic/loss" in rows[1]
     assert all(torch.isfinite(torch.tensor(r["critic/loss"])) for r in rows)
+    for role in ("generator", "critic"):
+        a, b = (weights(tmp_path / f"run-{n}", 2, role) for n in ("fsdp32", "ddp32"))
+        diff = max_rel_diff(a, b)
+        print(f"self_forcing {role}: FSDP vs data-parallel after 2 steps, max |dw| / max |w| = {diff:.3g}")
+        assert diff < 1e-5, (role, diff)
 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

@@ -182,8 +182,12 @@ class FSDP(DataParallel):
             module.set_dtype(SHARDED_FROZEN_DTYPE)
         reshard = self.reshard_after_forward
         for block in module.blocks:
-            fully_shard(block.cross_attn, mesh=self.mesh, reshard_after_forward=reshard)
-            register_fsdp_forward_method(block.cross_attn, "context_kv")
+            attn = block.cross_attn
+            fully_shard(attn, mesh=self.mesh, reshard_after_forward=reshard)
+            # its K/V are views (unflatten): an in-place op on a view returned by an FSDP unit
+            # would drop the hook that all-gathers its weights for backward, so return copies
+            attn.context_kv = lambda context, kv=attn.context_kv: tuple(t.clone() for t in kv(context))
+            register_fsdp_forward_method(attn, "context_kv")
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard)
         register_fsdp_forward_method(module, "set_prompt")   # rollouts call it outside forward
