@@ -187,3 +187,34 @@ def test_accelerate_configs_choose_their_strategy(name):
     ds = SimpleNamespace(zero_stage=launch_cfg.deepspeed_config.get("zero_stage"))
     state = SimpleNamespace(distributed_type=launch_cfg.distributed_type, deepspeed_plugin=ds)
     assert strategy_from_accelerate(SimpleNamespace(state=state)) == name
+
+
+GUARD_SCRIPT = """
+import sys
+from forcelab.train.config import load_train_config
+from forcelab.train.teacher import TeacherRecipe
+from forcelab.train.trainer import Trainer
+real = TeacherRecipe.loss
+def poisoned(self, role, batch, ctx):
+    loss, logs = real(self, role, batch, ctx)
+    return (loss * float("nan") if ctx.step == 1 else loss), logs
+TeacherRecipe.loss = poisoned
+base, modes, args = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+for mode in modes:
+    trainer = Trainer(load_train_config([], args + [f"parallel={mode}", f"output_dir={base}/{mode}"]))
+    trainer.run()
+    assert trainer.roles["generator"].updates == 3, (mode, trainer.roles["generator"].updates)
+"""
+
+
+def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):
+    """A NaN loss at step 2 skips that update under every strategy; the runs stay equal."""
+    modes = ["ddp", "fsdp"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
+    args = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every="))] + ["max_steps=4"]
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
+    ref = weights(tmp_path / "ddp", 4)
+    assert all(torch.isfinite(v).all() for v in ref.values())
+    for mode in modes[1:]:
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("generator/skipped", 0.0) for r in rows] == [0.0, 1.0, 0.0, 0.0], mode
+        assert max_rel_diff(weights(tmp_path / mode, 4), ref) < 1e-5, mode

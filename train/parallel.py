@@ -29,7 +29,9 @@ others); DeepSpeed reduces them in the last micro-batch's backward too (the trai
 engine's accumulation boundary) and clips and applies them in engine.step.
 
 Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them); under
-ZeRO a non-finite gradient is skipped by DeepSpeed's own check, not by the trainer's guard.
+ZeRO the trainer's guard sees the loss (a non-finite loss skips the update, as elsewhere),
+while a non-finite gradient behind a finite loss is skipped by DeepSpeed's own check inside
+engine.step and still counted as an update by the trainer.
 """
 
 from __future__ import annotations
