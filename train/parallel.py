@@ -37,6 +37,7 @@ engine.step and still counted as an update by the trainer.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -175,6 +176,9 @@ class FSDP(DataParallel):
             self.reshard_after_forward = bool(plugin.reshard_after_forward)
         from torch.distributed.device_mesh import init_device_mesh
         self.mesh = init_device_mesh(accelerator.device.type, (self.world,))
+        # Linear on [B, L, dim] returns a view; Block adds the cross-attention output out of
+        # place, so the hook FSDP warns about cannot be dropped there
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPCrossAttention\) returned a view")
 
     def prepare(self, role: Role) -> None:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -324,7 +328,7 @@ class ZeRO(DataParallel):
         engine.set_gradient_accumulation_boundary(last_micro)   # reduce in the last micro-batch only
         # what engine.forward does first: close the previous backward's books (ZeRO-3 counts
         # micro-steps here; the recipes call the module, whose rollouts need its methods)
-        engine.optimizer.clear_backward_seen_flag()
+        getattr(engine.optimizer, "clear_backward_seen_flag", lambda: None)()
 
     def backward(self, role: Role, loss: torch.Tensor) -> None:
         engine = self.engines.get(role.name)

@@ -378,7 +378,8 @@ class Trainer:
 
     def _report_dry_run(self, metrics: dict, seconds: float) -> dict:
         if self.is_main:
-            lines = ["dry run: built everything and ran one step", f"recipe: {self.cfg.recipe}"]
+            lines = ["dry run: built everything and ran one step", f"recipe: {self.cfg.recipe}",
+                     f"parallel: {self.parallel.name} over {self.world} process(es)"]
             for name, r in self.roles.items():
                 n = sum(getattr(p, "ds_numel", p.numel()) for p in r.module.parameters())   # ZeRO-3: full size
                 lines.append(f"role {name}: {n:,} parameters ({'trainable' if r.trainable else 'frozen'}; "
