@@ -374,6 +374,7 @@ class Trainer:
             path.with_suffix(".json").write_text(json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
             self.log.log_video(step, f"sample/{i}", path)
             paths.append(path)
+        self._gathered = {}   # stale after the next update
         return paths
 
     def _report_dry_run(self, metrics: dict, seconds: float) -> dict:
