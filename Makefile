@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 # CPU torch first: a bare `pip install torch` would pull a multi-GB CUDA build on machines
 # without one. On a GPU machine install your CUDA torch (>=2.4,<2.14) before `make install`.
 TORCH_SPEC ?= torch>=2.4,<2.14
-EXTRAS ?= dev,wan,decord,lora
+# deepspeed: a pure-Python build (~45 s on 2 cores, no C++ ops compiled at install); the
+# ZeRO tests skip without it (make install EXTRAS=dev,wan,decord,lora).
+EXTRAS ?= dev,wan,decord,lora,deepspeed
 
 .PHONY: install test test-gpu demo bench clean
 

@@ -47,18 +47,26 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_state: dict,
-                    rank_states: list[dict], config_yaml: str, keep_last: int) -> Path:
-    """Rank 0 only: write checkpoint-{step} atomically, then drop checkpoints beyond keep_last."""
+                    rank_states: list[dict], config_yaml: str, keep_last: int, snapshots: dict | None = None) -> Path:
+    """Rank 0 only: write checkpoint-{step} atomically, then drop checkpoints beyond keep_last.
+    snapshots: per trainable role, the full weights / EMA / optimizer state a sharded run
+    gathered (train/parallel.py); None: taken from the roles as they are."""
     path = checkpoint_dir(run_dir, step)
     with atomic_directory(path, overwrite=True) as tmp:
         for name, role in roles.items():
             if not role.trainable:
                 continue
-            save_state(role.module, tmp / name)
-            if role.ema is not None:
-                save_state(role.ema_module(), tmp / (name + EMA_SUFFIX))
-            torch.save({"optimizer": role.optimizer.state_dict(), "scheduler": role.scheduler.state_dict(),
-                        "updates": role.updates}, tmp / f"optim-{name}.pt")
+            if snapshots is not None:
+                snap = snapshots[name]
+                weights, ema, optim = snap.weights, snap.ema, snap.optimizer
+            else:
+                weights, ema = role.module, role.ema_module() if role.ema is not None else None
+                optim = {"optimizer": role.optimizer.state_dict(), "scheduler": role.scheduler.state_dict(),
+                         "updates": role.updates}
+            save_state(weights, tmp / name)
+            if ema is not None:
+                save_state(ema, tmp / (name + EMA_SUFFIX))
+            torch.save(optim, tmp / f"optim-{name}.pt")
         for rank, state in enumerate(rank_states):
             torch.save(state, tmp / f"rng-rank{rank}.pt")
         (tmp / "config.yaml").write_text(config_yaml)
@@ -92,14 +100,18 @@ def read_trainer_state(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt}: unreadable {TRAINER_STATE} ({e})") from None
 
 
-def load_role_state(ckpt: Path, role: Role) -> None:
+def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
     """Optimizer, schedule, update count and EMA of a trainable role (its weights are loaded
-    when the role is built)."""
+    when the role is built). strategy (train/parallel.py) loads a sharded role's optimizer
+    state and EMA."""
     path = ckpt / f"optim-{role.name}.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt}: no optimizer state for role '{role.name}' ({path.name})")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    role.optimizer.load_state_dict(state["optimizer"])
+    if strategy is not None:
+        strategy.load_optimizer(role, state["optimizer"])
+    else:
+        role.optimizer.load_state_dict(state["optimizer"])
     role.scheduler.load_state_dict(state["scheduler"])
     role.updates = int(state["updates"])
     ema_dir = ckpt / (role.name + EMA_SUFFIX)
@@ -110,8 +122,11 @@ def load_role_state(ckpt: Path, role: Role) -> None:
         ema = {}
         for f in weight_files(ema_dir):
             ema.update({diffusers_to_wan(k): v for k, v in load_file(str(f)).items()})
-        params = dict(role.module.named_parameters())
-        role.ema = {k: ema[k].to(params[k].device, torch.float32) for k in params}
+        if strategy is not None:
+            strategy.load_ema(role, ema)
+        else:
+            params = dict(role.module.named_parameters())
+            role.ema = {k: ema[k].to(params[k].device, torch.float32) for k in params}
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict:

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16")   # fp16 would need loss scaling; bf16 does not
 WANDB_MODES = ("offline", "online", "disabled")
+PARALLEL = ("auto", "ddp", "fsdp", "zero2", "zero3")   # see train/parallel.py
 
 
 @dataclass
@@ -89,6 +90,7 @@ class TrainConfig:
     text_encoder: str = "toy"           # "toy" or a local umT5 directory
     negative_prompt: str = ""           # the unconditional prompt (CFG dropout, CFG at sampling)
     threads: int | None = None          # CPU threads per process (None: 1 per process when several share a CPU)
+    parallel: str = "auto"              # auto (from the accelerate launch config) | ddp | fsdp | zero2 | zero3
     data: DataConfig = field(default_factory=DataConfig)
     roles: dict[str, RoleConfig] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -133,6 +135,7 @@ def check_train_config(cfg) -> None:
     check_positive("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
     check_positive("max_nonfinite_steps", cfg.max_nonfinite_steps)
     check_choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
+    check_choice("parallel", cfg.parallel, PARALLEL)
     check_positive("data.batch_size", cfg.data.batch_size)
     check_non_negative("data.num_workers", cfg.data.num_workers)
     check_non_negative("checkpoint.every", cfg.checkpoint.every)

@@ -39,6 +39,7 @@ from . import checkpoint as ckpt_io
 from .config import config_dict, config_yaml
 from .data import make_stream, to_device, ShardStream
 from .metrics import MetricsLogger
+from .parallel import make_strategy
 from .recipe import StepContext, mix_seed, recipe_class
 from ..models.run_folder import RUN_RECORD, resolve_weights
 from .roles import Role, build_role, make_optimizer, update_ema
@@ -63,6 +64,7 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
+        self.parallel = make_strategy(cfg, self.acc)    # ddp | fsdp | zero2 | zero3 (train/parallel.py)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or 1)   # see README: a shared CPU otherwise slows many-fold
         elif cfg.threads:
@@ -152,10 +154,12 @@ class Trainer:
             role = build_role(name, spec, self.cfg, index, self.device, weights, source)
             self._check_encoders(role)
             self.recipe_cls.prepare_role(self.cfg, role)
+            self.parallel.prepare(role)
             if role.trainable:
                 make_optimizer(role, self.cfg.max_steps)
+                self.parallel.attach_optimizer(role)
                 if self.resume_from is not None:
-                    ckpt_io.load_role_state(self.resume_from, role)
+                    ckpt_io.load_role_state(self.resume_from, role, self.parallel)
             roles[name] = role
         return roles
 
@@ -174,10 +178,12 @@ class Trainer:
         rank_state = ckpt_io.load_rank_state(self.resume_from, self.rank)
         ckpt_io.set_rng_state(rank_state["rng"])
         self._recipe_state = rank_state.get("recipe")
+        self.parallel.load_rank_state(self.roles, rank_state)
         if isinstance(self.stream, ShardStream):
             self.stream.skip(int(rank_state.get("shard_batches", 0)))
 
     _recipe_state = None
+    _gathered: dict = {}      # sharded runs: full copies of the roles for sampling (rank 0)
 
     def autocast(self):
         """bf16 autocast when mixed_precision is bf16 (weights and optimizer stay fp32)."""
@@ -195,6 +201,8 @@ class Trainer:
     def sampling_module(self, role: str = "generator"):
         """The role's weights for sampling: its EMA when kept (a copy), else the module."""
         r = self.roles[role]
+        if role in self._gathered:
+            return self._gathered[role]
         if r.ema is None:
             return r.module
         import copy
@@ -228,7 +236,8 @@ class Trainer:
                 self.step += 1
                 for role in self.roles.values():
                     if role.trainable and f"{role.name}/loss" in metrics:
-                        update_ema(role, self.step)
+                        with self.parallel.full_params(role):   # ZeRO-3: gathered for the EMA
+                            update_ema(role, self.step)
                 last = metrics
                 if self.dry_run:
                     return self._report_dry_run(metrics, time.perf_counter() - t0)
@@ -255,7 +264,7 @@ class Trainer:
         A = self.cfg.gradient_accumulation_steps
         for other in self.roles.values():   # e.g. SiD's generator loss also reaches the critic
             if other.trainable:
-                other.optimizer.zero_grad(set_to_none=True)
+                self.parallel.zero_grad(other)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         logs: dict[str, float] = {}
         for micro in range(A):
@@ -263,7 +272,8 @@ class Trainer:
             ctx = StepContext(self.step, micro, self.cfg.seed, positions, self.device, role=role.name)
             with self.autocast():
                 loss, extra = self.recipe.loss(role.name, batch, ctx)
-            (loss / A).backward()
+            self.parallel.before_backward(role, last_micro=micro == A - 1)
+            self.parallel.backward(role, loss / A)
             total += loss.detach().double() / A
             for k, v in extra.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / A
@@ -271,7 +281,7 @@ class Trainer:
         finite = torch.isfinite(total).float()
         grads = [p.grad for p in role.params if p.grad is not None]
         clip = role.cfg.grad_clip if role.cfg.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(role.params, clip) if grads else torch.zeros(())
+        norm = self.parallel.clip_grad_norm(role, clip) if grads else torch.zeros(())
         finite = finite * torch.isfinite(norm).float()
         if self.world > 1:
             stats = torch.stack([total, finite.double()]).to(self.device)
@@ -281,7 +291,7 @@ class Trainer:
                f"{role.name}/lr": role.scheduler.get_last_lr()[0]}
         out.update({f"{role.name}/{k}": v for k, v in logs.items()})
         if float(finite) < 1.0:
-            role.optimizer.zero_grad(set_to_none=True)
+            self.parallel.zero_grad(role)
             self.nonfinite += 1
             out[f"{role.name}/skipped"] = 1.0
             self.log.write(f"step {self.step + 1}: non-finite {role.name} loss or gradient - update skipped "
@@ -294,15 +304,17 @@ class Trainer:
                                       f"rate or check the data, then resume from it")
             return out
         self.nonfinite = 0
-        role.optimizer.step()
+        stepped_norm = self.parallel.step(role)   # DeepSpeed measures (and clips) inside its step
+        if stepped_norm is not None:
+            out[f"{role.name}/grad_norm"] = stepped_norm
         role.scheduler.step()
-        role.optimizer.zero_grad(set_to_none=True)
+        self.parallel.zero_grad(role)
         role.updates += 1
         return out
 
     def _all_reduce_grads(self, role: Role) -> None:
         """Average gradients over processes, in flat buckets (one collective per bucket)."""
-        if self.world == 1:
+        if self.world == 1 or self.parallel.reduces_grads(role):
             return
         grads = [p.grad for p in role.params if p.grad is not None]
         bucket, size, limit = [], 0, 25 * 2 ** 20
@@ -331,14 +343,17 @@ class Trainer:
     def save(self) -> Path | None:
         from accelerate.utils import gather_object
 
-        rank_state = {"rng": ckpt_io.rng_state(), "recipe": self.recipe.state_dict()}
+        rank_state = {"rng": ckpt_io.rng_state(), "recipe": self.recipe.state_dict(),
+                      **self.parallel.rank_state(self.roles)}
+        snapshots = {n: self.parallel.snapshot(r) for n, r in self.roles.items() if r.trainable} \
+            if self.parallel.sharded else None   # collective: full weights / optimizer state on rank 0
         if isinstance(self.stream, ShardStream):
             rank_state["shard_batches"] = self.stream.read
         states = gather_object([rank_state]) if self.world > 1 else [rank_state]
         path = None
         if self.is_main:
             path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.roles, self.trainer_state(), states,
-                                           config_yaml(self.cfg), self.cfg.checkpoint.keep_last)
+                                           config_yaml(self.cfg), self.cfg.checkpoint.keep_last, snapshots)
             self.log.write(f"saved {path}")
         self.acc.wait_for_everyone()
         return path
@@ -349,6 +364,9 @@ class Trainer:
     @torch.no_grad()
     def write_samples(self, step: int) -> list[Path]:
         """Sample videos of the generator (EMA when kept) into run_dir/samples/step-NNNNNN/."""
+        if self.parallel.sharded:   # collective: full copies of the sharded roles on rank 0
+            self._gathered = {n: self.parallel.full_module(r, use_ema=True)
+                              for n, r in self.roles.items() if r.trainable}
         if not self.is_main:
             return []
         from ..data.video import to_uint8_frames, write_video
@@ -367,13 +385,15 @@ class Trainer:
             path.with_suffix(".json").write_text(json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
             self.log.log_video(step, f"sample/{i}", path)
             paths.append(path)
+        self._gathered = {}   # stale after the next update
         return paths
 
     def _report_dry_run(self, metrics: dict, seconds: float) -> dict:
         if self.is_main:
-            lines = ["dry run: built everything and ran one step", f"recipe: {self.cfg.recipe}"]
+            lines = ["dry run: built everything and ran one step", f"recipe: {self.cfg.recipe}",
+                     f"parallel: {self.parallel.name} over {self.world} process(es)"]
             for name, r in self.roles.items():
-                n = sum(p.numel() for p in r.module.parameters())
+                n = sum(getattr(p, "ds_numel", p.numel()) for p in r.module.parameters())   # ZeRO-3: full size
                 lines.append(f"role {name}: {n:,} parameters ({'trainable' if r.trainable else 'frozen'}; "
                              f"weights from {r.source})")
             lines.append(f"step time: {seconds:.2f} s; " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -1,0 +1,220 @@
+"""Sharded training on 2 CPU processes (gloo, torchrun): FSDP2 and DeepSpeed ZeRO save full
+weights, resume exactly, and train like plain data-parallel; a 3-role recipe runs under FSDP.
+
+Each test is one torchrun launch of RUNS_SCRIPT, which trains (in one process group) the
+same tiny teacher run three times: 6 steps straight, 3 steps + resume + 3 steps, and 6 steps
+of plain data-parallel (the reference)."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forcelab.models.config import DiTConfig
+from forcelab.models.dit import CausalDiT
+
+TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_layers=2",
+        "model_overrides.num_heads=2", "data.frames=4", "data.batch_size=2", "logging.wandb=disabled",
+        "logging.progress=false", "logging.every=100", "roles.generator.lr=1e-3",
+        "roles.generator.ema_decay=0.9", "roles.generator.ema_start=2", "roles.generator.grad_clip=1.0",
+        "roles.generator.lr_schedule=cosine", "roles.generator.warmup_steps=2", "recipe=teacher",
+        "max_steps=6", "checkpoint.every=3", "gradient_accumulation_steps=2"]
+
+RUNS_SCRIPT = """
+import sys
+from forcelab.train.config import load_train_config
+from forcelab.train.trainer import Trainer
+base, mode, reference, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+cfg = lambda name, parallel: load_train_config([], args + [f"parallel={parallel}", f"output_dir={base}/{name}"])
+straight = Trainer(cfg("straight", mode))
+assert straight.parallel.name == mode, straight.parallel.name
+straight.run()
+Trainer(cfg("split", mode)).run(stop_at=3)
+Trainer(cfg("split", mode), resume="latest").run()
+if reference != "none":
+    Trainer(cfg("reference", reference)).run()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:     # other suites on this machine may hold fixed ports
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, script: str, *args: str, timeout: int = 240) -> None:
+    port = free_port()
+    path = tmp_path / "runs.py"
+    path.write_text(script)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(path), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+
+
+def weights(run: Path, step: int, role: str = "generator") -> dict:
+    d = run / f"checkpoint-{step:06d}" / role
+    return load_file(str(d / "diffusion_pytorch_model.safetensors"))
+
+
+def losses(run: Path) -> list:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["generator/loss"]) for r in rows]
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+
+def check_save_resume(tmp_path: Path, mode: str) -> dict:
+    """The three runs' checks; returns the measured differences."""
+    straight, split, ref = (tmp_path / d for d in ("straight", "split", "reference"))
+    state = json.loads((split / "checkpoint-000006" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    # full weights in the usual DiT directory: a plain CausalDiT loads them
+    full = CausalDiT.from_pretrained(split / "checkpoint-000006" / "generator")
+    assert sum(p.numel() for p in full.parameters()) == sum(v.numel() for v in weights(split, 6).values())
+    assert (split / "checkpoint-000006" / "generator_ema").is_dir()
+    # resume: bit for bit (losses, weights, EMA)
+    assert losses(straight) == losses(split)
+    for role in ("generator", "generator_ema"):
+        a, b = weights(straight, 6, role), weights(split, 6, role)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+    w3, w6 = weights(straight, 3), weights(straight, 6)
+    assert any(not torch.equal(w3[k], w6[k]) for k in w6)          # it trained
+    # against plain data-parallel: the same arithmetic up to fp32 summation order
+    diff = max_rel_diff(weights(straight, 6), weights(ref, 6))
+    print(f"{mode}: 6 steps vs plain data-parallel, max |dw| / max |w| per tensor = {diff:.3g}")
+    assert diff < 1e-5, diff
+    return {"vs_ddp_max_rel": diff}
+
+
+def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY)
+    check_save_resume(tmp_path, "fsdp")
+
+
+SF_SCRIPT = """
+import sys
+import torch
+from forcelab.train.config import load_train_config
+from forcelab.train.trainer import Trainer
+from torch.distributed.fsdp import FSDPModule
+trainer = Trainer(load_train_config([], sys.argv[1:]))
+assert trainer.parallel.name == "fsdp"
+assert all(isinstance(trainer.module(r), FSDPModule) for r in ("generator", "critic", "teacher"))
+from torch.distributed.tensor import DTensor
+teacher, generator = trainer.module("teacher"), trainer.module("generator")
+assert all(isinstance(p, DTensor) for p in teacher.parameters())            # sharded, frozen
+assert torch.bfloat16 in {p.dtype for p in teacher.parameters()}            # kept in bf16
+assert {p.dtype for p in generator.parameters()} == {torch.float32}         # trainable: fp32 shards
+block = list(generator.blocks[0].parameters())
+assert sum(p.to_local().numel() for p in block) < sum(p.numel() for p in block)   # each rank holds a part
+trainer.run()
+# the same run with an fp32 teacher, sharded and not: the 3-role arithmetic is unchanged
+for name, parallel in (("fsdp32", "fsdp"), ("ddp32", "ddp")):
+    args = [a for a in sys.argv[1:] if not a.startswith(("output_dir=", "logging.sample", "parallel="))]
+    out = sys.argv[1:][-1].split("=", 1)[1] + "-" + name
+    Trainer(load_train_config([], args + ["roles.teacher.dtype=fp32", f"parallel={parallel}",
+                                          f"output_dir={out}"])).run()
+"""
+
+
+def test_self_forcing_three_roles_under_fsdp(tmp_path):
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    CausalDiT(DiTConfig.preset("toy", dim=32, ffn_dim=64, num_layers=2, num_heads=2, chunk_frames=2)).save_pretrained(teacher)
+    args = ["recipe=self_forcing", f"roles.teacher.init={teacher}", "data.batch_size=1", "data.frames=8",
+            "algo.frames=4", "algo.min_chunks=1", "algo.max_chunks=2", "logging.wandb=disabled",
+            "logging.progress=false", "roles.generator.update_every=2", "roles.generator.ema_decay=0.9",
+            "max_steps=2", "parallel=fsdp", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
+            f"output_dir={tmp_path / 'run'}"]   # output_dir last: the script derives its other runs from it
+    launch(tmp_path, SF_SCRIPT, *args)
+    ckpt = tmp_path / "run" / "checkpoint-000002"
+    for role in ("generator", "critic", "generator_ema"):
+        CausalDiT.from_pretrained(ckpt / role)          # full weights, readable as usual
+    assert (tmp_path / "run" / "samples" / "step-000002" / "00.mp4").is_file()   # gathered for sampling
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "generator/loss" in rows[0] and "critic/loss" in rows[0] and "critic/loss" in rows[1]
+    assert all(torch.isfinite(torch.tensor(r["critic/loss"])) for r in rows)
+    for role in ("generator", "critic"):
+        a, b = (weights(tmp_path / f"run-{n}", 2, role) for n in ("fsdp32", "ddp32"))
+        diff = max_rel_diff(a, b)
+        print(f"self_forcing {role}: FSDP vs data-parallel after 2 steps, max |dw| / max |w| = {diff:.3g}")
+        assert diff < 1e-5, (role, diff)
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install 'forcelab[deepspeed]')")
+
+
+@needs_deepspeed
+def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero2", "ddp", *TINY)
+    check_save_resume(tmp_path, "zero2")
+
+
+@needs_deepspeed
+def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
+    check_save_resume(tmp_path, "zero3")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_accelerate_configs_choose_their_strategy(name):
+    """parallel=auto reads the launch config: each file in configs/accelerate/ maps to its
+    strategy (accelerate enables neither FSDP nor DeepSpeed on CPU, so the state is built from
+    the file as accelerate launch would pass it)."""
+    from types import SimpleNamespace
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from forcelab.train.parallel import strategy_from_accelerate
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    launch_cfg = load_config_from_file(str(path))
+    text = path.read_text()
+    assert "--num_machines" in text and "--machine_rank" in text and "--main_process_ip" in text
+    ds = SimpleNamespace(zero_stage=launch_cfg.deepspeed_config.get("zero_stage"))
+    state = SimpleNamespace(distributed_type=launch_cfg.distributed_type, deepspeed_plugin=ds)
+    assert strategy_from_accelerate(SimpleNamespace(state=state)) == name
+
+
+GUARD_SCRIPT = """
+import sys
+from forcelab.train.config import load_train_config
+from forcelab.train.teacher import TeacherRecipe
+from forcelab.train.trainer import Trainer
+real = TeacherRecipe.loss
+def poisoned(self, role, batch, ctx):
+    loss, logs = real(self, role, batch, ctx)
+    return (loss * float("nan") if ctx.step == 1 else loss), logs
+TeacherRecipe.loss = poisoned
+base, modes, args = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+for mode in modes:
+    trainer = Trainer(load_train_config([], args + [f"parallel={mode}", f"output_dir={base}/{mode}"]))
+    trainer.run()
+    assert trainer.roles["generator"].updates == 3, (mode, trainer.roles["generator"].updates)
+"""
+
+
+def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):
+    """A NaN loss at step 2 skips that update under every strategy; the runs stay equal."""
+    modes = ["ddp", "fsdp"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
+    args = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every="))] + ["max_steps=4"]
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
+    ref = weights(tmp_path / "ddp", 4)
+    assert all(torch.isfinite(v).all() for v in ref.values())
+    for mode in modes[1:]:
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("generator/skipped", 0.0) for r in rows] == [0.0, 1.0, 0.0, 0.0], mode
+        assert max_rel_diff(weights(tmp_path / mode, 4), ref) < 1e-5, mode

@@ -1,0 +1,416 @@
+"""How the trainer spreads its roles over processes: plain data-parallel (DDP arithmetic),
+FSDP2 (sharded parameters, gradients and optimizer state) or DeepSpeed ZeRO-2/3.
+
+    strategy = make_strategy(cfg, accelerator)      # cfg.parallel: auto | ddp | fsdp | zero2 | zero3
+    strategy.prepare(role)                          # after build_role, before the optimizer exists
+    strategy.attach_optimizer(role)                 # after make_optimizer (DeepSpeed wraps it here)
+
+`auto` follows the accelerate config the run was launched with (accelerate launch
+--config_file configs/accelerate/fsdp.yaml ...): its distributed type, FSDP plugin or DeepSpeed
+plugin. The explicit names choose the same code path without accelerate's launcher, which is
+how the CPU tests run it (accelerate enables neither FSDP nor DeepSpeed on CPU).
+
+Every strategy writes the same checkpoint: FULL weights as DiT directories (so generate, export
+and init read a sharded run unchanged), the EMA as full weights, and the optimizer state:
+
+    ddp    optim-ROLE.pt holds torch's optimizer state dict (as without this module)
+    fsdp   optim-ROLE.pt holds the FULL optimizer state keyed by parameter name
+           (torch.distributed.checkpoint's full_state_dict), gathered to rank 0; every rank
+           reads it back and keeps its shard
+    zero*  optim-ROLE.pt holds the LR schedule and update count; each rank's DeepSpeed
+           optimizer partition travels with that rank's state (rng-rankR.pt, key `zero`)
+
+Resume is exact for the same strategy and number of processes (the trainer already requires
+the same number of processes for its per-rank RNG states).
+
+Gradients: ddp averages them itself after accumulation (Trainer._all_reduce_grads); FSDP
+reduce-scatters them in the last micro-batch's backward (gradient sync is off for the
+others); DeepSpeed reduces them in the last micro-batch's backward too (the trainer sets the
+engine's accumulation boundary) and clips and applies them in engine.step.
+
+Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them); under
+ZeRO the trainer's guard sees the loss (a non-finite loss skips the update, as elsewhere),
+while a non-finite gradient behind a finite loss is skipped by DeepSpeed's own check inside
+engine.step and still counted as an update by the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .roles import Role
+
+STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
+SHARDED_FROZEN_DTYPE = torch.bfloat16   # frozen roles without a dtype are kept in bf16 when sharded
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint writes for one trainable role (rank 0's copy; None fields elsewhere)."""
+    weights: object                      # has .config and .state_dict() (full tensors)
+    ema: object | None
+    optimizer: dict | None               # torch.save-able: optimizer, scheduler, updates
+
+
+def make_strategy(cfg, accelerator) -> "DataParallel":
+    """The strategy cfg.parallel names; `auto` reads the accelerate launch config."""
+    name = cfg.parallel
+    if name not in STRATEGIES:
+        raise ConfigError(f"parallel must be one of {list(STRATEGIES)}, got {name!r}")
+    if name == "auto":
+        name = strategy_from_accelerate(accelerator)
+    if accelerator.num_processes == 1:
+        return DataParallel(accelerator, cfg)    # one process: nothing to shard or reduce
+    if name == "fsdp":
+        return FSDP(accelerator, cfg)
+    if name in ("zero2", "zero3"):
+        return ZeRO(accelerator, cfg, stage=int(name[-1]))
+    return DataParallel(accelerator, cfg)
+
+
+def strategy_from_accelerate(accelerator) -> str:
+    """ddp | fsdp | zero2 | zero3 from accelerate's distributed type and plugins."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        stage = int(state.deepspeed_plugin.zero_stage)
+        if stage not in (2, 3):
+            raise ConfigError(f"the accelerate DeepSpeed config asks for ZeRO stage {stage}; forcelab runs "
+                              f"ZeRO-2 or ZeRO-3 (set zero_stage: 2 or 3, or use configs/accelerate/ddp.yaml)")
+        return f"zero{stage}"
+    return "ddp"
+
+
+# ---------------------------------------------------------------------------- data-parallel
+class DataParallel:
+    """Every process holds the whole model; the trainer averages gradients itself."""
+    name = "ddp"
+    sharded = False
+
+    def __init__(self, accelerator, cfg):
+        self.acc, self.cfg = accelerator, cfg
+        self.world = accelerator.num_processes
+
+    def prepare(self, role: Role) -> None:
+        """Shard / wrap a freshly built role (weights already loaded)."""
+
+    def attach_optimizer(self, role: Role) -> None:
+        """Called once the role's optimizer and LR schedule exist."""
+
+    def reduces_grads(self, role: Role) -> bool:
+        """True when the strategy averages the role's gradients (the trainer must not)."""
+        return False
+
+    def before_backward(self, role: Role, last_micro: bool) -> None:
+        """Called before each micro-batch's backward of `role`'s loss."""
+
+    def backward(self, role: Role, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
+        """Clip to max_norm (inf: measure only); the global norm as a plain scalar tensor."""
+        return torch.nn.utils.clip_grad_norm_(role.params, max_norm)
+
+    def full_params(self, role: Role):
+        """A context in which role.module's parameters hold their full values (ZeRO-3
+        gathers them; elsewhere they do, or are DTensors whose shards the EMA follows)."""
+        return contextlib.nullcontext()
+
+    def step(self, role: Role) -> float | None:
+        """Apply the update; a gradient norm measured while stepping (else None)."""
+        role.optimizer.step()
+        return None
+
+    def zero_grad(self, role: Role) -> None:
+        role.optimizer.zero_grad(set_to_none=True)
+
+    # checkpoints of sharded strategies: snapshot() is collective (every rank calls it); rank 0
+    # writes the result (unsharded roles are written as they are by train/checkpoint.py)
+    def snapshot(self, role: Role) -> Snapshot:
+        raise NotImplementedError
+
+    def rank_state(self, roles: dict[str, Role]) -> dict:
+        """Per-rank state to keep with the rank's RNG states (DeepSpeed partitions)."""
+        return {}
+
+    def load_optimizer(self, role: Role, state: dict) -> None:
+        role.optimizer.load_state_dict(state)
+
+    def load_rank_state(self, roles: dict[str, Role], state: dict) -> None:
+        pass
+
+    def load_ema(self, role: Role, full: dict[str, torch.Tensor]) -> None:
+        params = dict(role.module.named_parameters())
+        role.ema = {k: full[k].to(params[k].device, torch.float32) for k in params}
+
+    def full_module(self, role: Role, use_ema: bool):
+        """Sharded strategies (collective): a plain CausalDiT with the role's full weights (EMA
+        when asked and kept) on rank 0, None elsewhere."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- FSDP2
+class FSDP(DataParallel):
+    """FSDP2 (`fully_shard`): every transformer block (and, inside it, its cross-attention,
+    whose prompt K/V the model computes before the block runs) is one shard unit, the rest
+    of the model the root unit. Trainable roles keep fp32 shards (autocast does the mixed
+    precision, as without sharding); frozen roles are sharded in their configured dtype,
+    bf16 when none is set."""
+    name = "fsdp"
+    sharded = True
+
+    def __init__(self, accelerator, cfg):
+        super().__init__(accelerator, cfg)
+        self.reshard_after_forward = True
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and getattr(plugin, "reshard_after_forward", None) is not None:
+            self.reshard_after_forward = bool(plugin.reshard_after_forward)
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh = init_device_mesh(accelerator.device.type, (self.world,))
+        # Linear on [B, L, dim] returns a view; Block adds the cross-attention output out of
+        # place, so the hook FSDP warns about cannot be dropped there
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPCrossAttention\) returned a view")
+
+    def prepare(self, role: Role) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        module = role.module
+        if not role.trainable and role.cfg.dtype is None:
+            module.set_dtype(SHARDED_FROZEN_DTYPE)
+        reshard = self.reshard_after_forward
+        for block in module.blocks:
+            attn = block.cross_attn
+            fully_shard(attn, mesh=self.mesh, reshard_after_forward=reshard)
+            # its K/V are views (unflatten): an in-place op on a view returned by an FSDP unit
+            # would drop the hook that all-gathers its weights for backward, so return copies
+            attn.context_kv = lambda context, kv=attn.context_kv: tuple(t.clone() for t in kv(context))
+            register_fsdp_forward_method(attn, "context_kv")
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard)
+        register_fsdp_forward_method(module, "set_prompt")   # rollouts call it outside forward
+        role.params = [p for p in module.parameters() if p.requires_grad]
+        role.model = module
+
+    def reduces_grads(self, role: Role) -> bool:
+        return True
+
+    def before_backward(self, role: Role, last_micro: bool) -> None:
+        role.module.set_requires_gradient_sync(last_micro)   # reduce-scatter once per update
+
+    def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(role.params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _full_ema(self, role: Role) -> dict[str, torch.Tensor] | None:
+        if role.ema is None:
+            return None
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in role.ema.items()}
+        return full if self.acc.is_main_process else None
+
+    def snapshot(self, role: Role) -> Snapshot:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        weights = get_model_state_dict(role.module, options=self._options())
+        optim = get_optimizer_state_dict(role.module, role.optimizer, options=self._options())
+        ema = self._full_ema(role)
+        if not self.acc.is_main_process:
+            return Snapshot(None, None, None)
+        config = role.module.config
+        return Snapshot(_weights(config, weights), _weights(config, {**weights, **ema}) if ema else None,
+                        {"optimizer": optim, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
+
+    def load_optimizer(self, role: Role, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(role.module, role.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def load_ema(self, role: Role, full: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        role.ema = {k: distribute_tensor(full[k].to(p.device, torch.float32), p.device_mesh, p.placements)
+                    for k, p in role.module.named_parameters()}
+
+    def full_module(self, role: Role, use_ema: bool):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from ..models.dit import CausalDiT
+
+        weights = get_model_state_dict(role.module, options=self._options())
+        ema = self._full_ema(role) if use_ema else None
+        if not self.acc.is_main_process:
+            return None
+        module = CausalDiT(role.module.config)
+        module.load_state_dict({**weights, **(ema or {})})
+        return module.to(self.acc.device).eval()
+
+
+def _weights(config, state: dict) -> SimpleNamespace:
+    """An object save_state writes: a config and a full state dict."""
+    return SimpleNamespace(config=config, state_dict=lambda: state)
+
+
+# ---------------------------------------------------------------------------- DeepSpeed
+class ZeRO(DataParallel):
+    """DeepSpeed ZeRO-2 / ZeRO-3, one engine per trainable role (frozen roles stay plain
+    modules). The trainer sets the accumulation boundary itself (engine.set_gradient_
+    accumulation_boundary): micro-batches accumulate locally, the last one's backward reduces
+    (the loss arrives already divided by the accumulation), and one engine.step per update
+    clips (roles.X.grad_clip), skips non-finite updates and applies, so the global batch stays
+    batch x processes x accumulation. Weights and optimizer stay fp32
+    (mixed_precision bf16 is the trainer's autocast, as without DeepSpeed)."""
+    sharded = True
+
+    def __init__(self, accelerator, cfg, stage: int):
+        super().__init__(accelerator, cfg)
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"parallel: zero{stage} needs DeepSpeed; pip install 'forcelab[deepspeed]'") from None
+        self.stage, self.name = stage, f"zero{stage}"
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        self.base_config = dict(plugin.deepspeed_config) if plugin is not None else {}
+        self.engines: dict[str, object] = {}
+
+    def attach_optimizer(self, role: Role) -> None:
+        import deepspeed
+
+        if self.acc.device.type == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build of
+            # minutes) that only its inference all-reduce uses; ZeRO training runs on gloo.
+            import importlib
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        engine, _, _, _ = deepspeed.initialize(model=role.module, optimizer=role.optimizer,
+                                               config=self.ds_config(role), dist_init_required=False)
+        self.engines[role.name] = engine
+        role.model = role.module            # recipes call the module (rollouts use its methods)
+        role.params = [p for p in role.module.parameters() if p.requires_grad]
+
+    def ds_config(self, role: Role) -> dict:
+        """The engine's config: the launch config's DeepSpeed settings (zero_optimization
+        options, buckets) with the trainer's batch, accumulation, precision and clipping."""
+        cfg = self.cfg
+        if cfg.mixed_precision == "fp16":
+            raise ConfigError("parallel: zero2/zero3 run with mixed_precision no or bf16 (fp16 loss scaling "
+                              "is DeepSpeed's own and is not wired to the trainer's non-finite guard)")
+        out = {k: v for k, v in self.base_config.items() if k not in ("optimizer", "scheduler") and v != "auto"}
+        zero = {k: v for k, v in out.get("zero_optimization", {}).items() if v != "auto"}
+        zero["stage"] = self.stage
+        out["zero_optimization"] = zero
+        A = cfg.gradient_accumulation_steps
+        out.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=A,
+                   train_batch_size=cfg.data.batch_size * A * self.world,
+                   gradient_clipping=role.cfg.grad_clip or 0.0, zero_allow_untested_optimizer=True,
+                   steps_per_print=2 ** 31, wall_clock_breakdown=False)
+        # weights and the optimizer stay fp32; autocast (mixed_precision) does the bf16 compute
+        out["bf16"], out["fp16"] = {"enabled": False}, {"enabled": False}
+        return out
+
+    def reduces_grads(self, role: Role) -> bool:
+        return role.name in self.engines
+
+    def before_backward(self, role: Role, last_micro: bool) -> None:
+        engine = self.engines.get(role.name)
+        if engine is None:
+            return
+        engine.set_gradient_accumulation_boundary(last_micro)   # reduce in the last micro-batch only
+        # what engine.forward does first: close the previous backward's books (ZeRO-3 counts
+        # micro-steps here; the recipes call the module, whose rollouts need its methods)
+        getattr(engine.optimizer, "clear_backward_seen_flag", lambda: None)()
+
+    def backward(self, role: Role, loss: torch.Tensor) -> None:
+        engine = self.engines.get(role.name)
+        if engine is None:
+            return super().backward(role, loss)
+        engine.backward(loss, scale_wrt_gas=False)   # the trainer already divided by its accumulation
+
+    def clip_grad_norm(self, role: Role, max_norm: float) -> torch.Tensor:
+        """DeepSpeed clips (and skips non-finite updates) inside engine.step; the norm it
+        measured is reported by step()."""
+        return torch.zeros(())
+
+    def step(self, role: Role) -> float | None:
+        engine = self.engines[role.name]
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def zero_grad(self, role: Role) -> None:
+        self.engines[role.name].optimizer.zero_grad(set_to_none=True)
+
+    def _partitions(self, role: Role) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions (the tensors the base optimizer updates)."""
+        opt = self.engines[role.name].optimizer
+        return list(opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
+
+    def rank_state(self, roles: dict[str, Role]) -> dict:
+        """Per role: this rank's fp32 partitions, the base optimizer's state of each, and the
+        param groups' hyperparameters (lr ...). Keyed by partition index, not by tensor
+        identity, which DeepSpeed's ZeRO-3 step swaps in and out of the param groups."""
+        out = {}
+        for name, engine in self.engines.items():
+            base = engine.optimizer.optimizer        # torch AdamW over this rank's flat partitions
+            parts = self._partitions(roles[name])
+            out[name] = {"fp32": [t.detach().cpu().clone() for t in parts],
+                         "state": [{k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                                    for k, v in base.state.get(t, {}).items()} for t in parts],
+                         "groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]}
+        return {"zero": out}
+
+    def load_optimizer(self, role: Role, state: dict) -> None:
+        pass    # the partitions come with each rank's state (load_rank_state)
+
+    def load_rank_state(self, roles: dict[str, Role], state: dict) -> None:
+        saved = state.get("zero", {})
+        for name, engine in self.engines.items():
+            if name not in saved:
+                raise CheckpointError(f"checkpoint: no DeepSpeed optimizer state for role '{name}'; it was written "
+                                      f"by another parallel strategy - resume with the one that wrote it")
+            base, mine = engine.optimizer.optimizer, saved[name]
+            parts = self._partitions(roles[name])
+            with torch.no_grad():
+                for part, value, st in zip(parts, mine["fp32"], mine["state"]):
+                    part.copy_(value)
+                    if st:
+                        base.state[part] = {k: v.to(part.device) if torch.is_tensor(v) else v for k, v in st.items()}
+            for group, hyper in zip(base.param_groups, mine["groups"]):
+                group.update(hyper)
+
+    def full_params(self, role: Role):
+        if self.stage != 3 or role.name not in self.engines:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(role.module.parameters()))
+
+    def snapshot(self, role: Role) -> Snapshot:
+        with self.full_params(role):
+            state = {k: v.detach().cpu().clone() for k, v in role.module.state_dict().items()} \
+                if self.acc.is_main_process else None
+        ema = role.ema if self.acc.is_main_process else None
+        if not self.acc.is_main_process:
+            return Snapshot(None, None, None)
+        config = role.module.config
+        return Snapshot(_weights(config, state), _weights(config, {**state, **ema}) if ema is not None else None,
+                        {"optimizer": {}, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
+
+    def full_module(self, role: Role, use_ema: bool):
+        from ..models.dit import CausalDiT
+
+        snap = self.snapshot(role)
+        if snap.weights is None:
+            return None
+        module = CausalDiT(role.module.config)
+        module.load_state_dict((snap.ema if use_ema and snap.ema is not None else snap.weights).state_dict())
+        return module.to(self.acc.device).eval()
