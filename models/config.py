@@ -7,7 +7,7 @@ come from the input; everything else is a field here with a default and a one-li
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ConfigError, ForcelabError
 from ..kernels.dispatch import BACKENDS

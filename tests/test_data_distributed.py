@@ -7,7 +7,6 @@ each rank preprocesses, reads its split (with 2 DataLoader workers) and writes t
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +33,7 @@ def rank_main(videos: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_read_disjoint_samples_covering_the_data(tmp_path):
+def test_two_ranks_read_disjoint_samples_covering_the_data(tmp_path, free_port):
     from forcelab.data.toyworld import ToyWorld
     from forcelab.data.video import write_video
 
@@ -52,7 +45,7 @@ def test_two_ranks_read_disjoint_samples_covering_the_data(tmp_path):
         write_video(videos / f"v{i}.mp4", clip.video.permute(0, 2, 3, 1), fps=8)
         (videos / f"v{i}.txt").write_text(clip.scene.caption)
     out = tmp_path / "shards"
-    port = str(free_port())
+    port = str(free_port)
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

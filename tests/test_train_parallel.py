@@ -8,7 +8,6 @@ of plain data-parallel (the reference)."""
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,14 +42,7 @@ if reference != "none":
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:     # other suites on this machine may hold fixed ports
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(tmp_path: Path, script: str, *args: str, timeout: int = 240) -> None:
-    port = free_port()
+def launch(tmp_path: Path, port: int, script: str, *args: str, timeout: int = 240) -> None:
     path = tmp_path / "runs.py"
     path.write_text(script)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -97,8 +89,8 @@ def check_save_resume(tmp_path: Path, mode: str) -> dict:
     return {"vs_ddp_max_rel": diff}
 
 
-def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path):
-    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY)
+def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path, free_port):
+    launch(tmp_path, free_port, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY)
     check_save_resume(tmp_path, "fsdp")
 
 
@@ -128,7 +120,7 @@ for name, parallel in (("fsdp32", "fsdp"), ("ddp32", "ddp")):
 """
 
 
-def test_self_forcing_three_roles_under_fsdp(tmp_path):
+def test_self_forcing_three_roles_under_fsdp(tmp_path, free_port):
     torch.manual_seed(0)
     teacher = tmp_path / "teacher"
     CausalDiT(DiTConfig.preset("toy", dim=32, ffn_dim=64, num_layers=2, num_heads=2, chunk_frames=2)).save_pretrained(teacher)
@@ -137,7 +129,7 @@ def test_self_forcing_three_roles_under_fsdp(tmp_path):
             "logging.progress=false", "roles.generator.update_every=2", "roles.generator.ema_decay=0.9",
             "max_steps=2", "parallel=fsdp", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
             f"output_dir={tmp_path / 'run'}"]   # output_dir last: the script derives its other runs from it
-    launch(tmp_path, SF_SCRIPT, *args)
+    launch(tmp_path, free_port, SF_SCRIPT, *args)
     ckpt = tmp_path / "run" / "checkpoint-000002"
     for role in ("generator", "critic", "generator_ema"):
         CausalDiT.from_pretrained(ckpt / role)          # full weights, readable as usual
@@ -158,14 +150,14 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @needs_deepspeed
-def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path):
-    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero2", "ddp", *TINY)
+def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path, free_port):
+    launch(tmp_path, free_port, RUNS_SCRIPT, str(tmp_path), "zero2", "ddp", *TINY)
     check_save_resume(tmp_path, "zero2")
 
 
 @needs_deepspeed
-def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path):
-    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
+def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path, free_port):
+    launch(tmp_path, free_port, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
     check_save_resume(tmp_path, "zero3")
 
 
@@ -207,11 +199,11 @@ for mode in modes:
 """
 
 
-def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):
+def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path, free_port):
     """A NaN loss at step 2 skips that update under every strategy; the runs stay equal."""
     modes = ["ddp", "fsdp"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
     args = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every="))] + ["max_steps=4"]
-    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
+    launch(tmp_path, free_port, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
     ref = weights(tmp_path / "ddp", 4)
     assert all(torch.isfinite(v).all() for v in ref.values())
     for mode in modes[1:]:

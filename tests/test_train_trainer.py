@@ -85,12 +85,12 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert any(not torch.allclose(wb[k], ws[k], rtol=1e-5, atol=1e-6) for k in wb)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, free_port):
     """DDP over gloo: 2 processes x batch 2 == 1 process x batch 4 (same samples per step)."""
     common = [*TINY, "recipe=teacher", "max_steps=2"]
     Trainer(load_train_config([], common + ["data.batch_size=4", f"output_dir={tmp_path / 'one'}"])).run()
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MASTER_PORT="29517")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            "-m", "forcelab.train", *common, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,6 @@ from ..config import parse_dtype
 from ..errors import ConfigError
 from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
-from ..models.run_folder import resolve_weights  # noqa: F401  (re-exported for recipes)
 from .config import RoleConfig
 from .recipe import RoleSpec, mix_seed
 
