@@ -13,8 +13,13 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_command", metavar="{toybench,vbench,report}", required=True)
     t = sub.add_parser("toybench", help="ToyBench metrics of toy-world videos (mp4 + generate's JSON sidecars)")
-    t.add_argument("videos", metavar="VIDEOS_DIR")
-    t.add_argument("--out", default=None, help="folder for toybench.json and the report (default: VIDEOS_DIR)")
+    t.add_argument("videos", metavar="VIDEOS_DIR", nargs="?", help="videos to score (not with --suite)")
+    t.add_argument("--out", default=None, help="folder for toybench.json and the report (default: VIDEOS_DIR; "
+                   "with --suite: the study folder, default runs/study)")
+    t.add_argument("--suite", choices=("full", "quick"), default=None,
+                   help="train and score every recipe (see forcelab.eval.study); quick: a handful of steps")
+    t.add_argument("--seeds", type=int, default=3, help="--suite: seeds per recipe")
+    t.add_argument("--recipes", nargs="+", default=None, help="--suite: only these recipes")
     t.add_argument("--bucket-frames", type=int, default=None,
                    help="frames per drift bucket (default: the toy world's training clip length)")
     t.add_argument("--no-report", action="store_true", help="write toybench.json only")
@@ -39,8 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.eval_command == "toybench":
+    if args.eval_command == "toybench" and args.suite:
+        from .study import run_study
+
+        record = run_study(args.out or "runs/study", args.suite, args.seeds, recipes=args.recipes)
+        print(f"wrote {args.out or 'runs/study'}/study.md and study.json ({record['seconds']:.0f} s)")
+    elif args.eval_command == "toybench":
+        from ..errors import ForcelabError
         from .toybench_run import RESULT_NAME, run_toybench
+
+        if not args.videos:
+            raise ForcelabError("eval toybench: give VIDEOS_DIR, or --suite full|quick")
 
         result = run_toybench(args.videos, args.out, bucket_frames=args.bucket_frames, report=not args.no_report,
                               progress=not args.quiet)
