@@ -1,6 +1,6 @@
 """Data throughput: the latent shard dataset (0 and 2 DataLoader workers) and the toy world.
 
-    python bench/data.py                                   # toy-sized latents [48, 16, 8, 8]
+    python bench/data.py                                   # toy-sized latents [6, 16, 8, 8]
     python bench/data.py --latent-shape 16,21,60,104       # Wan 480x832x81 latents (4.2 MB bf16 each)
 
 Writes --samples synthetic samples as bf16 shards in a temporary folder, then times full
@@ -52,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=1024, help="samples written and read per pass")
     p.add_argument("--shard-size", type=int, default=128, help="samples per shard")
-    p.add_argument("--latent-shape", default="48,16,8,8", help="C,F,H,W of each latent")
+    p.add_argument("--latent-shape", default="6,16,8,8", help="C,F,H,W of each latent")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--passes", type=int, default=2, help="passes per setting; the best is reported")
     p.add_argument("--toy-samples", type=int, default=200, help="toy world samples generated")
@@ -72,10 +72,10 @@ def main() -> None:
 
     world = ToyWorld()
     world.sample(0)  # builds the encoders' tables once
-    from forcelab.models.autoencoder import ToyPixelCodec
+    from forcelab.models.autoencoder import load_autoencoder
     from forcelab.models.text_encoder import ToyTextEncoder
 
-    codec, text = ToyPixelCodec(), ToyTextEncoder()
+    codec, text = load_autoencoder("toy"), ToyTextEncoder()
     t0 = time.perf_counter()
     for i in range(args.toy_samples):
         world.sample(i, codec, text)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ..errors import ConfigError
-from ..models.autoencoder import ToyPixelCodec, VideoAutoencoder, load_autoencoder
+from ..models.autoencoder import VideoAutoencoder, load_autoencoder
 from ..models.text_encoder import TextEncoder, load_text_encoder
 
 # name -> RGB; distinct hues that a nearest-color classifier separates easily
@@ -188,7 +188,7 @@ class ToyWorld:
         """Sample `index` in the latent-shard schema, plus "state" (the ground truth).
         codec / text_encoder default to the toy ones."""
         if codec is None or text_encoder is None:
-            self._encoders = self._encoders or (ToyPixelCodec(), load_text_encoder("toy"))
+            self._encoders = self._encoders or (load_autoencoder("toy"), load_text_encoder("toy"))
             codec, text_encoder = codec or self._encoders[0], text_encoder or self._encoders[1]
         clip = self.clip(index, frames)
         pixels = clip.video.float().div(127.5).sub(1.0).permute(1, 0, 2, 3)[None]  # [1, 3, F, H, W]

@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.video import to_uint8_frames, write_video
     from .autoencoder import latent_frames as to_latent, load_autoencoder, pixel_frames
     from .checkpoint import read_config
+    from .config import DiTConfig
     from .prefix import PrefixInput
     from .dit import CausalDiT
     from .text_encoder import load_text_encoder
@@ -256,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
         config, fmt = read_config(dit_dir)
     except CheckpointError as e:
         raise ForcelabError(f"model {args.model}: {e}") from None
-    toy_shape = config.in_channels == 48 and config.text_dim == 32
+    toy = DiTConfig.preset("toy")
+    toy_shape = (config.in_channels, config.text_dim) == (toy.in_channels, toy.text_dim)
     hint = "; the model has the toy preset's shape" if toy_shape else ""
     from .run_folder import recorded_encoders
     recorded = recorded_encoders(dit_dir) or {}

@@ -9,7 +9,8 @@ from forcelab.data.schema import collate
 from forcelab.data.toyworld import PALETTE, SPEED_WORDS, ToyWorld, ToyWorldConfig, ToyWorldDataset, make_caption, \
     parse_caption
 from forcelab.errors import ConfigError
-from forcelab.models.autoencoder import ToyPixelCodec
+from forcelab.models.autoencoder import load_autoencoder
+from forcelab.models.config import DiTConfig
 from forcelab.models.text_encoder import TOY_VOCAB, toy_words
 
 SEEDS = range(40)
@@ -89,13 +90,15 @@ def test_captions_match_the_state(world):
 
 def test_toy_samples_follow_the_shard_schema(world):
     sample = world.sample(7)
-    assert sample["latent"].shape == (48, 16, 8, 8)
+    c = DiTConfig.preset("toy").in_channels            # the default codec fits the toy DiT
+    assert sample["latent"].shape == (c, 16, 8, 8)
     assert sample["text_emb"].shape == (16, 32) and sample["text_emb"][sample["text_len"]:].abs().max() == 0
-    assert sample["meta"]["shape"] == [48, 16, 8, 8] and sample["meta"]["caption"] == sample["caption"]
-    pixels = ToyPixelCodec().decode(sample["latent"][None])[0]  # exact codec: back to the frames
+    assert sample["meta"]["shape"] == [c, 16, 8, 8] and sample["meta"]["caption"] == sample["caption"]
+    exact = load_autoencoder("toy:48")                  # the full basis: an exact codec, back to the frames
+    pixels = exact.decode(world.sample(7, codec=exact)["latent"][None])[0]
     assert torch.equal(((pixels + 1) * 127.5).round().to(torch.uint8).transpose(0, 1), world.clip(7).video)
     batch = collate([world.sample(i) for i in range(3)])
-    assert batch["latent"].shape == (3, 48, 16, 8, 8) and batch["text_len"].shape == (3,)
+    assert batch["latent"].shape == (3, c, 16, 8, 8) and batch["text_len"].shape == (3,)
     assert len(batch["state"]) == 3 and batch["state"][0]["positions"].shape[0] == 16
 
 

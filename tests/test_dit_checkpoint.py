@@ -10,6 +10,9 @@ from forcelab.models import CausalDiT, DiTConfig
 from forcelab.models.checkpoint import diffusers_to_wan, wan_to_diffusers
 
 
+TOY = DiTConfig.preset("toy")
+
+
 def toy(seed=0, **kw):
     torch.manual_seed(seed)
     return CausalDiT(DiTConfig.preset("toy", **kw)).eval()
@@ -17,7 +20,7 @@ def toy(seed=0, **kw):
 
 def outputs(model, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 48, 3, 4, 6, generator=g)
+    x = torch.randn(1, TOY.in_channels, 3, 4, 6, generator=g)
     with torch.no_grad():
         return model(x, torch.rand(1, 3, generator=g) * 1000, torch.randn(1, 5, 32, generator=g), chunk_frames=2)
 
@@ -37,7 +40,7 @@ def test_round_trip_is_exact(tmp_path, fmt):
 def test_wan_format_key_names(tmp_path):
     toy().save_pretrained(tmp_path / "wan", format="wan")
     cfg = json.loads((tmp_path / "wan" / "config.json").read_text())
-    assert cfg["_class_name"] == "WanModel" and cfg["dim"] == 64 and cfg["in_dim"] == 48
+    assert cfg["_class_name"] == "WanModel" and cfg["dim"] == TOY.dim and cfg["in_dim"] == TOY.in_channels
     from safetensors import safe_open
     with safe_open(str(tmp_path / "wan" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -91,7 +94,7 @@ def test_loads_in_target_dtype_and_runs(tmp_path):
     cache = model.new_cache(1, 4, 6, chunk_frames=2, window_frames=4)
     model.set_prompt(cache, torch.randn(1, 5, 32))
     with torch.no_grad():
-        out = model(torch.randn(1, 48, 2, 4, 6), torch.zeros(1), cache=cache, commit=True)
+        out = model(torch.randn(1, TOY.in_channels, 2, 4, 6), torch.zeros(1), cache=cache, commit=True)
     assert cache.k[0].dtype == torch.bfloat16 and torch.isfinite(out).all()
     # set_dtype follows the same rule for a model built in memory
     cast = toy().set_dtype(torch.float16)
@@ -118,11 +121,12 @@ def test_preset_parameter_counts():
 def test_checkpoint_of_another_size_names_the_keys(tmp_path):
     toy().save_pretrained(tmp_path / "ckpt")
     other = DiTConfig.preset("toy", dim=32, num_heads=1)
-    with pytest.raises(CheckpointError, match=r"shape conflicts .*to_q.weight: checkpoint \(64, 64\) vs model \(32, 32\)"):
+    with pytest.raises(CheckpointError, match=rf"shape conflicts .*to_q.weight: checkpoint \({TOY.dim}, {TOY.dim}\) "
+                                              r"vs model \(32, 32\)"):
         CausalDiT.from_pretrained(tmp_path / "ckpt", config=other)
-    fewer = DiTConfig.preset("toy", num_layers=3)
-    with pytest.raises(CheckpointError, match=r"missing keys .*blocks\.2\."):
-        CausalDiT.from_pretrained(tmp_path / "ckpt", config=fewer)
+    more = DiTConfig.preset("toy", num_layers=TOY.num_layers + 1)
+    with pytest.raises(CheckpointError, match=rf"missing keys .*blocks\.{TOY.num_layers}\."):
+        CausalDiT.from_pretrained(tmp_path / "ckpt", config=more)
 
 
 def test_missing_and_corrupt_files(tmp_path):

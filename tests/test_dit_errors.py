@@ -6,6 +6,8 @@ import torch
 from forcelab.errors import ConfigError, ForcelabError
 from forcelab.models import CausalDiT, DiTConfig
 
+C = DiTConfig.preset("toy").in_channels
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -15,16 +17,16 @@ def model():
 
 def test_wrong_shapes(model):
     ctx = torch.randn(1, 4, 32)
-    with pytest.raises(ForcelabError, match=r"x must be \[B, 48, F, H, W\]"):
-        model(torch.randn(1, 16, 2, 4, 4), torch.zeros(1), ctx)
+    with pytest.raises(ForcelabError, match=rf"x must be \[B, {C}, F, H, W\]"):
+        model(torch.randn(1, C + 1, 2, 4, 4), torch.zeros(1), ctx)
     with pytest.raises(ForcelabError, match="multiples of the patch size"):
-        model(torch.randn(1, 48, 2, 5, 4), torch.zeros(1), ctx)
+        model(torch.randn(1, C, 2, 5, 4), torch.zeros(1), ctx)
     with pytest.raises(ForcelabError, match="timestep must be"):
-        model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1, 3), ctx)
+        model(torch.randn(1, C, 2, 4, 4), torch.zeros(1, 3), ctx)
     with pytest.raises(ForcelabError, match=r"context must be \[B, L, 32\]"):
-        model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1), torch.randn(1, 4, 8))
+        model(torch.randn(1, C, 2, 4, 4), torch.zeros(1), torch.randn(1, 4, 8))
     with pytest.raises(ForcelabError, match="more than text_len=16"):
-        model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1), torch.randn(1, 17, 32))
+        model(torch.randn(1, C, 2, 4, 4), torch.zeros(1), torch.randn(1, 17, 32))
 
 
 def test_cache_misuse(model):
@@ -34,16 +36,16 @@ def test_cache_misuse(model):
         model.new_cache(1, 4, 4, chunk_frames=4, window_frames=2)
     cache = model.new_cache(1, 4, 4, window_frames=4)
     with pytest.raises(ForcelabError, match="no prompt"):
-        model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1), cache=cache)
+        model(torch.randn(1, C, 2, 4, 4), torch.zeros(1), cache=cache)
     model.set_prompt(cache, torch.randn(1, 4, 32))
     with pytest.raises(ForcelabError, match="tokens per frame"):
-        model(torch.randn(1, 48, 2, 8, 8), torch.zeros(1), cache=cache)
+        model(torch.randn(1, C, 2, 8, 8), torch.zeros(1), cache=cache)
     full = model.new_cache(1, 4, 4, window_frames=None, max_frames=4)
     model.set_prompt(full, torch.randn(1, 4, 32))
     with torch.no_grad():
-        model(torch.randn(1, 48, 4, 4, 4), torch.zeros(1), cache=full, commit=True)
+        model(torch.randn(1, C, 4, 4, 4), torch.zeros(1), cache=full, commit=True)
         with pytest.raises(ForcelabError, match="full at frame 4"):
-            model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1), cache=full, commit=True)
+            model(torch.randn(1, C, 2, 4, 4), torch.zeros(1), cache=full, commit=True)
 
 
 def test_bad_config():

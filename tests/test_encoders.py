@@ -1,11 +1,14 @@
 """Video autoencoders and text encoders (models/autoencoder.py, models/text_encoder.py)."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from forcelab.errors import ForcelabError
-from forcelab.models.autoencoder import (ToyPixelCodec, VideoAutoencoder, WanVAE, latent_frames, load_autoencoder,
-                                         pixel_frames, save_tiny_wan_vae)
+from forcelab.models.autoencoder import (ToyCodec, VideoAutoencoder, WanVAE, dct_matrix, latent_frames, load_autoencoder,
+                                         pixel_frames, save_tiny_wan_vae, toy_cell_basis)
 from forcelab.models.config import DiTConfig
 from forcelab.models.text_encoder import (TOY_VOCAB, TextEncoder, ToyTextEncoder, UMT5TextEncoder, load_text_encoder,
                                           save_tiny_umt5)
@@ -21,21 +24,79 @@ def umt5_dir(tmp_path_factory):
     return save_tiny_umt5(tmp_path_factory.mktemp("umt5"))
 
 
-def test_toy_codec_is_exact_and_fits_the_toy_dit():
+TOY_PSNR_DB = 25.0     # the default toy codec's reconstruction of toy-world frames (measured 25.8 dB)
+
+
+@pytest.fixture(scope="module")
+def toy_video():
+    """Toy-world clips the codec's statistics were not measured on (world seed 1): [8, 3, 16, 32, 32]."""
+    from forcelab.data.toyworld import ToyWorld
+
+    world = ToyWorld(seed=1)
+    return torch.stack([world.clip(i).video for i in range(8)]).float().div(127.5).sub(1.0).transpose(1, 2)
+
+
+def test_toy_cell_basis_is_orthonormal_colour_times_dct():
+    # the DCT-II against its closed form, in float64
+    n = 4
+    ref = torch.tensor([[math.cos(math.pi * (i + 0.5) * k / n) * math.sqrt((1 if k else 0.5) * 2 / n)
+                         for i in range(n)] for k in range(n)], dtype=torch.float64)
+    torch.testing.assert_close(dct_matrix(n), ref, rtol=0, atol=1e-12)
+    basis = toy_cell_basis(4)                                     # [48, 48], rows in pixel_unshuffle order
+    torch.testing.assert_close(basis @ basis.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
+    cells = basis.view(48, 3, 4, 4)
+    # rows 0-2: constant over the cell (the mean colour), luma first; rows 3-4: luma gradients
+    assert torch.allclose(cells[:3], cells[:3, :, :1, :1].expand(-1, -1, 4, 4))
+    torch.testing.assert_close(cells[0], torch.full((3, 4, 4), 1 / math.sqrt(48), dtype=torch.float64))
+    for row in (3, 4):
+        assert torch.allclose(cells[row, 0], cells[row, 1]) and torch.allclose(cells[row, 0], cells[row, 2])
+        assert torch.allclose(cells[row, 0].sum(), torch.zeros((), dtype=torch.float64), atol=1e-12)
+
+
+def test_toy_codec_round_trips_on_its_subspace_and_fits_the_toy_dit():
     codec = load_autoencoder("toy")
-    assert isinstance(codec, ToyPixelCodec) and isinstance(codec, VideoAutoencoder)
+    assert isinstance(codec, ToyCodec) and isinstance(codec, VideoAutoencoder)
     toy = DiTConfig.preset("toy")
-    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    assert (codec.latent_channels, codec.spatial_stride, codec.temporal_stride) == (toy.in_channels, 4, 1)
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1
     z = codec.encode(video)
     assert z.shape == (2, toy.in_channels, 5, 8, 8)
-    assert torch.equal(codec.decode(z), video)
-    # channel c*16 + dy*4 + dx holds pixel (4y+dy, 4x+dx) of color c
-    assert z[1, 2 * 16 + 1 * 4 + 3, 4, 5, 6] == video[1, 2, 4, 5 * 4 + 1, 6 * 4 + 3]
+    # decode . encode is the orthogonal projection onto the kept subspace: idempotent, and the
+    # residual has no component in it (its code is the code of zero)
+    proj = codec.decode(z)
+    torch.testing.assert_close(codec.decode(codec.encode(proj)), proj, rtol=0, atol=1e-5)
+    torch.testing.assert_close(codec.encode(video - proj), codec.encode(torch.zeros_like(video)), rtol=0, atol=1e-4)
+    z_any = torch.randn(1, toy.in_channels, 3, 8, 8, generator=g)  # any latent: decode then encode gives it back
+    torch.testing.assert_close(codec.encode(codec.decode(z_any)), z_any, rtol=0, atol=1e-4)
+    # a video constant over each 4x4 cell lies in the subspace (the first 3 channels are the mean colour)
+    blocky = F.interpolate(torch.rand(1, 3, 2, 8, 8, generator=g) * 2 - 1, scale_factor=(1, 4, 4))
+    torch.testing.assert_close(load_autoencoder("toy:3").decode(load_autoencoder("toy:3").encode(blocky)), blocky,
+                               rtol=0, atol=1e-5)
+    # the full basis is exact on any video; streaming decode equals decode
+    exact = load_autoencoder("toy:48")
+    torch.testing.assert_close(exact.decode(exact.encode(video)), video, rtol=0, atol=1e-5)
     stream = codec.decode_stream()
-    assert torch.equal(torch.cat([stream.push(z[:, :, :2]), stream.push(z[:, :, 2:])], 2), video)
-    assert load_autoencoder("toy:2").latent_channels == 12
+    torch.testing.assert_close(torch.cat([stream.push(z[:, :, :2]), stream.push(z[:, :, 2:])], 2), proj, rtol=0, atol=0)
+    two = load_autoencoder("toy:12:2")
+    assert (two.latent_channels, two.spatial_stride, two.name) == (12, 2, "toy-dct-s2-c12")
     with pytest.raises(ForcelabError, match="multiples of 4"):
         codec.encode(torch.zeros(1, 3, 1, 30, 32))
+    with pytest.raises(ForcelabError, match=r"expected a latent \[B, 6"):
+        codec.decode(torch.zeros(1, 5, 1, 8, 8))
+
+
+def test_toy_codec_reconstructs_toy_frames_and_normalises_their_latents(toy_video):
+    codec = load_autoencoder("toy")
+    z = codec.encode(toy_video)
+    mse = (codec.decode(z).clamp(-1, 1) - toy_video).pow(2).mean().item()
+    assert 10 * math.log10(4 / mse) > TOY_PSNR_DB               # pixel range 2 -> peak^2 = 4
+    mean, std = z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4))      # per channel, on unseen clips
+    assert mean.abs().max() < 0.15 and ((std > 0.8) & (std < 1.2)).all(), (mean, std)
+    # more channels, better reconstruction: the basis is ordered coarse to fine
+    errs = [(load_autoencoder(f"toy:{c}").decode(load_autoencoder(f"toy:{c}").encode(toy_video)) - toy_video)
+            .pow(2).mean().item() for c in (3, 6, 12)]
+    assert errs[0] > errs[1] > errs[2]
 
 
 def test_wan_vae_normalises_and_streams(wan_dir):
@@ -64,8 +125,10 @@ def test_wan_vae_normalises_and_streams(wan_dir):
 def test_load_autoencoder_errors_name_the_path(tmp_path):
     with pytest.raises(ForcelabError, match=f"{tmp_path / 'nope'}.*AutoencoderKLWan"):
         load_autoencoder(str(tmp_path / "nope"))
-    with pytest.raises(ForcelabError, match="toy:FACTOR"):
+    with pytest.raises(ForcelabError, match="toy:CHANNELS"):
         load_autoencoder("toy:x")
+    with pytest.raises(ForcelabError, match="1 <= channels <= 3"):
+        load_autoencoder("toy:49")
 
 
 def test_toy_text_encoder_is_deterministic_and_zero_padded():

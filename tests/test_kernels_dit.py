@@ -34,7 +34,7 @@ def toy_inputs(frames, seed=0):
     torch.manual_seed(seed)
     model = CausalDiT(DiTConfig.preset("toy")).to(DEVICE)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(B, 48, frames, H, W, generator=gen).to(DEVICE)
+    x = torch.randn(B, model.config.in_channels, frames, H, W, generator=gen).to(DEVICE)
     t = (torch.rand(B, frames, generator=gen) * 1000).to(DEVICE)
     ctx = torch.randn(B, 9, 32, generator=gen).to(DEVICE)
     return model, x, t, ctx

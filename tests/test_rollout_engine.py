@@ -12,6 +12,7 @@ from forcelab.models.rollout import (
     Noise, Switch, Training, denoise_window, make_cache, rollout, stream)
 
 H = W = 4                  # latent size: 4 tokens per frame with the (1, 2, 2) patch
+C = DiTConfig.preset("toy").in_channels
 TOL = 1e-5
 
 
@@ -32,7 +33,7 @@ def prompts():
 
 
 def noise(seeds=(0,)):
-    return Noise(list(seeds), 48, H, W)
+    return Noise(list(seeds), C, H, W)
 
 
 class Recorder:
@@ -70,7 +71,7 @@ def test_cache_equals_recompute(model, prompts, name):
     frames = 12 if "segments" in name else 8
     cached = rollout(model, plan, prompts[0], noise(), frames)
     recomputed = rollout(model, plan, prompts[0], noise(), frames, recompute=True)
-    assert cached.x0.shape == (1, 48, frames, H, W)
+    assert cached.x0.shape == (1, C, frames, H, W)
     assert (cached.x0 - recomputed.x0).abs().max() < TOL
 
 
