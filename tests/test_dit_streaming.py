@@ -208,7 +208,7 @@ def test_read_pass_attends_to_views_of_the_store():
     cache = model.new_cache(1, 4, 4, chunk_frames=2, window_frames=4, sink_frames=0)
     model.set_prompt(cache, torch.randn(1, 4, 32))
     with torch.no_grad():
-        model(torch.randn(1, 48, 2, 4, 4), torch.zeros(1), cache=cache, commit=True)
+        model(torch.randn(1, model.config.in_channels, 2, 4, 4), torch.zeros(1), cache=cache, commit=True)
     S = cache.tokens_per_frame
     k_new, v_new = torch.randn(2, 1, 2 * S, model.config.num_heads, model.config.head_dim).unbind(0)
     k, v = cache.attention_kv(0, 2 * S, k_new, v_new)
@@ -235,7 +235,7 @@ def test_adjacent_sink_is_rotated_from_its_pre_rope_keys():
     model.set_prompt(cache, torch.randn(B, 4, 32))
     with torch.no_grad():
         for f in range(12):
-            model(torch.randn(B, 48, 1, H, W), torch.zeros(B), cache=cache, start_frame=f, commit=True)
+            model(torch.randn(B, cfg.in_channels, 1, H, W), torch.zeros(B), cache=cache, start_frame=f, commit=True)
     S = cache.tokens_per_frame
     assert cache.stored_frames == [0, 10, 11]
     q_pos = [12]

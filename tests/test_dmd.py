@@ -316,7 +316,7 @@ def test_losses_on_toy_dit():
     prompt, negative = torch.randn(2, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
     real = x0_predictor(teacher, prompt, negative, guidance=4.0)
     fake = x0_predictor(critic, prompt)
-    x0 = torch.randn(2, 48, 2, 4, 4, generator=g, requires_grad=True)   # [B, C, F, H, W]
+    x0 = torch.randn(2, teacher.config.in_channels, 2, 4, 4, generator=g, requires_grad=True)   # [B, C, F, H, W]
 
     loss, logs = dmd_loss(x0, real, fake, generator=g, mask=torch.tensor([[True, False], [True, True]]))
     loss.backward()

@@ -21,8 +21,11 @@ def model():
         return CausalDiT(DiTConfig.preset("toy", num_layers=1)).eval()
 
 
+C = DiTConfig.preset("toy").in_channels
+
+
 def x(b=1, f=2, h=4, w=4):
-    return torch.randn(b, 48, f, h, w)
+    return torch.randn(b, C, f, h, w)
 
 
 def ctx(b=1, n=4):
@@ -85,14 +88,14 @@ def test_kv_cache_constructor_checks_numbers_directly():
 def test_bad_shapes_are_named(model, case):
     big = model.config.rope_max_len + 1
     calls = {
-        "channels": ((torch.randn(1, 16, 2, 4, 4), torch.zeros(1), ctx()), "x must be [B, 48, F, H, W]"),
-        "rank": ((torch.randn(48, 2, 4, 4), torch.zeros(1), ctx()), "x must be [B, 48, F, H, W]"),
+        "channels": ((torch.randn(1, 16, 2, 4, 4), torch.zeros(1), ctx()), f"x must be [B, {C}, F, H, W]"),
+        "rank": ((torch.randn(48, 2, 4, 4), torch.zeros(1), ctx()), f"x must be [B, {C}, F, H, W]"),
         "patch": ((x(h=5), torch.zeros(1), ctx()), "multiples of the patch size"),
         "timestep-shape": ((x(), torch.zeros(2), ctx()), "timestep must be [B]=1"),
         "context-width": ((x(), torch.zeros(1), torch.randn(1, 4, 8)), "context must be [B, L, 32]"),
         "context-too-long": ((x(), torch.zeros(1), ctx(n=17)), "more than text_len=16"),
         "no-context": ((x(), torch.zeros(1)), "context is required without a cache"),
-        "too-many-frames": ((torch.zeros(1, 48, big, 2, 2), torch.zeros(1), ctx()), "exceed rope_max_len"),
+        "too-many-frames": ((torch.zeros(1, C, big, 2, 2), torch.zeros(1), ctx()), "exceed rope_max_len"),
     }
     args, match = calls[case]
     with torch.no_grad():
@@ -130,4 +133,4 @@ def test_valid_edge_cases_still_work(model):
     model.set_prompt(cache, ctx(2))
     with torch.no_grad():
         out = model(x(2), torch.tensor([0.0, 1000.0]), cache=cache, commit=True)
-    assert out.shape == (2, 48, 2, 4, 4) and math.isfinite(out.abs().sum().item())
+    assert out.shape == (2, C, 2, 4, 4) and math.isfinite(out.abs().sum().item())
