@@ -12,6 +12,21 @@ reconstructions gives the ceilings. Prints loss points, steps/s and the match ra
 
 --old: 48 latent channels per 4x4 cell (no compression, as the former exact pixel codec) into
 the former toy width (dim 64, 2 layers): 192 numbers per token through a 64-wide model.
+
+Measured (1 thread on a shared 2-core CPU; batch 16, 8 latent frames, lr 2e-3, warm-up 100,
+train shift 1, caption drop 0.1, EMA 0.99; sampling 20 Euler steps, shift 3, guidance 3; 64
+held-out captions; the detector scores 100% on the real clips and on the codec's reconstructions):
+
+    setting                       steps   loss(avg50)   count   colour   both
+    toy preset + toy codec         700      0.45         50%     59%     28%
+    toy preset + toy codec        1500      0.37         53%     72%     45%
+    toy preset + toy codec        3000      0.30         63%     83%     59%   (128 captions: 60/77/52%)
+    old: 48 channels, dim 64      1000      1.53          6%      6%      6%
+
+3000 steps took 6.5 CPU-minutes (7.7 steps per CPU second of one core). Guidance trades colour
+for count (3000 steps: guidance 2 -> 64/67/56%, 4 -> 63/86/56%); training shift 3 or 0.5 did not
+beat 1 at equal steps. Failures left: balls that fade or change colour within a clip, and extra
+fragments.
 """
 
 from __future__ import annotations
@@ -180,8 +195,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
                    help="DiTConfig overrides of the toy preset, e.g. dim=96 num_layers=3")
     p.add_argument("--threads", type=int, default=1, help="torch threads (set deliberately: shared CPUs)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training time budget (wall clock)")
-    p.add_argument("--steps", type=int, default=100000, help="training step limit")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget (wall clock)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--frames", type=int, default=8, help="latent frames per clip")
     p.add_argument("--lr", type=float, default=2e-3)
