@@ -153,7 +153,7 @@ BAD_DIT = {
     "patch-2d": (dict(patch_size=(2, 2)), "patch_size must be 3 numbers"),
     "patch-0": (dict(patch_size=(1, 0, 2)), "patch_size entries must be"),
     "freq-odd": (dict(freq_dim=63), "freq_dim (63) must be even"),
-    "heads-indivisible": (dict(num_heads=3), "divisible by num_heads"),
+    "heads-indivisible": (dict(num_heads=5), "divisible by num_heads"),
     "backend": (dict(attention_backend="cuda"), "attention_backend must be one of None, torch, triton"),
     "sink_rope": (dict(sink_rope="far"), "sink_rope must be one of"),
 }

@@ -57,6 +57,11 @@ def written(monkeypatch):
     return out
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
 def generate(ckpt, out, *extra):
     return main(["generate", str(ckpt), "--vae", "toy", "--text-encoder", "toy", "--output", str(out),
                  "--quiet", "--prompt", PROMPT, *map(str, extra)])
@@ -79,7 +84,7 @@ def test_image_prefix_equals_a_direct_rollout(ckpt, image, clip, tmp_path, writt
     frames = written[-1]
     assert frames.shape == (3 * K, 32, 32, 3)                   # one chunk held + two generated
     given = clip[0].permute(1, 2, 0).numpy()
-    assert all((frames[j] == given).all() for j in range(K))
+    assert all(psnr(frames[j], given) > 20 for j in range(K))       # the (lossy) codec's view of the image
     still = clip[:1].float().div(127.5).sub(1).expand(K, -1, -1, -1).permute(1, 0, 2, 3)[None]
     assert np.array_equal(frames, direct(ckpt, CODEC.encode(still), 2 * K))
     assert not np.array_equal(frames[K:], direct(ckpt, None, 2 * K))   # the prefix conditions the rest
@@ -98,7 +103,7 @@ def test_video_prefix_equals_a_direct_rollout(ckpt, clip, tmp_path, written):
     given = video_io.read_video(src, frames=2 * K, dtype="float", backend="pyav")     # [2K, 3, 32, 32]
     prefix = CODEC.encode(given.permute(1, 0, 2, 3)[None])
     assert frames.shape == (3 * K, 32, 32, 3)
-    assert np.array_equal(frames[:2 * K], video_io.to_uint8_frames(given))
+    assert all(psnr(a, b) > 20 for a, b in zip(frames[:2 * K], video_io.to_uint8_frames(given)))
     assert np.array_equal(frames, direct(ckpt, prefix, K, seed=5))
     side = json.loads(next(out.glob("*.json")).read_text())
     assert side["conditioning"]["kind"] == "video" and side["conditioning"]["prefix_latent_frames"] == 2 * K

@@ -97,7 +97,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, free_port)
     state = json.loads((tmp_path / "two" / "checkpoint-000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     w1, w2 = weights(tmp_path / "one", 2), weights(tmp_path / "two", 2)
-    assert all(torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6) for k in w1)
+    # the same samples and noise; only the order of the gradient sums differs (measured: at most
+    # 2e-6 on weights of size 0.2, i.e. 0.2% of one Adam step at lr 1e-3)
+    assert all(torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-5) for k in w1)
+    assert losses(tmp_path / "one")[0][1] == pytest.approx(losses(tmp_path / "two")[0][1], rel=1e-6)
 
 
 def test_nonfinite_guard_skips_then_aborts_keeping_the_last_checkpoint(tmp_path, monkeypatch):
