@@ -24,3 +24,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """make(layers=1) -> a folder holding a random bidirectional toy DiT of the tiny test size
+    (dim 32, 2 heads, chunks of 2 frames): the frozen teacher of the distillation tests."""
+    from forcelab.models import CausalDiT, DiTConfig
+
+    made = {}
+
+    def make(layers: int = 1):
+        if layers not in made:
+            path = tmp_path_factory.mktemp(f"teacher{layers}") / "teacher"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                CausalDiT(DiTConfig.preset("toy", dim=32, ffn_dim=64, num_layers=layers, num_heads=2,
+                                           chunk_frames=2)).save_pretrained(path)
+            made[layers] = path
+        return made[layers]
+    return make
+
+
+@pytest.fixture
+def resume_is_exact():
+    """check(make_config, tmp_path, roles, *overrides): 6 steps straight == 3 steps + resume
+    latest + 3 steps, bit for bit (every logged metric and the roles' final weights).
+    make_config(folder, *overrides) -> a config writing to folder / "run"."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from forcelab.train.trainer import Trainer
+
+    def metrics(folder):
+        rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows]
+
+    def weights(folder, role):
+        path = folder / "run" / "checkpoint-000006" / role / "diffusion_pytorch_model.safetensors"
+        return load_file(str(path))
+
+    def check(make_config, tmp_path, roles, *overrides):
+        args = ("max_steps=6", "checkpoint.every=3", *overrides)
+        Trainer(make_config(tmp_path / "a", *args)).run()
+        split = make_config(tmp_path / "b", *args)
+        Trainer(split).run(stop_at=3)
+        Trainer(split, resume="latest").run()
+        a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+        assert len(a) == 6 and a == b
+        for role in roles:
+            wa, wb = weights(tmp_path / "a", role), weights(tmp_path / "b", role)
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), role
+    return check

@@ -2,29 +2,21 @@
 latents, passed through and masked), ONE block-causal forward whose x0 matches a hand
 conversion of the model's flow, causality across chunks, resume exactness."""
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from forcelab.errors import ConfigError
-from forcelab.models.config import DiTConfig
-from forcelab.models.dit import CausalDiT
 from forcelab.train.config import load_train_config
 from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 
-ARCH = dict(dim=32, ffn_dim=64, num_layers=1, num_heads=2, chunk_frames=2)
 LEVELS = [1000.0, 757.0, 522.0, 0.0]
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    CausalDiT(DiTConfig.preset("toy", **ARCH)).save_pretrained(path)
-    return path
+def teacher_dir(tiny_teacher):
+    return tiny_teacher(layers=1)
 
 
 def cv_config(tmp_path, teacher_dir, *extra):
@@ -100,17 +92,5 @@ def test_the_clip_is_the_first_frames_and_a_short_clip_is_an_error(trainer):
         recipe.opt.frames = 8
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir):
-    args = ("max_steps=6", "checkpoint.every=3", "data.batch_size=1")
-    Trainer(cv_config(tmp_path / "a", teacher_dir, *args)).run()
-    b = cv_config(tmp_path / "b", teacher_dir, *args)
-    Trainer(b).run(stop_at=3)
-    Trainer(b, resume="latest").run()
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("time", "steps_per_s")}  # noqa: E731
-    rows = [[strip(json.loads(x)) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
-            for d in "ab"]
-    assert rows[0] and rows[0] == rows[1]
-    for role in ("generator", "critic"):
-        wa, wb = (load_file(str(tmp_path / d / "run" / "checkpoint-000006" / role / "diffusion_pytorch_model.safetensors"))
-                  for d in "ab")
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), role
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact):
+    resume_is_exact(lambda folder, *a: cv_config(folder, teacher_dir, *a), tmp_path, ("generator", "critic"), "data.batch_size=1")

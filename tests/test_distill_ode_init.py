@@ -9,7 +9,7 @@ import torch
 
 from forcelab.data.ode_pairs import ODEPairs
 from forcelab.errors import ConfigError, ForcelabError
-from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models import CausalDiT
 from forcelab.models.autoencoder import load_autoencoder
 from forcelab.models.plans import Chunkwise, Teacher
 from forcelab.models.rollout import Noise, rollout
@@ -20,7 +20,6 @@ from forcelab.train.recipe import StepContext, mix_seed
 from forcelab.train.timesteps import choose_levels
 from forcelab.train.trainer import Trainer
 
-ARCH = dict(dim=32, ffn_dim=64, num_layers=1, num_heads=2)
 CODEC = load_autoencoder("toy")                 # the toy run's codec: latent channels and grid from it
 C, GRID = CODEC.latent_channels, 32 // CODEC.spatial_stride     # data.height = data.width = 32
 TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_layers=1",
@@ -31,12 +30,8 @@ TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CausalDiT(DiTConfig.preset("toy", **ARCH)).save_pretrained(path)
-    return path
+def teacher_dir(tiny_teacher):
+    return tiny_teacher(layers=1)
 
 
 @pytest.fixture(scope="module")

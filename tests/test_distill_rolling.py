@@ -2,14 +2,10 @@
 (against the hand-enumerated rolling schedule), every frame's output is present, only finished
 chunks are committed, the plan mix and the exit are shared across ranks, resume exactness."""
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from forcelab.models.config import DiTConfig
-from forcelab.models.dit import CausalDiT
 from forcelab.models.plans import Rolling
 from forcelab.models.rollout import Training
 from forcelab.train.config import load_train_config
@@ -17,16 +13,12 @@ from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 from forcelab.errors import ConfigError
 
-ARCH = dict(dim=32, ffn_dim=64, num_layers=1, num_heads=2, chunk_frames=2)
 STEPS, CHUNKS, C = [1000, 750, 500], 5, 2         # S = 3 levels -> windows of up to 3 chunks
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    CausalDiT(DiTConfig.preset("toy", **ARCH)).save_pretrained(path)
-    return path
+def teacher_dir(tiny_teacher):
+    return tiny_teacher(layers=1)
 
 
 def rf_config(tmp_path, teacher_dir, *extra):
@@ -131,20 +123,8 @@ def test_bad_sizes_are_config_errors(tmp_path, teacher_dir):
         Trainer(rf_config(tmp_path, teacher_dir, "algo.rolling_prob=1.5"))
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir):
-    args = ("max_steps=6", "checkpoint.every=3", "algo.min_chunks=3", "algo.max_chunks=4", "algo.frames=6")
-    Trainer(rf_config(tmp_path / "a", teacher_dir, *args)).run()
-    b = rf_config(tmp_path / "b", teacher_dir, *args)
-    Trainer(b).run(stop_at=3)
-    Trainer(b, resume="latest").run()
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("time", "steps_per_s")}  # noqa: E731
-    rows = [[strip(json.loads(x)) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
-            for d in "ab"]
-    assert rows[0] and rows[0] == rows[1]
-    for role in ("generator", "critic"):
-        wa, wb = (load_file(str(tmp_path / d / "run" / "checkpoint-000006" / role / "diffusion_pytorch_model.safetensors"))
-                  for d in "ab")
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), role
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact):
+    resume_is_exact(lambda folder, *a: rf_config(folder, teacher_dir, *a), tmp_path, ("generator", "critic"), "algo.min_chunks=3", "algo.max_chunks=4", "algo.frames=6")
 
 
 def test_the_critic_rollout_builds_no_graph(trainer):

@@ -8,23 +8,16 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from forcelab.models.config import DiTConfig
-from forcelab.models.dit import CausalDiT
 from forcelab.train.config import load_train_config
 from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 
-ARCH = dict(dim=32, ffn_dim=64, num_layers=1, num_heads=2, chunk_frames=2)
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    CausalDiT(DiTConfig.preset("toy", **ARCH)).save_pretrained(path)
-    return path
+def teacher_dir(tiny_teacher):
+    return tiny_teacher(layers=1)
 
 
 def sf_config(tmp_path, teacher_dir, *extra):
@@ -74,18 +67,9 @@ def test_chunk_count_and_exit_step_vary_and_the_window_is_the_last_frames(tmp_pa
     assert out.mask[0].tolist() == [False, False, True, True]   # the re-encoded first chunk is masked
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir):
-    Trainer(sf_config(tmp_path / "a", teacher_dir, "max_steps=6", "checkpoint.every=3")).run()
-    b = sf_config(tmp_path / "b", teacher_dir, "max_steps=6", "checkpoint.every=3")
-    Trainer(b).run(stop_at=3)
-    Trainer(b, resume="latest").run()
-    rows = [[json.loads(x) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
-    assert rows[0] and [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows[0]] == \
-        [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in rows[1]]
-    for role in ("generator", "critic", "generator_ema"):
-        wa, wb = (load_file(str(tmp_path / d / "run" / "checkpoint-000006" / role / "diffusion_pytorch_model.safetensors"))
-                  for d in "ab")
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), role
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact):
+    resume_is_exact(lambda folder, *a: sf_config(folder, teacher_dir, *a), tmp_path,
+                    ("generator", "critic", "generator_ema"))
     assert not (tmp_path / "a" / "run" / "checkpoint-000006" / "teacher").exists()   # frozen roles are not copied
 
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from forcelab.distill.dmd import dmd_loss
-from forcelab.models.config import DiTConfig
 from forcelab.models.dit import CausalDiT
 from forcelab.models.kv_cache import EMPTY
 from forcelab.models.rollout import Training, commit_frames, rollout
@@ -18,16 +17,12 @@ from forcelab.train.config import load_train_config
 from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 
-ARCH = dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2, chunk_frames=2)
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher"
-    CausalDiT(DiTConfig.preset("toy", **ARCH)).save_pretrained(path)
-    return path
+def teacher_dir(tiny_teacher):
+    return tiny_teacher(layers=2)
 
 
 def sl_config(tmp_path, teacher_dir, *extra):
