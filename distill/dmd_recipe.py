@@ -70,8 +70,6 @@ class DMDRecipe(Recipe):
         self.timesteps = warp_timesteps(o.steps, o.warp_shift) if o.warp_shift else [float(t) for t in o.steps]
         gen = self.trainer.module("generator").config
         self.chunk = gen.chunk_frames
-        c = self.trainer.codec
-        self.latent_hw = (self.cfg.data.height // c.spatial_stride, self.cfg.data.width // c.spatial_stride)
 
     # ------------------------------------------------------------------ pieces for subclasses
     def plan(self, **kw) -> Chunkwise:

@@ -282,9 +282,7 @@ class ODEInitRecipe(Recipe):
     def sample(self, context, seeds, frames):
         """The chunk-wise few-step plan at the student's list (sample_list)."""
         model = self.trainer.sampling_module("generator")
-        c = self.trainer.codec
-        h, w = self.cfg.data.height // c.spatial_stride, self.cfg.data.width // c.spatial_stride
-        noise = Noise(seeds, model.config.in_channels, h, w, device=context.device)
+        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
         frames = -(-frames // self.chunk) * self.chunk
         return rollout(model, Chunkwise(timesteps=self.sample_list), context, noise, frames).x0
 

@@ -59,12 +59,10 @@ class ARDiffusionRecipe(Recipe):
 
     def loss(self, role, batch, ctx):
         x0, context = batch["latent"], batch["text_emb"]
-        B, F = x0.shape[0], x0.shape[2]
+        F = x0.shape[2]
         sigma = ar_sigmas(self.levels(ctx, F), self.opt.num_levels, self.opt.shift).to(x0.device)
         noise = ctx.normal(x0.shape[1:], draw=1)
-        if self.opt.uncond_prob > 0:
-            drop = ctx.uniform((), draw=2) < self.opt.uncond_prob
-            context = torch.where(drop[:, None, None], self.trainer.negative.expand(B, -1, -1), context)
+        context = self.drop_captions(context, ctx, self.opt.uncond_prob)
         v = self.predict(self.trainer.model(role), add_noise(x0, noise, sigma), sigma, context)
         loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
         return loss, {"sigma": float(sigma.mean())}
@@ -75,7 +73,5 @@ class ARDiffusionRecipe(Recipe):
         model = self.trainer.sampling_module("generator")
         plan = StepMatrix(timesteps=default_timesteps(o.sample_steps, o.sample_shift), ar_step=o.ar_step,
                           chunk_frames=o.chunk_frames)
-        c = self.trainer.codec
-        h, w = self.cfg.data.height // c.spatial_stride, self.cfg.data.width // c.spatial_stride
-        noise = Noise(seeds, model.config.in_channels, h, w, device=context.device)
+        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
         return rollout(model, plan, context, noise, frames).x0

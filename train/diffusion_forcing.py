@@ -59,13 +59,11 @@ class DiffusionForcingRecipe(Recipe):
 
     def loss(self, role, batch, ctx):
         x0, context = batch["latent"], batch["text_emb"]
-        B, F = x0.shape[0], x0.shape[2]
+        F = x0.shape[2]
         t = self.chunk_timesteps(ctx, F)
         sigma = timestep_to_sigma(t)
         noise = ctx.normal(x0.shape[1:], draw=1)
-        if self.opt.uncond_prob > 0:
-            drop = ctx.uniform((), draw=2) < self.opt.uncond_prob
-            context = torch.where(drop[:, None, None], self.trainer.negative.expand(B, -1, -1), context)
+        context = self.drop_captions(context, ctx, self.opt.uncond_prob)
         x_t = add_noise(x0, noise, sigma)
         model = self.trainer.model(role)
         kw = dict(chunk_frames=self.chunk, window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames)
@@ -87,8 +85,6 @@ class DiffusionForcingRecipe(Recipe):
     @torch.no_grad()
     def sample(self, context, seeds, frames):
         model = self.trainer.sampling_module("generator")
-        c = self.trainer.codec
-        h, w = self.cfg.data.height // c.spatial_stride, self.cfg.data.width // c.spatial_stride
-        noise = Noise(seeds, model.config.in_channels, h, w, device=context.device)
+        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
         frames = -(-frames // self.chunk) * self.chunk
         return rollout(model, self.plan(), context, noise, frames).x0

@@ -146,6 +146,22 @@ class Recipe:
         """Latents [B, C, F, H, W] from the generator (EMA when kept) for sample videos."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """Latent height and width of the configured video size under the run's codec."""
+        stride = self.trainer.codec.spatial_stride
+        return self.cfg.data.height // stride, self.cfg.data.width // stride
+
+    def drop_captions(self, context: torch.Tensor, ctx: StepContext, prob: float, draw: int = 2) -> torch.Tensor:
+        """Caption dropout for classifier-free guidance: each sample's prompt embedding
+        [B, L, D] becomes the negative prompt's with probability prob (per sample, reproducible)."""
+        if prob <= 0:
+            return context
+        drop = ctx.uniform((), draw=draw) < prob
+        negative = self.trainer.negative.expand(context.shape[0], -1, -1)
+        return torch.where(drop[:, None, None], negative, context)
+
     # state that must survive a resume besides weights/optimizers/RNG (per rank)
     def state_dict(self) -> dict:
         return {}

@@ -38,12 +38,10 @@ class TeacherRecipe(Recipe):
 
     def loss(self, role, batch, ctx):
         x0 = batch["latent"]
-        B = x0.shape[0]
         t = ctx.per_sample(0, sample_flow_timesteps, distribution=self.opt.sigma_dist, shift=self.opt.shift)
         sigma = timestep_to_sigma(t)
         noise = ctx.normal(x0.shape[1:], draw=1)
-        drop = ctx.uniform((), draw=2) < self.opt.uncond_prob
-        context = torch.where(drop[:, None, None], self.trainer.negative.expand(B, -1, -1), batch["text_emb"])
+        context = self.drop_captions(batch["text_emb"], ctx, self.opt.uncond_prob)
         x_t = add_noise(x0, noise, sigma)
         v = self.trainer.model(role)(x_t, t, context)
         loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
@@ -54,8 +52,6 @@ class TeacherRecipe(Recipe):
         o = self.opt
         model = self.trainer.sampling_module("generator")
         plan = Teacher(steps=o.sample_steps, shift=o.sample_shift, solver=o.sample_solver, guidance=o.guidance)
-        c = self.trainer.codec
-        h, w = self.cfg.data.height // c.spatial_stride, self.cfg.data.width // c.spatial_stride
-        noise = Noise(seeds, model.config.in_channels, h, w, device=context.device)
+        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
         neg = self.trainer.negative.expand(len(seeds), -1, -1)
         return rollout(model, plan, context, noise, frames, negative=neg).x0
