@@ -6,8 +6,9 @@ and tabulate mean and spread over seeds.
     forcelab eval toybench --suite quick --out /tmp/study          # a handful of steps (checks the pipeline)
 
 Everything resumes: runs continue from their checkpoints, finished video sets and scores are
-kept. One toy teacher (seed 0) teaches every distillation recipe and one ODE-init student
-(seed 0) starts every DMD student, so the seeds vary each recipe's own stage. Writes
+kept. One toy teacher (seed 0: the committed configs/toy/teacher_checkpoint in the full suite)
+teaches every distillation recipe and one ODE-init student (seed 0) starts every DMD student,
+so the seeds vary each recipe's own stage. --max-steps caps every recipe's steps (recorded). Writes
 study.json (every number) and study.md (the table).
 """
 
@@ -67,7 +68,7 @@ def _generate(model: Path, out: Path, prompts: Path, args: list[str]) -> None:
 
 
 def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: int = 2,
-              recipes: list[str] | None = None) -> dict:
+              recipes: list[str] | None = None, max_steps: int | None = None) -> dict:
     from ..data.toyworld import ToyWorld, ToyWorldConfig
     from ..train.config import load_train_config
     from .toybench_run import run_toybench
@@ -79,21 +80,26 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
     s = FULL if suite == "full" else QUICK
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    steps = [f"max_steps={s['steps']}"] if s["steps"] else []
+    cap = s["steps"] or max_steps
+    steps = [f"max_steps={cap}"] if cap else []
     frames = load_train_config([CONFIGS / "teacher.yaml"]).data.frames
     world = ToyWorld(ToyWorldConfig(frames=frames))
     prompts = out / "prompts.txt"
     if not prompts.exists():
         prompts.write_text("\n".join(world.scene(10 ** 6 + i).caption for i in range(s["prompts"])) + "\n")
     t0 = time.perf_counter()
-    teacher, ode = out / "teacher" / "seed0", out / "ode_init" / "seed0"
-    _train("teacher", teacher, 0, steps + _extra("teacher", s["extra"]))
+    ode = out / "ode_init" / "seed0"
+    if suite == "full":        # the committed teacher is what configs/toy/teacher.yaml makes with seed 0
+        teacher = CONFIGS / "teacher_checkpoint"
+    else:
+        teacher = out / "teacher" / "seed0"
+        _train("teacher", teacher, 0, steps + _extra("teacher", s["extra"]))
     _train("ode_init", ode, 0, steps + _extra("ode_init", s["extra"]) + [f"roles.teacher.init={teacher}"])
     rows: dict[str, dict[str, list[dict]]] = {}
     for recipe in recipes or list(PLANS):
         plan, streams = PLANS[recipe]
         for seed in range(seeds):
-            run = out / recipe / f"seed{seed}"
+            run = teacher if recipe == "teacher" and seed == 0 else out / recipe / f"seed{seed}"
             if not (recipe == "teacher" and seed == 0):
                 extra = steps + _extra(recipe, s["extra"])
                 if recipe in NEEDS_TEACHER:
@@ -107,7 +113,7 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
                 variants[f"{s['long_factor']}x sink+window"] = plan + long + ["--window", str(window), "--sink", str(sink)]
                 variants[f"{s['long_factor']}x full cache"] = plan + long + ["--window", "0", "--sink", "0"]
             for name, args in variants.items():
-                folder = run / "videos" / name.replace(" ", "_").replace("+", "_")
+                folder = out / recipe / f"seed{seed}" / "videos" / name.replace(" ", "_").replace("+", "_")
                 _generate(run, folder, prompts, args)
                 if not (folder / "toybench.json").exists():
                     run_toybench(folder, bucket_frames=frames, report=False, progress=False)
@@ -116,7 +122,7 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
                     {**{m: result["aggregate"].get(m) for m in METRICS}, "speed_fps": result.get("speed_fps"),
                      "adherence_slope": result.get("slopes", {}).get("adherence")})
     table = summarize(rows, seeds)
-    record = {"suite": suite, "seeds": seeds, "window": window, "sink": sink, "training_frames": frames,
+    record = {"suite": suite, "seeds": seeds, "max_steps": cap, "window": window, "sink": sink, "training_frames": frames,
               "long_factor": s["long_factor"], "prompts": s["prompts"], "seconds": time.perf_counter() - t0,
               "rows": rows, "table": table}
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
