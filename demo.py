@@ -38,7 +38,7 @@ class Settings:
     ode_pairs: int | None = None
     ode_steps: int | None = None
     sf_steps: int | None = None
-    prompts: int = 8                     # evaluation prompts (held-out toy scenes)
+    prompts: int = 32                    # evaluation prompts (held-out toy scenes; 8 are too few to rank students)
     long_factor: int = LONG_FACTOR
     window: int = 6                      # student's attention window (latent frames) when streaming
     sink: int = 2                        # attention sink (latent frames)
