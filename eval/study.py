@@ -40,7 +40,7 @@ NEEDS_TEACHER = {"causvid", "self_forcing", "rolling_forcing", "streaming_long",
 STARTS_FROM_ODE = {"self_forcing", "rolling_forcing", "streaming_long", "self_forcing_pp"}
 QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=2", "checkpoint.every=0",
                                                                "algo.num_pairs=4", "algo.pairs_per_shard=4"]}
-FULL = {"steps": None, "prompts": 8, "long_factor": 10, "extra": []}
+FULL = {"steps": None, "prompts": 16, "long_factor": 10, "extra": []}
 
 
 def _train(recipe: str, out: Path, seed: int, overrides: list[str]) -> None:
