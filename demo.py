@@ -88,9 +88,11 @@ def _generate(name: str, model: Path, out: Path, prompts: Path, args: list[str])
     if out.is_dir() and any(out.glob("*.mp4")):
         _say(f"[generate {name}] already done -> {out}")
         return out
+    t0 = time.perf_counter()
     code = cli_main(["generate", str(model), "--prompts", str(prompts), "--output", str(out), *args])
     if code:
         raise SystemExit(code)
+    _say(f"[generate {name}] {len(list(out.glob('*.mp4')))} videos in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
 
