@@ -97,6 +97,9 @@ def _generate(name: str, model: Path, out: Path, prompts: Path, args: list[str])
 
 
 def run(args: argparse.Namespace) -> int:
+    # idle OpenMP threads sleep instead of spinning: with the spinning default, one other process
+    # on a 2-core machine made a toy step tens of times slower (read when torch first loads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from .data.toyworld import ToyWorld, ToyWorldConfig
