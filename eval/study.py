@@ -43,13 +43,16 @@ QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=
 FULL = {"steps": None, "prompts": 16, "long_factor": 10, "extra": []}
 
 
-def _train(recipe: str, out: Path, seed: int, overrides: list[str]) -> None:
+def _train(recipe: str, out: Path, seed: int, overrides: list[str], cap: int | None = None) -> None:
+    """Train (or resume) one run of the recipe's toy config; cap: at most this many steps."""
     from ..train.config import load_train_config
     from ..train.trainer import Trainer
 
-    cfg = load_train_config([CONFIGS / f"{recipe}.yaml"], overrides + [f"seed={seed}", f"output_dir={out}",
-                                                                      "logging.wandb=disabled"])
-    Trainer(cfg, resume="latest").run()
+    files = [CONFIGS / f"{recipe}.yaml"]
+    overrides = overrides + [f"seed={seed}", f"output_dir={out}", "logging.wandb=disabled"]
+    if cap is not None:
+        overrides.append(f"max_steps={min(cap, load_train_config(files, overrides).max_steps)}")
+    Trainer(load_train_config(files, overrides), resume="latest").run()
 
 
 def _extra(recipe: str, overrides: list[str]) -> list[str]:
@@ -81,7 +84,6 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cap = s["steps"] or max_steps
-    steps = [f"max_steps={cap}"] if cap else []
     frames = load_train_config([CONFIGS / "teacher.yaml"]).data.frames
     world = ToyWorld(ToyWorldConfig(frames=frames))
     prompts = out / "prompts.txt"
@@ -93,20 +95,20 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
         teacher = CONFIGS / "teacher_checkpoint"
     else:
         teacher = out / "teacher" / "seed0"
-        _train("teacher", teacher, 0, steps + _extra("teacher", s["extra"]))
-    _train("ode_init", ode, 0, steps + _extra("ode_init", s["extra"]) + [f"roles.teacher.init={teacher}"])
+        _train("teacher", teacher, 0, _extra("teacher", s["extra"]), cap)
+    _train("ode_init", ode, 0, _extra("ode_init", s["extra"]) + [f"roles.teacher.init={teacher}"], cap)
     rows: dict[str, dict[str, list[dict]]] = {}
     for recipe in recipes or list(PLANS):
         plan, streams = PLANS[recipe]
         for seed in range(seeds):
             run = teacher if recipe == "teacher" and seed == 0 else out / recipe / f"seed{seed}"
             if not (recipe == "teacher" and seed == 0):
-                extra = steps + _extra(recipe, s["extra"])
+                extra = _extra(recipe, s["extra"])
                 if recipe in NEEDS_TEACHER:
                     extra.append(f"roles.teacher.init={teacher}")
                 if recipe in STARTS_FROM_ODE:
                     extra.append(f"roles.generator.init={ode}")
-                _train(recipe, run, seed, extra)
+                _train(recipe, run, seed, extra, cap)
             variants = {"1x": plan + ["--frames", str(frames)]}
             if streams:
                 long = ["--frames", str(frames * s["long_factor"])]
