@@ -125,8 +125,4 @@ class DMDRecipe(Recipe):
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        model = self.trainer.sampling_module("generator")
-        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
-        frames = -(-frames // self.chunk) * self.chunk
-        return rollout(model, self.plan(), context, noise, frames).x0
-
+        return self.sample_with(self.plan(), context, seeds, frames, unit=self.chunk)

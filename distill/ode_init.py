@@ -281,10 +281,7 @@ class ODEInitRecipe(Recipe):
     @torch.no_grad()
     def sample(self, context, seeds, frames):
         """The chunk-wise few-step plan at the student's list (sample_list)."""
-        model = self.trainer.sampling_module("generator")
-        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
-        frames = -(-frames // self.chunk) * self.chunk
-        return rollout(model, Chunkwise(timesteps=self.sample_list), context, noise, frames).x0
+        return self.sample_with(Chunkwise(timesteps=self.sample_list), context, seeds, frames, unit=self.chunk)
 
 
 def _piece_done(folder: Path, count: int) -> bool:

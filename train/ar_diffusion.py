@@ -15,7 +15,6 @@ import torch
 
 from ..errors import ConfigError
 from ..models.plans import StepMatrix, default_timesteps
-from ..models.rollout import Noise, rollout
 from ..models.schedule import add_noise, flow_target, sigma_to_timestep
 from .recipe import Recipe, RoleSpec
 from .timesteps import ar_sigmas, fopp_sample, uniform_nondecreasing_sample
@@ -70,8 +69,6 @@ class ARDiffusionRecipe(Recipe):
     @torch.no_grad()
     def sample(self, context, seeds, frames):
         o = self.opt
-        model = self.trainer.sampling_module("generator")
         plan = StepMatrix(timesteps=default_timesteps(o.sample_steps, o.sample_shift), ar_step=o.ar_step,
                           chunk_frames=o.chunk_frames)
-        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
-        return rollout(model, plan, context, noise, frames).x0
+        return self.sample_with(plan, context, seeds, frames, unit=o.chunk_frames)

@@ -16,7 +16,6 @@ import torch
 
 from ..errors import ConfigError
 from ..models.plans import Chunkwise, StepMatrix, default_timesteps
-from ..models.rollout import Noise, rollout
 from ..models.schedule import add_noise, flow_target, timestep_to_sigma
 from .recipe import Recipe, RoleSpec
 from .timesteps import sample_flow_timesteps
@@ -84,7 +83,4 @@ class DiffusionForcingRecipe(Recipe):
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        model = self.trainer.sampling_module("generator")
-        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
-        frames = -(-frames // self.chunk) * self.chunk
-        return rollout(model, self.plan(), context, noise, frames).x0
+        return self.sample_with(self.plan(), context, seeds, frames, unit=self.chunk)

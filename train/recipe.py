@@ -146,6 +146,17 @@ class Recipe:
         """Latents [B, C, F, H, W] from the generator (EMA when kept) for sample videos."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sample_with(self, plan, context: torch.Tensor, seeds: list[int], frames: int, unit: int = 1,
+                    **kwargs) -> torch.Tensor:
+        """The generator's (EMA when kept) latents [B, C, F, H, W] under `plan` through the
+        rollout engine: noise from `seeds`, frames rounded up to whole units (chunks)."""
+        from ..models.rollout import Noise, rollout
+
+        model = self.trainer.sampling_module("generator")
+        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
+        return rollout(model, plan, context, noise, -(-frames // unit) * unit, **kwargs).x0
+
     # ------------------------------------------------------------------ shared pieces
     @property
     def latent_hw(self) -> tuple[int, int]:

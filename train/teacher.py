@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..models.plans import Teacher
-from ..models.rollout import Noise, rollout
 from ..models.schedule import add_noise, flow_target, timestep_to_sigma
 from .recipe import Recipe, RoleSpec
 from .timesteps import sample_flow_timesteps
@@ -50,8 +49,6 @@ class TeacherRecipe(Recipe):
     @torch.no_grad()
     def sample(self, context, seeds, frames):
         o = self.opt
-        model = self.trainer.sampling_module("generator")
         plan = Teacher(steps=o.sample_steps, shift=o.sample_shift, solver=o.sample_solver, guidance=o.guidance)
-        noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
-        neg = self.trainer.negative.expand(len(seeds), -1, -1)
-        return rollout(model, plan, context, noise, frames, negative=neg).x0
+        negative = self.trainer.negative.expand(len(seeds), -1, -1)
+        return self.sample_with(plan, context, seeds, frames, negative=negative)
