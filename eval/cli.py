@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seeds", type=int, default=3, help="--suite: seeds per recipe")
     t.add_argument("--recipes", nargs="+", default=None, help="--suite: only these recipes")
     t.add_argument("--max-steps", type=int, default=None, help="--suite full: cap every recipe's steps")
+    t.add_argument("--first-seed", type=int, default=0,
+                   help="--suite: seeds first_seed .. first_seed + seeds - 1 (split a study over processes)")
     t.add_argument("--bucket-frames", type=int, default=None,
                    help="frames per drift bucket (default: the toy world's training clip length)")
     t.add_argument("--no-report", action="store_true", help="write toybench.json only")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         from .study import run_study
 
         record = run_study(args.out or "runs/study", args.suite, args.seeds, recipes=args.recipes,
-                           max_steps=args.max_steps)
+                           max_steps=args.max_steps, first_seed=args.first_seed)
         print(f"wrote {args.out or 'runs/study'}/study.md and study.json ({record['seconds']:.0f} s)")
     elif args.eval_command == "toybench":
         from ..errors import ForcelabError
