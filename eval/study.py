@@ -71,7 +71,8 @@ def _generate(model: Path, out: Path, prompts: Path, args: list[str]) -> None:
 
 
 def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: int = 2,
-              recipes: list[str] | None = None, max_steps: int | None = None, first_seed: int = 0) -> dict:
+              recipes: list[str] | None = None, max_steps: int | None = None,
+              first_seed: int = 0) -> dict:
     from ..data.toyworld import ToyWorld, ToyWorldConfig
     from ..train.config import load_train_config
     from .toybench_run import run_toybench
@@ -124,7 +125,8 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
                     {**{m: result["aggregate"].get(m) for m in METRICS}, "speed_fps": result.get("speed_fps"),
                      "adherence_slope": result.get("slopes", {}).get("adherence")})
     table = summarize(rows, seeds)
-    record = {"suite": suite, "seeds": seeds, "first_seed": first_seed, "max_steps": cap, "window": window, "sink": sink, "training_frames": frames,
+    record = {"suite": suite, "seeds": seeds, "first_seed": first_seed, "max_steps": cap, "window": window,
+              "sink": sink, "training_frames": frames,
               "long_factor": s["long_factor"], "prompts": s["prompts"], "seconds": time.perf_counter() - t0,
               "rows": rows, "table": table}
     (out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
