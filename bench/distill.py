@@ -117,16 +117,22 @@ def streaming_long_child(position: int, repeats: int) -> dict:
             "ru_maxrss_kib": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss}
 
 
-def streaming_long_part(args) -> None:
+def run_children(flag: str, values, repeats: int) -> list[dict]:
+    """One fresh single-threaded process per measurement (`flag value`), its JSON line back."""
     rows = []
-    for position in args.positions:
-        out = subprocess.run([sys.executable, __file__, "--child-streaming-long", str(position),
-                              "--repeats", str(args.repeats)], capture_output=True, text=True,
+    for value in values:
+        out = subprocess.run([sys.executable, __file__, flag, str(value), "--repeats", str(repeats)],
+                             capture_output=True, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"streaming_long: toy DiT (2 layers, dim 64, 16 tokens/frame), chunk 2, window 6 incl. 2-frame sink, "
+    return rows
+
+
+def streaming_long_part(args) -> None:
+    rows = run_children("--child-streaming-long", args.positions, args.repeats)
+    print(f"streaming_long: toy DiT preset, chunk 2, window 6 incl. 2-frame sink, "
           f"batch 1; one step = generator + critic update (2 chunks); mean of {args.repeats} steps after 1 warm-up; "
           f"torch {torch.__version__}, 1 thread")
     print(f"{'position (chunks)':>18} {'step CPU ms':>12} {'step wall ms':>13} {'state KiB':>10} "
@@ -183,14 +189,7 @@ def self_forcing_child(chunks: int, repeats: int) -> dict:
 
 
 def self_forcing_part(args) -> None:
-    rows = []
-    for chunks in args.chunks:
-        out = subprocess.run([sys.executable, __file__, "--child-self-forcing", str(chunks),
-                              "--repeats", str(args.repeats)], capture_output=True, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-        if out.returncode:
-            raise SystemExit(out.stderr[-3000:])
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = run_children("--child-self-forcing", args.chunks, args.repeats)
     print(f"self_forcing: toy DiT preset, batch 1, DMD window 7 chunks; one step = generator + critic update "
           f"(two rollouts); mean of {args.repeats} steps after 1 warm-up; torch {torch.__version__}, 1 thread")
     print(f"{'chunks per rollout':>18} {'step CPU ms':>12} {'step wall ms':>13} {'saved for backward MiB':>23} "

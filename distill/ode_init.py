@@ -36,16 +36,16 @@ import torch
 from ..config import DTYPES
 from ..data.ode_pairs import ODEPairs, write_ode_pairs
 from ..data.toyworld import ToyWorld, ToyWorldConfig
-from ..fsio import write_text_atomic
 from ..errors import ConfigError, ForcelabError
+from ..fsio import write_text_atomic
 from ..models.autoencoder import latent_frames
 from ..models.plans import Chunkwise, Teacher
 from ..models.rollout import Noise, rollout
 from ..models.schedule import SOLVERS, timestep_to_sigma, x0_from_v
-from ..train.config import check_choice, check_positive
 from ..train.data import TOYWORLD, MapStream
 from ..train.recipe import Recipe, RoleSpec, mix_seed
 from ..train.timesteps import choose_levels
+from ..validate import choice, positive_int
 from .dmd import masked_mean
 
 PAIRS_RECORD = "ode-pairs.json"      # settings of a pair set (what makes it reusable)
@@ -118,9 +118,9 @@ class ODEInitRecipe(Recipe):
     def setup(self):
         o, t = self.opt, self.trainer
         for key in ("num_pairs", "pairs_per_shard", "pairs_batch", "teacher_steps"):
-            check_positive(f"algo.{key}", getattr(o, key))
-        check_choice("algo.pairs_dtype", o.pairs_dtype, sorted(DTYPES))
-        check_choice("algo.teacher_solver", o.teacher_solver, SOLVERS)
+            positive_int(getattr(o, key), f"algo.{key}")
+        choice(o.pairs_dtype, "algo.pairs_dtype", sorted(DTYPES))
+        choice(o.teacher_solver, "algo.teacher_solver", SOLVERS)
         self.indices = stored_indices(o.stored_steps, o.teacher_steps)
         try:
             self.plan = Teacher(steps=o.teacher_steps, shift=o.teacher_shift, solver=o.teacher_solver,

@@ -136,7 +136,7 @@ def _cli_error(capsys, args) -> str:
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert "unknown config key 'roles.generator.lrr'" in _cli_error(
         capsys, ["train", *TINY, "roles.generator.lrr=1", f"output_dir={tmp_path}/a"])
-    assert "max_steps must be > 0" in _cli_error(capsys, ["train", *TINY, "max_steps=0"])
+    assert "max_steps must be a whole number >= 1, got 0" in _cli_error(capsys, ["train", *TINY, "max_steps=0"])
     assert "data.source" in _cli_error(
         capsys, ["train", *TINY, f"data.source={tmp_path}/nope", f"output_dir={tmp_path}/b"])
     assert "no role(s) ['critc']" in _cli_error(

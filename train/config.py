@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..validate import choice, non_negative_float, non_negative_int, optional, positive_float, positive_int
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16")   # fp16 would need loss scaling; bf16 does not
@@ -130,50 +131,31 @@ def load_train_config(files: Iterable[str | Path] = (), overrides: Iterable[str]
 
 
 def check_train_config(cfg) -> None:
-    """Numbers and names the schema's types do not catch, each named by its key."""
-    check_positive("max_steps", cfg.max_steps)
-    check_positive("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
-    check_positive("max_nonfinite_steps", cfg.max_nonfinite_steps)
-    check_choice("mixed_precision", cfg.mixed_precision, PRECISIONS)
-    check_choice("parallel", cfg.parallel, PARALLEL)
-    check_positive("data.batch_size", cfg.data.batch_size)
-    check_non_negative("data.num_workers", cfg.data.num_workers)
-    check_non_negative("checkpoint.every", cfg.checkpoint.every)
-    check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    check_positive("logging.every", cfg.logging.every)
-    check_non_negative("logging.sample_every", cfg.logging.sample_every)
-    check_choice("logging.wandb", cfg.logging.wandb, WANDB_MODES)
-    if cfg.threads is not None:
-        check_positive("threads", cfg.threads)
-    if cfg.data.frames is not None:
-        check_positive("data.frames", cfg.data.frames)
+    """Numbers and names the schema's types do not catch, each named by its key (with the
+    project's boundary validators, forcelab.validate)."""
+    for key, value in (("max_steps", cfg.max_steps), ("gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+                       ("max_nonfinite_steps", cfg.max_nonfinite_steps), ("data.batch_size", cfg.data.batch_size),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("logging.every", cfg.logging.every),
+                       ("threads", cfg.threads), ("data.frames", cfg.data.frames)):
+        optional(positive_int)(value, key)
+    for key, value in (("data.num_workers", cfg.data.num_workers), ("checkpoint.every", cfg.checkpoint.every),
+                       ("logging.sample_every", cfg.logging.sample_every)):
+        non_negative_int(value, key)
+    choice(cfg.mixed_precision, "mixed_precision", PRECISIONS)
+    choice(cfg.parallel, "parallel", PARALLEL)
+    choice(cfg.logging.wandb, "logging.wandb", WANDB_MODES)
     for name, role in cfg.roles.items():
         key = f"roles.{name}"
-        check_positive(f"{key}.lr", role.lr, allow_zero=True)
-        check_choice(f"{key}.lr_schedule", role.lr_schedule, LR_SCHEDULES)
-        check_non_negative(f"{key}.warmup_steps", role.warmup_steps)
-        check_positive(f"{key}.update_every", role.update_every)
-        check_non_negative(f"{key}.ema_start", role.ema_start)
-        if role.grad_clip is not None:
-            check_positive(f"{key}.grad_clip", role.grad_clip)
+        non_negative_float(role.lr, f"{key}.lr")
+        choice(role.lr_schedule, f"{key}.lr_schedule", LR_SCHEDULES)
+        non_negative_int(role.warmup_steps, f"{key}.warmup_steps")
+        positive_int(role.update_every, f"{key}.update_every")
+        non_negative_int(role.ema_start, f"{key}.ema_start")
+        optional(positive_float)(role.grad_clip, f"{key}.grad_clip")
         if role.ema_decay is not None and not 0.0 <= role.ema_decay < 1.0:
             raise ConfigError(f"{key}.ema_decay must be in [0, 1), got {role.ema_decay}")
         if not all(0.0 <= b < 1.0 for b in role.betas):
             raise ConfigError(f"{key}.betas must each be in [0, 1), got {list(role.betas)}")
-
-
-def check_positive(key: str, value, allow_zero: bool = False) -> None:
-    if not (value >= 0 if allow_zero else value > 0) or value != value:
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def check_non_negative(key: str, value) -> None:
-    check_positive(key, value, allow_zero=True)
-
-
-def check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
 def config_yaml(cfg) -> str:
