@@ -69,9 +69,8 @@ class SelfForcingRecipe(DMDRecipe):
         prefix = batch["latent"][:, :, :P] if P else None
         total = P + frames
         window = min(o.frames, total)
-        # the critic's rollout stops at the same exit but builds no graph (no frame from grad_from_frame on)
-        grad_from = total - window if grad else total
-        res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=grad_from),
+        # the critic's rollout (grad=False, under no_grad) stops at the same exit and builds no graph
+        res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=total - window),
                                    prefix=prefix, plan=self.rollout_plan(ctx))
         x0 = res.x0 if prefix is None else torch.cat([prefix.to(res.x0.dtype), res.x0], dim=2)
         generated = torch.arange(total) >= P

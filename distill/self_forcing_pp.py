@@ -127,7 +127,7 @@ class SelfForcingPPRecipe(DMDRecipe):
                 rollout(model, plan, context, noise, start, cache=cache)           # cache C_s
             clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
         source = BackwardNoise(noise, self.noise(ctx, 2), clean, start, timestep_to_sigma(self.timesteps[entry]))
-        training = Training(0, grad_from_frame=start if grad else start + T)
+        training = Training(0, grad_from_frame=start)      # under an outer no_grad (critic): no graph
         res = rollout(model, self.plan(self.timesteps[entry:]), context, source, T, cache=cache, training=training)
         x0 = res.x0
         mask = res.grad_frames.clone() if grad else torch.ones(T, dtype=torch.bool)

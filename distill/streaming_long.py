@@ -209,7 +209,8 @@ class StreamingLongRecipe(DMDRecipe):
             prefix = seq.recent[:, :, seq.recent.shape[2] - (start - lo):] if start > lo else None
             seq.recache = False
         # every chunk stops at the exit step; only the generator step's exit passes keep a graph
-        training = Training(exit_step, grad_from_frame=start if grad else start + n)
+        # (the critic's rollout runs under no_grad, which the engine's training hooks respect)
+        training = Training(exit_step, grad_from_frame=start)
         res = rollout(self.trainer.model("generator"), self.plan(), seq.prompt, self.noise(ctx), n,
                       cache=seq.cache, start_frame=start, prefix=prefix, training=training)
         ov = min(self.overlap, start)
