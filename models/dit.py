@@ -80,10 +80,12 @@ class SelfAttention(nn.Module):
         x = norm(x) if norm is not None else x
         return x.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, x, rope, layout, backend, cache=None, layer=0, start_frame=0, commit=False):
+    def forward(self, x, rope, layout, backend, cache=None, layer=0, start_frame=0, commit=False, past=None):
         """x [B, L, dim]; rope = (cos, sin, cos_k, sin_k). Without a cache: tables for the
         queries and for the keys. With one: tables for this pass's frames (queries and new
-        keys alike), then for the sink keys or (None, None) (see KVCache.attention_kv)."""
+        keys alike), then for the sink keys or (None, None) (see KVCache.attention_kv).
+        past: the cached keys/values this pass reads, taken before the pass (a CachedKV;
+        passes with gradients), so that a recomputation sees what the forward saw."""
         cos_q, sin_q, cos_k, sin_k = rope
         if cache is not None:
             cos_k, sin_k = cos_q, sin_q          # cached keys are stored already rotated
@@ -99,7 +101,7 @@ class SelfAttention(nn.Module):
             return self.o(attention(q.to(v.dtype), k.to(v.dtype), v, layout, backend=backend).flatten(2))
         sink_rope = rope[2:] if rope[2] is not None else None
         read = layout.num_keys - k.shape[1]                  # cached key tokens this pass reads
-        k_all, v_all = cache.attention_kv(layer, read, k, v, sink_rope)
+        k_all, v_all = cache.attention_kv(layer, read, k, v, sink_rope, past=past)
         out = attention(q.to(v_all.dtype), k_all, v_all, layout, backend=backend)
         if commit:
             k_pre = self._norm(self.k(x), self.norm_k).detach() if cache.needs_pre_rope(start_frame) else None
@@ -322,9 +324,15 @@ class CausalDiT(nn.Module):
             cache_args = dict(cache=cache, start_frame=start, commit=commit)
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        # A pass with gradients reads the cache before its block runs: a checkpointed block is
+        # recomputed in backward, after later passes wrote the cache (see KVCache.read).
+        read_first = cache is not None and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             if cache is not None:
                 cache_args["layer"] = i
+            if read_first:
+                cache_args["past"] = cache.read(i, layout.num_keys - f * S, rope[2:] if rope[2] is not None else None,
+                                                recomputable=recompute)
             if recompute:   # keep only block inputs; recompute each block in backward
                 tokens = checkpoint(blk, tokens, e0, ctx_kv[i], rope, layout, backend, use_reentrant=False,
                                     **cache_args)

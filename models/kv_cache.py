@@ -25,6 +25,14 @@ new keys/values are copied into the slots right after the used ones (empty by de
 or the staging slots), so no pass concatenates the whole cache. Passes that carry
 gradients concatenate instead (the buffers are never part of an autograd graph).
 
+Passes that carry gradients read the cache through `read` (a `CachedKV`). Under gradient
+checkpointing their backward recomputes them, after later passes of the same rollout have
+written the cache (a window's ring overwrites its oldest frames, the staging slots take every
+pass's keys, a moving sink is rotated afresh): the recomputed pass must see exactly the keys
+and values its forward saw. A `CachedKV` holds views of the store while the store still holds
+what it read, and the cache copies them out just before it writes over them (copy on write):
+a full cache that only grows copies nothing, a ring copies the frames it evicts.
+
 Reading never changes the stored frames: a denoising pass calls the DiT with `commit=False`.
 The clean pass (`commit=True`) writes the frames it saw; stored frames at or after its start
 frame are dropped first, so re-committing (recache) is safe. Nothing is cloned per step.
@@ -35,6 +43,8 @@ DiT); replacing them is a prompt switch.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..errors import ForcelabError
@@ -43,6 +53,32 @@ from ..validate import non_negative_int, optional, positive_int
 from .config import SINK_ROPE_POLICIES
 
 EMPTY = -1
+
+
+class CachedKV:
+    """The cached keys and values one gradient-carrying pass attends to: k, v [B, read, H, D]
+    (the first `read` cached key tokens, a moving sink already rotated for that pass).
+
+    Views of the store while it still holds them; `KVCache` replaces a view by a copy just
+    before writing over its tokens, so a recomputation (gradient checkpointing) reads what the
+    forward read. k_view_from: first token of k that is a view (a rotated sink is a copy)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_view_from: int = 0):
+        self.k, self.v = k, v
+        self.tokens = v.shape[1]
+        self._view_from = {"k": k_view_from if k_view_from < self.tokens else None, "v": 0}
+
+    def before_write(self, lo: int, hi: int, kinds: tuple[str, ...]) -> None:
+        """The store is about to write key tokens [lo, hi) of `kinds` ("k", "v"): copy what overlaps."""
+        for kind in kinds:
+            start = self._view_from[kind]
+            if start is not None and lo < self.tokens and hi > start:
+                setattr(self, kind, getattr(self, kind).clone())
+                self._view_from[kind] = None
+
+    @property
+    def owns_all(self) -> bool:
+        return all(start is None for start in self._view_from.values())
 
 
 class KVCache:
@@ -87,6 +123,8 @@ class KVCache:
         self.end_frame = 0       # one past the last committed frame
         self._pending: list[int] = []  # slot of each frame of the commit in progress (layer 0 assigns)
         self.context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # per layer: CachedKV reads that a backward may recompute (weak: gone with their graph)
+        self._readers: list[list[weakref.ref]] = [[] for _ in range(num_layers)]
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -135,33 +173,67 @@ class KVCache:
         self.context_kv = context_kv
 
     # ------------------------------------------------------------------ reading
+    def _rotated_sink(self, layer: int, read: int, sink_rope) -> torch.Tensor | None:
+        """The moving sink's keys rotated at this pass's positions (a new tensor), or None."""
+        if not (self.moves_sink and sink_rope is not None):
+            return None
+        tokens = min(self.sink_frames * self.tokens_per_frame, read)
+        return apply_rope(self.sink_k[layer][:, :tokens], sink_rope[0][:tokens], sink_rope[1][:tokens])
+
+    def read(self, layer: int, read: int, sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+             *, recomputable: bool = False) -> CachedKV:
+        """The first `read` cached key tokens of `layer` as a pass sees them (see attention_kv).
+        recomputable: a backward will run this pass again (gradient checkpointing): the cache
+        keeps the returned views valid by copying them out before it writes over them."""
+        kb, vb = self.k[layer][:, :read], self.v[layer][:, :read]
+        sink = self._rotated_sink(layer, read, sink_rope)
+        if sink is not None:
+            past = CachedKV(torch.cat([sink, kb[:, sink.shape[1]:]], dim=1), vb, k_view_from=read)
+        else:
+            past = CachedKV(kb, vb)
+        if recomputable and not past.owns_all:
+            self._readers[layer].append(weakref.ref(past))
+        return past
+
+    def _before_write(self, layer: int, lo: int, hi: int, kinds: tuple[str, ...] = ("k", "v")) -> None:
+        """Copy out every live recomputable read of `layer` that tokens [lo, hi) would change."""
+        alive = []
+        for ref in self._readers[layer]:
+            past = ref()
+            if past is None:
+                continue
+            past.before_write(lo, hi, kinds)
+            if not past.owns_all:
+                alive.append(ref)
+        self._readers[layer] = alive
+
     def attention_kv(self, layer: int, read: int, k_new: torch.Tensor, v_new: torch.Tensor,
-                     sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+                     sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     past: CachedKV | None = None):
         """Keys and values a pass attends to: the first `read` cached key tokens (the used
         slots when the pass began: a committing pass assigns slots in layer 0), then its own.
 
         k_new (rotated), v_new: [B, n, H, D]. sink_rope: (cos, sin) [sink tokens, D/2] at
         the sink's current positions when `moves_sink` (the sink keys are rotated afresh).
+        past: the cached part as `read` returned it (passes that carry gradients).
         Returns k, v [B, read + n, H, D]: views of the store when the pass carries no
         gradient and fits (no copy of the cache), else a concatenation."""
-        S = self.tokens_per_frame
         n = k_new.shape[1]
-        sink = None
-        if self.moves_sink and sink_rope is not None:
-            tokens = min(self.sink_frames * S, read)
-            sink = apply_rope(self.sink_k[layer][:, :tokens], sink_rope[0][:tokens], sink_rope[1][:tokens])
         kb, vb = self.k[layer], self.v[layer]
-        if not (k_new.requires_grad or v_new.requires_grad) and read + n <= kb.shape[1]:
+        if (past is None and not (k_new.requires_grad or v_new.requires_grad)
+                and read + n <= kb.shape[1]):
+            sink = self._rotated_sink(layer, read, sink_rope)
+            self._before_write(layer, read, read + n)
+            if sink is not None:
+                self._before_write(layer, 0, sink.shape[1], kinds=("k",))
             with torch.no_grad():
                 kb[:, read:read + n].copy_(k_new)
                 vb[:, read:read + n].copy_(v_new)
                 if sink is not None:
                     kb[:, :sink.shape[1]].copy_(sink)
             return kb[:, :read + n], vb[:, :read + n]
-        k_parts = [kb[:, :read], k_new]
-        if sink is not None:
-            k_parts = [sink, kb[:, sink.shape[1]:read], k_new]
-        return torch.cat(k_parts, dim=1), torch.cat([vb[:, :read], v_new], dim=1)
+        past = past or self.read(layer, read, sink_rope)
+        return torch.cat([past.k, k_new], dim=1), torch.cat([past.v, v_new], dim=1)
 
     def needs_pre_rope(self, start_frame: int) -> bool:
         """Whether a commit from start_frame writes sink frames that are kept before RoPE."""
@@ -218,6 +290,8 @@ class KVCache:
         kb = self.k[layer].view(k.shape[0], self.capacity, S, *k.shape[2:])
         vb = self.v[layer].view(kb.shape)
         ks, vs = k.view(k.shape[0], n, S, *k.shape[2:]), v.view(k.shape[0], n, S, *k.shape[2:])
+        for s in last:
+            self._before_write(layer, s * S, (s + 1) * S)
         with torch.no_grad():
             for s, i in last.items():
                 kb[:, s].copy_(ks[:, i])
@@ -246,6 +320,8 @@ class KVCache:
         if shapes != [tuple(t.shape) for t in self.k] or len(state["slot_frame"]) != self.num_slots:
             raise ForcelabError(f"KVCache: saved state has layers of shape {shapes[:1]} x {len(shapes)}, this "
                                 f"cache {tuple(self.k[0].shape)} x {len(self.k)}; make it with the same options")
+        for layer in range(len(self.k)):
+            self._before_write(layer, 0, self.k[layer].shape[1])
         with torch.no_grad():
             for dst, src in zip(self.k + self.v + self.sink_k, state["k"] + state["v"] + state["sink_k"]):
                 dst.copy_(src)
