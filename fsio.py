@@ -367,12 +367,6 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             yield f
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, **kwargs) -> Path:
-    with atomic_file(path, "wb", **kwargs) as f:
-        f.write(data)
-    return Path(path).expanduser()
-
-
 def write_text_atomic(path: str | os.PathLike, text: str, **kwargs) -> Path:
     with atomic_file(path, "w", **kwargs) as f:
         f.write(text)

@@ -29,14 +29,6 @@ ADAPTER = "default"
 BASE = ".base_layer"
 
 
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """name -> peft LoRA layer (a wrapped nn.Linear) of a module with adapters."""
     return {n: m for n, m in module.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
