@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from ..errors import ForcelabError
 from ..fsio import write_text_atomic
 from .schema import DataError, decode_sample, encode_sample
-from .shards import ShardDataset, shard_urls, write_record, write_shard
+from .shards import (ShardDataset, check_tar_end, sample_problem, shard_problem, shard_record, shard_urls,
+                     write_record, write_shard)
 
 
 def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 256, dtype: str = "bf16",
@@ -43,7 +44,8 @@ def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 
 
     def flush():
         name = f"ode-{first_index + total - len(buffer):09d}.tar"
-        entries.append({"name": name, "samples": write_record(out / name, write_shard(out / name, buffer))["samples"]})
+        write_shard(out / name, buffer)
+        entries.append({"name": name, "samples": write_record(out / name, buffer)["samples"]})
         buffer.clear()
 
     for i, s in enumerate(samples):
@@ -67,8 +69,20 @@ def write_ode_pairs(out: str | Path, samples: Iterable[dict], shard_size: int = 
 
 
 def ode_pair_dataset(source, **kwargs) -> ShardDataset:
-    """A ShardDataset of ODE pairs (every sample must have its trajectory)."""
+    """A ShardDataset of ODE pairs (every sample must have its trajectory), verified like any shards."""
     return ShardDataset(source, require=("ode",), **kwargs)
+
+
+def _listed_shards(manifest: Path) -> list[tuple[str, int | None]]:
+    """(shard path, sample count the manifest lists for it, or None) of a manifest or a .tar."""
+    urls, listed = shard_urls(manifest), {}
+    if manifest.suffix == ".json":
+        try:
+            listed = {str(manifest.parent / Path(e["name"]).name): int(e["samples"])
+                      for e in json.loads(manifest.read_text(encoding="utf-8"))["shards"]}
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            listed = {}
+    return [(u, listed.get(u)) for u in urls]
 
 
 class ODEPairs(Dataset):
@@ -77,7 +91,13 @@ class ODEPairs(Dataset):
 
     Only the tar member offsets are kept in memory; a sample is read from its shard on access,
     so a large pair set costs no RAM and an index always names the same pair (position-
-    addressed training data: resume and data-parallel runs read exactly the same samples)."""
+    addressed training data: resume and data-parallel runs read exactly the same samples).
+
+    Verified like ShardDataset: at open, each shard's size and sample count against its record
+    (ode-K.json; the count against manifest.json where the record is gone) and its end-of-archive
+    marker; on access, the pair's sha256 against the record.
+    A mismatch is a DataError naming the shard (and the pair's key). There is no skipping here:
+    leaving one pair out would shift every later index."""
 
     def __init__(self, source, dtype: torch.dtype = torch.float32):
         path = Path(source)
@@ -86,14 +106,28 @@ class ODEPairs(Dataset):
             raise DataError(f"ODE pairs {source}: no manifest.json found; generate the pairs first "
                             f"(the ode_init recipe writes them)")
         members: dict[str, dict[str, tuple[str, int, int]]] = {}
-        for url in (u for m in manifests for u in shard_urls(m)):
+        self.digests: dict[str, dict] = {}  # shard -> {key: sha256} from its record
+        for url, listed in (pair for m in manifests for pair in _listed_shards(m)):
+            record = shard_record(url)
+            problem = shard_problem(url, record, verify="size")
+            if problem:
+                raise DataError(f"shard {url}: {problem}; delete it and generate the pairs again")
+            check_tar_end(url, fix="generate the pairs again")
+            keys = set()
             try:
                 with tarfile.open(url) as tar:
                     for info in tar.getmembers():
                         key, _, member = info.name.partition(".")
                         members.setdefault(key, {})[member] = (url, info.offset_data, info.size)
+                        keys.add(key)
             except (OSError, tarfile.TarError) as e:
                 raise DataError(f"shard {url}: unreadable ({e}); delete it and generate the pairs again") from None
+            expected = record["samples"] if record is not None else listed
+            if expected is not None and len(keys) != expected:
+                raise DataError(f"shard {url}: {len(keys)} pairs, its record says {expected}; the shard is "
+                                f"damaged - delete it and generate the pairs again")
+            if record is not None and isinstance(record.get("sample_sha256"), dict):
+                self.digests[url] = record["sample_sha256"]
         self.keys = sorted(members)
         self.members, self.dtype = members, dtype
 
@@ -108,4 +142,8 @@ class ODEPairs(Dataset):
                 f.seek(offset)
                 raw[member] = f.read(size)
             raw["__url__"] = url
+        problem = sample_problem(raw, self.digests.get(raw["__url__"]))
+        if problem:
+            raise DataError(f"shard {raw['__url__']}, pair {key}: {problem}; delete the shard and generate "
+                            f"the pairs again")
         return decode_sample(raw, require=("ode",), dtype=self.dtype)

@@ -6,8 +6,10 @@
     accelerate launch -m forcelab.data.preprocess ...                              # several ranks
 
 Inputs: a folder of videos with a sidecar caption each (clip.mp4 + clip.txt), or a CSV/JSONL
-manifest with `path,caption` (relative paths are relative to the manifest); a prompt list
-(.txt one per line, or CSV/JSONL with a caption or prompt column).
+manifest with `path,caption`; a prompt list (.txt one per line, or CSV/JSONL with a caption or
+prompt column). A manifest is the user's own word: its paths may be absolute or lead outside
+its folder; relative ones start from --root (default: the manifest's folder). What comes from
+the data never names an output: sample keys are input indices, shards are shard-k.tar.
 
 Shards: inputs in their listed order are cut into shards of --shard-size inputs; shard k is
 written by rank k % world_size as shard-k.tar, atomically, followed by shard-k.json (what
@@ -15,11 +17,13 @@ went in, what was skipped and why, the sample count, size and sha256 of the tar)
 with the same settings skips shards whose tar matches its record (a damaged one is redone),
 so an interrupted run resumes without redoing or duplicating anything, even with a different
 number of ranks. A rerun with other settings or inputs is refused, naming what changed.
-Rank 0 then writes manifest.json (counts, shards, skipped inputs). A bad input (missing, corrupt, too short, no caption, a caption file that is not
-UTF-8, a manifest row without a usable path) is skipped and recorded, or stops the run with
---strict. Text files are UTF-8 (a BOM is fine); manifest paths are relative to the manifest
-and stay inside its folder. Sample keys are the input's index in the list. --workers N
-decodes videos in N processes per rank while the encoders run.
+Rank 0 then writes manifest.json (counts, shards, skipped inputs). A bad input (missing, a
+dangling symlink, corrupt, too short, no caption, a caption that is a list or holds a NUL byte,
+a caption file that is not UTF-8, a manifest row without a usable path) is skipped and
+recorded, or stops the run with --strict; when no input at all was usable the run ends with
+exit status 2 and one line (the manifest still lists every reason). Text files are UTF-8 (a
+BOM is fine). Sample keys are the input's index in the list. --workers N decodes videos in
+N processes per rank while the encoders run.
 """
 
 from __future__ import annotations
@@ -81,22 +85,43 @@ def _read_rows(path: Path, flag: str) -> list[dict]:
     return rows
 
 
-def _caption(row: dict) -> str | None:
+def _caption(row: dict, where: str) -> tuple[str | None, str | None]:
+    """(caption, problem) of a manifest or prompt row ('caption', else 'prompt').
+
+    A caption must be one text. A list (several captions per clip, as some data sets have) is
+    refused with a record rather than joined: a joined string is a caption no one wrote and the
+    model would learn text it will never be prompted with; pick one per row or write one row
+    per caption. Other types (numbers, objects) are refused the same way, never stored as repr."""
     text = row.get("caption", row.get("prompt"))
-    return (str(text).strip() or None) if text is not None else None
+    if text is None:
+        return None, None
+    if not isinstance(text, str):
+        kind = f"a list of {len(text)}" if isinstance(text, list) else f"a {type(text).__name__}"
+        return None, (f"{where}: the caption is {kind}, not one text; give one caption per row (pick one, "
+                      f"or write one row per caption)")
+    return _text(text, where)
 
 
-def _manifest_item(i: int, row: dict, folder: Path, where: str) -> Item:
-    """A manifest row -> Item; a row without a usable path is kept as a problem (skipped)."""
+def _text(text: str, where: str) -> tuple[str | None, str | None]:
+    """(stripped text or None, problem): a NUL byte marks a damaged or binary caption."""
+    if "\0" in text:
+        return None, f"{where}: the caption holds a NUL byte (a damaged or binary file?); fix the text"
+    return text.strip() or None, None
+
+
+def _manifest_item(i: int, row: dict, root: Path, where: str) -> Item:
+    """A manifest row -> Item; a row without a usable path is kept as a problem (skipped).
+
+    The manifest is the user's own word: absolute paths and paths outside its folder are
+    accepted; relative ones resolve against `root` (--root, default the manifest's folder)."""
     raw = row.get("path")
     if not isinstance(raw, str) or not raw.strip():
         return Item(i, f"{where}", None, f"{where}: 'path' must be a file name, got {raw!r}")
-    rel = Path(raw.strip())
-    inside = not rel.is_absolute() and (folder / rel).resolve().is_relative_to(folder.resolve())
-    if not inside:
-        return Item(i, raw, None, f"{where}: path {raw!r} leaves the manifest's folder; give paths "
-                                   f"relative to the manifest, inside its folder")
-    return Item(i, str(folder / rel), _caption(row))
+    if "\0" in raw:
+        return Item(i, where, None, f"{where}: path {raw!r} holds a NUL byte; fix the manifest row")
+    path = root / Path(raw.strip()).expanduser()
+    caption, problem = _caption(row, where)
+    return Item(i, str(path), caption, _file_problem(path) or problem)
 
 
 def _sidecar_caption(video: Path) -> tuple[str | None, str | None]:
@@ -105,21 +130,46 @@ def _sidecar_caption(video: Path) -> tuple[str | None, str | None]:
     if not txt.is_file():
         return None, None
     try:
-        return read_text(txt, "caption").strip() or None, None
+        return _text(read_text(txt, "caption"), str(txt))
     except ForcelabError as e:
         return None, str(e)
 
 
-def list_videos(videos: str) -> list[Item]:
-    """A folder (recursive, sorted, sidecar .txt captions) or a CSV/JSONL manifest."""
-    path = Path(videos)
+def _file_problem(p: Path) -> str | None:
+    """Why an input path cannot be read as a video file (None: a file, or nothing there at all,
+    which the video reader reports). A FIFO or device is never opened: reading it could block."""
+    if p.is_file():
+        return None
+    if p.is_symlink() and not p.exists():
+        return f"{p}: a symlink to {os.readlink(p)}, which does not exist; fix or remove the link"
+    return f"{p}: not a regular file" if p.exists() else None
+
+
+def _folder_item(i: int, p: Path) -> Item:
+    """A video found in a folder; one that cannot be a file (a dangling symlink, a folder or
+    device named like a video) is kept with its problem, so it is recorded, not lost."""
+    problem = _file_problem(p)
+    return Item(i, str(p), None, problem) if problem else Item(i, str(p), *_sidecar_caption(p))
+
+
+def list_videos(videos: str, root: str | None = None) -> list[Item]:
+    """A folder (recursive, sorted, sidecar .txt captions) or a CSV/JSONL manifest (relative
+    paths against `root`, default the manifest's folder)."""
+    path = Path(videos).expanduser()
+    if root is not None and not (path.is_file() and path.suffix.lower() in (".csv", ".jsonl")):
+        raise _root_alone(root)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-        items = [Item(i, str(p), *_sidecar_caption(p)) for i, p in enumerate(files)]
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES
+                       and (p.is_symlink() or not p.is_dir()))
+        items = [_folder_item(i, p) for i, p in enumerate(files)]
         if not items:
             raise ForcelabError(f"--videos {videos}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
         return items
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
+        base = Path(root).expanduser() if root is not None else path.parent
+        if not base.is_dir():
+            raise ForcelabError(f"--root {root}: not a folder; give the folder that the manifest's relative "
+                                f"paths start from")
         rows = _read_rows(path, "--videos")
         if not rows:
             raise ForcelabError(f"--videos {videos}: no inputs in this manifest (empty, or a header only); "
@@ -127,10 +177,14 @@ def list_videos(videos: str) -> list[Item]:
         if path.suffix.lower() == ".csv" and "path" not in rows[0]:
             raise ForcelabError(f"--videos {videos}: the manifest needs a 'path' column (and 'caption'); "
                                 f"it has {sorted(rows[0])}")
-        return [_manifest_item(i, r, path.parent, f"{path.name}:{i + (2 if path.suffix.lower() == '.csv' else 1)}")
+        return [_manifest_item(i, r, base, f"{path.name}:{i + (2 if path.suffix.lower() == '.csv' else 1)}")
                 for i, r in enumerate(rows)]
     raise ForcelabError(f"--videos {videos}: not found - give a folder of videos with .txt captions "
                         f"or a .csv/.jsonl manifest with path,caption")
+
+
+def _root_alone(root: str) -> ForcelabError:
+    return ForcelabError(f"--root {root}: applies to a .csv/.jsonl manifest given to --videos; drop it")
 
 
 def list_prompts(prompts: str) -> list[Item]:
@@ -139,13 +193,20 @@ def list_prompts(prompts: str) -> list[Item]:
     if not path.is_file():
         raise ForcelabError(f"--prompts {prompts}: file not found")
     if path.suffix.lower() in (".csv", ".jsonl"):
-        texts = [_caption(r) for r in _read_rows(path, "--prompts")]
+        rows = _read_rows(path, "--prompts")
+        texts = [_caption(r, f"{path.name}:{i + 1}") for i, r in enumerate(rows)]
     else:
-        texts = [line.strip() for line in read_text(path, "--prompts").splitlines() if line.strip()]
-    if not any(texts):
+        lines = [line for line in read_text(path, "--prompts").splitlines() if line.strip()]
+        texts = [_text(line, f"{path.name}:{i + 1}") for i, line in enumerate(lines)]
+    if not any(t or problem for t, problem in texts):
         raise ForcelabError(f"--prompts {prompts}: no prompts in this file")
-    return [Item(i, f"{path.name}:{i + 1}", t, None if t else f"{path.name}:{i + 1}: empty prompt")
-            for i, t in enumerate(texts)]
+    return [Item(i, f"{path.name}:{i + 1}", t, problem or (None if t else empty_prompt(f"{path.name}:{i + 1}")))
+            for i, (t, problem) in enumerate(texts)]
+
+
+def empty_prompt(source: str) -> str:
+    """The record of a blank prompt row (a read prompt list passes over these; preprocess records them)."""
+    return f"{source}: empty prompt"
 
 
 def parse_size(text: str) -> list[tuple[int, int]]:
@@ -189,8 +250,21 @@ class Encoder:
             batch = items[i:i + self.args.batch_size]
             emb, lengths = self._text(batch)
             out += [encode_sample(f"{it.index:09d}", text_emb=e, text_len=n, meta=self._meta(it),
-                                  dtype=self.args.dtype) for it, e, n in zip(batch, emb, lengths)]
+                                  dtype=self.args.dtype) for it, e, n in zip(batch, emb, lengths)
+                    if self._finite(it, {"text": e}, skipped)]
         return out
+
+    def _finite(self, item: Item, outputs: dict[str, torch.Tensor], skipped: list[dict]) -> bool:
+        """An encoding with NaN or inf values is not written: it is recorded (or stops with --strict)."""
+        bad = [name for name, t in outputs.items() if not bool(torch.isfinite(t).all())]
+        if not bad:
+            return True
+        reason = (f"{item.source}: the {' and '.join(bad)} encoder gave NaN or inf values; check this input "
+                  f"and the encoders (--encoder-dtype fp32)")
+        if self.args.strict:
+            raise ForcelabError(f"{reason} (--strict: stopping; drop --strict to skip bad inputs)")
+        skipped.append({"index": item.index, "source": item.source, "reason": reason})
+        return False
 
     def videos(self, items: list[Item], skipped: list[dict], progress) -> list[dict]:
         clips = _Clips(items, self.args.fps, self.args.frames, self.sizes, self.args.start)
@@ -207,19 +281,21 @@ class Encoder:
             group = pending.setdefault(tuple(video.shape[-2:]), [])
             group.append((item, video.float().div_(127.5).sub_(1.0)))
             if len(group) == self.args.batch_size:
-                out += self._encode_videos(pending.pop(tuple(video.shape[-2:])))
+                out += self._encode_videos(pending.pop(tuple(video.shape[-2:])), skipped)
                 progress.update(len(group))
         for group in pending.values():
-            out += self._encode_videos(group)
+            out += self._encode_videos(group, skipped)
             progress.update(len(group))
         return out
 
-    def _encode_videos(self, group: list[tuple[Item, torch.Tensor]]) -> list[dict]:
+    def _encode_videos(self, group: list[tuple[Item, torch.Tensor]], skipped: list[dict]) -> list[dict]:
         items = [it for it, _ in group]
         latents = encode_batch(self.vae, torch.stack([v for _, v in group]).to(self.device)).float().cpu()
         emb, lengths = self._text(items)
         out = []
         for it, z, e, n in zip(items, latents, emb, lengths):
+            if not self._finite(it, {"video": z, "text": e}, skipped):
+                continue
             meta = self._meta(it) | {"vae": self.vae.name, "fps": self.args.fps, "frames": self.args.frames,
                                      "start": self.args.start, "size": list(group[0][1].shape[-2:])}
             out.append(encode_sample(f"{it.index:09d}", latent=z, text_emb=e, text_len=n, meta=meta,
@@ -330,7 +406,10 @@ def run(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not (written_by_forcelab(out) or (out / SETTINGS_FILE).is_file()):
         raise ForcelabError(f"--out {out}: holds other files and no preprocess run; forcelab does not write "
                             f"among them - choose a new or empty folder")
-    items = list_videos(args.videos) if args.videos else list_prompts(args.prompts)
+    root = getattr(args, "root", None)
+    if args.prompts and root is not None:
+        raise _root_alone(root)
+    items = list_videos(args.videos, root) if args.videos else list_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
     if not written_by_forcelab(out):
         mark(out)
@@ -367,12 +446,17 @@ def run(args) -> int:
                     progress.update(len(shards[k]))
                 samples.sort(key=lambda s: s["__key__"])
                 tar = out / f"shard-{k:06d}.tar"
-                write_record(tar, write_shard(tar, samples), settings_sha256=_digest(settings), rank=rank,
+                write_shard(tar, samples)
+                write_record(tar, samples, settings_sha256=_digest(settings), rank=rank,
                              inputs=[it.index for it in shards[k]], skipped=skipped)
         _barrier(world)
         if rank == 0:
             manifest = _write_manifest(out, shards, settings, items)
             c = manifest["counts"]
+            if manifest["complete"] and c["written"] == 0:
+                first = manifest["skipped"][0]["reason"] if manifest["skipped"] else "no inputs"
+                raise ForcelabError(f"nothing usable: all {c['inputs']} input(s) were skipped (first: {first}); "
+                                    f"each reason is in {out / MANIFEST_FILE} under 'skipped'")
             print(f"preprocess: {c['written']} samples in {c['shards']} shards, {c['skipped']} skipped "
                   f"-> {out / MANIFEST_FILE}", file=sys.stderr)
             return 0 if manifest["complete"] else 1
@@ -465,6 +549,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "with path,caption")
     src.add_argument("--prompts", help="prompt list (.txt one per line, or CSV/JSONL with a caption column): "
                                        "prompt-only shards")
+    parser.add_argument("--root", help="folder that relative paths in a --videos manifest start from "
+                                       "(default: the manifest's folder)")
     parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     parser.add_argument("--vae", help="video autoencoder: a local Wan VAE (diffusers) directory, or toy")
     parser.add_argument("--text-encoder", required=True, help="text encoder: a local umT5 directory, or toy")

@@ -22,10 +22,17 @@ from .shards import ShardDataset
 
 
 def read_prompt_list(path: str | Path) -> list[str]:
-    """Prompts from a .txt (one per line) or a CSV/JSONL with a caption or prompt column."""
-    from .preprocess import list_prompts
+    """Prompts from a .txt (one per line) or a CSV/JSONL with a caption or prompt column.
 
-    return [it.caption for it in list_prompts(str(path)) if it.caption]
+    Empty rows are passed over; a row that is not one text (a list, a NUL byte) is a DataError
+    naming it - a training prompt set does not lose rows without a word."""
+    from .preprocess import empty_prompt, list_prompts
+
+    items = list_prompts(str(path))
+    bad = next((it for it in items if it.problem and it.problem != empty_prompt(it.source)), None)
+    if bad is not None:
+        raise DataError(f"prompts {path}: {bad.problem}")
+    return [it.caption for it in items if it.caption]
 
 
 class PromptDataset(Dataset):

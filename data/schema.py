@@ -83,11 +83,16 @@ def _load_tensors(raw: dict, member: str, names: tuple[str, ...]) -> dict[str, t
     missing = [n for n in names if n not in tensors]
     if missing:
         raise DataError(f"{_where(raw)}: key '{member}' lacks tensor(s) {missing} (has {sorted(tensors)})")
+    for n in names:
+        if tensors[n].is_floating_point() and not bool(torch.isfinite(tensors[n]).all()):
+            raise DataError(f"{_where(raw)}: key '{member}' tensor '{n}' holds NaN or inf values; the sample "
+                            f"is damaged - re-run preprocess for its input, or skip damaged samples")
     return tensors
 
 
 def decode_sample(raw: dict, require: tuple[str, ...] = ("latent",), dtype: torch.dtype = torch.float32) -> dict:
-    """Raw tar members {"__key__", "__url__", "json", ...} -> a schema sample, validated.
+    """Raw tar members {"__key__", "__url__", "json", ...} -> a schema sample, validated
+    (shapes agree with meta, every stored tensor is finite).
 
     require: which optional parts must be present ("latent", "ode"); text and meta always are.
     Raises DataError naming the shard, the sample key and the member."""

@@ -5,10 +5,18 @@
     loader = shard_loader(ds, batch_size=8, num_workers=2)              # batches (schema.collate)
     for epoch in range(n): ds.set_epoch(epoch); for batch in loader: ...
 
-Verification: preprocess records each shard's sample count, size and sha256 in shard-k.json
-beside shard-k.tar. Opening a dataset checks every recorded shard's size (verify="size", the
-default) or also its checksum (verify="checksum"); while reading, a shard that yields fewer
-or more samples than recorded, or lacks tar's end-of-archive marker, is a DataError naming it.
+Verification: preprocess records in shard-k.json beside shard-k.tar the shard's sample count,
+size and sha256, and the sha256 of every sample (its members' names and bytes). Opening a
+dataset checks every recorded shard's size (verify="size", the default: a stat per shard)
+or also its whole-file checksum (verify="checksum": reads every shard once); "none" skips that.
+While reading, always, at no extra read: each sample's bytes are hashed as they stream past and
+compared with the record, so a byte changed inside a stored latent is caught when its sample is
+read; a shard that yields fewer or more samples than recorded, or lacks tar's end-of-archive
+marker, is a DataError naming it. on_damage says what a damaged SAMPLE (checksum differs, or it
+does not decode) does: "stop" (the default: a DataError naming the shard and the sample key -
+training on data that is not what was written is never silent) or "skip" (the sample is left
+out and one line naming shard, key and problem goes to stderr; `damaged` lists them when
+reading in this process). Shards without a record (other tools' tars) have nothing to check.
 
 Splitting: shards are shuffled with a seed shared by all ranks (seed, epoch), then dealt out
 by rank (wds.split_by_node) and by DataLoader worker (wds.split_by_worker), so ranks read
@@ -31,6 +39,7 @@ import io
 import json
 import os
 import random
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -45,6 +54,7 @@ from .schema import DataError, collate, decode_sample
 SHARD_SUFFIX = ".tar"
 RECORD_SUFFIX = ".json"     # shard-k.json: what preprocess put into shard-k.tar
 VERIFY_MODES = ("none", "size", "checksum")
+ON_DAMAGE = ("stop", "skip")
 _HASH_BLOCK = 2**22
 
 
@@ -80,9 +90,22 @@ def shard_fingerprint(path: str | Path) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
-def write_record(tar: str | Path, samples: int, **fields) -> dict:
-    """Write shard-k.json beside shard-k.tar: its sample count, size and sha256 (+ fields)."""
-    record = {"samples": samples, **shard_fingerprint(tar), **fields}
+def sample_sha256(sample: dict) -> str:
+    """sha256 of one sample's members ({"__key__", member: bytes}; "__" entries are not hashed):
+    each member's name, length and bytes in name order, so moved or renamed bytes also differ."""
+    digest = hashlib.sha256()
+    for member in sorted(k for k in sample if not k.startswith("__")):
+        data = sample[member]
+        digest.update(member.encode() + b"\0" + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def write_record(tar: str | Path, samples: list[dict], **fields) -> dict:
+    """Write shard-k.json beside shard-k.tar (written from `samples`): its sample count, size,
+    sha256 and each sample's sha256 by key (+ fields)."""
+    record = {"samples": len(samples), **shard_fingerprint(tar),
+              "sample_sha256": {s["__key__"]: sample_sha256(s) for s in samples}, **fields}
     write_text_atomic(Path(tar).with_suffix(RECORD_SUFFIX), json.dumps(record, indent=1, sort_keys=True))
     return record
 
@@ -179,16 +202,19 @@ def check_complete(src):
 
     A tar cut at a member boundary otherwise reads as a shorter, valid-looking shard."""
     for item in src:
-        url = item["url"]
-        if "://" not in url and os.path.isfile(url):
-            size = os.path.getsize(url)
-            with open(url, "rb") as f:
-                f.seek(max(size - 1024, 0))
-                tail = f.read()
-            if size % 512 or size < 1024 or tail.count(0) != len(tail):
-                raise DataError(f"shard {url}: truncated ({size} bytes, no end-of-archive marker); delete it and "
-                                f"re-run preprocess (finished shards are kept)")
+        check_tar_end(item["url"])
         yield item
+
+
+def check_tar_end(url: str, fix: str = "re-run preprocess (finished shards are kept)") -> None:
+    """Raise a DataError unless a local tar ends with the end-of-archive blocks (see check_complete)."""
+    if "://" not in url and os.path.isfile(url):
+        size = os.path.getsize(url)
+        with open(url, "rb") as f:
+            f.seek(max(size - 1024, 0))
+            tail = f.read()
+        if size % 512 or size < 1024 or tail.count(0) != len(tail):
+            raise DataError(f"shard {url}: truncated ({size} bytes, no end-of-archive marker); delete it and {fix}")
 
 
 def _check_count(url: str | None, n: int, expected: int | None) -> None:
@@ -197,18 +223,70 @@ def _check_count(url: str | None, n: int, expected: int | None) -> None:
                         f"delete it and re-run preprocess (finished shards are kept)")
 
 
-def check_counts(src):
-    """Pipeline stage after the tar reader: a shard with a preprocess record yields exactly the
-    recorded number of samples (a shard cut at a member boundary reads as a shorter one)."""
-    url, n, expected = None, 0, None
-    for sample in src:
-        u = sample.get("__url__")
-        if u != url:
+def sample_problem(raw: dict, digests: dict | None) -> str | None:
+    """Why a raw sample does not match its shard's record (None: it matches, or nothing is recorded)."""
+    if not isinstance(digests, dict):
+        return None
+    expected = digests.get(raw.get("__key__"))
+    if expected is None:
+        return "not in the shard's record (the shard was changed after preprocess wrote it)"
+    if sample_sha256(raw) != expected:
+        return "checksum differs from the shard's record (a stored byte changed)"
+    return None
+
+
+def skip_damaged(raw: dict, message: str, log: list[dict]) -> None:
+    """on_damage="skip": leave a damaged sample out, with one line on stderr and an entry in log."""
+    log.append({"shard": raw.get("__url__"), "key": raw.get("__key__"), "problem": message})
+    print(f"forcelab: skipped damaged sample: {message}", file=sys.stderr, flush=True)
+
+
+def check_samples(on_damage: str = "stop", counts: bool = True, log: list[dict] | None = None):
+    """Pipeline stage after the tar reader: each sample of a shard with a preprocess record
+    matches its recorded sha256 (hashed from the bytes already in memory; a mismatch stops the
+    stream or, with on_damage="skip", is skipped into `log`) and, unless `counts` is off
+    (resampling may draw a shard twice in a row), the shard yields exactly the recorded number
+    of samples (a shard cut at a member boundary reads as a shorter one)."""
+    log = [] if log is None else log
+
+    def stage(src):
+        url, n, expected, digests = None, 0, None, None
+        for sample in src:
+            u = sample.get("__url__")
+            if u != url:
+                if counts:
+                    _check_count(url, n, expected)
+                record = (shard_record(u) if u else None) or {}
+                url, n, expected, digests = u, 0, record.get("samples"), record.get("sample_sha256")
+            n += 1
+            problem = sample_problem(sample, digests)
+            if problem is None:
+                yield sample
+                continue
+            message = f"shard {url}, sample {sample.get('__key__')}: {problem}"
+            if on_damage != "skip":
+                raise DataError(f"{message}; delete the shard and re-run preprocess (finished shards are kept), "
+                                f"or read with on_damage='skip' to leave damaged samples out")
+            skip_damaged(sample, message, log)
+        if counts:
             _check_count(url, n, expected)
-            url, n, expected = u, 0, (shard_record(u) or {}).get("samples") if u else None
-        n += 1
-        yield sample
-    _check_count(url, n, expected)
+    return stage
+
+
+def decode_samples(decode: Callable[[dict], dict], on_damage: str = "stop", log: list[dict] | None = None):
+    """Pipeline stage: decode each raw sample; one that does not decode (a DataError naming its
+    shard and key) stops the stream or, with on_damage="skip", is skipped into `log`."""
+    log = [] if log is None else log
+
+    def stage(src):
+        for raw in src:
+            try:
+                yield decode(raw)
+            except DataError as e:
+                if on_damage != "skip":
+                    raise
+                skip_damaged(raw, str(e), log)
+    return stage
 
 
 def _seed(*parts: int) -> int:
@@ -224,15 +302,23 @@ class ShardDataset(IterableDataset):
     decode: raw tar members -> sample (default: schema.decode_sample requiring `require`).
     split_by_node: False reads every shard on every rank (evaluation on one process).
     verify: "size" (default) or "checksum" checks every shard against its preprocess record
-    when the dataset opens; "none" skips that. Sample counts are checked while reading.
+    when the dataset opens; "none" skips that. Each sample's checksum and each shard's sample
+    count are checked while reading, whatever `verify` says.
+    on_damage: "stop" (default) raises a DataError naming the shard and the sample key of a
+    sample whose bytes differ from the record or that does not decode; "skip" leaves it out,
+    prints one line naming it, and lists it in `damaged` (this process's reads only: with
+    DataLoader workers the stderr lines are the record).
     """
 
     def __init__(self, source, *, shuffle: int = 1000, seed: int = 0, resampled: bool = False,
                  samples_per_epoch: int | None = None, split_by_node: bool = True,
                  require: tuple[str, ...] = ("latent",), dtype: torch.dtype = torch.float32,
-                 decode: Callable[[dict], dict] | None = None, verify: str = "size"):
+                 decode: Callable[[dict], dict] | None = None, verify: str = "size", on_damage: str = "stop"):
+        if on_damage not in ON_DAMAGE:
+            raise DataError(f"on_damage must be one of {ON_DAMAGE}, got {on_damage!r}")
         self.urls = shard_urls(source)
         verify_shards(self.urls, verify)
+        self.on_damage, self.damaged = on_damage, []
         self.shuffle, self.seed, self.resampled = shuffle, seed, resampled
         if resampled and not samples_per_epoch:
             raise DataError("ShardDataset: resampled=True is infinite - set samples_per_epoch")
@@ -256,13 +342,12 @@ class ShardDataset(IterableDataset):
             if self.split_by_node:
                 stages.append(wds.split_by_node)
             stages.append(wds.split_by_worker)
-        stages += [check_complete, wds.tarfile_to_samples(handler=_raise_shard_error)]
-        if not self.resampled:  # resampling may draw a shard twice in a row: counts would merge
-            stages.append(check_counts)
+        stages += [check_complete, wds.tarfile_to_samples(handler=_raise_shard_error),
+                   check_samples(self.on_damage, counts=not self.resampled, log=self.damaged)]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle, initial=min(self.shuffle, 100),
                                       seed=_seed(self.seed, self.epoch, rank, worker, 1)))
-        stages.append(wds.map(self.decode))
+        stages.append(decode_samples(self.decode, self.on_damage, log=self.damaged))
         pipe = wds.DataPipeline(*stages)
         if self.resampled:
             per_rank = self.samples_per_epoch

@@ -12,6 +12,10 @@ A results file is a toybench.json or vbench.json of `forcelab eval`, or any JSON
 {"name", "speed_fps", "metrics": {name: number}, ...} - or {"runs": [records]} / a list of
 records / {"runs": {name: record}} for several runs in one file. A record may embed
 "toybench" and "vbench" results. Top-level numbers of a record count as metrics.
+
+Paths inside a results file are data: a record's videos_dir (relative: to the results file's
+folder) is followed only inside the results file's folder, and video names only inside
+videos_dir; anything else is left out, said on stderr and in the report's "Left out" section.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import html
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 from ..errors import ForcelabError
@@ -40,6 +45,7 @@ class Run:
         self.drift: dict[str, tuple[list, list]] = {}
         self.bucket_frames = 1
         self.videos: list[tuple[Path, float, str]] = []     # (path, fps, caption)
+        self.notes: list[str] = []                          # what the report left out, and why
         self.protocol = None
         self.speed = None
         self._read(record)
@@ -71,11 +77,29 @@ class Run:
         for row in rec.get("videos", [])[:SAMPLES_PER_RUN]:
             self._sample(rec, row["video"], row.get("fps"), row.get("caption") or "")
 
+    def _videos_folder(self, rec: dict) -> Path | None:
+        """The record's videos_dir, if it resolves inside the results file's folder (a relative one
+        is relative to that folder). A path recorded in a results file is data, not the user's
+        word: one leading elsewhere is not followed, and the report says so (self.notes)."""
+        if not isinstance(rec.get("videos_dir"), str) or not rec["videos_dir"] or "\0" in rec["videos_dir"]:
+            return None
+        home = self.source.parent.resolve()
+        folder = (home / rec["videos_dir"]).resolve()
+        if folder != home and home not in folder.parents:
+            note = (f"results file {self.source}: videos_dir {rec['videos_dir']} is outside the results file's "
+                    f"folder; its sample videos are not embedded (put the results file in or above its videos "
+                    f"folder)")
+            if note not in self.notes:
+                self.notes.append(note)
+            return None
+        return folder
+
     def _sample(self, rec: dict, name: str, fps, caption: str) -> None:
-        """A sample video named in a results file; names never leave its videos_dir."""
-        if not rec.get("videos_dir"):
+        """A sample video named in a results file; names never leave its videos_dir, which never
+        leaves the results file's folder."""
+        folder = self._videos_folder(rec)
+        if folder is None or not isinstance(name, str) or "\0" in name:
             return
-        folder = Path(rec["videos_dir"]).resolve()
         path = (folder / name).resolve()
         if folder in path.parents and path.is_file():
             self.videos.append((path, float(fps or (rec.get("generation") or {}).get("fps") or 16.0), caption))
@@ -158,6 +182,8 @@ def write_report(results, out, *, progress: bool = True) -> Path:
     check_writable(out)
     check_writable(md_path)
     runs = load_runs(results)
+    for note in (n for r in runs for n in r.notes):
+        print(f"forcelab eval report: {note}", file=sys.stderr)
     labels = [r.label for r in runs]
     metrics = list(dict.fromkeys(m for r in runs for m in r.metrics))
     images = []                                         # (section, title, mime, bytes)
@@ -241,6 +267,9 @@ def _html(runs, metrics, images, samples) -> str:
             parts.append(f"<div class='sample'><h3>{e(label)}: {e(name)}</h3><p>{e(caption)}</p>"
                          f"<div class='row'><img alt='frames of {e(name)}' src='data:image/png;base64,{_b64(strip)}'>"
                          f"<img alt='animation of {e(name)}' src='data:image/gif;base64,{_b64(gif)}'></div></div>")
+    notes = [n for r in runs for n in r.notes]
+    if notes:
+        parts.append("<h2>Left out</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     parts += ["<h2>Protocol</h2>", table(*_protocol_rows(runs)), "<h2>All numbers (JSON)</h2>"]
     for r in runs:
         parts.append(f"<details><summary>{e(r.label)} ({e(str(r.source))})</summary><pre>"
@@ -265,6 +294,9 @@ def _markdown(runs, metrics, images, samples) -> str:
         for label, name, caption, strip, gif in samples:
             parts += [f"### {label}: {name}", "", caption, "", f"![frames](data:image/png;base64,{_b64(strip)})", "",
                       f"![animation](data:image/gif;base64,{_b64(gif)})", ""]
+    notes = [n for r in runs for n in r.notes]
+    if notes:
+        parts += ["## Left out", "", *(f"- {n}" for n in notes), ""]
     parts += ["## Protocol", "", table(*_protocol_rows(runs)), "", "## All numbers (JSON)", ""]
     for r in runs:
         parts += [f"### {r.label}", "", "```json", json.dumps(r.record, indent=2), "```", ""]

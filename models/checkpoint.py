@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, ForcelabError
 from ..fsio import atomic_directory, recover
 from .config import DiTConfig
 
@@ -183,8 +183,27 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: Path, what: str) -> None:
+    """Refuse a model folder without *.safetensors weights (ForcelabError naming it): forcelab
+    loads safetensors only, because unpickling a .bin / .pt can run code from the file. The
+    library loaders are also asked for safetensors explicitly (use_safetensors=True)."""
+    weights = [p for p in folder.glob("*.safetensors") if not p.name.startswith(".")]
+    if weights:
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ForcelabError(f"{what} {folder}: holds pickle weights only ({', '.join(pickles[:3])}); forcelab "
+                            f"loads safetensors only (unpickling can run code) - convert them to .safetensors "
+                            f"with a tool you trust, or download the safetensors release")
+    raise ForcelabError(f"{what} {folder}: no *.safetensors weights in this folder")
+
+
 def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, device=None) -> None:
-    """Materialise model's (meta) parameters from the checkpoint, one tensor at a time."""
+    """Materialise model's (meta) parameters from the checkpoint, one tensor at a time; a
+    tensor with NaN or inf values is refused (CheckpointError naming it and its file)."""
     expected = dict(model.named_parameters())
     loaded, unexpected, conflicts, seen = set(), [], [], {}
     for file in weight_files(path):
@@ -210,6 +229,10 @@ def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, de
                     continue
                 target = torch.float32 if dtype is not None and model.keeps_fp32(name) else dtype
                 tensor = f.get_tensor(key).to(dtype=target or param.dtype, device=device or "cpu")
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise CheckpointError(f"{file}: weight {key!r} holds NaN or inf values (as {tensor.dtype}); "
+                                          f"the checkpoint is damaged or came from a diverged run - load an "
+                                          f"earlier checkpoint")
                 _set_parameter(model, name, tensor, param.requires_grad)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)

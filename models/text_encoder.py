@@ -188,8 +188,12 @@ def load_text_encoder(spec: str, dtype=None, device=None, max_length: int | None
             f"diffusers folder with text_encoder/ and tokenizer/")
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from .checkpoint import require_safetensors
+
+    require_safetensors(model_dir, "text encoder")
     try:
-        model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=parse_dtype(dtype) or torch.float32)
+        model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=parse_dtype(dtype) or torch.float32,
+                                                 use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except (OSError, ValueError, KeyError) as e:
         raise ForcelabError(f"text encoder {model_dir}: cannot load UMT5EncoderModel + tokenizer ({e})") from None

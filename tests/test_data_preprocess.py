@@ -116,11 +116,12 @@ def test_bad_inputs_are_skipped_and_recorded_or_fail_with_strict(videos, tmp_pat
     # through the CLI a user error is one line and exit status 2
     assert run_cli("--videos", folder, "--out", tmp_path / "strict2", "--vae", "toy", "--text-encoder", "toy",
                    "--size", "32x32", "--frames", 9, "--strict") == 2
-    # manifests: csv with relative paths, and a too-short clip is skipped with the reason
+    # manifests: csv with relative paths, and a too-short clip is skipped with the reason; nothing
+    # usable was written, so the run is an error (exit 2) whose manifest still lists every reason
     (folder / "list.csv").write_text("path,caption\nv00.mp4,a red ball\nv01.mp4,\n")
     out = tmp_path / "csv"
     assert run_cli("--videos", folder / "list.csv", "--out", out, "--vae", "toy", "--text-encoder", "toy",
-                   "--size", "32x32", "--frames", 13, "--fps", 8) == 0
+                   "--size", "32x32", "--frames", 13, "--fps", 8) == 2
     skipped = json.loads((out / "manifest.json").read_text())["skipped"]
     assert "too short" in skipped[0]["reason"] and "no caption" in skipped[1]["reason"]
 

@@ -132,8 +132,11 @@ BAD_ROWS = {
     "no-path": ('{"caption": "a"}', "'path' must be a file name, got None"),
     "path-int": ('{"path": 5, "caption": "a"}', "'path' must be a file name, got 5"),
     "path-empty": ('{"path": "", "caption": "a"}', "'path' must be a file name"),
-    "path-escapes": ('{"path": "../v0.mp4", "caption": "a"}', "leaves the manifest's folder"),
-    "path-absolute": ('{"path": "/etc/passwd", "caption": "a"}', "leaves the manifest's folder"),
+    "path-nul": ('{"path": "v1\\u0000.mp4", "caption": "a"}', "holds a NUL byte; fix the manifest row"),
+    "caption-nul": ('{"path": "v1.mp4", "caption": "a\\u0000b"}', "the caption holds a NUL byte"),
+    "caption-list": ('{"path": "v1.mp4", "caption": ["a dog", "a brown dog"]}',
+                     "the caption is a list of 2, not one text; give one caption per row"),
+    "caption-number": ('{"path": "v1.mp4", "caption": 7}', "the caption is a int, not one text"),
     "no-caption": ('{"path": "v1.mp4"}', "no caption"),
     "missing-video": ('{"path": "nope.mp4", "caption": "a"}', "video file not found"),
 }

@@ -15,7 +15,7 @@ import pytest
 from forcelab import cli, fsio
 from forcelab.data.preprocess import MANIFEST_FILE
 from forcelab.data.schema import DataError
-from forcelab.data.shards import ShardDataset, file_sha256, shard_urls, write_shard
+from forcelab.data.shards import ShardDataset, file_sha256, sample_sha256, shard_urls, write_shard
 
 N = 6
 
@@ -55,6 +55,13 @@ def test_records_hold_count_size_and_checksum(finished):
         tar, record = out / f"shard-{k:06d}.tar", json.loads((out / f"shard-{k:06d}.json").read_text())
         assert record["samples"] == 3 and record["bytes"] == tar.stat().st_size
         assert record["sha256"] == file_sha256(tar)
+        with tarfile.open(tar) as t:                     # and each sample's sha256, by key
+            by_key = {}
+            for m in t.getmembers():
+                key, _, member = m.name.partition(".")
+                by_key.setdefault(key, {"__key__": key})[member] = t.extractfile(m).read()
+        assert record["sample_sha256"] == {k: sample_sha256(s) for k, s in by_key.items()}
+        assert sorted(record["sample_sha256"]) == [f"{i:09d}" for i in range(3 * k, 3 * k + 3)]
     assert keys(out) == [f"{i:09d}" for i in range(N)]
 
 
