@@ -34,6 +34,7 @@ T = TypeVar("T")
 # dtype names accepted everywhere (CLI flags, configs, loaders)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_NAMES = (*DTYPES, *_DTYPE_ALIASES)    # what parse_dtype accepts
 BASE_KEY = "_base_"
 YAML_SUFFIXES = (".yaml", ".yml")
 _SHOWN_KEY = 40  # characters of an unknown key echoed back (a wrong file must not be dumped)

@@ -3,15 +3,19 @@
     frames = positive_int(frames, "--frames")           # ForcelabError naming --frames
     parser.add_argument("--frames", type=arg(positive_int))   # argparse: exit 2, one line
     choice(device_kind, "--device", ("cpu", "cuda"))
+    lr: float = setting(1e-4, non_negative_float)              # a config field and its rule
 
 Every check returns the value (converted: "3" -> 3) or raises ForcelabError with one line
 that names the thing, says what was wrong and what is allowed. `arg(check, ...)` turns a
-check into an argparse `type=` so a bad flag fails before any work.
+check into an argparse `type=` so a bad flag fails before any work; `setting(default, check)`
+declares a config field with its rule, which `check_settings` applies when the config loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Iterable
@@ -79,10 +83,10 @@ def non_negative_int(value: Any, name: str | None = None) -> int:
     return v
 
 
-def optional(check: Callable[[Any, str | None], Any]) -> Callable[[Any, str | None], Any]:
+def optional(check: Callable[..., Any]) -> Callable[..., Any]:
     """A check that also lets None through (an unset option)."""
-    def run(value: Any, name: str | None = None):
-        return None if value is None else check(value, name)
+    def run(value: Any, name: str | None = None, *args: Any, **kwargs: Any):
+        return None if value is None else check(value, name, *args, **kwargs)
     run.__name__ = f"optional_{getattr(check, '__name__', 'check')}"
     return run
 
@@ -96,6 +100,49 @@ def in_range(value: Any, name: str | None, lo: float | None = None, hi: float | 
                   else f">= {lo:g}" if lo is not None else f"<= {hi:g}")
         raise ForcelabError(_say(name, f"must be {bounds}{f' ({why})' if why else ''}, got {value!r}"))
     return v
+
+
+def multiple_of(value: Any, name: str | None, unit: int, what: str = "") -> int:
+    """A whole number of units (frames of whole chunks); `what` says where the unit comes from."""
+    v = _number(value, name, int)
+    if v % unit:
+        raise ForcelabError(_say(name, f"({value!r}) must be a multiple of {what or 'the unit'} ({unit})"))
+    return v
+
+
+def unit_interval(value: Any, name: str | None = None) -> float:
+    """A probability or a ratio: 0 <= value <= 1."""
+    return in_range(value, name, 0.0, 1.0)
+
+
+def decay(value: Any, name: str | None = None) -> float:
+    """An EMA decay or an Adam beta: 0 <= value < 1 (at 1 the average would never move)."""
+    v = finite_float(value, name)
+    if not 0.0 <= v < 1.0:
+        raise ForcelabError(_say(name, f"must be >= 0 and < 1, got {value!r}"))
+    return v
+
+
+def each(check: Callable[..., Any], *args: Any, min_items: int = 0, **kwargs: Any) -> Callable[..., list]:
+    """A check of every item of a list, each named key[i]: each(in_range, 0, 1000, min_items=1)."""
+    def run(values: Any, name: str | None = None) -> list:
+        if not isinstance(values, (list, tuple)):
+            raise ForcelabError(_say(name, f"must be a list, got {values!r}"))
+        if len(values) < min_items:
+            raise ForcelabError(_say(name, f"must list at least {min_items} value(s), got {list(values)!r}"))
+        return [check(v, f"{name}[{i}]" if name else None, *args, **kwargs) for i, v in enumerate(values)]
+    run.__name__ = f"each_{getattr(check, '__name__', 'check')}"
+    return run
+
+
+def text(value: Any, name: str | None = None) -> str:
+    """A prompt, a name or a path as the user wrote it: any text without a NUL byte (the OS
+    refuses one in a path, and in a prompt it means nothing)."""
+    if not isinstance(value, str):
+        raise ForcelabError(_say(name, f"must be text, got {value!r}"))
+    if "\0" in value:
+        raise ForcelabError(_say(name, "holds a NUL byte (\\0); remove it"))
+    return value
 
 
 def choice(value: Any, name: str | None, options: Iterable[Any]) -> Any:
@@ -116,6 +163,63 @@ def arg(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str],
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = getattr(check, "__name__", "value").replace("_", " ")
     return parse
+
+
+# ---------------------------------------------------------------------- config fields
+RULE = "forcelab.rule"      # dataclass field metadata: (check, args, kwargs)
+
+
+def setting(default: Any, check: Callable[..., Any] | None = None, *args: Any, **kwargs: Any):
+    """A config dataclass field declared with the rule its value must follow:
+
+        lr: float = setting(1e-4, non_negative_float)             # base learning rate
+        dtype: str | None = setting(None, optional(choice), ("fp32", "bf16"))
+
+    check_settings runs check(value, "dotted.key", *args, **kwargs) when a config is loaded; a
+    subclass that redefines the field with a plain default keeps the rule. A list or dict
+    default is copied for each instance."""
+    meta = {RULE: (check, args, kwargs)} if check is not None else {}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_settings(obj: Any, prefix: str = "") -> None:
+    """Every rule declared with `setting` on a config dataclass and on the dataclasses inside
+    it (fields, dict values, list items), each error naming the dotted key. Whatever the
+    rules, every number must be finite and no text may hold a NUL byte: neither can mean
+    anything in a setting."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        _check_plain(value, key)
+        check, args, kwargs = _rule(type(obj), f.name)
+        if check is not None:
+            check(value, key, *args, **kwargs)
+
+
+def _rule(cls: type, name: str) -> tuple:
+    """The field's rule, from the nearest class that declares one: a subclass that only
+    changes a default keeps its base's rule."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and RULE in f.metadata:
+            return f.metadata[RULE]
+    return None, (), {}
+
+
+def _check_plain(value: Any, key: str) -> None:
+    if isinstance(value, float):
+        finite_float(value, key)
+    elif isinstance(value, str):
+        text(value, key)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _check_plain(item, f"{key}.{k}")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        check_settings(value, f"{key}.")
 
 
 def parse_device(text: str | None, name: str = "--device"):

@@ -32,7 +32,8 @@ from ..errors import ConfigError
 from ..models.rollout import denoise_window
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..train.timesteps import choose_levels
-from .dmd_recipe import DMDOptions, DMDRecipe, Generated
+from ..validate import multiple_of, optional, setting
+from .dmd_recipe import CHUNK, TIMESTEPS, DMDOptions, DMDRecipe, Generated
 
 LEVEL_DRAW, NOISE_DRAW = 30, 31     # StepContext draws (the base recipe uses 10-11 and 20-21)
 
@@ -43,7 +44,12 @@ class CausVidOptions(DMDOptions):
     warp_shift: float | None = None
     guidance: float = 4.5               # CausVid's 3.5 in cond + w (cond - uncond)
     score_shift: float = 8.0            # CausVid's timestep_shift
-    levels: list[float] | None = None   # per-chunk training levels (None: the student's list + 0)
+    levels: list[float] | None = setting(None, optional(TIMESTEPS))   # per-chunk training levels (None: the list + 0)
+
+    def check(self, chunk: int | None = None) -> None:
+        super().check(chunk)
+        if chunk is not None:       # each chunk of the clip draws its own level
+            multiple_of(self.frames, "algo.frames", chunk, CHUNK)
 
 
 class CausVidRecipe(DMDRecipe):
@@ -53,16 +59,11 @@ class CausVidRecipe(DMDRecipe):
 
     def setup(self) -> None:
         super().setup()
-        levels = self.timesteps + [0.0] if self.opt.levels is None else [float(t) for t in self.opt.levels]
-        if not levels or any(not 0.0 <= t <= 1000.0 for t in levels):
-            raise ConfigError(f"algo.levels must be timesteps in [0, 1000], got {levels}")
-        self.levels = levels
+        self.levels = self.timesteps + [0.0] if self.opt.levels is None else [float(t) for t in self.opt.levels]
 
     def chunk_levels(self, ctx, frames: int) -> torch.Tensor:
-        """t [B, frames]: one level per chunk per sample (constant within a chunk)."""
-        if frames % self.chunk:
-            raise ConfigError(f"causvid: clips of {frames} latent frames are not whole chunks of {self.chunk}; "
-                              f"set data.frames so the latent frames divide by chunk_frames")
+        """t [B, frames]: one level per chunk per sample (constant within a chunk; algo.check
+        made frames whole chunks)."""
         return ctx.per_sample(LEVEL_DRAW, lambda n, generator: choose_levels(
             self.levels, n, frames, self.chunk, generator=generator))
 

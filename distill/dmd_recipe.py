@@ -19,39 +19,71 @@ config's w = 3.0 (cond + w (cond - uncond)) is guidance 4.0 here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
 from ..models.plans import Chunkwise, warp_timesteps
 from ..models.rollout import Noise, rollout
+from ..train.config import check_options
 from ..train.recipe import Recipe, RoleSpec, StepContext, mix_seed
 from ..train.timesteps import sample_timesteps
+from ..validate import (choice, each, in_range, non_negative_float, optional, positive_float, positive_int,
+                        setting)
 from .dmd import critic_loss, dmd_loss, sid_loss, x0_predictor
 
 LOSSES = ("dmd", "sid")
+CHUNK = "the student's chunk_frames"      # the unit of frame counts, named in their errors
+TIMESTEPS = each(in_range, 0, 1000, min_items=1)    # the rule of a list of timesteps
 
 
 @dataclass
 class DMDOptions:
     guidance: float = 4.0               # real score CFG: uncond + guidance (cond - uncond) (Self-Forcing w=3 -> 4)
-    loss: str = "dmd"                   # dmd | sid
+    loss: str = setting("dmd", choice, LOSSES)      # dmd | sid
     sid_alpha: float = 1.0              # SiD's alpha (Self-Forcing's SiD config: 1)
-    score_shift: float = 5.0            # DMD / critic timestep draw: shift ...
-    t_min: float = 20.0                 # ... clamped to [t_min, t_max]
-    t_max: float = 980.0
-    snap_shift: float | None = None     # snap drawn timesteps to the shifted 1000-entry table (public code: 5)
-    steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])  # student's list, before warp
-    warp_shift: float | None = 5.0      # warp the list through the shifted table (None: use as given)
-    context_noise: float = 0.0          # timestep of the clean commit pass
-    frames: int = 21                    # latent frames the teacher sees (its horizon; DMD window)
+    score_shift: float = setting(5.0, positive_float)   # DMD / critic timestep draw: shift ...
+    t_min: float = setting(20.0, in_range, 0, 1000)     # ... clamped to [t_min, t_max]
+    t_max: float = setting(980.0, in_range, 0, 1000)
+    snap_shift: float | None = setting(None, optional(positive_float))   # snap draws to the shifted table (public: 5)
+    steps: list[float] = setting([1000.0, 750.0, 500.0, 250.0], TIMESTEPS)   # student's list, before warp
+    warp_shift: float | None = setting(5.0, optional(non_negative_float))   # warp the list (None: use as given)
+    context_noise: float = setting(0.0, in_range, 0, 1000)   # timestep of the clean commit pass
+    frames: int = setting(21, positive_int)         # latent frames the teacher sees (its horizon; DMD window)
+
+    def check(self, chunk: int | None = None) -> None:
+        """Rules across fields; `chunk`: the student's chunk_frames (None: not known yet). The
+        loader calls this before anything is built, setup() again once the student exists."""
+        in_range(self.t_min, "algo.t_min", 0, self.t_max, why="at most algo.t_max")
 
 
 @dataclass
 class Generated:
     x0: torch.Tensor                    # [B, C, F, H, W] the clip the scores judge
     mask: torch.Tensor | None = None    # [B, F] bool: frames that take part in the loss (None: all)
+
+
+@torch.no_grad()
+def reencode_first(codec, context: torch.Tensor) -> torch.Tensor:
+    """The latent that replaces a DMD window's first latent: [B, C, n, H, W] -> [B, C, 1, H, W].
+
+    `context`: the video's latents up to AND including the window's first one, in order (all
+    of them, or the most recent ones the recipe keeps). They are decoded together, so a
+    causal, temporally compressing VAE (Wan: stride 4) decodes the window's first latent in
+    its temporal context; the LAST decoded pixel frame (the end of that latent's frames) is
+    encoded alone, as a clip's first latent is encoded from one frame. So the teacher, which
+    learned on clips, judges a window that starts the way a clip starts.
+
+    This is the public treatment: Self-Forcing's model/base.py decodes pred[:, :-20], every
+    latent up to and including the window's first (Rolling Forcing likewise), and LongLive's
+    model/streaming_training.py decodes its kept previous window up to that same latent.
+    Decoding the window's first latent alone is not the same: the VAE would take a mid-video
+    latent for a clip's first (one pixel frame, no context). Only a codec of temporal stride 1
+    (the toy codec) makes the two agree.
+    """
+    pixels = codec.decode(context)[:, :, -1:].clamp(-1, 1)
+    return codec.encode(pixels).to(context)
 
 
 class DMDRecipe(Recipe):
@@ -63,13 +95,10 @@ class DMDRecipe(Recipe):
 
     def setup(self) -> None:
         o = self.opt
-        if o.loss not in LOSSES:
-            raise ConfigError(f"algo.loss must be one of {LOSSES}, got {o.loss!r}")
-        if o.frames < 1:
-            raise ConfigError(f"algo.frames must be >= 1, got {o.frames}")
         self.timesteps = warp_timesteps(o.steps, o.warp_shift) if o.warp_shift else [float(t) for t in o.steps]
         gen = self.trainer.module("generator").config
         self.chunk = gen.chunk_frames
+        check_options(o, self.chunk)    # again, now with the student's chunk size
 
     # ------------------------------------------------------------------ pieces for subclasses
     def plan(self, **kw) -> Chunkwise:

@@ -45,7 +45,7 @@ from ..models.schedule import SOLVERS, timestep_to_sigma, x0_from_v
 from ..train.data import TOYWORLD, MapStream
 from ..train.recipe import Recipe, RoleSpec, mix_seed
 from ..train.timesteps import choose_levels
-from ..validate import choice, positive_int
+from ..validate import choice, each, in_range, optional, positive_float, positive_int, setting, unit_interval
 from .dmd import masked_mean
 
 PAIRS_RECORD = "ode-pairs.json"      # settings of a pair set (what makes it reusable)
@@ -56,19 +56,23 @@ _PAIR_NOISE = 0x0DE                  # mix_seed tag of the pairs' starting noise
 @dataclass
 class ODEInitOptions:
     # phase A: the pairs (defaults: the public Self-Forcing / CausVid ODE data)
-    num_pairs: int = 1024               # clips the teacher samples
+    num_pairs: int = setting(1024, positive_int)    # clips the teacher samples
     pairs_dir: str | None = None        # None: <output_dir>/ode_pairs; a finished set with the same settings is reused
-    pairs_per_shard: int = 64           # pairs per shard = the unit of resumable work
-    pairs_batch: int = 1                # clips the teacher samples together
-    pairs_dtype: str = "bf16"           # storage dtype of the stored latents
-    teacher_steps: int = 48             # solver steps
-    teacher_shift: float = 8.0          # sigma shift of the sampling schedule
+    pairs_per_shard: int = setting(64, positive_int)   # pairs per shard = the unit of resumable work
+    pairs_batch: int = setting(1, positive_int)     # clips the teacher samples together
+    pairs_dtype: str = setting("bf16", choice, sorted(DTYPES))   # storage dtype of the stored latents
+    teacher_steps: int = setting(48, positive_int)  # solver steps
+    teacher_shift: float = setting(8.0, positive_float)   # sigma shift of the sampling schedule
     teacher_guidance: float = 6.0       # CFG, uncond + guidance * (cond - uncond) (the public value is in this form)
-    teacher_solver: str = "euler"       # euler | unipc (the public pairs: Euler)
-    teacher_sigma_max: float = 1.0      # first level before the shift (the public pairs start at t = 1000)
+    teacher_solver: str = setting("euler", choice, SOLVERS)   # euler | unipc (the public pairs: Euler)
+    teacher_sigma_max: float = setting(1.0, unit_interval)   # first level before the shift (public pairs: t = 1000)
     stored_steps: list[int] = field(default_factory=lambda: [0, 12, 24, 36, -1])  # solver states kept; -1 = clean
-    # phase B / samples
-    sample_timesteps: list[float] | None = None   # the student's sampling list (None: the stored levels > 0)
+    # phase B / samples: the student's sampling list (None: the stored levels > 0)
+    sample_timesteps: list[float] | None = setting(None, optional(each(in_range, 0, 1000)))
+
+    def check(self, chunk: int | None = None) -> None:
+        """Rules across fields (the loader calls this before anything is built)."""
+        stored_indices(self.stored_steps, self.teacher_steps)
 
 
 def stored_indices(steps: list[int], solver_steps: int) -> list[int]:

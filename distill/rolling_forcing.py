@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise, Rolling
 from ..models.rollout import cache_options
+from ..validate import non_negative_int, optional, setting, unit_interval
 from .self_forcing import SelfForcingOptions, SelfForcingRecipe
 
 _PROB_RESOLUTION = 1 << 20      # a shared integer draw turned into a Bernoulli(rolling_prob) draw
@@ -54,9 +55,11 @@ _PROB_RESOLUTION = 1 << 20      # a shared integer draw turned into a Bernoulli(
 class RollingForcingOptions(SelfForcingOptions):
     # Rolling Forcing's list (warped): 5 levels -> a rolling window of 5 chunks
     steps: list[float] = field(default_factory=lambda: [1000.0, 800.0, 600.0, 400.0, 200.0])
-    rolling_prob: float = 0.5           # share of rolling rollouts; the rest are chunk-wise (public: 0.5)
-    window_frames: int | None = None    # attention window incl. the query chunk (None: the generator's config; 0: none)
-    sink_frames: int | None = None      # attention sink: first frames kept visible (None: the generator's config)
+    rolling_prob: float = setting(0.5, unit_interval)   # share of rolling rollouts; the rest are chunk-wise (public: 0.5)
+    # attention window incl. the query chunk (None: the generator's config; 0: none)
+    window_frames: int | None = setting(None, optional(non_negative_int))
+    # attention sink: first frames kept visible (None: the generator's config)
+    sink_frames: int | None = setting(None, optional(non_negative_int))
 
 
 class RollingForcingRecipe(SelfForcingRecipe):
@@ -65,9 +68,6 @@ class RollingForcingRecipe(SelfForcingRecipe):
 
     def setup(self) -> None:
         super().setup()
-        o = self.opt
-        if not 0.0 <= o.rolling_prob <= 1.0:
-            raise ConfigError(f"algo.rolling_prob must be in [0, 1], got {o.rolling_prob}")
         try:
             cache_options(self.plan(), self.trainer.module("generator").config)
         except ForcelabError as e:   # the plan's own check, reported against the config keys

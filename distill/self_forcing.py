@@ -8,9 +8,10 @@ step, whose pass carries gradients only for chunks in the DMD window; every othe
 every commit runs without gradients, so nothing flows back through the cache and memory stays
 flat in the video length (the rollout engine's `Training` hooks).
 
-When the rollout is longer than the window, the window's first frame is replaced by a
-decode -> encode of one pixel frame (the public code's treatment of a clip's first latent,
-which a causal VAE encodes from a single frame) and its chunk is left out of the loss.
+When the rollout is longer than the window, the window's first latent is replaced by a
+clip's first latent, as the public code does: every latent up to and including it (the
+first-frame prefix too) is decoded together and the last pixel frame is encoded alone
+(`reencode_first`); its chunk is left out of the loss.
 First-frame conditioning: `prefix_frames` clean frames of a real clip are committed to the
 cache before the rollout (image-to-video / video extension training).
 """
@@ -21,17 +22,27 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..models.rollout import Training
-from .dmd_recipe import DMDOptions, DMDRecipe, Generated
+from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
 
 
 @dataclass
 class SelfForcingOptions(DMDOptions):
-    min_chunks: int | None = None       # chunks per rollout drawn from [min_chunks, max_chunks]
-    max_chunks: int | None = None       # (None: frames / chunk_frames, the public default)
+    min_chunks: int | None = setting(None, optional(positive_int))   # chunks per rollout: [min_chunks, max_chunks]
+    max_chunks: int | None = setting(None, optional(positive_int))   # (None: frames / chunk_frames, the public default)
     reencode_first: bool = True         # longer rollouts: re-encode the window's first frame (see above)
-    prefix_frames: int = 0              # first-frame conditioning: clean frames from real clips
+    prefix_frames: int = setting(0, non_negative_int)   # first-frame conditioning: clean frames from real clips
+
+    def check(self, chunk: int | None = None) -> None:
+        super().check(chunk)
+        if chunk is not None:
+            multiple_of(self.frames, "algo.frames", chunk, CHUNK)
+            multiple_of(self.prefix_frames, "algo.prefix_frames", chunk, CHUNK)
+        low = self.min_chunks or (self.frames // chunk if chunk else None)
+        if low is not None and self.max_chunks is not None:
+            in_range(self.max_chunks, "algo.max_chunks", low, None, integer=True,
+                     why="algo.min_chunks" if self.min_chunks else "algo.frames / chunk_frames")
 
 
 class SelfForcingRecipe(DMDRecipe):
@@ -43,15 +54,9 @@ class SelfForcingRecipe(DMDRecipe):
 
     def setup(self) -> None:
         super().setup()
-        o, c = self.opt, self.chunk
-        if o.frames % c:
-            raise ConfigError(f"algo.frames ({o.frames}) must be a multiple of the student's chunk_frames ({c})")
+        o, c = self.opt, self.chunk       # checked by o.check(c)
         self.min_chunks = o.min_chunks or o.frames // c
         self.max_chunks = o.max_chunks or max(self.min_chunks, o.frames // c)
-        if not 1 <= self.min_chunks <= self.max_chunks:
-            raise ConfigError(f"algo.min_chunks/max_chunks: need 1 <= min <= max, got {self.min_chunks}..{self.max_chunks}")
-        if o.prefix_frames < 0 or o.prefix_frames % c:
-            raise ConfigError(f"algo.prefix_frames ({o.prefix_frames}) must be a multiple of chunk_frames ({c})")
 
     def draw_rollout(self, ctx) -> tuple[int, int]:
         """(frames to generate, exit step): the same on every rank."""
@@ -72,20 +77,14 @@ class SelfForcingRecipe(DMDRecipe):
         # the critic's rollout (grad=False, under no_grad) stops at the same exit and builds no graph
         res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=total - window),
                                    prefix=prefix, plan=self.rollout_plan(ctx))
-        x0 = res.x0 if prefix is None else torch.cat([prefix.to(res.x0.dtype), res.x0], dim=2)
+        video = res.x0 if prefix is None else torch.cat([prefix.to(res.x0.dtype), res.x0], dim=2)
         generated = torch.arange(total) >= P
         carries_grad = torch.cat([torch.zeros(P, dtype=torch.bool), res.grad_frames.cpu()])
         frame_mask = (carries_grad if grad else generated)[total - window:].clone()
-        x0 = x0[:, :, total - window:]
+        x0 = video[:, :, total - window:]
         if total > window and o.reencode_first:
-            x0 = torch.cat([self.reencode(x0[:, :, :1]), x0[:, :, 1:]], dim=2)
+            first = reencode_first(self.trainer.codec, video[:, :, :total - window + 1])
+            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
             if grad:
                 frame_mask[:self.chunk] = False
         return Generated(x0, frame_mask.to(x0.device)[None].expand(x0.shape[0], -1))
-
-    @torch.no_grad()
-    def reencode(self, latent: torch.Tensor) -> torch.Tensor:
-        """One latent frame -> its first pixel frame -> encoded alone (a clip's first latent)."""
-        codec = self.trainer.codec
-        pixels = codec.decode(latent)[:, :, :1].clamp(-1, 1)
-        return codec.encode(pixels).to(latent.dtype)

@@ -28,8 +28,13 @@ horizon), c = chunk_frames, S = len(steps):
    noise, sigma = 1). Gradients never cross the cache (commits and the long rollout run
    without them), so memory is that of T frames whatever L is.
 4. DMD (or SiD) on the T window frames; the critic's step runs its own such rollout. A
-   window that does not start the video gets its first frame re-encoded (a clip's first
-   latent, as in Self-Forcing) and that chunk is left out of the generator's loss.
+   window that does not start the video gets its first latent replaced by a clip's first
+   latent (`reencode_first`, as in Self-Forcing: the latents up to and including it decoded
+   together, the last pixel frame encoded alone) and that chunk is left out of the
+   generator's loss. The decoded context is the long rollout's last T - 1 frames before the
+   window plus the window's first: T latents, as LongLive decodes at most its previous
+   window, so the VAE's cost stays that of T frames whatever L is (Self-Forcing decodes
+   from frame 0, but its rollouts are never much longer than T).
 
 Samples during training: the same windowed chunk-wise plan (`forcelab generate --window` for
 the exported student).
@@ -47,18 +52,32 @@ from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise
 from ..models.rollout import INITIAL, Noise, Training, cache_options, default_cache, rollout
 from ..models.schedule import add_noise, timestep_to_sigma
-from .dmd_recipe import DMDOptions, DMDRecipe, Generated
-from .self_forcing import SelfForcingRecipe
+from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
 
 DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizons
 
 
 @dataclass
 class SelfForcingPPOptions(DMDOptions):
-    rollout_frames: int | None = None   # long rollout; windows start in [0, rollout_frames - frames] (None: 4 x frames)
-    window_frames: int | None = None    # the student's attention window = rolling KV cache (None: frames; 0: none)
-    sink_frames: int = 0                # attention sink frames (Self-Forcing++: none)
+    # long rollout; windows start in [0, rollout_frames - frames] (None: 4 x frames)
+    rollout_frames: int | None = setting(None, optional(positive_int))
+    # the student's attention window = rolling KV cache (None: frames; 0: none)
+    window_frames: int | None = setting(None, optional(non_negative_int))
+    sink_frames: int = setting(0, non_negative_int)   # attention sink frames (Self-Forcing++: none)
     reencode_first: bool = True         # windows after the video's start: re-encode the first frame (as Self-Forcing)
+
+    def check(self, chunk: int | None = None) -> None:
+        super().check(chunk)
+        long = self.long_frames()
+        in_range(long, "algo.rollout_frames", self.frames, None, integer=True, why="algo.frames")
+        if chunk is not None:
+            multiple_of(self.frames, "algo.frames", chunk, CHUNK)
+            multiple_of(long, "algo.rollout_frames", chunk, CHUNK)
+
+    def long_frames(self) -> int:
+        """Frames of the long rollout (rollout_frames, or DEFAULT_ROLLOUT_FACTOR x frames)."""
+        return DEFAULT_ROLLOUT_FACTOR * self.frames if self.rollout_frames is None else self.rollout_frames
 
 
 class BackwardNoise:
@@ -87,19 +106,11 @@ class BackwardNoise:
 class SelfForcingPPRecipe(DMDRecipe):
     name = "self_forcing_pp"
     Options = SelfForcingPPOptions
-    reencode = SelfForcingRecipe.reencode   # one implementation of the first-frame re-encode
 
     def setup(self) -> None:
         super().setup()
-        o, c = self.opt, self.chunk
-        if o.frames % c:
-            raise ConfigError(f"algo.frames ({o.frames}) must be a multiple of the student's chunk_frames ({c})")
-        self.rollout_frames = DEFAULT_ROLLOUT_FACTOR * o.frames if o.rollout_frames is None else o.rollout_frames
-        if self.rollout_frames < o.frames or self.rollout_frames % c:
-            raise ConfigError(f"algo.rollout_frames ({self.rollout_frames}) must be a multiple of chunk_frames "
-                              f"({c}) and at least algo.frames ({o.frames})")
-        if o.sink_frames < 0:
-            raise ConfigError(f"algo.sink_frames must be >= 0, got {o.sink_frames}")
+        o = self.opt                    # checked by o.check(chunk)
+        self.rollout_frames = o.long_frames()
         self.window_frames = o.frames if o.window_frames is None else o.window_frames
         try:
             cache_options(self.plan(), self.trainer.module("generator").config)
@@ -122,9 +133,11 @@ class SelfForcingPPRecipe(DMDRecipe):
         model, context = self.trainer.model("generator"), batch["text_emb"]
         noise, plan = self.noise(ctx, 1), self.plan()
         cache = default_cache(self.trainer.module("generator"), plan, noise, start + T, start_frame=0)
+        before = None       # the long rollout's last T - 1 frames before the window
         with torch.no_grad():
             if start:
-                rollout(model, plan, context, noise, start, cache=cache)           # cache C_s
+                long = rollout(model, plan, context, noise, start, cache=cache).x0      # cache C_s
+                before = long[:, :, max(0, start - (T - 1)):]
             clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
         source = BackwardNoise(noise, self.noise(ctx, 2), clean, start, timestep_to_sigma(self.timesteps[entry]))
         training = Training(0, grad_from_frame=start)      # under an outer no_grad (critic): no graph
@@ -132,7 +145,9 @@ class SelfForcingPPRecipe(DMDRecipe):
         x0 = res.x0
         mask = res.grad_frames.clone() if grad else torch.ones(T, dtype=torch.bool)
         if start and o.reencode_first:
-            x0 = torch.cat([self.reencode(x0[:, :, :1]), x0[:, :, 1:]], dim=2)
+            context_latents = torch.cat([before.to(x0.dtype), x0[:, :, :1].detach()], dim=2)
+            first = reencode_first(self.trainer.codec, context_latents)
+            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
             if grad:
                 mask[:self.chunk] = False
         return Generated(x0, mask.to(x0.device)[None].expand(x0.shape[0], -1))

@@ -11,8 +11,12 @@ KV cache of the step before (`rollout(..., cache=...)`):
 with overlap = frames - new_frames, so the teacher (DMD real score) and the critic always see
 `frames` frames, its horizon: the newest window. Only the new frames carry gradients (their
 exit pass; the cache and the overlap frames are detached) and only they enter the DMD and the
-critic loss (LongLive masks both). The window's first frame is re-encoded through the VAE when
-it is an overlap frame (as Self-Forcing does with a clip's first latent; it is masked anyway).
+critic loss (LongLive masks both). When the window starts with an overlap frame, that latent
+is replaced by a clip's first latent (`reencode_first`, as Self-Forcing does; it is masked
+anyway): LongLive decodes its previous window (the `frames` latents before the new ones) up to
+and including the window's first latent and encodes the last pixel frame alone. This recipe
+keeps those latents for it (`recent`) and does the same; a VAE decode of the whole video so far
+would grow with the sequence, and the public code never holds more than that window.
 Critic steps advance the sequence too (the public code's behaviour): with the generator every
 5th step, a sequence advances once per critic step plus once per generator step.
 
@@ -43,7 +47,7 @@ kept with LoRA, as in LongLive).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,27 +57,53 @@ from ..train import checkpoint as ckpt_io
 from ..train.data import ShardStream, make_stream
 from ..train.recipe import mix_seed
 from . import lora
-from .dmd_recipe import DMDOptions, DMDRecipe, Generated
-from .self_forcing import SelfForcingRecipe
+from ..validate import (choice, each, in_range, multiple_of, non_negative_int, optional, positive_float,
+                        positive_int, setting)
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
 
 EXIT_DRAW, SWITCH_DRAW, NOISE_DRAW = 1, 2, 3
 
 
 @dataclass
 class StreamingLongOptions(DMDOptions):
-    new_frames: int = 18                # frames each later step adds (overlap = frames - new_frames)
-    max_frames: int = 240               # sequence length limit: then new prompts and a new sequence
-    window_frames: int | None = None    # generator attention window incl. the chunk (None: model config)
-    sink_frames: int | None = None      # frames kept visible forever (None: model config)
+    new_frames: int = setting(18, positive_int)     # frames each later step adds (overlap = frames - new_frames)
+    max_frames: int = setting(240, positive_int)    # sequence length limit: then new prompts and a new sequence
+    # generator attention window incl. the chunk (None: model config)
+    window_frames: int | None = setting(None, optional(non_negative_int))
+    sink_frames: int | None = setting(None, optional(non_negative_int))   # frames kept visible forever (None: model config)
     switch: bool = True                 # one prompt switch per sequence
-    switch_frames: list[int] | None = None  # candidate switch frames, step starts (None: all but the last)
-    recache_frames: int | None = None   # frames re-run with the new prompt at a switch (None: `frames`)
+    # candidate switch frames, step starts (None: all but the last)
+    switch_frames: list[int] | None = setting(None, optional(each(non_negative_int)))
+    # frames re-run with the new prompt at a switch (None: `frames`)
+    recache_frames: int | None = setting(None, optional(non_negative_int))
     keep_sink: bool = True              # the sink survives a switch (false: the public training code's wipe)
     reencode_first: bool = True         # re-encode the window's first (overlap) frame through the VAE
     checkpoint_stream: bool = True      # save the sequence state for a bit-exact resume
-    lora_rank: int = 0                  # > 0: LoRA adapters (peft) instead of full fine-tuning
-    lora_alpha: float | None = None     # LoRA scale alpha / rank (None: alpha = rank)
-    lora_roles: list[str] = field(default_factory=lambda: ["generator", "critic"])
+    lora_rank: int = setting(0, non_negative_int)   # > 0: LoRA adapters (peft) instead of full fine-tuning
+    lora_alpha: float | None = setting(None, optional(positive_float))   # LoRA scale alpha / rank (None: alpha = rank)
+    lora_roles: list[str] = setting(["generator", "critic"], each(choice, ("generator", "critic")))
+
+    def check(self, chunk: int | None = None) -> None:
+        super().check(chunk)
+        in_range(self.new_frames, "algo.new_frames", 1, self.frames, integer=True,
+                 why="algo.frames: the teacher window is the overlap plus the new frames")
+        in_range(self.max_frames, "algo.max_frames", self.frames, None, integer=True, why="algo.frames")
+        if chunk is not None:
+            for key in ("frames", "new_frames"):
+                multiple_of(getattr(self, key), f"algo.{key}", chunk, CHUNK)
+        starts = self.step_starts()
+        bad = [f for f in self.switch_frames or [] if f not in starts]
+        if bad:
+            raise ConfigError(f"algo.switch_frames: {bad} are not step starts of a sequence ({starts[:4]}... up to "
+                              f"{self.sequence_length()} frames: frames + k * new_frames)")
+
+    def sequence_length(self) -> int:
+        """Frames of one sequence: the longest frames + k * new_frames <= max_frames."""
+        return self.frames + self.new_frames * ((self.max_frames - self.frames) // self.new_frames)
+
+    def step_starts(self) -> list[int]:
+        """Frames where the steps after a sequence's first one start (the last ends the sequence)."""
+        return list(range(self.frames, self.sequence_length(), self.new_frames))
 
 
 class PromptsOnDemand:
@@ -107,7 +137,6 @@ class Sequence:
 class StreamingLongRecipe(DMDRecipe):
     name = "streaming_long"
     Options = StreamingLongOptions
-    reencode = SelfForcingRecipe.reencode
 
     # ------------------------------------------------------------------ roles and data
     @classmethod
@@ -130,31 +159,13 @@ class StreamingLongRecipe(DMDRecipe):
 
     def setup(self) -> None:
         super().setup()
-        o, c = self.opt, self.chunk
-        for key in ("frames", "new_frames"):
-            v = getattr(o, key)
-            if v < 1 or v % c:
-                raise ConfigError(f"algo.{key} ({v}) must be a positive multiple of the student's chunk_frames ({c})")
-        if o.new_frames > o.frames:
-            raise ConfigError(f"algo.new_frames ({o.new_frames}) must be <= algo.frames ({o.frames}): the teacher "
-                              f"window is the overlap plus the new frames")
-        if o.max_frames < o.frames:
-            raise ConfigError(f"algo.max_frames ({o.max_frames}) must be >= algo.frames ({o.frames})")
-        unknown = sorted(set(o.lora_roles) - {"generator", "critic"})
-        if unknown:
-            raise ConfigError(f"algo.lora_roles: {unknown} are not trainable roles; use generator and/or critic")
+        o = self.opt                    # checked by o.check(chunk)
         self.overlap = o.frames - o.new_frames
-        self.length = o.frames + o.new_frames * ((o.max_frames - o.frames) // o.new_frames)
-        starts = list(range(o.frames, self.length, o.new_frames))
-        self.switch_candidates = list(o.switch_frames) if o.switch_frames is not None else starts[:-1]
-        bad = [f for f in self.switch_candidates if f not in starts]
-        if bad:
-            raise ConfigError(f"algo.switch_frames: {bad} are not step starts of a sequence ({starts[:4]}... up to "
-                              f"{self.length} frames: frames + k * new_frames)")
+        self.length = o.sequence_length()
+        self.switch_candidates = list(o.switch_frames) if o.switch_frames is not None else o.step_starts()[:-1]
         self.recache_frames = o.frames if o.recache_frames is None else o.recache_frames
-        if self.recache_frames < 0:
-            raise ConfigError(f"algo.recache_frames must be >= 0, got {self.recache_frames}")
-        self.keep_recent = max(self.overlap, self.recache_frames)
+        # the re-encode decodes the previous window (`frames` latents) up to the window's first
+        self.keep_recent = max(self.overlap, self.recache_frames, o.frames if o.reencode_first and self.overlap else 0)
         cache_options(self.plan(), self.trainer.module("generator").config)   # window / sink checked now
         self.seq: Sequence | None = None
         self.sequences = 0
@@ -216,7 +227,9 @@ class StreamingLongRecipe(DMDRecipe):
         ov = min(self.overlap, start)
         x0 = res.x0 if ov == 0 else torch.cat([seq.recent[:, :, -ov:].to(res.x0.dtype), res.x0], dim=2)
         if ov and o.reencode_first:
-            x0 = torch.cat([self.reencode(x0[:, :, :1]), x0[:, :, 1:]], dim=2)
+            kept = seq.recent.shape[2]  # recent: frames [start - kept, start); the window starts at start - ov
+            first = reencode_first(self.trainer.codec, seq.recent[:, :, max(0, kept - o.frames):kept - ov + 1])
+            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
         clean = res.x0.detach()
         seq.recent = clean if seq.recent is None else torch.cat([seq.recent, clean], dim=2)
         seq.recent = seq.recent[:, :, -self.keep_recent:] if self.keep_recent else seq.recent[:, :, :0]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..errors import ForcelabError
+from ..validate import choice
 from .stats import spread
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "toy"
@@ -81,6 +82,8 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
         raise ForcelabError(f"--suite must be full or quick, got {suite!r}")
     if seeds < 1:
         raise ForcelabError(f"--seeds must be >= 1, got {seeds}")
+    for recipe in recipes or ():
+        choice(recipe, "--recipes", PLANS)
     s = FULL if suite == "full" else QUICK
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@
 
 Latents are normalised (roughly zero mean, unit variance per channel) so the DiT never
 sees encoder-specific statistics. Frame counts: F' = 1 + (F - 1) / temporal_stride
-(the Wan VAE wants F = 4k + 1; the toy codec has stride 1, so F' = F).
+(the Wan VAE wants F = 4k + 1; the toy codec has stride 1, so F' = F, unless built with a
+temporal stride: "toy:C:S:T", a causal Wan-like layout for tests).
 Pushing latent frames one at a time to a stream yields exactly what `decode` gives for the
-whole clip (the Wan VAE is causal in time; the toy codec is per frame).
+whole clip (both codecs are causal in time).
 """
 
 from __future__ import annotations
@@ -133,17 +134,26 @@ class ToyCodec:
 
     Default C = 6 at s = 4 (48 -> 6 numbers per cell, 8x compression): 32x32 toy frames give
     6 x 8 x 8 latents, what DiTConfig.preset("toy") expects; 25.8 dB PSNR on toy frames.
+
+    temporal_stride T > 1 compresses time causally, laid out like the Wan VAE: latent 0 is
+    frame 0 alone, latent k >= 1 the mean of frames 1 + T(k-1) .. Tk (per coefficient). Decoding
+    ramps each group from the frame decoded before it, p: frame j = 1..T of group k is
+    p + 2j / (T + 1) * (z[k] - p) (the group's mean is z[k], so decode is still exact on its own
+    output). So, as with Wan, a latent decodes differently with its past than alone (alone it
+    is a clip's first latent: one frame, z[k] itself), and the past fades (by a factor
+    (T - 1) / (T + 1) per latent) but never ends. T = 1 is the per-frame codec. For tests of
+    code that must give the VAE its temporal context.
     """
 
-    temporal_stride = 1
-
-    def __init__(self, channels: int = 6, stride: int = 4):
-        if stride < 1 or not 1 <= channels <= 3 * stride * stride:
-            raise ForcelabError(f"toy codec: need stride >= 1 and 1 <= channels <= 3*stride^2 "
-                                f"({3 * stride * stride}), got channels {channels}, stride {stride}")
+    def __init__(self, channels: int = 6, stride: int = 4, temporal_stride: int = 1):
+        if stride < 1 or not 1 <= channels <= 3 * stride * stride or temporal_stride < 1:
+            raise ForcelabError(f"toy codec: need stride >= 1, temporal stride >= 1 and 1 <= channels <= "
+                                f"3*stride^2 ({3 * stride * stride}), got channels {channels}, stride {stride}, "
+                                f"temporal stride {temporal_stride}")
         self.spatial_stride = stride
+        self.temporal_stride = temporal_stride
         self.latent_channels = channels
-        self.name = f"toy-dct-s{stride}-c{channels}"
+        self.name = f"toy-dct-s{stride}-c{channels}" + (f"-t{temporal_stride}" if temporal_stride > 1 else "")
         mean, std = toy_latent_stats(stride)
         self.basis = toy_cell_basis(stride)[:channels].float()            # [C, 3*s*s]
         self.mean = mean[:channels].float().view(1, -1, 1, 1)
@@ -158,29 +168,57 @@ class ToyCodec:
         cells = F.pixel_unshuffle(video.transpose(1, 2).reshape(b * f, c, h, w), self.spatial_stride)
         basis, mean, std = self._consts(cells)
         z = (torch.einsum("kc,nchw->nkhw", basis, cells) - mean) / std
-        return z.reshape(b, f, *z.shape[1:]).transpose(1, 2).contiguous()
+        z = z.reshape(b, f, *z.shape[1:]).transpose(1, 2)                  # [B, C, F, h, w]
+        t = self.temporal_stride
+        if t > 1:   # latent 0: frame 0; latent k: the mean of its group of t frames
+            groups = z[:, :, 1:].unflatten(2, ((f - 1) // t, t)).mean(3)
+            z = torch.cat([z[:, :, :1], groups], dim=2)
+        return z.contiguous()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         if latent.ndim != 5 or latent.shape[1] != self.latent_channels:
             raise ForcelabError(f"{self.name}: expected a latent [B, {self.latent_channels}, F, H, W], "
                                 f"got shape {list(latent.shape)}")
-        b, c, f, h, w = latent.shape
-        z = latent.transpose(1, 2).reshape(b * f, c, h, w)
+        return self._pixels(self._ramp(latent))
+
+    def _ramp(self, latent: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents [B, C, n, h, w] -> per-frame coefficients [B, C, f, h, w]. `last` [B, C, h, w]:
+        the frame decoded before them (None: latent 0 starts a clip, one frame)."""
+        t = self.temporal_stride
+        if t == 1:
+            return latent
+        w = [2.0 * j / (t + 1) for j in range(1, t + 1)]
+        frames = []
+        for k in range(latent.shape[2]):
+            z = latent[:, :, k]
+            frames.extend([z] if last is None else [last + wj * (z - last) for wj in w])
+            last = frames[-1]
+        return torch.stack(frames, dim=2)
+
+    def _pixels(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Per-frame coefficients [B, C, F, h, w] -> video [B, 3, F, H, W]."""
+        b, c, f, h, w = coefficients.shape
+        z = coefficients.transpose(1, 2).reshape(b * f, c, h, w)
         basis, mean, std = self._consts(z)
         cells = torch.einsum("kc,nkhw->nchw", basis, z * std + mean)
         x = F.pixel_shuffle(cells, self.spatial_stride)
         return x.reshape(b, f, *x.shape[1:]).transpose(1, 2).contiguous()
 
-    def decode_stream(self) -> "_PerFrameStream":
-        return _PerFrameStream(self)
+    def decode_stream(self) -> "_ToyStream":
+        return _ToyStream(self)
 
 
-class _PerFrameStream:
+class _ToyStream:
+    """Decoding carries only the last decoded frame's coefficients from chunk to chunk."""
+
     def __init__(self, codec: ToyCodec):
         self.codec = codec
+        self.last: torch.Tensor | None = None
 
     def push(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latent)
+        coefficients = self.codec._ramp(latent, self.last)
+        self.last = coefficients[:, :, -1]
+        return self.codec._pixels(coefficients)
 
 
 class WanVAE:
@@ -271,19 +309,20 @@ class _WanDecodeStream:
 
 
 def load_autoencoder(spec: str, dtype=None, device=None) -> VideoAutoencoder:
-    """"toy" (or "toy:C" for C latent channels, "toy:C:S" also for cell size S) -> ToyCodec; a local
+    """"toy" (or "toy:C" for C latent channels, "toy:C:S" also for cell size S, "toy:C:S:T" also for
+    temporal stride T) -> ToyCodec; a local
     directory in diffusers format (AutoencoderKLWan config.json + weights, or a pipeline folder
     with vae/) -> WanVAE. dtype: torch dtype or "bf16"/"fp16"/"fp32"; the Wan VAE defaults to fp32."""
     spec = str(spec)
     if spec == "toy" or spec.startswith("toy:"):
         try:
             parts = [int(v) for v in spec.split(":")[1:]]
-            if len(parts) > 2:
+            if len(parts) > 3:
                 raise ValueError(spec)
             return ToyCodec(*parts)
         except ValueError:
-            raise ForcelabError(f"autoencoder {spec!r}: write toy, toy:CHANNELS or toy:CHANNELS:STRIDE "
-                                f"(integers)") from None
+            raise ForcelabError(f"autoencoder {spec!r}: write toy, toy:CHANNELS, toy:CHANNELS:STRIDE or "
+                                f"toy:CHANNELS:STRIDE:TEMPORAL_STRIDE (integers)") from None
     path = Path(spec).expanduser()
     if (path / "vae" / "config.json").is_file():
         path = path / "vae"
@@ -294,8 +333,12 @@ def load_autoencoder(spec: str, dtype=None, device=None) -> VideoAutoencoder:
             f"of Wan2.1-T2V-1.3B-Diffusers)")
     from diffusers import AutoencoderKLWan
 
+    from .checkpoint import require_safetensors
+
+    require_safetensors(path, "autoencoder")
     try:
-        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=parse_dtype(dtype) or torch.float32)
+        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=parse_dtype(dtype) or torch.float32,
+                                               use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise ForcelabError(f"autoencoder {path}: cannot load as AutoencoderKLWan ({e})") from None
     if device is not None:

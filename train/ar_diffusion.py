@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..models.plans import StepMatrix, default_timesteps
 from ..models.schedule import add_noise, flow_target, sigma_to_timestep
+from ..validate import choice, in_range, non_negative_int, positive_float, positive_int, setting, unit_interval
 from .recipe import Recipe, RoleSpec
 from .timesteps import ar_sigmas, fopp_sample, uniform_nondecreasing_sample
 
@@ -24,14 +24,18 @@ SAMPLERS = ("fopp", "forward")
 
 @dataclass
 class ARDiffusionOptions:
-    num_levels: int = 1000              # discrete noise levels T of the FoPP scheduler
-    sampler: str = "fopp"               # fopp (uniform through a random (frame, level)) | forward (uniform)
-    shift: float = 1.0                  # sigma shift applied to the levels
-    chunk_frames: int = 1               # attention unit: 1 = temporal-causal per frame
-    uncond_prob: float = 0.0
-    sample_steps: int = 20              # AD scheduler: levels per frame
-    sample_shift: float = 3.0
-    ar_step: int = 4                    # AD scheduler: frame i sits ar_step levels behind frame i-1
+    num_levels: int = setting(1000, in_range, 2, None, integer=True)   # discrete noise levels T of the FoPP scheduler
+    sampler: str = setting("fopp", choice, SAMPLERS)   # fopp (uniform through a random (frame, level)) | forward
+    shift: float = setting(1.0, positive_float)     # sigma shift applied to the levels
+    chunk_frames: int = setting(1, positive_int)    # attention unit: 1 = temporal-causal per frame
+    uncond_prob: float = setting(0.0, unit_interval)
+    sample_steps: int = setting(20, positive_int)   # AD scheduler: levels per frame
+    sample_shift: float = setting(3.0, positive_float)
+    ar_step: int = setting(4, non_negative_int)     # AD scheduler: frame i sits ar_step levels behind frame i-1
+
+    def check(self, chunk: int | None = None) -> None:
+        """Rules across fields (the loader calls this with the student's chunk when known)."""
+        in_range(self.ar_step, "algo.ar_step", 0, self.sample_steps, integer=True, why="algo.sample_steps")
 
 
 class ARDiffusionRecipe(Recipe):
@@ -39,12 +43,6 @@ class ARDiffusionRecipe(Recipe):
     roles = {"generator": RoleSpec(causal=True)}
     data = "latents"
     Options = ARDiffusionOptions
-
-    def setup(self):
-        if self.opt.sampler not in SAMPLERS:
-            raise ConfigError(f"algo.sampler must be one of {SAMPLERS}, got {self.opt.sampler!r}")
-        if self.opt.num_levels < 2 or self.opt.chunk_frames < 1:
-            raise ConfigError("algo.num_levels must be >= 2 and algo.chunk_frames >= 1")
 
     def levels(self, ctx, frames: int) -> torch.Tensor:
         """[B, F] non-decreasing integer levels, one draw per sample (per attention unit)."""

@@ -6,20 +6,26 @@ Top-level keys hold the infrastructure (output_dir, seed, max_steps, precision, 
 logging, data); `roles.<name>` configures each model the recipe uses (generator, critic,
 teacher); `algo` holds the recipe's own options, whose schema is the recipe's `Options`
 dataclass - chosen by `recipe`, so a typo there is an error naming the key like anywhere else.
+Each setting's rule is declared beside it (`setting(default, check)`, forcelab.validate) and
+load_train_config applies them all - with the recipe's cross-field rules (`Options.check`) -
+before a model is built or a folder written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
-from ..config import load_config
-from ..errors import ConfigError
-from ..validate import choice, non_negative_float, non_negative_int, optional, positive_float, positive_int
+from ..config import DTYPE_NAMES, load_config
+from ..errors import ConfigError, ForcelabError
+from ..models.config import PRESETS, DiTConfig
+from ..validate import (check_settings, choice, decay, each, non_negative_float, non_negative_int, optional,
+                        positive_float, positive_int, setting, unit_interval)
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16")   # fp16 would need loss scaling; bf16 does not
@@ -32,46 +38,46 @@ class RoleConfig:
     """One model of the recipe: where its weights come from and how it is optimised."""
     init: str | None = None             # weights: a DiT dir (Wan/diffusers), a forcelab run or checkpoint; None = random
     init_role: str | None = None        # which role of a forcelab run to take (default: this role's name)
-    preset: str | None = None           # architecture for random init (default: model_preset)
+    preset: str | None = setting(None, optional(choice), PRESETS)   # random init's architecture (None: model_preset)
     trainable: bool | None = None       # None = the recipe's default for this role
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    lr_schedule: str = "constant"       # constant (after warmup) | cosine (to min_lr_ratio * lr at max_steps)
-    warmup_steps: int = 0               # linear warmup over this many of the role's updates
-    min_lr_ratio: float = 0.0           # cosine floor as a fraction of lr
-    update_every: int = 1               # update on steps where step % update_every == 0 (critic 1, generator 5)
-    grad_clip: float | None = None      # max global grad norm (None = no clipping)
-    ema_decay: float | None = None      # keep an EMA of the weights (None = no EMA)
-    ema_start: int = 0                  # first step that updates the EMA (copied from the weights then)
-    dtype: str | None = None            # frozen roles: weight dtype (bf16 halves a frozen teacher's memory)
+    lr: float = setting(1e-4, non_negative_float)
+    betas: tuple[float, float] = setting((0.9, 0.999), each(decay))
+    weight_decay: float = setting(0.0, non_negative_float)
+    eps: float = setting(1e-8, positive_float)
+    lr_schedule: str = setting("constant", choice, LR_SCHEDULES)   # constant | cosine (to min_lr_ratio * lr), after warmup
+    warmup_steps: int = setting(0, non_negative_int)  # linear warmup over this many of the role's updates
+    min_lr_ratio: float = setting(0.0, unit_interval)  # cosine floor as a fraction of lr
+    update_every: int = setting(1, positive_int)      # update when step % update_every == 0 (critic 1, generator 5)
+    grad_clip: float | None = setting(None, optional(positive_float))   # max global grad norm (None: no clipping)
+    ema_decay: float | None = setting(None, optional(decay))   # keep an EMA of the weights (None: no EMA)
+    ema_start: int = setting(0, non_negative_int)     # first step that updates the EMA (copied from the weights then)
+    dtype: str | None = setting(None, optional(choice), DTYPE_NAMES)   # frozen roles: weight dtype (bf16: half the memory)
     gradient_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
 
 
 @dataclass
 class DataConfig:
     source: str = "toyworld"            # toyworld | a shard folder/manifest | a prompt file | an ODE-pair folder
-    batch_size: int = 1                 # per device, per micro-step
-    num_workers: int = 0                # DataLoader workers for shard sources
-    frames: int | None = None           # toy world: video frames per clip (None: the world's default)
-    shuffle: int = 1000                 # shard sources: shuffle buffer
-    height: int = 32                    # toy world frame size in pixels
-    width: int = 32
+    batch_size: int = setting(1, positive_int)      # per device, per micro-step
+    num_workers: int = setting(0, non_negative_int)  # DataLoader workers for shard sources
+    frames: int | None = setting(None, optional(positive_int))   # toy world: frames per clip (None: the world's default)
+    shuffle: int = setting(1000, non_negative_int)  # shard sources: shuffle buffer (0: read in order)
+    height: int = setting(32, positive_int)         # toy world frame size in pixels
+    width: int = setting(32, positive_int)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500                    # save every N steps (and at the end); 0 = only at the end
-    keep_last: int = 3                  # keep the newest K checkpoints (older ones forcelab wrote are removed)
+    every: int = setting(500, non_negative_int)     # save every N steps (and at the end); 0 = only at the end
+    keep_last: int = setting(3, positive_int)       # keep the newest K checkpoints (older ones forcelab wrote go)
 
 
 @dataclass
 class LogConfig:
-    every: int = 10                     # console / JSONL metrics every N steps
-    wandb: str = "offline"              # offline | online | disabled (WANDB_MODE overrides)
+    every: int = setting(10, positive_int)          # console / JSONL metrics every N steps
+    wandb: str = setting("offline", choice, WANDB_MODES)   # offline | online | disabled (WANDB_MODE overrides)
     project: str = "forcelab"
-    sample_every: int = 0               # write sample videos every N steps (0 = never)
+    sample_every: int = setting(0, non_negative_int)   # write sample videos every N steps (0 = never)
     sample_prompts: list[str] = field(default_factory=list)   # default: a few toy captions / dataset captions
     progress: bool = True               # tqdm bar on rank 0
 
@@ -80,18 +86,18 @@ class LogConfig:
 class TrainConfig:
     recipe: str = "teacher"             # which recipe (see forcelab.train.recipe.RECIPES)
     output_dir: str = "runs/run"        # the run folder: checkpoints, metrics.jsonl, samples, config.yaml
-    seed: int = 0
-    max_steps: int = 1000
-    gradient_accumulation_steps: int = 1    # global batch = batch_size x processes x this
-    mixed_precision: str = "no"         # no | bf16 (autocast; weights and optimizer stay fp32)
-    max_nonfinite_steps: int = 10       # abort after this many non-finite losses/gradients in a row
-    model_preset: str = "toy"           # architecture of randomly initialised roles
+    seed: int = setting(0, non_negative_int)
+    max_steps: int = setting(1000, positive_int)
+    gradient_accumulation_steps: int = setting(1, positive_int)   # global batch = batch_size x processes x this
+    mixed_precision: str = setting("no", choice, PRECISIONS)   # no | bf16 (autocast; weights, optimizer stay fp32)
+    max_nonfinite_steps: int = setting(10, positive_int)   # abort after this many non-finite steps in a row
+    model_preset: str = setting("toy", choice, PRESETS)   # architecture of randomly initialised roles
     model_overrides: dict[str, Any] = field(default_factory=dict)   # DiTConfig fields (chunk_frames, ...)
     vae: str = "toy"                    # "toy" or a local diffusers VAE directory
     text_encoder: str = "toy"           # "toy" or a local umT5 directory
     negative_prompt: str = ""           # the unconditional prompt (CFG dropout, CFG at sampling)
-    threads: int | None = None          # CPU threads per process (None: 1 per process when several share a CPU)
-    parallel: str = "auto"              # auto (from the accelerate launch config) | ddp | fsdp | zero2 | zero3
+    threads: int | None = setting(None, optional(positive_int))   # CPU threads per process (None: 1 on a CPU device)
+    parallel: str = setting("auto", choice, PARALLEL)   # auto (the accelerate launch config) | ddp | fsdp | zero2 | zero3
     data: DataConfig = field(default_factory=DataConfig)
     roles: dict[str, RoleConfig] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -131,31 +137,68 @@ def load_train_config(files: Iterable[str | Path] = (), overrides: Iterable[str]
 
 
 def check_train_config(cfg) -> None:
-    """Numbers and names the schema's types do not catch, each named by its key (with the
-    project's boundary validators, forcelab.validate)."""
-    for key, value in (("max_steps", cfg.max_steps), ("gradient_accumulation_steps", cfg.gradient_accumulation_steps),
-                       ("max_nonfinite_steps", cfg.max_nonfinite_steps), ("data.batch_size", cfg.data.batch_size),
-                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("logging.every", cfg.logging.every),
-                       ("threads", cfg.threads), ("data.frames", cfg.data.frames)):
-        optional(positive_int)(value, key)
-    for key, value in (("data.num_workers", cfg.data.num_workers), ("checkpoint.every", cfg.checkpoint.every),
-                       ("logging.sample_every", cfg.logging.sample_every)):
-        non_negative_int(value, key)
-    choice(cfg.mixed_precision, "mixed_precision", PRECISIONS)
-    choice(cfg.parallel, "parallel", PARALLEL)
-    choice(cfg.logging.wandb, "logging.wandb", WANDB_MODES)
-    for name, role in cfg.roles.items():
-        key = f"roles.{name}"
-        non_negative_float(role.lr, f"{key}.lr")
-        choice(role.lr_schedule, f"{key}.lr_schedule", LR_SCHEDULES)
-        non_negative_int(role.warmup_steps, f"{key}.warmup_steps")
-        positive_int(role.update_every, f"{key}.update_every")
-        non_negative_int(role.ema_start, f"{key}.ema_start")
-        optional(positive_float)(role.grad_clip, f"{key}.grad_clip")
-        if role.ema_decay is not None and not 0.0 <= role.ema_decay < 1.0:
-            raise ConfigError(f"{key}.ema_decay must be in [0, 1), got {role.ema_decay}")
-        if not all(0.0 <= b < 1.0 for b in role.betas):
-            raise ConfigError(f"{key}.betas must each be in [0, 1), got {list(role.betas)}")
+    """Every setting checked before anything is built or written: each field's rule (declared
+    beside it with forcelab.validate.setting; every number finite), the role names against
+    the recipe's, model_overrides against the DiT's fields, then the recipe's own cross-field
+    rules (`algo.check(chunk)`)."""
+    from .recipe import recipe_class
+
+    try:
+        check_settings(cfg)
+    except ConfigError:
+        raise
+    except ForcelabError as e:
+        raise ConfigError(str(e)) from None
+    roles = recipe_class(cfg.recipe).roles
+    unknown = sorted(set(cfg.roles) - set(roles))
+    if unknown:
+        raise ConfigError(f"roles: recipe '{cfg.recipe}' has no role(s) {unknown}; its roles are {list(roles)}")
+    check_options(getattr(cfg, "algo", None), check_model(cfg))
+
+
+def check_options(options, chunk: int | None = None) -> None:
+    """The recipe's rules across its options (`Options.check(chunk)`, if it has one), as
+    ConfigErrors. chunk: the student's chunk_frames, None while only its weights know it (the
+    recipe's setup() calls this again once they are loaded)."""
+    check = getattr(options, "check", None)
+    if check is None:
+        return
+    try:
+        check(chunk)
+    except ConfigError:
+        raise
+    except ForcelabError as e:
+        raise ConfigError(str(e)) from None
+
+
+_DIT = "DiTConfig: "     # how DiTConfig's errors start
+
+
+def check_model(cfg) -> int | None:
+    """Check model_overrides (known DiTConfig fields; values as DiTConfig checks them) and
+    return the student's chunk_frames when the config alone fixes it: set in model_overrides,
+    or every role built at random from its preset. None: weights given as init decide it."""
+    from .roles import RUNTIME_FIELDS     # (roles imports this module)
+
+    fields = list(DiTConfig.__dataclass_fields__)
+    for key in cfg.model_overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the fields are {', '.join(fields)}"
+            raise ConfigError(f"model_overrides.{key}: not a setting of the model; {hint}")
+    random = not any(role.init for role in cfg.roles.values())
+    # with weights, only the runtime fields apply as given (the rest must match the weights)
+    given = {k: v for k, v in cfg.model_overrides.items() if random or k in RUNTIME_FIELDS}
+    generator = cfg.roles.get("generator")
+    student = (generator.preset if generator is not None else None) or cfg.model_preset
+    presets = {cfg.model_preset, student, *(r.preset for r in cfg.roles.values() if r.preset)}
+    try:
+        configs = {name: DiTConfig.preset(name, **given) for name in sorted(presets)}
+    except ForcelabError as e:     # DiTConfig names its field: name the config key instead
+        text = str(e)
+        raise ConfigError(f"model_overrides.{text[len(_DIT):]}" if text.startswith(_DIT)
+                          else f"model_overrides: {text}") from None
+    return configs[student].chunk_frames if random or "chunk_frames" in given else None
 
 
 def config_yaml(cfg) -> str:

@@ -17,8 +17,10 @@ import torch
 from ..errors import ConfigError
 from ..models.plans import Chunkwise, StepMatrix, default_timesteps
 from ..models.schedule import add_noise, flow_target, timestep_to_sigma
+from ..validate import (choice, in_range, non_negative_int, optional, positive_float, positive_int, setting,
+                        unit_interval)
 from .recipe import Recipe, RoleSpec
-from .timesteps import sample_flow_timesteps
+from .timesteps import FLOW_DISTRIBUTIONS, sample_flow_timesteps
 
 SAMPLE_PLANS = ("chunkwise", "step_matrix")
 
@@ -26,15 +28,20 @@ SAMPLE_PLANS = ("chunkwise", "step_matrix")
 @dataclass
 class DiffusionForcingOptions:
     teacher_forcing: bool = False       # clean context chunks + noisy chunks (else: every chunk noisy)
-    shift: float = 1.0                  # training sigma shift
-    sigma_dist: str = "uniform"         # uniform | logit_normal
-    uncond_prob: float = 0.0            # caption dropout (for CFG-free causal models: 0)
-    window_frames: int | None = None    # attention window in training (None: all past frames)
-    sink_frames: int = 0
-    sample_plan: str = "chunkwise"      # chunkwise | step_matrix
-    sample_steps: int = 20              # denoising steps per chunk
-    sample_shift: float = 3.0
-    ar_step: int = 1                    # step_matrix: levels between consecutive blocks
+    shift: float = setting(1.0, positive_float)     # training sigma shift
+    sigma_dist: str = setting("uniform", choice, FLOW_DISTRIBUTIONS)   # uniform | logit_normal
+    uncond_prob: float = setting(0.0, unit_interval)  # caption dropout (for CFG-free causal models: 0)
+    window_frames: int | None = setting(None, optional(positive_int))  # attention window in training (None: all past)
+    sink_frames: int = setting(0, non_negative_int)
+    sample_plan: str = setting("chunkwise", choice, SAMPLE_PLANS)   # chunkwise | step_matrix
+    sample_steps: int = setting(20, positive_int)   # denoising steps per chunk
+    sample_shift: float = setting(3.0, positive_float)
+    ar_step: int = setting(1, non_negative_int)     # step_matrix: levels between consecutive blocks (0: synchronous)
+
+    def check(self, chunk: int | None = None) -> None:
+        """Rules across fields (the loader calls this with the student's chunk when known)."""
+        if self.sample_plan == "step_matrix":
+            in_range(self.ar_step, "algo.ar_step", 0, self.sample_steps, integer=True, why="algo.sample_steps")
 
 
 class DiffusionForcingRecipe(Recipe):
@@ -44,8 +51,6 @@ class DiffusionForcingRecipe(Recipe):
     Options = DiffusionForcingOptions
 
     def setup(self):
-        if self.opt.sample_plan not in SAMPLE_PLANS:
-            raise ConfigError(f"algo.sample_plan must be one of {SAMPLE_PLANS}, got {self.opt.sample_plan!r}")
         self.chunk = self.trainer.module("generator").config.chunk_frames
 
     def chunk_timesteps(self, ctx, frames: int) -> torch.Tensor:

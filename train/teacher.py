@@ -13,19 +13,20 @@ from dataclasses import dataclass
 import torch
 
 from ..models.plans import Teacher
-from ..models.schedule import add_noise, flow_target, timestep_to_sigma
+from ..models.schedule import SOLVERS, add_noise, flow_target, timestep_to_sigma
+from ..validate import choice, positive_float, positive_int, setting, unit_interval
 from .recipe import Recipe, RoleSpec
-from .timesteps import sample_flow_timesteps
+from .timesteps import FLOW_DISTRIBUTIONS, sample_flow_timesteps
 
 
 @dataclass
 class TeacherOptions:
-    shift: float = 1.0                  # training sigma shift (Wan fine-tuning uses shift-warped sigmas)
-    sigma_dist: str = "uniform"         # uniform | logit_normal (SD3's)
-    uncond_prob: float = 0.1            # caption dropout for CFG
-    sample_steps: int = 20              # sampling: solver steps
-    sample_shift: float = 3.0           # sampling: sigma shift
-    sample_solver: str = "euler"        # sampling: euler | unipc
+    shift: float = setting(1.0, positive_float)     # training sigma shift (Wan fine-tuning uses shift-warped sigmas)
+    sigma_dist: str = setting("uniform", choice, FLOW_DISTRIBUTIONS)   # uniform | logit_normal (SD3's)
+    uncond_prob: float = setting(0.1, unit_interval)  # caption dropout for CFG
+    sample_steps: int = setting(20, positive_int)   # sampling: solver steps
+    sample_shift: float = setting(3.0, positive_float)   # sampling: sigma shift
+    sample_solver: str = setting("euler", choice, SOLVERS)   # sampling: euler | unipc
     guidance: float = 3.0               # sampling CFG, uncond + guidance * (cond - uncond)
 
 
