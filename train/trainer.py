@@ -101,6 +101,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _prepare_run_dir(self, resume: str | None) -> None:
+        """Rank 0 alone checks and makes the run folder; the other ranks take its verdict.
+
+        A rank that looked for itself could catch the folder half made by rank 0 (the marker
+        written, the run record not yet) and stop with "not written by forcelab". The
+        broadcast is also the barrier: no rank goes on before the folder is complete, and an
+        error stops every rank with the same message instead of leaving some waiting."""
+        error = None
+        if self.is_main:
+            try:
+                self._make_run_dir()
+            except ConfigError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"output_dir {self.run_dir}: cannot write it ({e}); choose a writable folder"
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise ConfigError(error)
+
+    def _make_run_dir(self) -> None:
+        """Check the folder (new, or a forcelab run resumed) and write its marker, run record
+        and config; rank 0 only."""
         d = self.run_dir
         if d.exists() and not d.is_dir():
             raise ConfigError(f"output_dir {d}: is a file; choose a folder")
@@ -110,14 +134,12 @@ class Trainer:
             if self.resume_from is None and ckpt_io.checkpoints(d):
                 raise ConfigError(f"output_dir {d}: holds checkpoints of an earlier run; pass --resume latest "
                                   f"to continue it, or choose another output_dir")
-        if self.is_main:
-            d.mkdir(parents=True, exist_ok=True)
-            mark(d)
-            record = {"recipe": self.cfg.recipe, "vae": encoder_spec(self.cfg.vae),
-                      "text_encoder": encoder_spec(self.cfg.text_encoder), "forcelab": __version__}
-            (d / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-            (d / "config.yaml").write_text(config_yaml(self.cfg))
-        self.acc.wait_for_everyone()
+        d.mkdir(parents=True, exist_ok=True)
+        mark(d)
+        record = {"recipe": self.cfg.recipe, "vae": encoder_spec(self.cfg.vae),
+                  "text_encoder": encoder_spec(self.cfg.text_encoder), "forcelab": __version__}
+        (d / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (d / "config.yaml").write_text(config_yaml(self.cfg))
 
     def _check_resume(self, state: dict) -> None:
         if state.get("recipe") != self.cfg.recipe:
