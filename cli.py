@@ -2,7 +2,8 @@
 
 Each subcommand lives beside its concern, in a module with `add_arguments(parser)` and
 `run(args) -> int`; it is imported only when chosen so `forcelab --help` stays fast.
-A `ForcelabError` (bad input) prints one line and exits 2, without a traceback.
+A `ForcelabError` (bad input) or an OSError (a full disk, a read-only folder) prints one line
+and exits 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -62,14 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = _Parser(prog=f"forcelab {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
+    # a command may take its flags among its positionals (`train CONFIG --dry-run key=value`)
+    parse = cmd_parser.parse_intermixed_args if getattr(module, "INTERMIXED_ARGS", False) else cmd_parser.parse_args
     try:
-        args = cmd_parser.parse_args(argv[1:])
+        args = parse(argv[1:])
     except SystemExit as e:  # --help (0) or a bad flag (2, one line printed): a return value
         return int(e.code or 0) if not isinstance(e.code, str) else USER_ERROR
     try:
         return int(module.run(args) or 0)
     except ForcelabError as e:
         print(f"forcelab {name}: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except OSError as e:  # the environment (a full disk, a read-only folder): one line as well
+        from .fsio import os_error_message
+
+        print(f"forcelab {name}: error: {os_error_message(e)}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print(f"forcelab {name}: interrupted", file=sys.stderr)

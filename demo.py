@@ -14,6 +14,9 @@ an interrupted one resumes from its last checkpoint):
                   teacher samples clips of its training length (it cannot stream)
   5 toybench      ToyBench on every set of videos, with frames/s from the same run
   6 report        one HTML page comparing them (runs/demo/report.html)
+
+--out is forcelab's: a new or empty folder, or an earlier demo's (a folder holding other files
+is refused before any work), and one demo at a time writes it (fsio.lock_folder).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .fsio import claim_directory, lock_folder, write_text_atomic
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
 COMMITTED_TEACHER = CONFIGS / "teacher_checkpoint"
@@ -102,15 +107,19 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
+    threads = args.threads or len(os.sched_getaffinity(0))
+    out = claim_directory(args.out, "--out")
+    with lock_folder(out, "--out"):
+        torch.set_num_threads(threads)
+        return _stages(args, out, threads)
+
+
+def _stages(args: argparse.Namespace, out: Path, threads: int) -> int:
     from .data.toyworld import ToyWorld, ToyWorldConfig
     from .eval.report import write_report
     from .eval.toybench_run import run_toybench
 
-    threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
     s = QUICK if args.quick else Settings()
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     common = s.overrides.get("all", [])
 
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     held_out = 10 ** 6                        # scenes no stage trained on
     prompts = out / "prompts.txt"
     if not prompts.exists():
-        prompts.write_text("\n".join(world.scene(held_out + i).caption for i in range(s.prompts)) + "\n")
+        write_text_atomic(prompts, "\n".join(world.scene(held_out + i).caption for i in range(s.prompts)) + "\n")
     videos = out / "videos"
     long = frames * s.long_factor
     stream = ["--plan", "chunkwise", "--steps", "4", "--window", str(s.window), "--sink", str(s.sink),
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     report = write_report([f / "toybench.json" for f in sets.values()], out / "report.html")
     _say(f"[6/6 report] {report}")
     summary = headline(results)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _say(f"demo finished in {time.perf_counter() - t_start:.0f} s")
     print(f"report: {report}")
     for line in summary["lines"]:

@@ -4,6 +4,10 @@
         save_file(state, tmp / "weights.safetensors")  # ... moved into place on success
     write_text_atomic("out/run.json", text)            # tmp file + fsync + os.replace
     out = check_output_dir("~/videos", "--output")     # usable? (before any work)
+    append_text(run_dir / "metrics.jsonl", line)       # one appended record
+    out = claim_directory(args.out, "--out")           # a folder of outputs: new, empty or forcelab's
+    with lock_folder(out, "--out"):                    # one writer per folder
+        ...
 
 Rules (forcelab never deletes or replaces what it did not write):
 - Every directory forcelab writes carries a marker file (MARKER). An existing directory is
@@ -18,6 +22,14 @@ Rules (forcelab never deletes or replaces what it did not write):
   finds the old or the new directory. Leftovers (temporaries of killed writes, the old copy)
   are deleted at the next write into the same folder.
 - Files and folders are created with the process umask (no 0700 / 0600).
+- A file forcelab writes or appends to that is a symbolic link leading out of its folder is
+  refused (a link that stays inside the folder writes the file it names): forcelab never
+  writes through a link into somebody else's file. A directory it would replace or delete
+  that is a link is refused too.
+- One writer per folder: `lock_folder` holds an flock on FOLDER/.forcelab-lock (recording the
+  holder's pid and host) for as long as a run writes the folder. The kernel drops the lock
+  when its process dies, so a crashed holder never blocks the next run; the stale file it
+  leaves is simply locked again.
 - Old outputs (rotated checkpoints) are deleted with `remove_directory`, which refuses a
   folder without the marker and first renames the folder to a temporary name, so a kill
   mid-delete never leaves a half-deleted folder under its real name.
@@ -26,18 +38,23 @@ Rules (forcelab never deletes or replaces what it did not write):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import socket
+import sys
+import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
 from .errors import ForcelabError
 
 MARKER = ".forcelab"            # in every directory forcelab writes
+LOCK = ".forcelab-lock"         # in a folder a run is writing (lock_folder)
 TMP_TAG = ".forcelab-tmp-"      # .NAME.forcelab-tmp-HOST-PID-RAND: a write in progress
 NEW_TAG = ".forcelab-new"       # .NAME.forcelab-new: complete, about to replace NAME
 OLD_TAG = ".forcelab-old"       # .NAME.forcelab-old: the replaced NAME, about to be deleted
@@ -115,10 +132,24 @@ def written_by_forcelab(path: str | os.PathLike) -> bool:
 
 
 def mark(directory: str | os.PathLike) -> None:
-    """Put forcelab's marker into a directory forcelab created."""
+    """Put forcelab's marker into a directory forcelab created (an existing marker is kept).
+
+    Created in one step (O_EXCL), not through a temporary beside it: another process judging
+    the folder meanwhile (a second rank) must never see a forcelab temporary and no marker.
+    A link or a folder in the marker's place is refused."""
     from . import __version__
 
-    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "forcelab", "version": __version__}) + "\n")
+    path = Path(directory) / MARKER
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_file():
+            raise ForcelabError(f"{path}: not forcelab's marker (a link or a folder); remove it") from None
+        return
+    try:
+        os.write(fd, (json.dumps({"written_by": "forcelab", "version": __version__}) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -131,6 +162,9 @@ def remove_directory(path: str | os.PathLike) -> None:
     The folder is renamed to a temporary name first: a kill during the deletion leaves a
     temporary (cleaned by the next write into the folder), never a partial `path`."""
     path = Path(path).expanduser()
+    if path.is_symlink():
+        raise ForcelabError(f"{path}: a symbolic link (to {os.readlink(path)}); forcelab does not delete "
+                            f"through links - remove the link yourself (what it points to is kept)")
     if not written_by_forcelab(path):
         raise ForcelabError(f"{path}: not written by forcelab (no {MARKER} marker); not deleting it")
     doomed = _tmp_name(path)
@@ -205,6 +239,9 @@ def check_new_directory(path: str | os.PathLike, what: str, *, overwrite: bool =
     """Check, before any work, that atomic_directory(path, overwrite=overwrite) may write `path`."""
     path = check_output_dir(path, what)
     recover(path)
+    if path.is_symlink():
+        raise ForcelabError(f"{what} {path}: a symbolic link (to {os.readlink(path)}); forcelab does not "
+                            f"replace links - remove it or choose another folder")
     if path.exists() and not _is_empty_dir(path):
         if not written_by_forcelab(path):
             raise ForcelabError(f"{what} {path}: exists and was not written by forcelab (no {MARKER} "
@@ -312,6 +349,21 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True,
     _step("done")
 
 
+# ---------------------------------------------------------------------- links
+def own_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """The file to write for `path`: `path` itself, or, when it is a symbolic link to a file in
+    the same folder tree, the file it names. A link leading out of its folder is refused: it
+    would make forcelab overwrite (or append to) a file it did not write."""
+    path = Path(path).expanduser()
+    if not path.is_symlink():
+        return path
+    folder, target = path.parent.resolve(), path.resolve()
+    if folder not in target.parents:
+        raise ForcelabError(f"{what} {path}: a symbolic link to {target}, outside its folder; forcelab does "
+                            f"not write through it - remove the link (its target is kept)")
+    return target
+
+
 # ---------------------------------------------------------------------- files
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, what: str = "output") -> Iterator[Path]:
@@ -320,8 +372,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, what: str = 
     the old file or the new one, never a partial one. On an exception it is deleted.
 
     overwrite=False: an existing `path` is an error, checked at entry and again (atomically,
-    by a hard link) when the file is put in place."""
-    path = Path(path).expanduser()
+    by a hard link) when the file is put in place. A `path` that is a symbolic link out of its
+    folder is refused (own_file)."""
+    path = own_file(path, what)
     if path.is_dir():
         raise ForcelabError(f"{what} {path}: is a folder, not a file; give a file path")
     if not overwrite and path.exists():
@@ -371,6 +424,169 @@ def write_text_atomic(path: str | os.PathLike, text: str, **kwargs) -> Path:
     with atomic_file(path, "w", **kwargs) as f:
         f.write(text)
     return Path(path).expanduser()
+
+
+def append_text(path: str | os.PathLike, text: str, what: str = "log") -> None:
+    """Append `text` to a log file (created with the umask); a symbolic link out of its folder is
+    refused (own_file), also when it appears between the check and the write (O_NOFOLLOW)."""
+    target = own_file(path, what)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            own_file(target, what)   # a link appeared: refused with the same message
+        raise
+    try:
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- OS errors
+_WHAT_TO_DO = {
+    errno.ENOSPC: "free space on that disk (or choose a folder on another one)",
+    errno.EDQUOT: "free space under your quota (or choose a folder on another disk)",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.EACCES: "fix the folder's permissions or choose another folder",
+    errno.EPERM: "fix the folder's permissions or choose another folder",
+    errno.EIO: "check the disk or the network mount",
+}
+
+
+def os_error_message(e: OSError, what: str = "", path: str | os.PathLike | None = None) -> str:
+    """One line for an OSError: the path, what went wrong, and what to do."""
+    path = path if path is not None else e.filename   # the caller's name, not a temporary's
+    where = " ".join(str(x) for x in (what, path) if x)
+    todo = _WHAT_TO_DO.get(e.errno, "check the path and the storage")
+    return f"{where or 'a file'}: {e.strerror or e}; {todo}"
+
+
+# ---------------------------------------------------------------------- output folders
+def _contents(path: Path) -> list[Path]:
+    """What a folder holds besides forcelab's marker and lock."""
+    return [p for p in path.iterdir() if p.name not in (MARKER, LOCK)] if path.is_dir() else []
+
+
+def claim_directory(path: str | os.PathLike, what: str) -> Path:
+    """A folder that accumulates forcelab's outputs (the demo's and the study's --out): it may be
+    new, empty, or one forcelab wrote before (its marker); a folder holding other files is
+    refused before any work, like `convert` refuses it. Creates and marks it; returns it."""
+    path = check_output_dir(path, what)
+    if path.is_symlink() and not path.is_dir():
+        raise ForcelabError(f"{what} {path}: a broken symbolic link; remove it or choose another folder")
+    if _contents(path) and not written_by_forcelab(path):
+        raise ForcelabError(f"{what} {path}: exists and was not written by forcelab (no {MARKER} marker); "
+                            f"forcelab never writes among other files - choose a new or empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    if not written_by_forcelab(path):
+        mark(path)
+    return path
+
+
+# ---------------------------------------------------------------------- one writer per folder
+class FolderLock:
+    """A held lock_folder(); release() (or leaving the `with` block) frees it."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+        _HELD.add(self)
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:  # delete the file while still holding the lock, only if it is still ours
+            st, now = os.fstat(fd), os.stat(self.path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)   # frees the flock
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+_HELD: "weakref.WeakSet[FolderLock]" = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the parent's lock: it closes its copy, so it
+    neither keeps the folder locked after the parent releases it nor deletes the lock file."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"pid {int(info['pid'])} on host {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is just starting"
+
+
+def lock_folder(path: str | os.PathLike, what: str) -> FolderLock:
+    """Hold the one-writer lock of folder `path` (which exists), or raise ForcelabError naming the
+    holder's pid and host. The lock is the kernel's (flock) on path/.forcelab-lock: it dies with
+    its process, so a crash leaves nothing that blocks (the stale file is locked anew)."""
+    import fcntl
+
+    path = Path(path).expanduser()
+    lock = path / LOCK
+    for _ in range(100):   # retried only when a releasing holder deleted the file under us
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ForcelabError(f"{what} {path}: {LOCK} is a symbolic link; forcelab does not follow it "
+                                    f"- remove it") from None
+            raise ForcelabError(os_error_message(e, what)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ForcelabError(f"{what} {path}: in use by another forcelab run, {holder}; wait for it to "
+                                f"finish or stop it - two runs must not write one folder") from None
+        except OSError as e:   # a file system without locks: go on unprotected, and say so
+            print(f"warning: {what} {path}: cannot lock it ({e.strerror}); nothing stops a second run "
+                  f"from writing the same folder", file=sys.stderr)
+        try:
+            st, now = os.fstat(fd), os.stat(lock, follow_symlinks=False)
+            same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise ForcelabError(os_error_message(e, what, lock)) from None
+        return FolderLock(lock, fd)
+    raise ForcelabError(f"{what} {path}: could not take its lock ({LOCK} keeps changing); try again")
 
 
 # ---------------------------------------------------------------------- reading text

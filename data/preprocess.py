@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ForcelabError
-from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
+from ..fsio import check_output_dir, clean_stale, lock_folder, mark, read_text, write_text_atomic, written_by_forcelab
 from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
 from .schema import STORAGE_DTYPES, encode_sample
 from .shards import shard_problem, write_record, write_shard
@@ -360,6 +360,24 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def _lock_out(out: Path, rank: int, world: int):
+    """Rank 0 holds --out for the whole run (so the ranks of one run never wait for each other,
+    and a second run is refused); every rank learns its verdict."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = lock_folder(out, "--out")
+        except ForcelabError as e:
+            error = str(e)
+    if world > 1 and torch.distributed.is_initialized():
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ForcelabError(error)
+    return lock
+
+
 def _write_json(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
@@ -415,7 +433,9 @@ def run(args) -> int:
         mark(out)
     clean_stale(out)  # temporaries of a killed earlier run
     rank, world, device, started = _distributed(args.device)
+    lock = None
     try:
+        lock = _lock_out(out, rank, world)
         text = load_text_encoder(args.text_encoder, dtype=args.encoder_dtype, device=device)
         vae = load_autoencoder(args.vae, dtype=args.encoder_dtype, device=device) if args.videos else None
         settings = {"mode": "videos" if vae else "prompts", "vae": vae.name if vae else None,
@@ -462,6 +482,8 @@ def run(args) -> int:
             return 0 if manifest["complete"] else 1
         return 0
     finally:
+        if lock is not None:
+            lock.release()
         if started:
             torch.distributed.destroy_process_group()
 

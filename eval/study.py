@@ -9,7 +9,8 @@ Everything resumes: runs continue from their checkpoints, finished video sets an
 kept. One toy teacher (seed 0: the committed configs/toy/teacher_checkpoint in the full suite)
 teaches every distillation recipe and one ODE-init student (seed 0) starts every DMD student,
 so the seeds vary each recipe's own stage. --max-steps caps every recipe's steps (recorded). Writes
-study.json (every number) and study.md (the table).
+study.json (every number) and study.md (the table). --out is forcelab's: new, empty or an earlier
+study's (a folder of other files is refused), written by one study at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import ForcelabError
+from ..fsio import claim_directory, lock_folder, write_text_atomic
 from ..validate import choice
 from .stats import spread
 
@@ -74,10 +76,6 @@ def _generate(model: Path, out: Path, prompts: Path, args: list[str]) -> None:
 def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: int = 2,
               recipes: list[str] | None = None, max_steps: int | None = None,
               first_seed: int = 0) -> dict:
-    from ..data.toyworld import ToyWorld, ToyWorldConfig
-    from ..train.config import load_train_config
-    from .toybench_run import run_toybench
-
     if suite not in ("full", "quick"):
         raise ForcelabError(f"--suite must be full or quick, got {suite!r}")
     if seeds < 1:
@@ -85,14 +83,23 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
     for recipe in recipes or ():
         choice(recipe, "--recipes", PLANS)
     s = FULL if suite == "full" else QUICK
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_directory(out, "--out")       # new, empty or an earlier study's: never a user's folder
+    with lock_folder(out, "--out"):           # one study writes it at a time
+        return _study(out, s, suite, seeds, window, sink, recipes, max_steps, first_seed)
+
+
+def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, recipes: list[str] | None,
+           max_steps: int | None, first_seed: int) -> dict:
+    from ..data.toyworld import ToyWorld, ToyWorldConfig
+    from ..train.config import load_train_config
+    from .toybench_run import run_toybench
+
     cap = s["steps"] or max_steps
     frames = load_train_config([CONFIGS / "teacher.yaml"]).data.frames
     world = ToyWorld(ToyWorldConfig(frames=frames))
     prompts = out / "prompts.txt"
     if not prompts.exists():
-        prompts.write_text("\n".join(world.scene(10 ** 6 + i).caption for i in range(s["prompts"])) + "\n")
+        write_text_atomic(prompts, "\n".join(world.scene(10 ** 6 + i).caption for i in range(s["prompts"])) + "\n")
     t0 = time.perf_counter()
     ode = out / "ode_init" / "seed0"
     if suite == "full":        # the committed teacher is what configs/toy/teacher.yaml makes with seed 0
@@ -132,8 +139,8 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
               "sink": sink, "training_frames": frames,
               "long_factor": s["long_factor"], "prompts": s["prompts"], "seconds": time.perf_counter() - t0,
               "rows": rows, "table": table}
-    (out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "study.md").write_text(markdown(record) + "\n")
+    write_text_atomic(out / "study.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "study.md", markdown(record) + "\n")
     return record
 
 

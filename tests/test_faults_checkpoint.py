@@ -361,3 +361,21 @@ def test_remove_directory_deletes_only_forcelab_folders_and_never_leaves_a_parti
     assert leftovers(tmp_path) == []
     fsio.remove_directory(tmp_path / "checkpoint-000004")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_links_are_never_replaced_deleted_or_written_through(tmp_path, models):
+    """A link where forcelab would replace a folder, delete an old one or put its marker: refused,
+    and what the link points to is untouched."""
+    real = models[1].save_pretrained(tmp_path / "real")
+    before = tree(real)
+    (tmp_path / "ckpt").symlink_to(real)
+    with pytest.raises(ForcelabError, match="a symbolic link .* does not replace links"):
+        models[2].save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ForcelabError, match="a symbolic link .* does not delete through links"):
+        fsio.remove_directory(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt").is_symlink() and tree(real) == before
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / fsio.MARKER).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ForcelabError, match="not forcelab's marker"):
+        fsio.mark(tmp_path / "new")
+    assert not (tmp_path / "elsewhere").exists()

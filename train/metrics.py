@@ -2,6 +2,8 @@
 
 wandb runs offline unless the config or WANDB_MODE says otherwise, and never blocks or
 fails a run: if it cannot start, the run goes on without it (and says so once).
+metrics.jsonl is appended through fsio.append_text: a link out of the run folder is refused
+(checked when the logger starts, before any step, and at every write).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from ..errors import ForcelabError
+from ..fsio import append_text, os_error_message, own_file
 
 
 class MetricsLogger:
@@ -22,6 +27,7 @@ class MetricsLogger:
         self._t0, self._s0 = time.perf_counter(), start_step
         if not enabled:
             return
+        own_file(self.path, "metrics")
         mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb
         if mode != "disabled":
             self.wandb = _start_wandb(mode, cfg.logging.project, Path(run_dir), config_dict)
@@ -36,8 +42,10 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self._t0
         rate = (step - self._s0) / elapsed if elapsed > 0 else 0.0
         record = {"step": step, "time": round(elapsed, 3), "steps_per_s": round(rate, 4), **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            append_text(self.path, json.dumps(record) + "\n", "metrics")
+        except OSError as e:
+            raise ForcelabError(os_error_message(e, "metrics", self.path)) from None
         if self.bar is not None:
             loss = {k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("loss")}
             self.bar.set_postfix(loss, refresh=False)

@@ -7,8 +7,13 @@ Per step, each trainable role whose update_every divides the step index takes on
 step (in the recipe's role order): gradient_accumulation_steps micro-batches, each
 `recipe.loss(role, batch, ctx)` under autocast, backward of loss / accumulation; then the
 gradients are averaged over processes, checked (non-finite: the update is skipped and
-counted; max_nonfinite_steps in a row abort the run), clipped, applied; then the LR schedule
-and the EMA. Checkpoints every `checkpoint.every` steps (train/checkpoint.py).
+counted; max_nonfinite_steps in a row abort the run, naming the last checkpoint whose weights
+and loss were finite), clipped, applied; then the LR schedule and the EMA. Checkpoints every
+`checkpoint.every` steps (train/checkpoint.py).
+
+The run folder has one writer: rank 0 holds its lock (fsio.lock_folder) from the constructor
+to the end of run(), and a resume is verified (train/checkpoint.verify_checkpoint) under that
+lock, before anything is built or written.
 
 Data-parallel: every process holds the whole model and the trainer all-reduces gradients
 once per optimizer step (after accumulation). This is DDP's arithmetic without DDP's
@@ -31,7 +36,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, ForcelabError
-from ..fsio import mark
+from ..fsio import LOCK, MARKER, check_output_dir, lock_folder, mark, os_error_message, write_text_atomic
 from ..models.autoencoder import latent_frames, load_autoencoder
 from ..models.text_encoder import load_text_encoder
 from . import checkpoint as ckpt_io
@@ -40,8 +45,8 @@ from .data import make_stream, to_device, ShardStream
 from .metrics import MetricsLogger
 from .parallel import make_strategy
 from .recipe import StepContext, mix_seed, recipe_class
-from ..models.run_folder import RUN_RECORD, resolve_weights
-from .roles import Role, build_role, make_optimizer, update_ema
+from ..models.run_folder import RUN_RECORD
+from .roles import Role, build_role, make_optimizer, resolve_init, update_ema
 
 
 class TrainingAborted(ForcelabError):
@@ -70,20 +75,24 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self._tmp = tempfile.TemporaryDirectory(prefix="forcelab-dry-run-") if dry_run else None
         self.run_dir = Path(self._tmp.name) if dry_run else Path(cfg.output_dir).expanduser()
-        self.resume_from = None if dry_run or resume is None else ckpt_io.find_checkpoint(self.run_dir, resume)
-        if not dry_run:
-            self._prepare_run_dir(resume)
-
+        self.resume_from, self._lock = None, None
         self.recipe_cls = recipe_class(cfg.recipe)
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _setup(self, cfg, resume: str | None) -> None:
         unknown = sorted(set(cfg.roles) - set(self.recipe_cls.roles))
         if unknown:
             raise ConfigError(f"roles: recipe '{cfg.recipe}' has no role(s) {unknown}; its roles are "
                               f"{list(self.recipe_cls.roles)}")
+        if not self.dry_run:
+            self._prepare_run_dir(resume)     # the lock, the checkpoint to resume, verified
         self.codec = load_autoencoder(cfg.vae, device=self.device)
         self.text_encoder = load_text_encoder(cfg.text_encoder, device=self.device)
-        state = ckpt_io.read_trainer_state(self.resume_from) if self.resume_from else None
-        if state is not None:
-            self._check_resume(state)
+        state = ckpt_io.read_trainer_state(self.resume_from) if self.resume_from else None   # verified by rank 0
         self.roles: dict[str, Role] = self._build_roles()
         self.negative = self.text_encoder.encode([cfg.negative_prompt])[0].to(self.device)
         self.recipe = self.recipe_cls(cfg, self)
@@ -97,24 +106,105 @@ class Trainer:
         self.recipe.setup()
         if state is not None and self._recipe_state is not None:
             self.recipe.load_state_dict(self._recipe_state)
-        self.log = MetricsLogger(self.run_dir, cfg, self.is_main and not dry_run, config_dict(cfg), self.step)
+        self.log = MetricsLogger(self.run_dir, cfg, self.is_main and not self.dry_run, config_dict(cfg), self.step)
+        if self.is_main and not self.dry_run and self.resume_from is not None:
+            self._write_run_files()           # the resumed run's config, once the resume is verified
 
     # ------------------------------------------------------------------ setup
     def _prepare_run_dir(self, resume: str | None) -> None:
-        """Rank 0 alone checks and makes the run folder; the other ranks take its verdict.
+        """Rank 0 alone checks and makes the run folder, takes its lock, finds and verifies the
+        checkpoint to resume; the other ranks take its verdict.
 
         A rank that looked for itself could catch the folder half made by rank 0 (the marker
         written, the run record not yet) and stop with "not written by forcelab". The
         broadcast is also the barrier: no rank goes on before the folder is complete, and an
-        error stops every rank with the same message instead of leaving some waiting."""
-        error = None
+        error stops every rank with the same message instead of leaving some waiting. Only
+        rank 0 holds the lock, so the ranks of one run never wait for each other."""
+        error, found = None, None
         if self.is_main:
             try:
-                self._make_run_dir()
-            except ConfigError as e:
-                error = str(e)
+                found = self._make_run_dir(resume)
+            except ForcelabError as e:
+                error = e
             except OSError as e:
-                error = f"output_dir {self.run_dir}: cannot write it ({e}); choose a writable folder"
+                error = ConfigError(os_error_message(e, "output_dir", self.run_dir))
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message, found = broadcast_object_list([None if error is None else str(error), found])
+            if error is None and message is not None:
+                error = ConfigError(message)
+        if error is not None:
+            raise error
+        self.resume_from = None if found is None else Path(found)
+
+    def _make_run_dir(self, resume: str | None) -> str | None:
+        """Rank 0: check the folder (new, or a forcelab run resumed), lock it, find and verify
+        the checkpoint to resume (under the lock: no other run changes it meanwhile); write
+        the marker, and the run record and config of a new run. Returns the checkpoint."""
+        d = check_output_dir(self.run_dir, "output_dir")
+        explicit = ckpt_io.find_checkpoint(d, resume) if resume not in (None, "latest") else None
+        if d.is_dir() and [p for p in d.iterdir() if p.name not in (MARKER, LOCK)]:
+            if not (d / RUN_RECORD).is_file():
+                raise ConfigError(f"output_dir {d}: exists and was not written by forcelab; choose a new folder")
+        d.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(d, "output_dir")
+        found = explicit or (ckpt_io.find_checkpoint(d, resume) if resume == "latest" else None)
+        if found is None and ckpt_io.checkpoints(d):
+            raise ConfigError(f"output_dir {d}: holds checkpoints of an earlier run; pass --resume latest "
+                              f"to continue it, or choose another output_dir")
+        if found is not None:
+            ckpt_io.verify_checkpoint(found, recipe=self.cfg.recipe, world=self.world,
+                                      trainable=self._expected_architectures())
+        mark(d)
+        if found is None or not (d / RUN_RECORD).is_file():
+            self._write_run_files()
+        return None if found is None else str(found)
+
+    def _write_run_files(self) -> None:
+        d = self.run_dir
+        record = {"recipe": self.cfg.recipe, "vae": encoder_spec(self.cfg.vae),
+                  "text_encoder": encoder_spec(self.cfg.text_encoder), "forcelab": __version__}
+        try:
+            write_text_atomic(d / RUN_RECORD, json.dumps(record, indent=2) + "\n", what="output_dir")
+            write_text_atomic(d / "config.yaml", config_yaml(self.cfg), what="output_dir")
+        except OSError as e:
+            raise ConfigError(os_error_message(e, "output_dir", d)) from None
+
+    def _expected_architectures(self) -> dict:
+        """Each role this run trains -> the architecture a fresh start would build (its init's
+        weights, else the configured preset and overrides): a resumed checkpoint must hold it."""
+        from ..models.config import DiTConfig
+        from .config import RoleConfig
+        from .roles import _checked_config
+
+        out = {}
+        for name, spec in self.recipe_cls.roles.items():
+            rcfg = self.cfg.roles.get(name) or RoleConfig()
+            if not (spec.trainable if rcfg.trainable is None else rcfg.trainable):
+                continue
+            weights, _ = self._init_source(name)
+            overrides = dict(self.cfg.model_overrides)
+            if weights is not None:
+                out[name] = _checked_config(name, weights, rcfg, overrides)
+            else:
+                out[name] = DiTConfig.preset(rcfg.preset or self.cfg.model_preset, **overrides)
+        return out
+
+    def release(self) -> None:
+        """Free the run folder's lock (rank 0); run() takes it again when called once more."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _relock(self) -> None:
+        """run() after an earlier run() of this trainer: hold the folder again (rank 0)."""
+        error = None
+        if self.is_main and not self.dry_run and self._lock is None:
+            try:
+                self._lock = lock_folder(self.run_dir, "output_dir")
+            except ForcelabError as e:
+                error = str(e)
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -122,47 +212,9 @@ class Trainer:
         if error is not None:
             raise ConfigError(error)
 
-    def _make_run_dir(self) -> None:
-        """Check the folder (new, or a forcelab run resumed) and write its marker, run record
-        and config; rank 0 only."""
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            raise ConfigError(f"output_dir {d}: is a file; choose a folder")
-        if d.is_dir() and any(d.iterdir()):
-            if not (d / RUN_RECORD).is_file():
-                raise ConfigError(f"output_dir {d}: exists and was not written by forcelab; choose a new folder")
-            if self.resume_from is None and ckpt_io.checkpoints(d):
-                raise ConfigError(f"output_dir {d}: holds checkpoints of an earlier run; pass --resume latest "
-                                  f"to continue it, or choose another output_dir")
-        d.mkdir(parents=True, exist_ok=True)
-        mark(d)
-        record = {"recipe": self.cfg.recipe, "vae": encoder_spec(self.cfg.vae),
-                  "text_encoder": encoder_spec(self.cfg.text_encoder), "forcelab": __version__}
-        (d / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (d / "config.yaml").write_text(config_yaml(self.cfg))
-
-    def _check_resume(self, state: dict) -> None:
-        if state.get("recipe") != self.cfg.recipe:
-            raise CheckpointError(f"checkpoint {self.resume_from}: written by recipe '{state.get('recipe')}', "
-                                  f"this run is '{self.cfg.recipe}'; start a new run with init from it instead")
-        if state.get("world_size") != self.world:
-            raise CheckpointError(f"checkpoint {self.resume_from}: written by {state.get('world_size')} "
-                                  f"process(es); resume with the same number (this run has {self.world})")
-
     def _init_source(self, name: str) -> tuple[Path | None, str | None]:
         """(weights dir, description) for a role: its own init, else the role it inits from."""
-        spec = self.recipe_cls.roles[name]
-        rcfg = self.cfg.roles.get(name)
-        src_name = name
-        if (rcfg is None or rcfg.init is None) and spec.init_from:
-            src_name, rcfg = spec.init_from, self.cfg.roles.get(spec.init_from)
-        if rcfg is None or rcfg.init is None:
-            return None, None
-        role_in_source = rcfg.init_role or src_name
-        try:
-            return resolve_weights(rcfg.init, role_in_source), rcfg.init
-        except ForcelabError as e:
-            raise ConfigError(f"roles.{name}.init: {e}") from None
+        return resolve_init(self.cfg, self.recipe_cls.roles, name)
 
     def _build_roles(self) -> dict[str, Role]:
         roles = {}
@@ -204,6 +256,7 @@ class Trainer:
             self.stream.skip(int(rank_state.get("shard_batches", 0)))
 
     _recipe_state = None
+    _ran = False              # run() was called before (and released the folder's lock)
     _gathered: dict = {}      # sharded runs: full copies of the roles for sampling (rank 0)
 
     def autocast(self):
@@ -252,6 +305,9 @@ class Trainer:
             self.log.write(f"resumed from {self.resume_from} at step {self.step}")
         t0 = time.perf_counter()
         try:
+            if self._ran and not self.dry_run:   # an earlier run() released the folder
+                self._relock()
+            self._ran = True
             while self.step < end:
                 metrics = self.train_step()
                 self.step += 1
@@ -272,6 +328,7 @@ class Trainer:
                     self.save()
         finally:
             self.log.close()
+            self.release()
         return last
 
     def train_step(self) -> dict:
@@ -318,8 +375,10 @@ class Trainer:
             self.log.write(f"step {self.step + 1}: non-finite {role.name} loss or gradient - update skipped "
                            f"({self.nonfinite} in a row)")
             if self.nonfinite >= self.cfg.max_nonfinite_steps:
-                found = ckpt_io.checkpoints(self.run_dir)
-                keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+                good, bad = (None, []) if self.dry_run else ckpt_io.last_good_checkpoint(self.run_dir, self.step + 1)
+                keep = (f"the last good checkpoint (finite weights and loss) is {good}" if good else
+                        "no checkpoint with finite weights and loss was written")
+                keep += f" ({'; '.join(bad)})" if bad else ""
                 raise TrainingAborted(f"{self.nonfinite} non-finite updates in a row at step {self.step + 1} "
                                       f"({role.name} loss {float(total):.4g}); {keep}; lower the learning "
                                       f"rate or check the data, then resume from it")
@@ -371,12 +430,22 @@ class Trainer:
         if isinstance(self.stream, ShardStream):
             rank_state["shard_batches"] = self.stream.read
         states = gather_object([rank_state]) if self.world > 1 else [rank_state]
-        path = None
+        path, error = None, None
         if self.is_main:
-            path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.roles, self.trainer_state(), states,
-                                           config_yaml(self.cfg), self.cfg.checkpoint.keep_last, snapshots)
-            self.log.write(f"saved {path}")
-        self.acc.wait_for_everyone()
+            try:
+                path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.roles, self.trainer_state(), states,
+                                               config_yaml(self.cfg), self.cfg.checkpoint.keep_last, snapshots)
+                self.log.write(f"saved {path}")
+            except ForcelabError as e:   # a full disk, a link among the checkpoints: every rank stops
+                error = e
+        if self.world > 1:   # also the barrier: no rank goes on before the checkpoint is complete
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([None if error is None else str(error)])[0]
+            if error is None and message is not None:
+                error = CheckpointError(message)
+        if error is not None:
+            raise error
         return path
 
     def sample_prompts(self) -> list[str]:
@@ -398,12 +467,15 @@ class Trainer:
         latents = self.recipe.sample(emb, list(range(len(prompts))), frames)
         video = self.codec.decode(latents).float().cpu()
         out = self.run_dir / "samples" / f"step-{step:06d}"
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ForcelabError(os_error_message(e, "samples", out)) from None
         paths = []
         for i, prompt in enumerate(prompts):
             path = out / f"{i:02d}.mp4"
             write_video(path, to_uint8_frames(video[i].transpose(0, 1)), 8.0)
-            path.with_suffix(".json").write_text(json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
+            write_text_atomic(path.with_suffix(".json"), json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
             self.log.log_video(step, f"sample/{i}", path)
             paths.append(path)
         self._gathered = {}   # stale after the next update
