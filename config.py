@@ -7,6 +7,17 @@ merged before the file itself. Every key is checked against the dataclass schema
 key is a `ConfigError` naming the key, the file (or "command line") and the closest valid keys.
 Values are never evaluated as code. YAML is read with YAML 1.2 booleans (only true/false):
 `name: NO` is the string "NO", not False. Config files are UTF-8 and end in .yaml or .yml.
+
+Paths in values (weights, data, output_dir) are read relative to the working directory, as
+on the command line; only `_base_` is relative to the file that names it. A value
+`${forcelab:configs/toy/teacher_checkpoint}` is a file shipped inside the forcelab package,
+wherever it is installed (the toy configs' committed teacher).
+
+Overrides, applied in order after the files, as Hydra's:
+    key.sub=value     set a key (also a new key of an open mapping such as model_overrides;
+                      ++key.sub=value, Hydra's spelling, is the same)
+    +key.sub=value    add a key the composed config does not have yet (an error if it has it)
+    ~key.sub          remove a key of an open mapping, or reset a setting to its default
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DTYPE_NAMES = (*DTYPES, *_DTYPE_ALIASES)    # what parse_dtype accepts
 BASE_KEY = "_base_"
+PACKAGE_DIR = Path(__file__).resolve().parent   # where ${forcelab:PATH} values point
 YAML_SUFFIXES = (".yaml", ".yml")
 _SHOWN_KEY = 40  # characters of an unknown key echoed back (a wrong file must not be dumped)
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -147,29 +159,52 @@ def _check_sections(schema: DictConfig, node: Any, source: str, prefix: str = ""
             _check_sections(want, got, source, full + ".")
 
 
+def _unknown_key(key: Any, schema: DictConfig, source: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), _valid_keys(schema), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see the schema's fields"
+    return ConfigError(f"{source}: unknown config key '{_shown(key)}'{hint}")
+
+
 def _merge(schema: DictConfig, node: DictConfig, source: str) -> DictConfig:
     _check_sections(schema, node, source)
     try:
         return OmegaConf.merge(schema, node)
     except ConfigKeyError as e:
-        key = e.full_key or e.key
-        close = difflib.get_close_matches(str(key), _valid_keys(schema), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see the schema's fields"
-        raise ConfigError(f"{source}: unknown config key '{_shown(key)}'{hint}") from None
+        raise _unknown_key(e.full_key or e.key, schema, source) from None
     except (ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         where = f"bad value for '{key}'" if key else "bad value"
         raise ConfigError(f"{source}: {where}: {_first_line(e)}") from None
+    except TypeError as e:     # a mapping merged onto a list (`betas.x=1`)
+        if "incompatible container" not in str(e):
+            raise
+        raise ConfigError(f"{source}: keys given below a list (a list takes values: key: [a, b])") from None
+
+
+_OVERRIDE_FORMS = "key.sub=value, +key.sub=value (add) or ~key.sub (remove)"
+_ABSENT = object()
+
+
+def _override_key(item: str) -> tuple[str, list[str], str | None]:
+    """"+a.b=v" / "a.b=v" / "~a.b" -> (op "+", "=" or "~", ["a", "b"], the value text or None).
+    "++a.b=v" (Hydra's add-or-set) is "a.b=v": a plain override sets or adds already."""
+    item = item[2:] if item.startswith("++") else item
+    op = item[0] if item[:1] in ("+", "~") else "="
+    key, sep, text = item[1 if op != "=" else 0:].partition("=")
+    parts = key.strip().split(".")
+    if op == "~" and sep:
+        raise ConfigError(f"command line: override '{_shown(item)}': write ~{_shown(key.strip())} "
+                          f"(a removal takes no value)")
+    if (op != "~" and not sep) or not all(p.strip() for p in parts) or parts[0][:1] in ("+", "~"):
+        raise ConfigError(f"command line: override '{_shown(item)}' must look like {_OVERRIDE_FORMS}")
+    return op, [p.strip() for p in parts], text if sep else None
 
 
 def _overrides(items: list[str]) -> DictConfig:
     """"a.b=value" strings -> a config, values read as YAML 1.2 like the files."""
     tree: dict = {}
     for item in items:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(p.strip() for p in parts):
-            raise ConfigError(f"command line: override '{_shown(item)}' must look like key.sub=value")
+        _, parts, text = _override_key(item)
         value = _parse_yaml(text, f"command line: override '{_shown(item)}'") if text.strip() else ""
         node = tree
         for p in parts[:-1]:
@@ -206,9 +241,7 @@ def load_config(schema: type[T], files: Iterable[str | Path] = (),
     for f in files:
         for source, node in _read_yaml(Path(f)):
             cfg = _merge(cfg, node, source)
-    overrides = list(overrides)
-    if overrides:
-        cfg = _merge(cfg, _overrides(overrides), "command line")
+    cfg = apply_overrides(cfg, list(overrides))
     try:
         missing = OmegaConf.missing_keys(cfg)
         if missing:
@@ -221,6 +254,71 @@ def load_config(schema: type[T], files: Iterable[str | Path] = (),
     except (ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config: bad value{f' for {key!r}' if key else ''}: {_first_line(e)}") from None
+
+
+def apply_overrides(cfg: DictConfig, items: list[str]) -> DictConfig:
+    """Apply command-line overrides in their order: runs of key=value merge as one config
+    (so `a=1 a.b=2` is caught), +key checks the key is absent first, ~key removes or resets."""
+    batch: list[str] = []
+    for item in items:
+        op, parts, _ = _override_key(item)
+        if op == "=":
+            batch.append(item)
+            continue
+        if batch:
+            cfg, batch = _merge(cfg, _overrides(batch), "command line"), []
+        key = ".".join(parts)
+        if op == "+":
+            present = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False)
+            if present is not _ABSENT:
+                raise ConfigError(f"command line: +{_shown(key)}: '{_shown(key)}' is already in the config; "
+                                  f"write {_shown(key)}=VALUE to change it")
+            batch.append(item.lstrip("+"))
+        else:
+            cfg = _remove(cfg, parts)
+    if batch:
+        cfg = _merge(cfg, _overrides(batch), "command line")
+    return cfg
+
+
+def _remove(cfg: DictConfig, parts: list[str]) -> DictConfig:
+    """~key: delete a key of an open mapping (model_overrides.x, roles.critic), or put a
+    schema field (a setting or a whole section) back to its default."""
+    key, node = ".".join(parts), cfg
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth + 1])
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"command line: ~{_shown(key)}: '{_shown('.'.join(parts[:depth]))}' is a value, "
+                              f"not a section of keys")
+        schema = node._metadata.object_type
+        is_open = schema is dict or not dataclasses.is_dataclass(schema)
+        if part not in node:
+            if not is_open:
+                raise _unknown_key(key, cfg, "command line")
+            raise ConfigError(f"command line: ~{_shown(key)}: nothing to remove ('{_shown(where)}' is not "
+                              f"in the config)")
+        if depth < len(parts) - 1:
+            node = node._get_node(part)
+        elif is_open:                               # an open mapping: the key goes
+            del node[part]
+        else:                                       # a schema field: its default
+            node[part] = OmegaConf.structured(schema)._get_node(part)
+            _open_mappings(cfg)     # a section put back is as open (or strict) as the schema's
+    return cfg
+
+
+def _package_path(relative: str) -> str:
+    """${forcelab:PATH}: PATH inside the installed forcelab package (shipped data, e.g. the toy
+    teacher), as an absolute path."""
+    rel = Path(str(relative))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ConfigError(f"${{forcelab:{relative}}}: give a path inside the forcelab package "
+                          f"(e.g. configs/toy/teacher_checkpoint)")
+    return str(PACKAGE_DIR / rel)
+
+
+# omegaconf 2.4 renamed register_new_resolver; 2.3 has only the old name
+getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("forcelab", _package_path, replace=True)
 
 
 def to_yaml(obj: Any) -> str:

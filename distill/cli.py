@@ -1,4 +1,4 @@
-"""`forcelab distill CONFIG [key=value ...] [--resume latest|PATH] [--dry-run]`
+"""`forcelab distill CONFIG [override ...] [--resume latest|PATH] [--dry-run] [--print-config]`
 
 The distillation recipes (ode_init, causvid, self_forcing, rolling_forcing, streaming_long,
 self_forcing_pp) on the same trainer as `forcelab train`; also
@@ -7,4 +7,4 @@ given as paths (roles.teacher.init=...): Wan / diffusers directories or forcelab
 stage starts from another stage's weights only - never its step, optimizer or LoRA state.
 """
 
-from ..train.cli import add_arguments, run  # noqa: F401  (one implementation of the command)
+from ..train.cli import INTERMIXED_ARGS, add_arguments, run  # noqa: F401  (one implementation of the command)

@@ -69,3 +69,19 @@ def test_dit_config_from_yaml(tmp_path):
     assert cfg.head_dim == 32 and cfg.window_frames == 12 and cfg.patch_size == (1, 2, 2)
     with pytest.raises(ConfigError, match="divisible by num_heads"):
         load_config(DiTConfig, [f], ["num_heads=5"])
+
+
+def test_add_and_remove_overrides_apply_in_order(tmp_path):
+    """Hydra's forms: ~key puts a setting (or a section) back to its default, +key only adds."""
+    f = write(tmp_path / "run.yaml", "steps: 50\noptim:\n  lr: 0.5\n  betas: [0.1, 0.2]\n")
+    cfg = load_config(Run, [f], ["~optim.lr", "~steps", "steps=7", "window=3", "++name=b"])
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.steps, cfg.window, cfg.name) == (1e-4, (0.1, 0.2), 7, 3, "b")
+    assert load_config(Run, [f], ["~optim"]).optim == Optim()
+    assert load_config(Run, [f], ["~steps", "steps=9"]).steps == 9
+    assert load_config(Run, [f], ["steps=9", "~steps"]).steps == 10
+    with pytest.raises(ConfigError, match=r"^command line: \+steps: 'steps' is already in the config"):
+        load_config(Run, [f], ["+steps=3"])
+    with pytest.raises(ConfigError, match=r"^command line: unknown config key 'optim.rl'; did you mean optim.lr"):
+        load_config(Run, [f], ["~optim.rl"])
+    with pytest.raises(ConfigError, match=r"'name' is a value, not a section"):
+        load_config(Run, [f], ["~name.x"])

@@ -80,7 +80,7 @@ PINNED = {
                         ("algo.max_chunks", 9, RF + ": num_training_frames 27"),
                         ("algo.rolling_prob", 0.5, RF), ("model_overrides.sink_frames", 3, RF + ": 3-frame anchor"),
                         ("model_overrides.sink_rope", "adjacent", RF + ": the anchor re-rotated"),
-                        ("roles.teacher.init", "models/Wan2.1-T2V-14B-Diffusers", RF + ": real_name")],
+                        ("roles.teacher.init", "checkpoints/Wan2.1-T2V-14B-Diffusers", RF + ": real_name")],
     "causvid": [*dmd_optimiser(2e-6, 2e-6, [0.9, 0.999], CV, wd_source=TORCH_ADAMW),
                 ("roles.generator.ema_decay", None, CV + ": no EMA"),
                 ("algo.steps", [1000, 757, 522], CV), ("algo.warp_shift", None, CV),

@@ -114,8 +114,10 @@ def _peek_recipe(files: list[Path], overrides: list[str]) -> str:
             if "recipe" in node:
                 name = node["recipe"]
     for item in overrides:
-        if item.startswith("recipe="):
+        if item.lstrip("+").startswith("recipe="):
             name = item.split("=", 1)[1]
+        elif item == "~recipe":
+            name = TrainConfig.recipe
     return str(name)
 
 

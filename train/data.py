@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from .recipe import mix_seed
 
 TOYWORLD = "toyworld"
+PROMPT_SUFFIXES = (".txt", ".csv", ".jsonl")   # prompt files (forcelab.data.prompts reads them)
 
 
 class ToyStream:
@@ -123,7 +124,7 @@ def make_stream(cfg, kind: str, codec, text_encoder):
     if not path.exists():
         raise ConfigError(f"data.source: {source} not found; give 'toyworld', a shard folder "
                           f"(forcelab preprocess output) or a prompt file (.txt/.csv/.jsonl)")
-    if kind == "prompts" and path.is_file() and path.suffix in (".txt", ".csv", ".jsonl"):
+    if kind == "prompts" and path.is_file() and path.suffix in PROMPT_SUFFIXES:
         from ..data.prompts import PromptDataset
 
         return MapStream(PromptDataset(path, text_encoder=text_encoder), cfg.seed)

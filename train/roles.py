@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import torch
 
 from ..config import parse_dtype
-from ..errors import ConfigError
+from ..errors import ConfigError, ForcelabError
 from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
+from ..models.run_folder import resolve_weights
 from .config import RoleConfig
 from .recipe import RoleSpec, mix_seed
 
@@ -51,6 +52,33 @@ def lr_factor(rcfg: RoleConfig, total_updates: int):
             return rcfg.min_lr_ratio + (1 - rcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
     return factor
+
+
+def init_setting(cfg, specs: dict[str, RoleSpec], name: str) -> tuple[str, RoleConfig] | None:
+    """(the role whose `init` gives this role's weights, its settings): the role itself, or,
+    when its init is unset, the role it starts from (RoleSpec.init_from: the critic from the
+    teacher); None: a random init."""
+    rcfg, source = cfg.roles.get(name), name
+    if (rcfg is None or rcfg.init is None) and specs[name].init_from:
+        source = specs[name].init_from
+        rcfg = cfg.roles.get(source)
+    if rcfg is None or rcfg.init is None:
+        return None
+    return source, rcfg
+
+
+def resolve_init(cfg, specs: dict[str, RoleSpec], name: str) -> tuple[Path | None, str | None]:
+    """(weights dir, the init as written) for a role; an error names the key the path was
+    written under (roles.teacher.init for a generator that starts from the teacher)."""
+    found = init_setting(cfg, specs, name)
+    if found is None:
+        return None, None
+    source, rcfg = found
+    try:
+        return resolve_weights(rcfg.init, rcfg.init_role or source), rcfg.init
+    except ForcelabError as e:
+        used = "" if source == name else f" (the {name}'s weights as well)"
+        raise ConfigError(f"roles.{source}.init{used}: {e}") from None
 
 
 def build_role(name: str, spec: RoleSpec, cfg, index: int, device, weights: Path | None,
