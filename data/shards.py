@@ -266,7 +266,7 @@ def check_samples(on_damage: str = "stop", counts: bool = True, log: list[dict] 
             message = f"shard {url}, sample {sample.get('__key__')}: {problem}"
             if on_damage != "skip":
                 raise DataError(f"{message}; delete the shard and re-run preprocess (finished shards are kept), "
-                                f"or read with on_damage='skip' to leave damaged samples out")
+                                f"or read with on_damage='skip' (training: data.on_damage=skip) to leave damaged samples out")
             skip_damaged(sample, message, log)
         if counts:
             _check_count(url, n, expected)

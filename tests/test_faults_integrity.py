@@ -298,3 +298,16 @@ def test_a_prompt_file_row_that_is_not_one_text_is_named(tmp_path):
         PromptDataset(tmp_path / "p.jsonl")
     (tmp_path / "ok.jsonl").write_text('{"prompt": "a red ball"}\n{"prompt": ""}\n')
     assert PromptDataset(tmp_path / "ok.jsonl").prompts == ["a red ball"]   # a blank row is passed over
+
+
+def test_the_training_config_chooses_what_a_damaged_sample_does(latents):
+    """data.on_damage reaches the shard stream a training run reads."""
+    from forcelab.train.config import load_train_config
+    from forcelab.train.data import ShardStream
+
+    damage(latents, "000000001.latent.safetensors")
+    cfg = load_train_config([], [f"data.source={latents.parent}", "data.on_damage=skip"])
+    stream = ShardStream(latents.parent, ("latent",), cfg.seed, 0, 0, 1, cfg.data.on_damage)
+    assert [k for s in stream.dataset for k in [s["key"]]] == [KEYS[0], *KEYS[2:]]
+    with pytest.raises(Exception, match="data.on_damage"):
+        load_train_config([], ["data.on_damage=ignore"])

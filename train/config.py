@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from ..config import DTYPE_NAMES, load_config
 from ..errors import ConfigError, ForcelabError
 from ..models.config import PRESETS, DiTConfig
+from ..data.shards import ON_DAMAGE
 from ..validate import (check_settings, choice, decay, each, non_negative_float, non_negative_int, optional,
                         positive_float, positive_int, setting, unit_interval)
 
@@ -64,6 +65,7 @@ class DataConfig:
     shuffle: int = setting(1000, non_negative_int)  # shard sources: shuffle buffer (0: read in order)
     height: int = setting(32, positive_int)         # toy world frame size in pixels
     width: int = setting(32, positive_int)
+    on_damage: str = setting("stop", choice, ON_DAMAGE)   # a sample whose checksum fails: stop, or skip and record it
 
 
 @dataclass

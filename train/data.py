@@ -79,10 +79,10 @@ class ShardStream:
     not addressed: a resume skips the samples this rank already read."""
 
     def __init__(self, source, require: tuple[str, ...], seed: int, shuffle: int, num_workers: int,
-                 batch_size: int):
+                 batch_size: int, on_damage: str = "stop"):
         from ..data.shards import ShardDataset, shard_loader
 
-        self.dataset = ShardDataset(source, shuffle=shuffle, seed=seed, require=require)
+        self.dataset = ShardDataset(source, shuffle=shuffle, seed=seed, require=require, on_damage=on_damage)
         self.loader_args = dict(batch_size=batch_size, num_workers=num_workers, drop_last=True)
         self._make_loader = shard_loader
         self.epoch, self.read = 0, 0
@@ -129,7 +129,8 @@ def make_stream(cfg, kind: str, codec, text_encoder):
 
         return MapStream(PromptDataset(path, text_encoder=text_encoder), cfg.seed)
     require = {"latents": ("latent",), "ode_pairs": ("ode",), "prompts": ()}[kind]
-    return ShardStream(path, require, cfg.seed, cfg.data.shuffle, cfg.data.num_workers, cfg.data.batch_size)
+    return ShardStream(path, require, cfg.seed, cfg.data.shuffle, cfg.data.num_workers, cfg.data.batch_size,
+                       cfg.data.on_damage)
 
 
 def to_device(batch: dict, device) -> dict:
