@@ -2,7 +2,7 @@
 
     forcelab eval toybench VIDEOS_DIR [--out DIR] [--bucket-frames N]
     forcelab eval vbench VIDEOS_DIR --vbench-python PATH [--dimensions D ...] [--long] [--vbench-cache DIR]
-    forcelab eval report RESULTS... --out report.html
+    forcelab eval report RESULTS... --out report.html      # RESULTS: toybench.json, vbench.json, run folders
 """
 
 from __future__ import annotations
@@ -33,15 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--vbench-python", default=None, help="the python of an environment with VBench installed")
     v.add_argument("--dimensions", nargs="+", default=None, help="VBench dimensions (default: all 16)")
     v.add_argument("--long", action="store_true", help="VBench-Long: split long videos into clips first")
-    v.add_argument("--vbench-cache", default=None, help="folder of VBench's weights (VBENCH_CACHE_DIR)")
-    v.add_argument("--out", default=None, help="results folder (default: VIDEOS_DIR/vbench)")
+    v.add_argument("--vbench-cache", default=None, help="folder of VBench's weights, read offline (default: "
+                   "$VBENCH_CACHE_DIR, else ~/.cache/vbench); missing files are named before anything runs")
+    v.add_argument("--out", default=None, help="folder for vbench.json (default: VIDEOS_DIR, beside the videos); "
+                   "VBench's per-dimension files and logs go to OUT/vbench/")
     v.add_argument("--device", default="cuda", help="device VBench runs on (default cuda)")
     v.add_argument("--native-flickering", action="store_true",
                    help="compute temporal_flickering here (no model, no VBench static filter)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser("report", help="one self-contained HTML page (+ markdown) comparing runs")
-    r.add_argument("results", nargs="+", metavar="RESULTS", help="toybench.json / vbench.json / run records")
+    r.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="toybench.json / vbench.json / JSON run records / training run folders (their metrics.jsonl "
+                        "gives training curves, config.yaml the config, samples/ the videos)")
     r.add_argument("--out", default="report.html", help="the .html to write (the .md goes beside it)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         agg = result["aggregate"] or {}
         print(f"total {agg.get('total')}  quality {agg.get('quality')}  semantic {agg.get('semantic')}  "
               f"missing {agg.get('missing')}")
+        print(f"wrote {(args.out or args.videos)}/vbench.json (VBench's own files: {(args.out or args.videos)}/vbench/)")
     else:
         from .report import write_report
 

@@ -82,6 +82,34 @@ def drift_chart(metrics: list[str], series: dict, bucket_frames: dict) -> bytes:
     return _png(fig)
 
 
+def curves_chart(series: dict, title: str = "training curves") -> bytes:
+    """One panel per metric (x: training step), one line per run: series[run][metric] = (steps, values).
+    Metrics whose name ends in "loss" come first; non-finite values are left as gaps."""
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(m for per_run in series.values() for m in per_run))
+    metrics.sort(key=lambda m: (not m.endswith("loss"), m))
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.6 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        for run, per_metric in series.items():
+            if m in per_metric:
+                steps, values = per_metric[m]
+                ax.plot(steps, np.asarray(values, dtype=np.float64), linewidth=1.2, label=run)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(labels) > 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if len(labels) > 1 else 0, 1, 1))
+    return _png(fig)
+
+
 def _upscale(frames: np.ndarray) -> np.ndarray:
     """Nearest-neighbour upscaling of uint8 [T, H, W, 3] to at least PREVIEW_HEIGHT rows."""
     k = max(1, math.ceil(PREVIEW_HEIGHT / frames.shape[1]))

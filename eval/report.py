@@ -4,11 +4,15 @@
 
 Writes report.html (every image embedded as base64) and report.md beside it, with: a
 summary table (one row per run: each metric's mean +- 95% CI, VBench's total / quality /
-semantic, speed in frames/s where recorded), bar charts across runs, drift charts (metrics
-per time bucket), frame strips and animated previews of sample videos, the protocol of
-each run (prompts, seeds, samples, mode, versions) and the JSON of every number.
+semantic, each VBench dimension labelled "(VBench)" when the real toolkit scored it or
+"(native)" when forcelab did, speed in frames/s where recorded), bar charts across runs,
+training curves, drift charts (metrics per time bucket), frame strips and animated previews
+of sample videos, a link to every video, the protocol of each run (mode, prompts, seeds,
+samples, versions), each training run's resolved config and the JSON of every number.
 
-A results file is a toybench.json or vbench.json of `forcelab eval`, or any JSON run record:
+A results file is a toybench.json or vbench.json of `forcelab eval`, a training run folder
+(its metrics.jsonl gives the curves and final values, its config.yaml the config, its
+samples/ the videos; the folder or its metrics.jsonl may be given), or any JSON run record:
 {"name", "speed_fps", "metrics": {name: number}, ...} - or {"runs": [records]} / a list of
 records / {"runs": {name: record}} for several runs in one file. A record may embed
 "toybench" and "vbench" results. Top-level numbers of a record count as metrics.
@@ -16,6 +20,8 @@ records / {"runs": {name: record}} for several runs in one file. A record may em
 Paths inside a results file are data: a record's videos_dir (relative: to the results file's
 folder) is followed only inside the results file's folder, and video names only inside
 videos_dir; anything else is left out, said on stderr and in the report's "Left out" section.
+`forcelab eval toybench` and `eval vbench` write their results beside the videos by default.
+Links to videos are relative to the report's folder (keep them together when moving them).
 """
 
 from __future__ import annotations
@@ -24,16 +30,22 @@ import base64
 import html
 import json
 import math
+import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import ForcelabError
 from . import plots
+from .sidecars import read_sidecar
 
 MARKER = "forcelab eval report"
 SAMPLES_PER_RUN = 2
-SKIP_NUMBERS = ("bucket_frames", "speed_fps", "seed", "frames")
+SKIP_NUMBERS = ("bucket_frames", "speed_fps", "seed", "frames", "steps")
+RUN_LOG = "metrics.jsonl"                 # a training run folder's metrics, one JSON object per line
+CURVE_SKIP = ("step", "time", "steps_per_s")
 
 
 class Run:
@@ -44,10 +56,12 @@ class Run:
         self.metrics: dict[str, tuple[float, float | None]] = {}
         self.drift: dict[str, tuple[list, list]] = {}
         self.bucket_frames = 1
-        self.videos: list[tuple[Path, float, str]] = []     # (path, fps, caption)
-        self.notes: list[str] = []                          # what the report left out, and why
+        self.videos: list[tuple[Path, float | None, str]] = []   # every video (path, fps, caption); the
+        self.notes: list[str] = []                          # first SAMPLES_PER_RUN get previews; what was left out
         self.protocol = None
         self.speed = None
+        self.curves: dict[str, tuple[list, list]] = {}      # metric -> (steps, values), training runs
+        self.config: str | None = None                      # a training run's resolved config (YAML)
         self._read(record)
 
     def _read(self, rec: dict) -> None:
@@ -55,6 +69,8 @@ class Run:
             self._toybench(rec)
         elif rec.get("kind") == "vbench":
             self._vbench(rec)
+        elif rec.get("kind") == "training":
+            self._training(rec)
         for key in ("toybench", "vbench"):
             if isinstance(rec.get(key), dict):
                 self._read({**rec[key], "kind": key})
@@ -74,8 +90,15 @@ class Run:
             if b.get("mean"):
                 self.drift[m] = (b["mean"], b.get("std", [0.0] * len(b["mean"])))
         self.bucket_frames = rec.get("bucket_frames", 1) or 1
-        for row in rec.get("videos", [])[:SAMPLES_PER_RUN]:
-            self._sample(rec, row["video"], row.get("fps"), row.get("caption") or "")
+        rows = [r for r in rec.get("videos", []) if isinstance(r, dict)]
+        for row in rows:
+            self._sample(rec, row.get("video"), row.get("fps"), row.get("caption") or "")
+        per_caption = Counter(r.get("caption") for r in rows)
+        self.protocol = {"mode": "ToyBench", "prompts_file": None, "extended_prompts": False,
+                         "seeds": sorted({r["seed"] for r in rows if isinstance(r.get("seed"), int)}),
+                         "samples_per_prompt": max(per_caption.values()) if per_caption else 0,
+                         "prompts": len(per_caption), "videos": len(rows),
+                         "versions": {"forcelab": rec["forcelab"]} if rec.get("forcelab") else {}}
 
     def _videos_folder(self, rec: dict) -> Path | None:
         """The record's videos_dir, if it resolves inside the results file's folder (a relative one
@@ -102,25 +125,97 @@ class Run:
             return
         path = (folder / name).resolve()
         if folder in path.parents and path.is_file():
-            self.videos.append((path, float(fps or (rec.get("generation") or {}).get("fps") or 16.0), caption))
+            fps = fps or (rec.get("generation") or {}).get("fps")
+            self.videos.append((path, float(fps) if fps else None, caption))
 
     def _vbench(self, rec: dict) -> None:
         agg = rec.get("aggregate") or {}
         for k in ("total", "quality", "semantic"):
             if isinstance(agg.get(k), (int, float)):
                 self.metrics[f"vbench_{k}"] = (float(agg[k]), None)
+        results = rec.get("results") or {}
         for d, s in (rec.get("scores") or {}).items():
-            self.metrics[d] = (float(s), None)
-        self.protocol = rec.get("protocol")
-        names = sorted({v for r in (rec.get("results") or {}).values() for v in r.get("videos", {})})
-        for name in names[:SAMPLES_PER_RUN]:
+            self.metrics[f"{d} ({vbench_source(results.get(d))})"] = (float(s), None)
+        self.protocol = dict(rec.get("protocol") or {})
+        sources = {}
+        for d in rec.get("scores") or {}:
+            sources.setdefault(vbench_source(results.get(d)), []).append(d)
+        self.protocol["scored_by"] = sources
+        scored = sorted({v for r in results.values() for v in r.get("videos", {})})
+        folder = self._videos_folder(rec)      # every video of the run is linked, scored ones first
+        others = sorted(p.name for p in folder.glob("*.mp4") if p.name not in scored) if folder else []
+        for name in scored + others:
             self._sample(rec, name, None, re.sub(r"-\d+$", "", Path(name).stem))
+
+    def _training(self, rec: dict) -> None:
+        """A run folder: curves and final values from metrics.jsonl, config.yaml, samples/."""
+        folder = self.source.parent
+        rows = []
+        for line in (folder / RUN_LOG).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:        # a run stopped mid-write leaves a partial last line
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        for row in rows:
+            for k, v in row.items():
+                if k not in CURVE_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    steps, values = self.curves.setdefault(k, ([], []))
+                    steps.append(row["step"])
+                    values.append(float(v))
+        final = {k: v[-1] for k, (_, v) in self.curves.items() if k.endswith("loss")}
+        rec.update(steps=rows[-1]["step"] if rows else 0, final=final)
+        self.metrics.update({k: (v, None) for k, v in final.items()})
+        config = folder / "config.yaml"
+        self.config = config.read_text(encoding="utf-8") if config.is_file() else None
+        seed = re.search(r"^seed:\s*(\S+)", self.config or "", re.M)
+        samples = sorted((folder / "samples").glob("step-*/*.mp4"), key=lambda p: (p.parent.name, p.name), reverse=True)
+        seeds = set()
+        for path in samples:
+            side = read_sidecar(path) or {}
+            seeds.add(side.get("seed"))
+            self._sample({"videos_dir": "."}, str(path.relative_to(folder)), side.get("fps"),
+                          f"{path.parent.name}: {side.get('prompt', '')}")
+        self.protocol = {"mode": f"training ({rec.get('recipe') or 'recipe in config'})", "prompts_file": None,
+                         "seeds": seed.group(1) if seed else "-",
+                         "sample_seeds": sorted(s for s in seeds if s is not None),
+                         "samples_per_prompt": None, "videos": len(samples),
+                         "versions": {"forcelab": rec["forcelab"]} if rec.get("forcelab") else {}}
+
+
+def vbench_source(result) -> str:
+    """Who scored a VBench dimension: "VBench" (the toolkit) or "native" (forcelab's own code)."""
+    result = result if isinstance(result, dict) else {}
+    return result.get("source") or ("native" if result.get("native") else "VBench")
+
+
+def training_record(folder: Path) -> dict:
+    """The record of a training run folder (what its run file says, plus kind and name)."""
+    from ..models.run_folder import RUN_RECORD
+
+    rec = {"kind": "training", "name": folder.resolve().name}
+    run_file = folder / RUN_RECORD
+    if run_file.is_file():
+        try:
+            saved = json.loads(run_file.read_text(encoding="utf-8"))
+            rec.update({k: v for k, v in saved.items() if k in ("recipe", "forcelab")})
+        except json.JSONDecodeError:
+            pass
+    return rec
 
 
 def load_runs(paths) -> list[Run]:
     """Runs from results files (see the module docstring), labelled uniquely."""
     runs = []
     for p in map(Path, paths):
+        if p.is_dir() or p.name == RUN_LOG:
+            folder = p if p.is_dir() else p.parent
+            if not (folder / RUN_LOG).is_file():
+                raise ForcelabError(f"results file {p}: a folder without {RUN_LOG} (give a training run folder, "
+                                    f"or a toybench.json / vbench.json)")
+            runs.append(Run(folder.resolve().name, training_record(folder), folder / RUN_LOG))
+            continue
         if not p.is_file():
             raise ForcelabError(f"results file {p}: not found")
         try:
@@ -173,7 +268,7 @@ def write_report(results, out, *, progress: bool = True) -> Path:
     """Render the report of the given results files to `out` (.html) and its .md twin."""
     from tqdm import tqdm
 
-    from ..data.video import read_video
+    from ..data.video import probe_video, read_video
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
@@ -197,6 +292,9 @@ def write_report(results, out, *, progress: bool = True) -> Path:
         images.append(("across runs", "speed (frames/s)", "image/png",
                        plots.bar_chart(["speed_fps"], list(speeds), {(k, "speed_fps"): v for k, v in speeds.items()},
                                        {}, "generation speed (frames/s)")))
+    curves = {r.label: r.curves for r in runs if r.curves}
+    if curves:
+        images.append(("training curves", "training curves (metrics.jsonl)", "image/png", plots.curves_chart(curves)))
     drift_metrics = list(dict.fromkeys(m for r in runs for m in r.drift))
     if drift_metrics:
         images.append(("drift", "metrics per time bucket", "image/png",
@@ -204,14 +302,21 @@ def write_report(results, out, *, progress: bool = True) -> Path:
                                          {r.label: r.bucket_frames for r in runs})))
     samples = []                                        # (run, video name, caption, strip, gif)
     for run in tqdm(runs, desc="report previews", unit="run", disable=not progress):
-        for path, fps, caption in run.videos:
+        for path, fps, caption in run.videos[:SAMPLES_PER_RUN]:
             frames = read_video(path).permute(0, 2, 3, 1).numpy()
+            fps = fps or probe_video(path).fps
             samples.append((run.label, path.name, caption, plots.frame_strip(frames), plots.animation(frames, fps)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_html(runs, metrics, images, samples), encoding="utf-8")
-    md_path.write_text(_markdown(runs, metrics, images, samples), encoding="utf-8")
+    links = {r.label: [(_href(path, out.parent), path.name, caption) for path, _, caption in r.videos] for r in runs}
+    out.write_text(_html(runs, metrics, images, samples, links), encoding="utf-8")
+    md_path.write_text(_markdown(runs, metrics, images, samples, links), encoding="utf-8")
     return out
+
+
+def _href(path: Path, folder: Path) -> str:
+    """A link to `path` from a page in `folder`: relative, URL-quoted."""
+    return quote(Path(os.path.relpath(path, folder.resolve())).as_posix())
 
 
 def _summary_rows(runs, metrics):
@@ -222,18 +327,34 @@ def _summary_rows(runs, metrics):
 
 
 def _protocol_rows(runs):
+    def text(value):
+        if value is None or value == [] or value == {}:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, list):
+            return ", ".join(map(str, value))
+        return str(value)
+
     rows = []
     for r in runs:
         p = r.protocol or {}
         gen = r.record.get("generation") or {}
-        rows.append([r.label, str(p.get("mode", r.record.get("kind", "-"))), str(p.get("prompts_file", "-")),
-                     str(p.get("extended_prompts", "-")), str(p.get("seeds", "-")),
-                     str(p.get("samples_per_prompt", gen.get("samples", "-"))),
-                     json.dumps(p.get("versions") or ({"forcelab": r.record["forcelab"]} if r.record.get("forcelab") else {}))])
-    return ["run", "mode", "prompts file", "extended", "seeds", "samples/prompt", "versions"], rows
+        seeds = p.get("seeds")
+        if p.get("sample_seeds"):
+            seeds = f"{text(seeds)} (samples: {text(p['sample_seeds'])})"
+        scored = "; ".join(f"{who}: {', '.join(dims)}" for who, dims in (p.get("scored_by") or {}).items())
+        versions = p.get("versions") or ({"forcelab": r.record["forcelab"]} if r.record.get("forcelab") else {})
+        rows.append([r.label, text(p.get("mode", r.record.get("kind"))), text(p.get("prompts_file")),
+                     text(p.get("extended_prompts")), text(seeds),
+                     text(p.get("samples_per_prompt", gen.get("samples"))), text(p.get("videos")),
+                     scored or "-",
+                     ", ".join(f"{k} {v}" for k, v in versions.items() if not k.endswith("_file")) or "-"])
+    return ["run", "mode", "prompts file", "extended", "seeds", "samples/prompt", "videos", "VBench scored by",
+            "versions"], rows
 
 
-def _html(runs, metrics, images, samples) -> str:
+def _html(runs, metrics, images, samples, links) -> str:
     e = html.escape
 
     def table(head, rows):
@@ -253,7 +374,9 @@ def _html(runs, metrics, images, samples) -> str:
              "<h2>Summary</h2>", table(*_summary_rows(runs, metrics)),
              "<p>Each metric is oriented so that higher is better (ToyBench: ground truth at or near its "
              "best); ± is the 95% confidence half-width over videos. Drift (per time bucket) is charted "
-             "below; its per-video *_drift values are in the JSON.</p>"]
+             "below; its per-video *_drift values are in the JSON. A VBench dimension is marked (VBench) when "
+             "the VBench toolkit scored it, (native) when forcelab's own implementation did; the Protocol "
+             "table lists which.</p>"]
     section = None
     for sec, title, mime, data in images:
         if sec != section:
@@ -267,10 +390,22 @@ def _html(runs, metrics, images, samples) -> str:
             parts.append(f"<div class='sample'><h3>{e(label)}: {e(name)}</h3><p>{e(caption)}</p>"
                          f"<div class='row'><img alt='frames of {e(name)}' src='data:image/png;base64,{_b64(strip)}'>"
                          f"<img alt='animation of {e(name)}' src='data:image/gif;base64,{_b64(gif)}'></div></div>")
+    if any(links.values()):
+        parts.append("<h2>Videos</h2>")
+        for label, rows in links.items():
+            if rows:
+                parts.append(f"<details><summary>{e(label)}: {len(rows)} video(s)</summary><ul>"
+                             + "".join(f"<li><a href='{e(href)}'>{e(name)}</a> {e(caption)}</li>"
+                                       for href, name, caption in rows) + "</ul></details>")
     notes = [n for r in runs for n in r.notes]
     if notes:
         parts.append("<h2>Left out</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
-    parts += ["<h2>Protocol</h2>", table(*_protocol_rows(runs)), "<h2>All numbers (JSON)</h2>"]
+    parts += ["<h2>Protocol</h2>", table(*_protocol_rows(runs))]
+    configs = [r for r in runs if r.config]
+    if configs:
+        parts.append("<h2>Run config (resolved)</h2>")
+        parts += [f"<details open><summary>{e(r.label)}</summary><pre>{e(r.config)}</pre></details>" for r in configs]
+    parts.append("<h2>All numbers (JSON)</h2>")
     for r in runs:
         parts.append(f"<details><summary>{e(r.label)} ({e(str(r.source))})</summary><pre>"
                      f"{e(json.dumps(r.record, indent=2))}</pre></details>")
@@ -278,7 +413,7 @@ def _html(runs, metrics, images, samples) -> str:
     return "\n".join(parts)
 
 
-def _markdown(runs, metrics, images, samples) -> str:
+def _markdown(runs, metrics, images, samples, links) -> str:
     def table(head, rows):
         esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
         return "\n".join(["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head),
@@ -294,10 +429,21 @@ def _markdown(runs, metrics, images, samples) -> str:
         for label, name, caption, strip, gif in samples:
             parts += [f"### {label}: {name}", "", caption, "", f"![frames](data:image/png;base64,{_b64(strip)})", "",
                       f"![animation](data:image/gif;base64,{_b64(gif)})", ""]
+    if any(links.values()):
+        parts += ["## Videos", ""]
+        for label, rows in links.items():
+            parts += [f"- {label}: " + ", ".join(f"[{name}]({href})" for href, name, _ in rows)] if rows else []
+        parts.append("")
     notes = [n for r in runs for n in r.notes]
     if notes:
         parts += ["## Left out", "", *(f"- {n}" for n in notes), ""]
-    parts += ["## Protocol", "", table(*_protocol_rows(runs)), "", "## All numbers (JSON)", ""]
+    parts += ["## Protocol", "", table(*_protocol_rows(runs)), ""]
+    configs = [r for r in runs if r.config]
+    if configs:
+        parts += ["## Run config (resolved)", ""]
+        for r in configs:
+            parts += [f"### {r.label}", "", "```yaml", r.config.rstrip(), "```", ""]
+    parts += ["## All numbers (JSON)", ""]
     for r in runs:
         parts += [f"### {r.label}", "", "```json", json.dumps(r.record, indent=2), "```", ""]
     return "\n".join(parts)

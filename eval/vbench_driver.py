@@ -1,7 +1,12 @@
 """Runs inside VBench's own Python environment (started by vbench_runner as a subprocess).
 
 Standard library and vbench only (no forcelab import): VBench pins versions forcelab cannot
-share.
+share. Run as a script, Python puts the script's folder first on sys.path, and that folder
+(forcelab/eval/) holds forcelab's own vbench.py: the driver takes its folder off sys.path before
+anything imports, so `import vbench` finds VBench wherever the interpreter would (its
+site-packages, PYTHONPATH), on every Python version (-P / PYTHONSAFEPATH exist from 3.11 only;
+-I would also drop PYTHONPATH). Weights come from VBench's cache folder only (VBENCH_CACHE_DIR,
+which the runner sets and checks): VBench runs in its local mode.
 
     python vbench_driver.py probe
         prints {"vbench": ..., "torch": ..., "python": ...} as JSON
@@ -10,12 +15,16 @@ share.
         DIR/D_eval_results.json as VBench does: {D: [mean, [{video_path, video_results}, ...]]}
 """
 
-import argparse
-import importlib
-import json
 import os
-import platform
 import sys
+
+_HERE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(os.path.abspath(p or os.curdir)) != _HERE]
+
+import argparse  # noqa: E402  (after the sys.path fix on purpose)
+import importlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
 
 
 def _version(name):
@@ -28,9 +37,13 @@ def _version(name):
 
 
 def probe():
-    import vbench  # noqa: F401  (the point: fail here when VBench is missing)
+    import vbench  # the point: fail here when VBench is missing
 
-    versions = {"vbench": _version("vbench"), "python": platform.python_version()}
+    if getattr(vbench, "__file__", None) is None:      # a bare folder named vbench somewhere on sys.path
+        raise ImportError(f"'vbench' is a folder without __init__.py ({list(vbench.__path__)}), not VBench")
+
+    versions = {"vbench": _version("vbench"), "python": platform.python_version(),
+                "vbench_file": os.path.abspath(vbench.__file__)}
     try:
         import torch
         versions["torch"] = torch.__version__
@@ -56,7 +69,7 @@ def run(info, dimension, output, device):
         device = torch.device(device)
     except ImportError:
         pass
-    submodules = init_submodules([dimension])[dimension]
+    submodules = init_submodules([dimension], local=True)[dimension]   # weights from VBENCH_CACHE_DIR only
     result = compute(info, device, submodules)
     path = os.path.join(output, dimension + "_eval_results.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -3,17 +3,26 @@
     forcelab eval vbench VIDEOS_DIR --vbench-python ~/vbench-env/bin/python \
         [--dimensions subject_consistency dynamic_degree] [--long] [--vbench-cache DIR] [--out DIR]
 
-Each dimension is one subprocess (vbench_driver.py in VBench's environment; its log in
-OUT/logs/). It writes OUT/{dimension}_eval_results.json atomically, so a dimension with a
-result for the same videos (OUT/{dimension}_info.json) is finished: re-running the same
-command skips it and retries only the ones that failed; changed videos are scored again.
+OUT (default VIDEOS_DIR) receives vbench.json, beside the videos as toybench.json is, so a
+report embeds their previews (it follows no path out of a results file's folder); VBench's
+own files go to OUT/vbench/. Each dimension is one subprocess (vbench_driver.py in VBench's
+environment; its log in OUT/vbench/logs/). It writes OUT/vbench/{dimension}_eval_results.json
+atomically, so a dimension with a result for the same videos ({dimension}_info.json) is
+finished: re-running the same command skips it and retries only the ones that failed; changed
+videos are scored again.
+Weights: VBench runs in its local mode, reading every model from one cache folder
+(--vbench-cache, else $VBENCH_CACHE_DIR, else ~/.cache/vbench; WEIGHTS lists the files per
+dimension; torch's hub cache, which DINO loads through, is its torch/ subfolder). They are
+checked before anything runs, so an offline machine is told every
+missing file by name and where to get it, instead of VBench failing on a download mid-run.
 The videos are found by prompt: a prompt of the VBench suite is scored on the dimensions
 the suite lists for it (the standard protocol, with its auxiliary info); any
 other prompt on the dimensions that need no suite metadata (VBench's custom_input rule).
 Prompts come from the sidecars of `forcelab generate`, else from the file name
 ("{prompt}-{i}.mp4"). --long scores VBench-Long clips (vbench_long.py) and averages each
-long video's clips. OUT/vbench.json holds the scores, the official aggregate and the
-protocol: prompts file, extended or not, seeds, samples per prompt, mode and versions.
+long video's clips. OUT/vbench.json holds the scores (each marked native or VBench), the
+official aggregate and the protocol: prompts file, extended or not, seeds, samples per prompt,
+mode and versions.
 """
 
 from __future__ import annotations
@@ -32,6 +41,43 @@ from .sidecars import check_writable, generation, read_sidecar
 from .vbench_prompts import full_info
 
 DRIVER = Path(__file__).resolve().parent / "vbench_driver.py"
+WORK = "vbench"              # OUT/WORK/: VBench's per-dimension files, logs, clips
+CLIP_B32 = ("clip_model/ViT-B-32.pt", "https://openaipublic.azureedge.net/clip/models/"
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+GRIT = ("grit_model/grit_b_densecap_objectdet.pth",
+        "https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/grit_b_densecap_objectdet.pth")
+TORCH_HOME = "torch"          # the VBench subprocess's TORCH_HOME, inside the cache folder
+DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+VICLIP = ("ViCLIP/ViClip-InternVid-10M-FLT.pth",
+          "https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/ViClip-InternVid-10M-FLT.pth")
+# What VBench 0.1.5 reads from its cache folder in local mode, per dimension: (file relative to
+# the folder, where to get it). temporal_flickering needs no model. GRiT and Tag2Text also load
+# the tokenizer bert-base-uncased through transformers (the Hugging Face cache, HF_HOME).
+WEIGHTS = {
+    # DINO's hub entry loads its weights through torch's hub cache (TORCH_HOME, which the runner
+    # points inside the folder), VBench checks its own copy: the same file, twice (a link will do)
+    "subject_consistency": (("dino_model/facebookresearch_dino_main/hubconf.py",
+                             "git clone https://github.com/facebookresearch/dino"),
+                            ("dino_model/dino_vitbase16_pretrain.pth", DINO_URL),
+                            (f"{TORCH_HOME}/hub/checkpoints/dino_vitbase16_pretrain.pth", DINO_URL)),
+    "background_consistency": (CLIP_B32,),
+    "motion_smoothness": (("amt_model/amt-s.pth", "https://huggingface.co/lalala125/AMT/resolve/main/amt-s.pth"),),
+    "dynamic_degree": (("raft_model/models/raft-things.pth",
+                        "models.zip from https://dl.dropboxusercontent.com/s/4j4z58wuv8o0mfz/models.zip, unzipped"),),
+    "aesthetic_quality": (("clip_model/ViT-L-14.pt", "https://openaipublic.azureedge.net/clip/models/"
+                           "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt"),
+                          ("aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth", "https://raw.githubusercontent."
+                           "com/LAION-AI/aesthetic-predictor/main/sa_0_4_vit_l_14_linear.pth")),
+    "imaging_quality": (("pyiqa_model/musiq_spaq_ckpt-358bb6af.pth", "https://github.com/chaofengc/IQA-PyTorch/"
+                         "releases/download/v0.1-weights/musiq_spaq_ckpt-358bb6af.pth"),),
+    "object_class": (GRIT,), "multiple_objects": (GRIT,), "color": (GRIT,), "spatial_relationship": (GRIT,),
+    "human_action": (("umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth", "https://huggingface.co/OpenGVLab/"
+                      "VBench_Used_Models/resolve/main/l16_ptk710_ftk710_ftk400_f16_res224.pth"),),
+    "scene": (("caption_model/tag2text_swin_14m.pth",
+               "https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/tag2text_swin_14m.pth"),),
+    "appearance_style": (CLIP_B32,),
+    "temporal_style": (VICLIP,), "overall_consistency": (VICLIP,),
+}
 PROBE_TIMEOUT_S = 300        # importing VBench (torch, transformers) can take a while on a cold disk
 MUSIQ_SCALE = 100.0          # VBench reports imaging_quality (MUSIQ) in 0..100; the leaderboard in 0..1
 
@@ -126,9 +172,39 @@ def protocol(videos: list[Path], sidecars: dict[str, dict], long: bool, versions
             "versions": versions}
 
 
+def weights_folder(cache=None) -> Path:
+    """VBench's cache folder: `cache` (--vbench-cache), else $VBENCH_CACHE_DIR, else VBench's
+    own default ~/.cache/vbench. The driver gets it as VBENCH_CACHE_DIR."""
+    if cache is not None:
+        folder = Path(cache).expanduser()
+        if not folder.is_dir():
+            raise ForcelabError(f"--vbench-cache {cache}: not a folder (VBench's weights go there; see "
+                                f"forcelab.eval.vbench_runner.WEIGHTS for the files)")
+        return folder
+    env = os.environ.get("VBENCH_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vbench"
+
+
+def check_weights(folder: Path, dimensions) -> None:
+    """Every file the dimensions need (WEIGHTS) is in `folder`, else one error naming each
+    missing file, the dimensions that need it and where to get it."""
+    missing: dict[str, tuple[str, list[str]]] = {}
+    for d in dimensions:
+        for rel, source in WEIGHTS.get(d, ()):
+            if not (folder / rel).is_file():
+                missing.setdefault(rel, (source, []))[1].append(d)
+    if missing:
+        files = "; ".join(f"{folder / rel} for {', '.join(dims)} (from {source})"
+                          for rel, (source, dims) in missing.items())
+        raise ForcelabError(f"VBench weights missing ({len(missing)} file(s)): {files}. Put them there (VBench "
+                            f"reads its models from this folder only: --vbench-cache, else $VBENCH_CACHE_DIR, else "
+                            f"~/.cache/vbench), or leave those dimensions out with --dimensions")
+
+
 def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: bool = False, cache=None,
                device: str = "cuda", native_flickering: bool = False, progress: bool = True) -> dict:
-    """Score VIDEOS_DIR on `dimensions` (default all 16); returns and writes OUT/vbench.json."""
+    """Score VIDEOS_DIR on `dimensions` (default all 16); returns and writes OUT/vbench.json
+    (OUT defaults to VIDEOS_DIR; VBench's own files go to OUT/vbench/)."""
     from tqdm import tqdm
 
     from .. import __version__
@@ -140,8 +216,9 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
     videos = sorted(videos_dir.glob("*.mp4"))
     if not videos:
         raise ForcelabError(f"{videos_dir}: no .mp4 videos (generate them with `forcelab generate --vbench`)")
-    out = Path(out_dir) if out_dir else videos_dir / "vbench"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) if out_dir else videos_dir
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
     check_writable(out / "vbench.json", "vbench")
     dims = vb.check_dimensions(dimensions or vb.DIMENSIONS)
     native = [d for d in dims if native_flickering and d in vb.NATIVE]
@@ -151,21 +228,18 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         if python is None:
             raise ForcelabError(f"--vbench-python is needed for {external} (only temporal_flickering runs "
                                 f"without VBench, with --native-flickering)")
+        cache = weights_folder(cache)
         versions.update({f"vbench_env_{k}": v for k, v in check_python(python).items()})
-    if cache is not None and not Path(cache).is_dir():
-        raise ForcelabError(f"--vbench-cache {cache}: not a folder (VBench's weights go there)")
     sidecars = {v.name: side for v in videos if (side := read_sidecar(v)) is not None}
 
-    results, failed, skipped = {}, {}, []
-    bar = tqdm(dims, desc="vbench", unit="dim", disable=not progress)
-    for dim in bar:
-        bar.set_postfix_str(dim)
-        source_of = {}                                   # scored file -> the video it comes from
+    plans, skipped = {}, []                              # dimension -> (entries, scored file -> its video)
+    for dim in dims:
+        source_of = {}
         groups = defaultdict(list)
         for v in videos:
             prompt = sidecars.get(v.name, {}).get("prompt", prompt_of(v.name))
             if long:
-                clips = split_video(v, out / "clips" / f"{clip_seconds(dim)}s", clip_seconds(dim))
+                clips = split_video(v, work / "clips" / f"{clip_seconds(dim)}s", clip_seconds(dim))
                 for c in clips:
                     source_of[str(c.resolve())] = v.name
                 groups[prompt] += [str(c.resolve()) for c in clips]
@@ -173,20 +247,31 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                 source_of[str(v.resolve())] = v.name
                 groups[prompt].append(str(v.resolve()))
         entries = plan_dimension(dim, groups)
-        if not entries:
+        if entries:
+            plans[dim] = (entries, source_of)
+        else:
             skipped.append(dim)
-            continue
-        result_file, info = out / f"{dim}_eval_results.json", out / f"{dim}_info.json"
-        if not _finished(result_file, info, entries):
+    todo = [d for d, (entries, _) in plans.items()
+            if not _finished(work / f"{d}_eval_results.json", work / f"{d}_info.json", entries)]
+    if external:
+        check_weights(cache, [d for d in todo if d in external])
+
+    results, failed = {}, {}
+    bar = tqdm(list(plans), desc="vbench", unit="dim", disable=not progress)
+    for dim in bar:
+        bar.set_postfix_str(dim)
+        entries, source_of = plans[dim]
+        result_file, info = work / f"{dim}_eval_results.json", work / f"{dim}_info.json"
+        if dim in todo:
             info.write_text(json.dumps(entries, indent=2), encoding="utf-8")
             if dim in native:
                 paths = [p for e in entries for p in e["video_list"]]
                 mean, rows = vb.temporal_flickering_files(paths)
                 result_file.write_text(json.dumps({dim: [mean, rows]}, indent=4), encoding="utf-8")
             else:
-                ok = _run_driver(python, info, dim, out, device, cache)
+                ok = _run_driver(python, info, dim, work, device, cache)
                 if not ok or not result_file.is_file():
-                    failed[dim] = str(out / "logs" / f"{dim}.log")
+                    failed[dim] = str(work / "logs" / f"{dim}.log")
                     continue
         mean, rows = read_results(result_file, dim)
         per_video = defaultdict(list)                    # video file -> its scores (one per clip when long)
@@ -198,11 +283,12 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         if long and video_scores:   # VBench-Long: a long video scores the mean of its clips, the run the mean of those
             mean = sum(video_scores.values()) / len(video_scores)
         results[dim] = {"score": _scale(dim, mean), "raw": mean, "native": dim in native,
+                        "source": "native" if dim in native else "VBench",
                         "videos": {k: _scale(dim, s) for k, s in video_scores.items()}}
     bar.close()
 
     scores = {d: r["score"] for d, r in results.items()}
-    summary = {"kind": "vbench", "name": videos_dir.name, "videos_dir": str(videos_dir.resolve()),
+    summary = {"kind": "vbench", "name": videos_dir.resolve().name, "videos_dir": _recorded(videos_dir, out),
                "dimensions": dims, "scores": scores, "aggregate": vb.aggregate(scores) if scores else None,
                "results": results, "failed": failed, "skipped_no_videos": skipped,
                "protocol": protocol(videos, sidecars, long, versions),
@@ -215,10 +301,17 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         raise ForcelabError(f"no VBench dimension scored: the videos' prompts belong to none of {skipped} (the suite "
                             f"scores each prompt on its own dimensions; a custom prompt skips {list(vb.NEEDS_SUITE)})")
     if failed:
-        raise VBenchRunError(f"VBench failed on {sorted(failed)} (logs: {out / 'logs'}); the other dimensions "
+        raise VBenchRunError(f"VBench failed on {sorted(failed)} (logs: {work / 'logs'}); the other dimensions "
                              f"are in {out / 'vbench.json'}. Fix the cause and run the same command again: "
                              f"finished dimensions are not re-run")
     return summary
+
+
+def _recorded(videos_dir: Path, out: Path) -> str:
+    """videos_dir as vbench.json records it: relative to OUT when inside it (the default: ".")
+    so the results travel with their videos; else absolute (a report then shows no previews)."""
+    videos, home = videos_dir.resolve(), out.resolve()
+    return os.path.relpath(videos, home) if videos == home or home in videos.parents else str(videos)
 
 
 def _finished(result_file: Path, info: Path, entries: list[dict]) -> bool:
@@ -235,12 +328,10 @@ def _finished(result_file: Path, info: Path, entries: list[dict]) -> bool:
         return False
 
 
-def _run_driver(python, info: Path, dim: str, out: Path, device: str, cache) -> bool:
+def _run_driver(python, info: Path, dim: str, out: Path, device: str, cache: Path) -> bool:
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    if cache is not None:
-        env["VBENCH_CACHE_DIR"] = str(Path(cache).resolve())
+    env = dict(os.environ, VBENCH_CACHE_DIR=str(cache.resolve()), TORCH_HOME=str((cache / TORCH_HOME).resolve()))
     cmd = [str(Path(python).expanduser()), str(DRIVER), "run", "--info", str(info.resolve()), "--dimension", dim,
            "--output", str(out.resolve()), "--device", device]
     with open(logs / f"{dim}.log", "w", encoding="utf-8") as log:

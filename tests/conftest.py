@@ -19,8 +19,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def free_port() -> int:
-    """A TCP port free on this machine now, for a 2-process (gloo) launch: fixed ports collide
-    with other processes on a shared machine."""
+    """A TCP port free on this machine now, for `accelerate launch` (fixed ports collide with
+    other processes). torchrun launches use --standalone instead: its agent binds the store's
+    port itself, so no other process can take the port between choosing and binding it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,7 +1,7 @@
 """Two ranks (gloo, CPU): preprocess writes each rank's shards, the dataset gives ranks disjoint
 samples that together cover the data set.
 
-The test launches this file twice as a script with torchrun-style environment variables;
+The test launches this file as a script on two ranks with torchrun;
 each rank preprocesses, reads its split (with 2 DataLoader workers) and writes the keys it saw.
 """
 
@@ -33,7 +33,7 @@ def rank_main(videos: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_read_disjoint_samples_covering_the_data(tmp_path, free_port):
+def test_two_ranks_read_disjoint_samples_covering_the_data(tmp_path):
     from forcelab.data.toyworld import ToyWorld
     from forcelab.data.video import write_video
 
@@ -45,22 +45,10 @@ def test_two_ranks_read_disjoint_samples_covering_the_data(tmp_path, free_port):
         write_video(videos / f"v{i}.mp4", clip.video.permute(0, 2, 3, 1), fps=8)
         (videos / f"v{i}.txt").write_text(clip.scene.caption)
     out = tmp_path / "shards"
-    port = str(free_port)
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(videos), str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=60)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           __file__, str(videos), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     seen = [json.loads((out / f"keys-{r}.json").read_text()) for r in range(2)]
     a, b = set(seen[0]), set(seen[1])
     assert len(a) == len(seen[0]) and len(b) == len(seen[1])  # no repeats within a rank

@@ -252,7 +252,7 @@ def test_resume_is_bit_exact(teacher_dir, tmp_path):
     assert any(not torch.equal(w3[k], weights(a, 6)[k]) for k in w3)
 
 
-def test_two_processes_write_the_same_pair_set(teacher_dir, pairs_run, tmp_path, free_port):
+def test_two_processes_write_the_same_pair_set(teacher_dir, pairs_run, tmp_path):
     """Ranks split the pieces (0 and 2 on rank 0, 1 and 3 on rank 1); the set equals the
     one-process set pair for pair, and training starts after the barrier."""
     import os
@@ -264,7 +264,7 @@ def test_two_processes_write_the_same_pair_set(teacher_dir, pairs_run, tmp_path,
     args = TINY + [f"roles.teacher.init={teacher_dir}", f"output_dir={out}", "max_steps=1",
                    "algo.pairs_per_shard=1", "data.batch_size=1"]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "forcelab.distill", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -90,7 +90,7 @@ with open(f"{sys.argv[1]}/draws-{trainer.rank}.json", "w") as f:
 """
 
 
-def test_two_processes_draw_the_same_rollout(tmp_path, teacher_dir, free_port):
+def test_two_processes_draw_the_same_rollout(tmp_path, teacher_dir):
     args = [f"roles.teacher.init={teacher_dir}", "recipe=self_forcing", "data.batch_size=1", "data.frames=8",
             "algo.frames=4", "algo.min_chunks=1", "algo.max_chunks=2", "logging.wandb=disabled",
             "logging.progress=false", "max_steps=4", f"output_dir={tmp_path / 'run'}"]
@@ -98,7 +98,7 @@ def test_two_processes_draw_the_same_rollout(tmp_path, teacher_dir, free_port):
     script.write_text(DRAWS_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port), str(script), str(tmp_path), *args],
+                           "--standalone", str(script), str(tmp_path), *args],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d0, d1 = (json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in (0, 1))

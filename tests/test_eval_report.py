@@ -2,7 +2,9 @@
 
 import base64
 import json
+import re
 from html.parser import HTMLParser
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -129,3 +131,60 @@ def test_same_names_stay_apart(tmp_path):
         p.write_text(json.dumps({"name": "run", "speed_fps": 1.0, "score": np.float64(0.5).item()}))
     runs = load_runs([a, b])
     assert [r.label for r in runs] == ["run", "run (2)"] and runs[0].metrics["score"] == (0.5, None)
+
+
+def test_run_folder_curves_config_links_and_vbench_layout(tmp_path):
+    """A training run folder gives curves, final losses, its resolved config and sample links;
+    `eval vbench`'s default layout (vbench.json beside the videos) keeps the previews; VBench
+    dimensions say who scored them; seeds and the protocol are filled in."""
+    from forcelab.eval.vbench_runner import run_vbench
+
+    run = tmp_path / "runs" / "teacher"
+    (run / "samples" / "step-000004").mkdir(parents=True)
+    rows = [{"step": s, "time": 0.1 * s, "steps_per_s": 9.0, "generator/loss": 2.0 - 0.25 * s,
+             "generator/grad_norm": 1.0 / s} for s in range(1, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "gen')  # cut short
+    (run / "config.yaml").write_text("recipe: teacher\nseed: 11\nmax_steps: 4\n")
+    (run / "forcelab-run.json").write_text(json.dumps({"recipe": "teacher", "forcelab": "0.test"}))
+    clip = ToyWorld().clip(1, frames=8).video.permute(0, 2, 3, 1).numpy()
+    for i in range(2):
+        write_video(run / "samples" / "step-000004" / f"0{i}.mp4", clip, 8.0)
+        (run / "samples" / "step-000004" / f"0{i}.json").write_text(json.dumps({"prompt": "a red ball", "step": 4,
+                                                                               "seed": i}))
+    videos = tmp_path / "gen" / "videos"
+    for i in range(2):
+        write_video(videos / f"In a still frame, a stop sign-{i}.mp4", clip, 8.0)
+        (videos / f"In a still frame, a stop sign-{i}.json").write_text(json.dumps(
+            {"prompt": "In a still frame, a stop sign", "seed": 40 + i, "sample": i}))
+    write_video(videos / "a person swimming in ocean-0.mp4", clip, 8.0)         # a prompt no dimension here scores
+    vb = run_vbench(videos, dimensions=["temporal_flickering"], native_flickering=True, progress=False)
+    assert vb["videos_dir"] == "." and (videos / "vbench.json").is_file()       # beside the videos
+
+    out = tmp_path / "site" / "report.html"
+    assert main(["eval", "report", str(run / "metrics.jsonl"), str(videos / "vbench.json"), "--out", str(out),
+                 "--quiet"]) == 0
+    text = out.read_text()
+    page = Page()
+    page.feed(text)
+    page.close()
+    assert "Left out" not in text                                                 # nothing escaped its folder
+    gifs = [src for src in page.images if src.startswith("data:image/gif")]
+    assert len(gifs) == 4                                                         # 2 samples + 2 VBench videos
+    assert "training curves" in " ".join(page.text).lower()
+    head = next(row for row in page.rows if row and row[0] == "run")               # the summary table comes first
+    teacher = next(row for row in page.rows if row and row[0] == "teacher")
+    assert teacher[head.index("generator/loss")] == "1"                          # final loss: 2 - 0.25 * 4
+    assert "temporal_flickering (native)" in head
+    # links to every video, relative to the report's folder, and they resolve
+    hrefs = re.findall(r"<a href='([^']+)'>", text)
+    assert len(hrefs) == 5 and any("swimming" in h for h in hrefs)            # unscored videos are linked too
+    for href in hrefs:
+        assert not href.startswith("/") and (out.parent / unquote(href)).resolve().is_file()
+    # the resolved config and a filled-in protocol
+    assert "seed: 11" in text and "max_steps: 4" in text
+    protocol = {row[0]: row for row in page.rows if row and row[0] in ("teacher", "videos")}   # later rows win
+    assert "11 (samples: 0, 1)" in protocol["teacher"] and "training (teacher)" in protocol["teacher"]
+    assert "40, 41" in protocol["videos"] and "native: temporal_flickering" in protocol["videos"]
+    assert "-" not in protocol["videos"][4]                                       # the seeds column
+    md = out.with_suffix(".md").read_text()
+    assert "## Run config (resolved)" in md and md.count(".mp4](") == 5

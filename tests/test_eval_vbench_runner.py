@@ -1,9 +1,10 @@
-"""`forcelab eval vbench` end to end against a stand-in VBench: a python executable whose
-`vbench` package scores every video with a fixed number and writes VBench's result format.
-The real VBench runs only where FORCELAB_VBENCH_PYTHON names its interpreter."""
+"""`forcelab eval vbench` end to end against a stand-in VBench: this interpreter, started by a
+two-line shell wrapper that puts a folder holding a stand-in `vbench` package on PYTHONPATH, as
+a VBench environment would have it installed. The stand-in scores every video with a fixed
+number and writes VBench's result format. The real VBench: tests/test_eval_vbench_real.py."""
 
 import json
-import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ from forcelab.cli import main
 from forcelab.data.video import write_video
 from forcelab.errors import ForcelabError
 from forcelab.eval.vbench import aggregate
-from forcelab.eval.vbench_runner import VBenchRunError, read_results, run_vbench
+from forcelab.eval.vbench_runner import DRIVER, WEIGHTS, VBenchRunError, read_results, run_vbench
 
-FAKE_SCORES = {"subject_consistency": 0.9, "dynamic_degree": None, "color": 0.7, "imaging_quality": 61.0}
+FAKE_SCORES = {"subject_consistency": 0.9, "dynamic_degree": None, "color": 0.7, "imaging_quality": 61.0,
+               "temporal_flickering": 0.95}
 
 FAKE_DIMENSION = '''
 import json, os
@@ -50,15 +52,30 @@ def fake_python(tmp_path_factory):
     (pkg / "__init__.py").write_text("__version__ = '0.0-standin'\n")
     # VBench's environment has its own torch; a stand-in one keeps each subprocess start fast
     (root / "site" / "torch.py").write_text("__version__ = '0.0-standin'\ndef device(name):\n    return name\n")
-    (pkg / "utils.py").write_text("def init_submodules(dimension_list, local=False, read_frame=False):\n"
+    (pkg / "utils.py").write_text("import os\n"
+                                  "def init_submodules(dimension_list, local=False, read_frame=False):\n"
+                                  "    assert local, 'weights must come from the cache folder'\n"
+                                  "    cache = os.environ['VBENCH_CACHE_DIR']\n"
+                                  "    assert os.path.isdir(cache)\n"
+                                  "    assert os.environ['TORCH_HOME'] == os.path.join(cache, 'torch')\n"
                                   "    return {d: [] for d in dimension_list}\n")
     for dim, score in FAKE_SCORES.items():
         (pkg / f"{dim}.py").write_text(FAKE_DIMENSION.format(dim=dim, score=score))
+    # the interpreter runs the driver as a script, exactly as a VBench venv's python would
     exe = root / "python"
-    exe.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.path.insert(0, {str(root / 'site')!r})\n"
-                   f"sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    exe.write_text(f"#!/bin/sh\nPYTHONPATH={str(root / 'site')!r} exec {sys.executable!r} \"$@\"\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return exe
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A VBench cache folder holding (empty stand-ins of) every weight file."""
+    folder = tmp_path / "cache"
+    for rel, _ in {w for files in WEIGHTS.values() for w in files}:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"")
+    return folder
 
 
 @pytest.fixture
@@ -86,21 +103,22 @@ def calls(folder):
     return log.read_text().split() if log.exists() else []
 
 
-def test_runs_each_dimension_resumes_after_a_failure(fake_python, videos, tmp_path):
+def test_runs_each_dimension_resumes_after_a_failure(fake_python, videos, cache, tmp_path):
     out = tmp_path / "out"
     dims = ["subject_consistency", "dynamic_degree", "imaging_quality", "color", "temporal_flickering"]
     (tmp_path / "fail" / "color").write_text("")
     with pytest.raises(VBenchRunError, match=r"\['color'\].*run the same command again"):
-        run_vbench(videos, out, python=fake_python, dimensions=dims, device="cpu", native_flickering=True,
-                   progress=False)
+        run_vbench(videos, out, python=fake_python, dimensions=dims, device="cpu", cache=cache,
+                   native_flickering=True, progress=False)
     first = json.loads((out / "vbench.json").read_text())
-    assert sorted(first["failed"]) == ["color"] and "CUDA out of memory" in (out / "logs" / "color.log").read_text()
+    assert sorted(first["failed"]) == ["color"]
+    assert "CUDA out of memory" in (out / "vbench" / "logs" / "color.log").read_text()
     assert set(first["scores"]) == {"subject_consistency", "dynamic_degree", "imaging_quality", "temporal_flickering"}
     assert calls(videos) == ["subject_consistency", "dynamic_degree", "imaging_quality", "color"]
 
     (tmp_path / "fail" / "color").unlink()
-    result = run_vbench(videos, out, python=fake_python, dimensions=dims, device="cpu", native_flickering=True,
-                        progress=False)
+    result = run_vbench(videos, out, python=fake_python, dimensions=dims, device="cpu", cache=cache,
+                        native_flickering=True, progress=False)
     assert calls(videos)[4:] == ["color"]                         # finished dimensions were not re-run
     scores = result["scores"]
     assert scores["subject_consistency"] == pytest.approx(0.9) and scores["color"] == pytest.approx(0.7)
@@ -109,20 +127,22 @@ def test_runs_each_dimension_resumes_after_a_failure(fake_python, videos, tmp_pa
     assert not result["failed"] and result["results"]["temporal_flickering"]["native"]
     # a changed set of videos is scored again; a result of unknown origin is left alone
     (videos / "a toy ball bouncing-1.mp4").write_bytes((videos / "a toy ball bouncing-0.mp4").read_bytes())
-    run_vbench(videos, out, python=fake_python, dimensions=["subject_consistency"], device="cpu", progress=False)
+    run_vbench(videos, out, python=fake_python, dimensions=["subject_consistency"], device="cpu", cache=cache,
+               progress=False)
     assert calls(videos)[5:] == ["subject_consistency"]
     (videos / "a toy ball bouncing-1.mp4").unlink()
     foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "color_eval_results.json").write_text(json.dumps({"color": [0.5, []]}))
+    (foreign / "vbench").mkdir(parents=True)
+    (foreign / "vbench" / "color_eval_results.json").write_text(json.dumps({"color": [0.5, []]}))
     with pytest.raises(ForcelabError, match="not written by forcelab"):
-        run_vbench(videos, foreign, python=fake_python, dimensions=["color"], device="cpu", progress=False)
+        run_vbench(videos, foreign, python=fake_python, dimensions=["color"], device="cpu", cache=cache,
+                   progress=False)
 
     # which videos each dimension saw: the suite's prompts on their own dimensions only,
     # the custom prompt on dimensions that need no suite metadata
-    sc = json.loads((out / "subject_consistency_info.json").read_text())
+    sc = json.loads((out / "vbench" / "subject_consistency_info.json").read_text())
     assert sorted(e["prompt_en"] for e in sc) == ["a person swimming in ocean", "a toy ball bouncing"]
-    color = json.loads((out / "color_info.json").read_text())
+    color = json.loads((out / "vbench" / "color_info.json").read_text())
     assert [e["prompt_en"] for e in color] == ["a red bicycle"] and len(color[0]["video_list"]) == 2
     assert color[0]["auxiliary_info"] == {"color": {"color": "red"}}
     assert result["skipped_no_videos"] == [] and result["dimensions"] == [
@@ -147,14 +167,14 @@ def test_results_file_in_vbench_format(tmp_path):
         read_results(path, "motion_smoothness")
 
 
-def test_long_mode_scores_clips_and_averages_per_video(fake_python, videos, tmp_path):
+def test_long_mode_scores_clips_and_averages_per_video(fake_python, videos, cache, tmp_path):
     out = tmp_path / "long"
     result = run_vbench(videos, out, python=fake_python, dimensions=["dynamic_degree", "temporal_flickering"],
-                        long=True, device="cpu", native_flickering=True, progress=False)
+                        long=True, device="cpu", cache=cache, native_flickering=True, progress=False)
     assert result["protocol"]["mode"] == "VBench-Long"
-    clips = sorted(p.name for p in (out / "clips" / "2s").glob("a red bicycle-0_*.mp4"))
+    clips = sorted(p.name for p in (out / "vbench" / "clips" / "2s").glob("a red bicycle-0_*.mp4"))
     assert clips == ["a red bicycle-0_000.mp4", "a red bicycle-0_001.mp4", "a red bicycle-0_002.mp4"]  # 40 = 16+16+(24..40)
-    info = json.loads((out / "dynamic_degree_info.json").read_text())
+    info = json.loads((out / "vbench" / "dynamic_degree_info.json").read_text())
     assert all(len(e["video_list"]) % 3 == 0 for e in info)
     # the stand-in says True, False, True, ... along each prompt's clip list: a long video
     # scores the mean of its 3 clips, the run the mean over long videos
@@ -190,15 +210,40 @@ def test_native_flickering_needs_no_vbench(videos, tmp_path):
         run_vbench(only_color, dimensions=["temporal_flickering"], native_flickering=True, progress=False)
 
 
-@pytest.mark.skipif(not os.environ.get("FORCELAB_VBENCH_PYTHON"), reason="the real VBench is not installed "
-                    "(set FORCELAB_VBENCH_PYTHON to its python)")
-def test_real_vbench_temporal_flickering_equals_native(videos, tmp_path):
-    python = os.environ["FORCELAB_VBENCH_PYTHON"]
-    theirs = run_vbench(videos, tmp_path / "real", python=python, dimensions=["temporal_flickering"],
-                        device="cpu", progress=False)
-    ours = run_vbench(videos, tmp_path / "native", dimensions=["temporal_flickering"], native_flickering=True,
-                      progress=False)
-    assert theirs["scores"]["temporal_flickering"] == pytest.approx(ours["scores"]["temporal_flickering"], abs=1e-4)
-    for name, score in ours["results"]["temporal_flickering"]["videos"].items():
-        assert theirs["results"]["temporal_flickering"]["videos"][name] == pytest.approx(score, abs=1e-4)
-    assert Path(tmp_path / "real" / "temporal_flickering_eval_results.json").is_file()
+def test_driver_imports_vbench_not_forcelabs_own_file(fake_python, videos, cache, tmp_path):
+    """The driver runs as a script from forcelab/eval/, beside forcelab's own vbench.py; the
+    VBench it loads is the one the interpreter has installed (here: on its PYTHONPATH)."""
+    assert (DRIVER.parent / "vbench.py").is_file()                    # the file that used to shadow VBench
+    result = run_vbench(videos, tmp_path / "o", python=fake_python, dimensions=["subject_consistency"],
+                        device="cpu", cache=cache, progress=False)
+    versions = result["protocol"]["versions"]
+    assert versions["vbench_env_vbench"] == "0.0-standin"
+    assert Path(versions["vbench_env_vbench_file"]) == fake_python.parent / "site" / "vbench" / "__init__.py"
+    assert result["scores"]["subject_consistency"] == pytest.approx(0.9)
+
+
+def test_missing_weights_are_named_before_anything_runs(fake_python, videos, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    dims = ["subject_consistency", "background_consistency", "color", "temporal_flickering"]
+    with pytest.raises(ForcelabError) as e:
+        run_vbench(videos, tmp_path / "o", python=fake_python, dimensions=dims, device="cpu", cache=empty,
+                   progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("VBench weights missing (5 file(s))")
+    for rel in ("dino_model/dino_vitbase16_pretrain.pth", "dino_model/facebookresearch_dino_main/hubconf.py",
+                "torch/hub/checkpoints/dino_vitbase16_pretrain.pth",
+                "clip_model/ViT-B-32.pt", "grit_model/grit_b_densecap_objectdet.pth"):
+        assert str(empty / rel) in msg
+    assert "temporal_flickering" not in msg and calls(videos) == []     # nothing ran
+    # VBench's own default folder is used when none is given (and named when empty)
+    monkeypatch.setenv("VBENCH_CACHE_DIR", str(empty))
+    with pytest.raises(ForcelabError, match=re.escape(str(empty / "clip_model" / "ViT-B-32.pt"))):
+        run_vbench(videos, tmp_path / "o", python=fake_python, dimensions=["background_consistency"], progress=False)
+    # temporal_flickering needs no weights: it runs with the empty folder
+    result = run_vbench(videos, tmp_path / "o", python=fake_python, dimensions=["temporal_flickering"],
+                        device="cpu", cache=empty, progress=False)
+    assert result["results"]["temporal_flickering"]["source"] == "VBench"
+    assert main(["eval", "vbench", str(videos), "--vbench-python", str(fake_python), "--vbench-cache", str(empty),
+                 "--dimensions", "color", "--quiet"]) == 2
+    assert "grit_b_densecap_objectdet.pth" in capsys.readouterr().err

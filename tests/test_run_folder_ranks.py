@@ -47,26 +47,26 @@ print(f"rank {trainer.rank} ready", flush=True)
 """.replace("MARKER", MARKER).replace("RUN_RECORD", RUN_RECORD)
 
 
-def launch(tmp_path, port, run, gap: bool, timeout=120):
+def launch(tmp_path, run, gap: bool, timeout=120):
     script = tmp_path / "gap.py"
     script.write_text(GAP_SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(script), str(run), "gap" if gap else "no-gap", *TINY],
+                           "--standalone", str(script), str(run), "gap" if gap else "no-gap", *TINY],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_rank_never_judges_the_folder_rank_0_is_making(tmp_path, free_port):
-    proc = launch(tmp_path, free_port, tmp_path / "run", gap=True)
+def test_a_rank_never_judges_the_folder_rank_0_is_making(tmp_path):
+    proc = launch(tmp_path, tmp_path / "run", gap=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 ready" in proc.stdout and "rank 1 ready" in proc.stdout
 
 
-def test_a_foreign_folder_stops_every_rank_with_the_same_error(tmp_path, free_port):
+def test_a_foreign_folder_stops_every_rank_with_the_same_error(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("not a run\n")
-    proc = launch(tmp_path, free_port, run, gap=False)
+    proc = launch(tmp_path, run, gap=False)
     assert proc.returncode != 0
     # both ranks raise rank 0's verdict (none waits forever for a folder that will not come)
     for rank in (0, 1):

@@ -42,11 +42,11 @@ if reference != "none":
 """
 
 
-def launch(tmp_path: Path, port: int, script: str, *args: str, timeout: int = 240) -> None:
+def launch(tmp_path: Path, script: str, *args: str, timeout: int = 240) -> None:
     path = tmp_path / "runs.py"
     path.write_text(script)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(path), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
@@ -89,8 +89,8 @@ def check_save_resume(tmp_path: Path, mode: str) -> dict:
     return {"vs_ddp_max_rel": diff}
 
 
-def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path, free_port):
-    launch(tmp_path, free_port, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY)
+def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY)
     check_save_resume(tmp_path, "fsdp")
 
 
@@ -120,7 +120,7 @@ for name, parallel in (("fsdp32", "fsdp"), ("ddp32", "ddp")):
 """
 
 
-def test_self_forcing_three_roles_under_fsdp(tmp_path, free_port):
+def test_self_forcing_three_roles_under_fsdp(tmp_path):
     torch.manual_seed(0)
     teacher = tmp_path / "teacher"
     CausalDiT(DiTConfig.preset("toy", dim=32, ffn_dim=64, num_layers=2, num_heads=2, chunk_frames=2)).save_pretrained(teacher)
@@ -129,7 +129,7 @@ def test_self_forcing_three_roles_under_fsdp(tmp_path, free_port):
             "logging.progress=false", "roles.generator.update_every=2", "roles.generator.ema_decay=0.9",
             "max_steps=2", "parallel=fsdp", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
             f"output_dir={tmp_path / 'run'}"]   # output_dir last: the script derives its other runs from it
-    launch(tmp_path, free_port, SF_SCRIPT, *args)
+    launch(tmp_path, SF_SCRIPT, *args)
     ckpt = tmp_path / "run" / "checkpoint-000002"
     for role in ("generator", "critic", "generator_ema"):
         CausalDiT.from_pretrained(ckpt / role)          # full weights, readable as usual
@@ -150,35 +150,104 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @needs_deepspeed
-def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path, free_port):
-    launch(tmp_path, free_port, RUNS_SCRIPT, str(tmp_path), "zero2", "ddp", *TINY)
+def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero2", "ddp", *TINY)
     check_save_resume(tmp_path, "zero2")
 
 
 @needs_deepspeed
-def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path, free_port):
-    launch(tmp_path, free_port, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
+def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path):
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
     check_save_resume(tmp_path, "zero3")
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
-def test_accelerate_configs_choose_their_strategy(name):
-    """parallel=auto reads the launch config: each file in configs/accelerate/ maps to its
-    strategy (accelerate enables neither FSDP nor DeepSpeed on CPU, so the state is built from
-    the file as accelerate launch would pass it)."""
-    from types import SimpleNamespace
-
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    from forcelab.train.parallel import strategy_from_accelerate
+def launch_env(name: str) -> dict:
+    """The variables `accelerate launch --config_file configs/accelerate/NAME.yaml` gives each process
+    (accelerate's own launcher code, without starting anything)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
-    launch_cfg = load_config_from_file(str(path))
-    text = path.read_text()
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "x.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+def cpu_accelerator(processes: int = 2):
+    """What accelerate's state says on CPU, whatever the launch config: MULTI_CPU, no plugins."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), num_processes=processes,
+                           device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_accelerate_configs_choose_their_strategy_on_cpu(name, monkeypatch):
+    """Each file in configs/accelerate/ selects its strategy although accelerate's CPU state
+    dropped FSDP and DeepSpeed; the plugin carries the file's settings."""
+    from forcelab.train.parallel import launch_strategy
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml").read_text()
     assert "--num_machines" in text and "--machine_rank" in text and "--main_process_ip" in text
-    ds = SimpleNamespace(zero_stage=launch_cfg.deepspeed_config.get("zero_stage"))
-    state = SimpleNamespace(distributed_type=launch_cfg.distributed_type, deepspeed_plugin=ds)
-    assert strategy_from_accelerate(SimpleNamespace(state=state)) == name
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    for key, value in launch_env(name).items():
+        monkeypatch.setenv(key, value)
+    strategy, plugin = launch_strategy(cpu_accelerator())
+    assert strategy == name
+    if name == "fsdp":
+        assert plugin.reshard_after_forward is True and plugin.fsdp_version == 2
+    elif name.startswith("zero"):
+        assert plugin.deepspeed_config["zero_optimization"]["stage"] == int(name[-1])
+    else:
+        assert plugin is None
+
+
+def test_launch_and_training_config_must_agree(monkeypatch):
+    from types import SimpleNamespace
+
+    from forcelab.errors import ConfigError
+    from forcelab.train.parallel import make_strategy
+
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_", "MASTER_", "WORLD_SIZE"))]:
+        monkeypatch.delenv(key)
+    for key, value in launch_env("fsdp").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=r"parallel=zero2 in the training config, but the accelerate launch "
+                                          r"config asks for fsdp") as e:
+        make_strategy(SimpleNamespace(parallel="zero2"), cpu_accelerator())
+    assert "\n" not in str(e.value)
+    # `accelerate launch --cpu --num_processes 2` starts one process and leaves this behind
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ConfigError, match=r"--cpu .* started ONE process"):
+        make_strategy(SimpleNamespace(parallel="auto"), cpu_accelerator(1))
+    monkeypatch.delenv("MASTER_PORT")                         # a plain one-process run is fine
+    cfg = SimpleNamespace(parallel="auto", data=SimpleNamespace(batch_size=2), gradient_accumulation_steps=3)
+    strategy = make_strategy(cfg, cpu_accelerator(1))
+    assert strategy.describe().startswith("parallel: ddp (chosen by parallel=auto in the training config) over 1 "
+                                          "process(es) on cpu; global batch 2 x 1 x 3 = 6")
+
+
+@pytest.mark.parametrize("name", ["fsdp", pytest.param("zero2", marks=needs_deepspeed)])
+def test_accelerate_launch_with_a_sharding_config_shards_on_cpu(name, tmp_path, free_port):
+    """The user's command, two CPU processes: the launch config's strategy is the one that runs."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(free_port), "-m", "forcelab.train", "--dry-run", *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert f"parallel: {name} over 2 process(es)" in proc.stdout, proc.stdout[-2000:]
 
 
 GUARD_SCRIPT = """
@@ -199,11 +268,11 @@ for mode in modes:
 """
 
 
-def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path, free_port):
+def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):
     """A NaN loss at step 2 skips that update under every strategy; the runs stay equal."""
     modes = ["ddp", "fsdp"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
     args = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every="))] + ["max_steps=4"]
-    launch(tmp_path, free_port, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
     ref = weights(tmp_path / "ddp", 4)
     assert all(torch.isfinite(v).all() for v in ref.values())
     for mode in modes[1:]:

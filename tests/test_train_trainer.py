@@ -85,12 +85,18 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert any(not torch.allclose(wb[k], ws[k], rtol=1e-5, atol=1e-6) for k in wb)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, free_port):
+def test_a_run_states_its_strategy_world_size_and_global_batch(tmp_path, capsys):
+    Trainer(config(tmp_path, "teacher", "max_steps=1", "data.batch_size=2", "gradient_accumulation_steps=3")).run()
+    err = capsys.readouterr().err
+    assert "parallel: ddp" in err and "over 1 process(es)" in err and "global batch 2 x 1 x 3 = 6" in err
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     """DDP over gloo: 2 processes x batch 2 == 1 process x batch 4 (same samples per step)."""
     common = [*TINY, "recipe=teacher", "max_steps=2"]
     Trainer(load_train_config([], common + ["data.batch_size=4", f"output_dir={tmp_path / 'one'}"])).run()
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "forcelab.train", *common, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

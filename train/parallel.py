@@ -5,10 +5,18 @@ FSDP2 (sharded parameters, gradients and optimizer state) or DeepSpeed ZeRO-2/3.
     strategy.prepare(role)                          # after build_role, before the optimizer exists
     strategy.attach_optimizer(role)                 # after make_optimizer (DeepSpeed wraps it here)
 
-`auto` follows the accelerate config the run was launched with (accelerate launch
---config_file configs/accelerate/fsdp.yaml ...): its distributed type, FSDP plugin or DeepSpeed
-plugin. The explicit names choose the same code path without accelerate's launcher, which is
-how the CPU tests run it (accelerate enables neither FSDP nor DeepSpeed on CPU).
+One source of truth: a run launched with an accelerate config that asks for sharding
+(accelerate launch --config_file configs/accelerate/fsdp.yaml | zero2.yaml | zero3.yaml) runs
+that strategy, on GPU and on CPU alike; `parallel` in the training config then must be `auto`
+(the default) or name the same strategy, else the run refuses in one line. Without such a
+launch config (torchrun, plain python, configs/accelerate/ddp.yaml) `parallel` decides, `auto`
+meaning ddp. accelerate itself enables FSDP and DeepSpeed on GPUs only (on CPU its state says
+MULTI_CPU and drops both plugins), but `accelerate launch` exports the config file to every
+process (ACCELERATE_USE_FSDP, FSDP_*, ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_*), and
+accelerate's own plugin classes rebuild the plugins from those variables: that is what
+launch_strategy reads when the state has none. `accelerate launch --cpu` (or use_cpu: true)
+starts ONE process whatever --num_processes says; such a run refuses instead of silently
+training alone (check_launch).
 
 Every strategy writes the same checkpoint: FULL weights as DiT directories (so generate, export
 and init read a sharded run unchanged), the EMA as full weights, and the optimizer state:
@@ -37,6 +45,7 @@ engine.step and still counted as an update by the trainer.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -44,9 +53,9 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from .config import PARALLEL as STRATEGIES   # the choices live with the config field
 from .roles import Role
 
-STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
 SHARDED_FROZEN_DTYPE = torch.bfloat16   # frozen roles without a dtype are kept in bf16 when sharded
 
 
@@ -59,35 +68,66 @@ class Snapshot:
 
 
 def make_strategy(cfg, accelerator) -> "DataParallel":
-    """The strategy cfg.parallel names; `auto` reads the accelerate launch config."""
+    """The strategy the launch config asks for, else the one cfg.parallel names (module docstring)."""
     name = cfg.parallel
     if name not in STRATEGIES:
         raise ConfigError(f"parallel must be one of {list(STRATEGIES)}, got {name!r}")
+    check_launch(accelerator)
+    launched, plugin = launch_strategy(accelerator)
+    if launched != "ddp" and name not in ("auto", launched):
+        raise ConfigError(f"parallel={name} in the training config, but the accelerate launch config asks for "
+                          f"{launched}: set parallel=auto (or {launched}), or launch with "
+                          f"configs/accelerate/{name}.yaml")
+    chosen_by = "the accelerate launch config" if launched != "ddp" else f"parallel={name} in the training config"
     if name == "auto":
-        name = strategy_from_accelerate(accelerator)
+        name = launched
     if accelerator.num_processes == 1:
-        return DataParallel(accelerator, cfg)    # one process: nothing to shard or reduce
-    if name == "fsdp":
-        return FSDP(accelerator, cfg)
-    if name in ("zero2", "zero3"):
-        return ZeRO(accelerator, cfg, stage=int(name[-1]))
-    return DataParallel(accelerator, cfg)
+        strategy = DataParallel(accelerator, cfg)    # one process: nothing to shard or reduce
+    elif name == "fsdp":
+        strategy = FSDP(accelerator, cfg, plugin)
+    elif name in ("zero2", "zero3"):
+        strategy = ZeRO(accelerator, cfg, stage=int(name[-1]), plugin=plugin)
+    else:
+        strategy = DataParallel(accelerator, cfg)
+    strategy.chosen_by = chosen_by
+    return strategy
 
 
-def strategy_from_accelerate(accelerator) -> str:
-    """ddp | fsdp | zero2 | zero3 from accelerate's distributed type and plugins."""
-    from accelerate.utils import DistributedType
+def launch_strategy(accelerator) -> tuple[str, object | None]:
+    """(ddp | fsdp | zero2 | zero3, the launch config's FSDP or DeepSpeed plugin or None): from
+    accelerate's state where it enabled the plugin (GPUs), else from the variables `accelerate
+    launch --config_file` exported (CPU), through accelerate's own plugin classes."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
-    if state.distributed_type == DistributedType.FSDP:
-        return "fsdp"
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        stage = int(state.deepspeed_plugin.zero_stage)
+    env = lambda key: os.environ.get(key, "false").lower() == "true"  # noqa: E731  (accelerate's spelling)
+    if state.distributed_type == DistributedType.FSDP or env("ACCELERATE_USE_FSDP"):
+        return "fsdp", getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if state.distributed_type == DistributedType.DEEPSPEED or env("ACCELERATE_USE_DEEPSPEED"):
+        plugin = getattr(state, "deepspeed_plugin", None) or DeepSpeedPlugin()
+        stage = int(plugin.zero_stage)
         if stage not in (2, 3):
             raise ConfigError(f"the accelerate DeepSpeed config asks for ZeRO stage {stage}; forcelab runs "
                               f"ZeRO-2 or ZeRO-3 (set zero_stage: 2 or 3, or use configs/accelerate/ddp.yaml)")
-        return f"zero{stage}"
-    return "ddp"
+        return f"zero{stage}", plugin
+    return "ddp", None
+
+
+# what `accelerate launch --cpu` (its simple launcher) leaves in a process it starts alone although
+# --num_processes asked for more: MASTER_ADDR/PORT for a group that never forms, and no WORLD_SIZE
+SOLO_LAUNCH = ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT")
+MPI_WORLD = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch(accelerator) -> None:
+    """Refuse a run that `accelerate launch --cpu --num_processes N>1` started as one process."""
+    env = os.environ
+    if (accelerator.num_processes == 1 and env.get("ACCELERATE_USE_CPU") == "True"
+            and all(k in env for k in SOLO_LAUNCH) and not any(k in env for k in MPI_WORLD)):
+        raise ConfigError("accelerate launch --cpu (or use_cpu: true) started ONE process whatever --num_processes "
+                          "says; for N CPU processes drop --cpu (forcelab runs on CPU where there is no GPU): "
+                          "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N ... "
+                          "(or torchrun --nproc_per_node N -m forcelab.train ...)")
 
 
 # ---------------------------------------------------------------------------- data-parallel
@@ -99,6 +139,14 @@ class DataParallel:
     def __init__(self, accelerator, cfg):
         self.acc, self.cfg = accelerator, cfg
         self.world = accelerator.num_processes
+        self.chosen_by = "the training config"
+
+    def describe(self) -> str:
+        """One line for the start of a run: strategy, who chose it, world size, global batch."""
+        B, A = self.cfg.data.batch_size, self.cfg.gradient_accumulation_steps
+        return (f"parallel: {self.name} (chosen by {self.chosen_by}) over {self.world} process(es) on "
+                f"{self.acc.device.type}; global batch {B} x {self.world} x {A} = {B * self.world * A} "
+                f"(batch_size x processes x gradient_accumulation_steps)")
 
     def prepare(self, role: Role) -> None:
         """Shard / wrap a freshly built role (weights already loaded)."""
@@ -168,10 +216,9 @@ class FSDP(DataParallel):
     name = "fsdp"
     sharded = True
 
-    def __init__(self, accelerator, cfg):
+    def __init__(self, accelerator, cfg, plugin=None):
         super().__init__(accelerator, cfg)
         self.reshard_after_forward = True
-        plugin = getattr(accelerator.state, "fsdp_plugin", None)
         if plugin is not None and getattr(plugin, "reshard_after_forward", None) is not None:
             self.reshard_after_forward = bool(plugin.reshard_after_forward)
         from torch.distributed.device_mesh import init_device_mesh
@@ -273,14 +320,13 @@ class ZeRO(DataParallel):
     (mixed_precision bf16 is the trainer's autocast, as without DeepSpeed)."""
     sharded = True
 
-    def __init__(self, accelerator, cfg, stage: int):
+    def __init__(self, accelerator, cfg, stage: int, plugin=None):
         super().__init__(accelerator, cfg)
         try:
             import deepspeed  # noqa: F401
         except ImportError:
             raise ConfigError(f"parallel: zero{stage} needs DeepSpeed; pip install 'forcelab[deepspeed]'") from None
         self.stage, self.name = stage, f"zero{stage}"
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         self.base_config = dict(plugin.deepspeed_config) if plugin is not None else {}
         self.engines: dict[str, object] = {}
 

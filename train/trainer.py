@@ -308,6 +308,7 @@ class Trainer:
             if self._ran and not self.dry_run:   # an earlier run() released the folder
                 self._relock()
             self._ran = True
+            self.log.write(self.parallel.describe())     # strategy, world size, global batch
             while self.step < end:
                 metrics = self.train_step()
                 self.step += 1
