@@ -13,6 +13,7 @@ before a model is built or a folder written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -147,12 +148,8 @@ def check_train_config(cfg) -> None:
     rules (`algo.check(chunk)`)."""
     from .recipe import recipe_class
 
-    try:
+    with config_errors():
         check_settings(cfg)
-    except ConfigError:
-        raise
-    except ForcelabError as e:
-        raise ConfigError(str(e)) from None
     roles = recipe_class(cfg.recipe).roles
     unknown = sorted(set(cfg.roles) - set(roles))
     if unknown:
@@ -167,8 +164,15 @@ def check_options(options, chunk: int | None = None) -> None:
     check = getattr(options, "check", None)
     if check is None:
         return
-    try:
+    with config_errors():
         check(chunk)
+
+
+@contextlib.contextmanager
+def config_errors():
+    """A validator's ForcelabError becomes a ConfigError (the CLI's one line, exit 2)."""
+    try:
+        yield
     except ConfigError:
         raise
     except ForcelabError as e:
