@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch>=2.4,<2.14
 # ZeRO tests skip without it (make install EXTRAS=dev,wan,decord,lora).
 EXTRAS ?= dev,wan,decord,lora,deepspeed
 
-.PHONY: install test test-gpu demo bench clean vbench-env test-vbench
+.PHONY: install test test-gpu demo bench clean vbench-env test-vbench mutations
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: install
 # a toy step tens of times slower when another process shared the cores).
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m forcelab.cli demo $(DEMO_ARGS)
+
+# Mutation testing: each semantic mutation of tests/mutations.py applied to a copy of the package
+# must make the suite fail (about 11 minutes on 2 cores).
+mutations: install
+	OMP_NUM_THREADS=1 $(PY) tests/mutations.py --jobs 2 --out mutations.md
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
