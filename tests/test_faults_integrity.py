@@ -311,3 +311,17 @@ def test_the_training_config_chooses_what_a_damaged_sample_does(latents):
     assert [k for s in stream.dataset for k in [s["key"]]] == [KEYS[0], *KEYS[2:]]
     with pytest.raises(Exception, match="data.on_damage"):
         load_train_config([], ["data.on_damage=ignore"])
+
+
+def test_a_damaged_sample_read_by_a_dataloader_worker_is_still_one_line(latents):
+    """With num_workers > 0 torch re-raises a worker's error with the worker's traceback inside
+    the message; the training stream gives the user the worker's one line."""
+    from forcelab.data.schema import DataError
+    from forcelab.train.data import ShardStream
+
+    damage(latents, "000000000.latent.safetensors")
+    stream = ShardStream(latents.parent, ("latent",), 0, 0, 1, 1)
+    with pytest.raises(DataError) as e:
+        stream.batch([0])
+    msg = str(e.value)
+    assert "\n" not in msg and "shard-000000.tar, sample 000000000" in msg and "Traceback" not in msg

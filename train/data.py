@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data.schema import collate
-from ..errors import ConfigError
+from ..errors import ConfigError, ForcelabError
 from .recipe import mix_seed
 
 TOYWORLD = "toyworld"
@@ -97,6 +97,8 @@ class ShardStream:
                 return next(self._it)
             except StopIteration:
                 self._it, self.epoch = None, self.epoch + 1
+            except ForcelabError as e:        # from a DataLoader worker: its one line, not the traceback
+                raise type(e)(worker_message(str(e))) from None
 
     def batch(self, positions: list[int]) -> dict:
         b = self._next()
@@ -109,6 +111,16 @@ class ShardStream:
 
     def captions(self, n: int) -> list[str]:
         return []
+
+
+def worker_message(text: str) -> str:
+    """A DataLoader worker's error comes back as "Caught X in DataLoader worker ...", the
+    worker's traceback and, last, "module.X: message": keep the message."""
+    if "DataLoader worker" not in text or "Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and "." in head and " " not in head else last
 
 
 def make_stream(cfg, kind: str, codec, text_encoder):
