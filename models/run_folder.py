@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import ForcelabError
+from ..fsio import write_text_atomic
 
 RUN_RECORD = "forcelab-run.json"       # marks a run folder
 TRAINER_STATE = "trainer_state.json"   # marks a training checkpoint folder (written last)
@@ -79,5 +80,5 @@ def recorded_encoders(dit_dir: Path) -> dict | None:
 
 
 def write_encoders_record(dit_dir: Path, vae: str, text_encoder: str, **extra) -> None:
-    (Path(dit_dir) / ENCODERS_RECORD).write_text(
-        json.dumps({"vae": vae, "text_encoder": text_encoder, **extra}, indent=2) + "\n")
+    write_text_atomic(Path(dit_dir) / ENCODERS_RECORD,
+                      json.dumps({"vae": vae, "text_encoder": text_encoder, **extra}, indent=2) + "\n")
