@@ -78,10 +78,10 @@ def _train(name: str, config: Path, out: Path, overrides: list[str]) -> dict:
     cfg = load_train_config([config], overrides + [f"output_dir={out}"])
     trainer = Trainer(cfg, resume="latest")
     t0, start = time.perf_counter(), trainer.step
-    last = trainer.run()
-    state = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "resumed_at": start,
-             **{k: v for k, v in last.items() if k.endswith("loss")}}
-    loss = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith("loss"))
+    trainer.run()
+    latest = {k: v for k, (v, _) in trainer.log.latest.items()}   # every role's latest loss
+    state = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "resumed_at": start, **latest}
+    loss = ", ".join(f"{k} {v:.4f}" for k, v in latest.items())
     done = "already finished" if start == trainer.step else f"{trainer.step - start} steps in {state['seconds']:.0f} s"
     _say(f"[{name}] {done}; {loss or 'no new steps'} -> {out}")
     return state

@@ -25,18 +25,23 @@ class MetricsLogger:
         self.wandb = None
         self.bar = None
         self._t0, self._s0 = time.perf_counter(), start_step
+        self.latest: dict[str, tuple[float, int]] = {}   # every role's latest loss: (value, step)
         if not enabled:
             return
         own_file(self.path, "metrics")
         mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb
         if mode != "disabled":
             self.wandb = _start_wandb(mode, cfg.logging.project, Path(run_dir), config_dict)
+            if self.wandb is not None and mode == "offline":
+                print(f"wandb: offline; to upload: wandb sync {Path(self.wandb.dir).parent}",
+                      file=sys.stderr, flush=True)
         if cfg.logging.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.recipe, unit="step",
                             dynamic_ncols=True, file=sys.stderr)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.latest.update({k: (v, step) for k, v in metrics.items() if k.endswith("loss")})
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self._t0
@@ -47,12 +52,14 @@ class MetricsLogger:
         except OSError as e:
             raise ForcelabError(os_error_message(e, "metrics", self.path)) from None
         if self.bar is not None:
-            loss = {k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("loss")}
-            self.bar.set_postfix(loss, refresh=False)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, (v, _) in self.latest.items()}, refresh=False)
             self.bar.update(1)
         if step % self.every == 0:
+            # roles update at different rates (Self-Forcing: the generator every 5th step): every
+            # line shows every role's latest loss, with its step when that was not this one
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            self.write(f"step {step}: {text} ({rate:.2f} steps/s)")
+            older = " ".join(f"{k}={v:.4g} (step {s})" for k, (v, s) in self.latest.items() if k not in metrics)
+            self.write(f"step {step}: {' '.join(t for t in (text, older) if t)} ({rate:.2f} steps/s)")
         if self.wandb is not None:
             try:
                 self.wandb.log(metrics, step=step)
@@ -60,11 +67,11 @@ class MetricsLogger:
                 self.write(f"wandb: logging stopped ({type(e).__name__}: {e})")
                 self.wandb = None
 
-    def log_video(self, step: int, name: str, path: Path) -> None:
+    def log_video(self, step: int, name: str, path: Path, caption: str | None = None) -> None:
         if self.enabled and self.wandb is not None:
             try:
                 import wandb
-                self.wandb.log({name: wandb.Video(str(path))}, step=step)
+                self.wandb.log({name: wandb.Video(str(path), caption=caption)}, step=step)
             except Exception:
                 pass
 

@@ -327,10 +327,30 @@ class Trainer:
                     self.log.write(f"step {self.step}: checkpoint postponed ({self.nonfinite} non-finite updates in a row)")
                 elif due:
                     self.save()
+            if self.is_main:
+                self._summary(time.perf_counter() - t0)
         finally:
             self.log.close()
             self.release()
         return last
+
+    def _summary(self, seconds: float) -> None:
+        """The end of a run: what it did, where its outputs are, how to use them."""
+        losses = ", ".join(f"{k} {v:.4g} (step {s})" for k, (v, s) in self.log.latest.items())
+        ckpts = ckpt_io.checkpoints(self.run_dir)
+        samples = self.run_dir / "samples"
+        toy = self.cfg.vae.startswith("toy")
+        lines = [f"finished: step {self.step} of {self.cfg.max_steps} in {seconds:.0f} s"
+                 + (f"; latest losses: {losses}" if losses else ""),
+                 f"run folder: {self.run_dir}"
+                 + (f" (last checkpoint {ckpts[-1].name})" if ckpts else " (no checkpoint yet)")]
+        if samples.is_dir():
+            lines.append(f"sample videos: {samples}")
+        lines.append(f"generate: forcelab generate {self.run_dir} --prompt \"...\" --output {self.run_dir / 'videos'}")
+        if toy:
+            lines.append(f"evaluate: forcelab eval toybench {self.run_dir / 'videos'}")
+        for line in lines:
+            self.log.write(line)
 
     def train_step(self) -> dict:
         metrics = {}
@@ -477,7 +497,7 @@ class Trainer:
             path = out / f"{i:02d}.mp4"
             write_video(path, to_uint8_frames(video[i].transpose(0, 1)), 8.0)
             write_text_atomic(path.with_suffix(".json"), json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
-            self.log.log_video(step, f"sample/{i}", path)
+            self.log.log_video(step, f"sample/{i}", path, caption=prompt)
             paths.append(path)
         self._gathered = {}   # stale after the next update
         return paths
