@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 
 
+def _command(sub, name: str, text: str):
+    """A subcommand whose --help starts with the same line as the list of commands."""
+    return sub.add_parser(name, help=text, description=text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_command", metavar="{toybench,vbench,report}", required=True)
-    t = sub.add_parser("toybench", help="ToyBench metrics of toy-world videos (mp4 + generate's JSON sidecars)")
+    t = _command(sub, "toybench", "ToyBench metrics of toy-world videos (mp4 + generate's JSON sidecars)")
     t.add_argument("videos", metavar="VIDEOS_DIR", nargs="?", help="videos to score (not with --suite)")
     t.add_argument("--out", default=None, help="folder for toybench.json and the report (default: VIDEOS_DIR; "
                    "with --suite: the study folder, default runs/study)")
@@ -28,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-report", action="store_true", help="write toybench.json only")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    v = sub.add_parser("vbench", help="VBench in its own Python, dimension by dimension (resumable)")
+    v = _command(sub, "vbench", "VBench in its own Python, dimension by dimension (resumable)")
     v.add_argument("videos", metavar="VIDEOS_DIR")
     v.add_argument("--vbench-python", default=None, help="the python of an environment with VBench installed")
     v.add_argument("--dimensions", nargs="+", default=None, help="VBench dimensions (default: all 16)")
@@ -42,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute temporal_flickering here (no model, no VBench static filter)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    r = sub.add_parser("report", help="one self-contained HTML page (+ markdown) comparing runs")
+    r = _command(sub, "report", "one self-contained HTML page (+ markdown) comparing runs")
     r.add_argument("results", nargs="+", metavar="RESULTS",
                    help="toybench.json / vbench.json / JSON run records / training run folders (their metrics.jsonl "
                         "gives training curves, config.yaml the config, samples/ the videos)")

@@ -38,3 +38,14 @@ def test_convert_round_trip(tmp_path, capsys):
         assert n1 == n2 and torch.equal(p1, p2)
     assert main(["info", str(tmp_path / "diff")]) == 0
     assert "parameters" in capsys.readouterr().out
+
+
+def test_every_eval_command_says_what_it_does_in_its_help():
+    import subprocess
+    import sys
+
+    for command in ("toybench", "vbench", "report"):
+        out = subprocess.run([sys.executable, "-m", "forcelab.cli", "eval", command, "--help"],
+                             capture_output=True, text=True, timeout=120).stdout
+        block = out.split("\n\n")[1].strip()                     # what follows the usage
+        assert block and not block.startswith(("positional arguments", "options")), (command, out[:300])
