@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=arg(positive_int), default=1, help="videos per prompt")
     g.add_argument("--batch", type=arg(positive_int), default=1, help="videos generated together")
     g = p.add_argument_group("output and hardware")
-    g.add_argument("--output", default="outputs/generate", help="folder for the mp4s and sidecars")
+    g.add_argument("--output", default="outputs/generate", help="folder for the mp4s and sidecars (default: outputs/generate)")
     g.add_argument("--overwrite", action="store_true", help="replace videos of an earlier forcelab run "
                    "with the same names in --output (default: refuse); other files are never replaced")
     g.add_argument("--vbench", action="store_true", help="name files {prompt}-{i}.mp4 as VBench expects")
