@@ -123,8 +123,12 @@ def test_bad_sizes_are_config_errors(tmp_path, teacher_dir):
         Trainer(rf_config(tmp_path, teacher_dir, "algo.rolling_prob=1.5"))
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact):
-    resume_is_exact(lambda folder, *a: rf_config(folder, teacher_dir, *a), tmp_path, ("generator", "critic"), "algo.min_chunks=3", "algo.max_chunks=4", "algo.frames=6")
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact, checkpointing):
+    resume_is_exact(lambda folder, *a: rf_config(folder, teacher_dir, *a), tmp_path, ("generator", "critic"),
+                    "algo.min_chunks=3", "algo.max_chunks=4", "algo.frames=6",
+                    f"roles.generator.gradient_checkpointing={checkpointing}",
+                    f"roles.critic.gradient_checkpointing={checkpointing}")
 
 
 def test_the_critic_rollout_builds_no_graph(trainer):

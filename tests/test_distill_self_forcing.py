@@ -67,9 +67,14 @@ def test_chunk_count_and_exit_step_vary_and_the_window_is_the_last_frames(tmp_pa
     assert out.mask[0].tolist() == [False, False, True, True]   # the re-encoded first chunk is masked
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact):
+WINDOW_CHECKPOINTING = ("model_overrides.window_frames=4", "model_overrides.sink_frames=2",
+                        "roles.generator.gradient_checkpointing=true", "roles.critic.gradient_checkpointing=true")
+
+
+@pytest.mark.parametrize("extra", [(), WINDOW_CHECKPOINTING], ids=["full", "window_checkpointing"])
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact, extra):
     resume_is_exact(lambda folder, *a: sf_config(folder, teacher_dir, *a), tmp_path,
-                    ("generator", "critic", "generator_ema"))
+                    ("generator", "critic", "generator_ema"), *extra)
     assert not (tmp_path / "a" / "run" / "checkpoint-000006" / "teacher").exists()   # frozen roles are not copied
 
 

@@ -111,5 +111,8 @@ def test_the_window_starts_from_the_backward_noised_long_rollout(trainer):
         assert torch.allclose(seen[0][1], v, atol=1e-5)
 
 
-def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact):
-    resume_is_exact(lambda folder, *a: pp_config(folder, teacher_dir, *a), tmp_path, ("generator", "critic"), "algo.rollout_frames=8")
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact, checkpointing):
+    resume_is_exact(lambda folder, *a: pp_config(folder, teacher_dir, *a), tmp_path, ("generator", "critic"),
+                    "algo.rollout_frames=8", f"roles.generator.gradient_checkpointing={checkpointing}",
+                    f"roles.critic.gradient_checkpointing={checkpointing}")

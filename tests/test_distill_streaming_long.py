@@ -184,8 +184,10 @@ def check_resume(tmp_path, teacher_dir, *extra):
     return state
 
 
-def test_resume_mid_sequence_is_bit_exact(tmp_path, teacher_dir):
-    state = check_resume(tmp_path, teacher_dir)
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_resume_mid_sequence_is_bit_exact(tmp_path, teacher_dir, checkpointing):
+    state = check_resume(tmp_path, teacher_dir, f"roles.generator.gradient_checkpointing={checkpointing}",
+                         f"roles.critic.gradient_checkpointing={checkpointing}")
     # steps 0 and 2 update generator and critic, step 1 the critic: 5 advances of 3-step sequences
     assert state["sequence"]["end"] == 6 and state["sequences"] == 2
 
