@@ -16,7 +16,7 @@ an interrupted one resumes from its last checkpoint):
   6 report        one HTML page comparing them (runs/demo/report.html)
 
 --out is forcelab's: a new or empty folder, or an earlier demo's (a folder holding other files
-is refused before any work), and one demo at a time writes it (fsio.lock_folder).
+is refused before any work), and one demo at a time writes it (locks.lock_folder).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fsio import claim_directory, lock_folder, write_text_atomic
+from .fsio import claim_directory, write_text_atomic
+from .locks import lock_folder
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
 COMMITTED_TEACHER = CONFIGS / "teacher_checkpoint"

@@ -43,7 +43,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ForcelabError
-from ..fsio import check_output_dir, clean_stale, lock_folder, mark, read_text, write_text_atomic, written_by_forcelab
+from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
+from ..locks import lock_folder
 from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
 from .schema import STORAGE_DTYPES, encode_sample
 from .shards import shard_problem, write_record, write_shard

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from ..errors import ForcelabError
-from ..fsio import claim_directory, lock_folder, write_text_atomic
+from ..fsio import claim_directory, write_text_atomic
+from ..locks import lock_folder
 from ..validate import choice
 from .stats import spread
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from forcelab import fsio
+from forcelab import fsio, locks
 from forcelab.cli import main
 from forcelab.errors import ForcelabError
 from forcelab.train import checkpoint as ckpt_io
@@ -80,7 +80,7 @@ def run(base, tmp_path):
 # ---------------------------------------------------------------------- one writer per folder
 HOLDER = """
 import sys
-from forcelab.fsio import lock_folder
+from forcelab.locks import lock_folder
 held = lock_folder(sys.argv[1], "test")
 print("held", flush=True)
 sys.stdin.read()            # until the test closes the pipe (or kills us)
@@ -107,17 +107,17 @@ def holder():
 
 
 def test_the_lock_names_its_holder_and_is_freed_on_release(tmp_path):
-    first = fsio.lock_folder(tmp_path, "output_dir")
+    first = locks.lock_folder(tmp_path, "output_dir")
     with pytest.raises(ForcelabError, match=f"in use by another forcelab run, pid {os.getpid()} on host "
                                             f"{socket.gethostname()}"):
-        fsio.lock_folder(tmp_path, "output_dir")
+        locks.lock_folder(tmp_path, "output_dir")
     first.release()
     assert not (tmp_path / fsio.LOCK).exists()        # released: nothing left behind
-    with fsio.lock_folder(tmp_path, "output_dir") as again:
+    with locks.lock_folder(tmp_path, "output_dir") as again:
         assert again.held
     (tmp_path / fsio.LOCK).symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ForcelabError, match="is a symbolic link"):
-        fsio.lock_folder(tmp_path, "output_dir")
+        locks.lock_folder(tmp_path, "output_dir")
     assert not (tmp_path / "elsewhere").exists()
 
 
@@ -153,7 +153,7 @@ def test_preprocess_refuses_a_held_out_folder(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\n")
     out = fsio.claim_directory(tmp_path / "shards", "--out")
-    with fsio.lock_folder(out, "--out"):
+    with locks.lock_folder(out, "--out"):
         line = cli_error(capsys, "preprocess", "--prompts", prompts, "--out", out, "--text-encoder", "toy")
     assert f"pid {os.getpid()}" in line and "--out" in line
     assert sorted(p.name for p in out.iterdir()) == [fsio.MARKER]
@@ -171,7 +171,7 @@ def test_demo_and_study_refuse_a_folder_of_other_files_and_a_held_one(tmp_path, 
     assert "not written by forcelab" in line and "new or empty folder" in line
     assert tree(mine) == before
     ours = fsio.claim_directory(tmp_path / "ours", "--out")
-    with fsio.lock_folder(ours, "--out"):
+    with locks.lock_folder(ours, "--out"):
         assert f"pid {os.getpid()}" in cli_error(capsys, *argv, "--out", ours)
     assert sorted(p.name for p in ours.iterdir()) == [fsio.MARKER]
 
@@ -346,7 +346,7 @@ def test_a_linked_checkpoint_met_while_rotating_is_one_line_and_kept(run, tmp_pa
 def test_a_forked_child_neither_keeps_nor_deletes_its_parents_lock(tmp_path):
     """DataLoader workers are forked: a child does not count as a holder (it could not delete the
     lock file on its way out), and the folder is free as soon as the parent releases it."""
-    lock = fsio.lock_folder(tmp_path, "output_dir")
+    lock = locks.lock_folder(tmp_path, "output_dir")
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:   # the child outlives the parent's release, then exits normally
@@ -355,7 +355,7 @@ def test_a_forked_child_neither_keeps_nor_deletes_its_parents_lock(tmp_path):
         os._exit(0 if not lock.held and (tmp_path / fsio.LOCK).exists() else 1)
     os.close(r)
     lock.release()
-    with fsio.lock_folder(tmp_path, "output_dir"):    # free although the child still runs
+    with locks.lock_folder(tmp_path, "output_dir"):    # free although the child still runs
         os.write(w, b"x")
         _, status = os.waitpid(pid, 0)
     os.close(w)

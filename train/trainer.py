@@ -11,7 +11,7 @@ counted; max_nonfinite_steps in a row abort the run, naming the last checkpoint 
 and loss were finite), clipped, applied; then the LR schedule and the EMA. Checkpoints every
 `checkpoint.every` steps (train/checkpoint.py).
 
-The run folder has one writer: rank 0 holds its lock (fsio.lock_folder) from the constructor
+The run folder has one writer: rank 0 holds its lock (locks.lock_folder) from the constructor
 to the end of run(), and a resume is verified (train/checkpoint.verify_checkpoint) under that
 lock, before anything is built or written.
 
@@ -36,7 +36,8 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, ForcelabError
-from ..fsio import LOCK, MARKER, check_output_dir, lock_folder, mark, os_error_message, write_text_atomic
+from ..fsio import LOCK, MARKER, check_output_dir, mark, os_error_message, write_text_atomic
+from ..locks import lock_folder
 from ..models.autoencoder import latent_frames, load_autoencoder
 from ..models.text_encoder import load_text_encoder
 from . import checkpoint as ckpt_io
