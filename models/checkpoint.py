@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError, ForcelabError
@@ -98,7 +98,15 @@ def config_to_json(cfg: DiTConfig, fmt: str) -> dict:
 
 def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
     """(DiTConfig, format) from a config.json of either library."""
-    extra = dict(raw.get(EXTRA_KEY, {}))
+    extra = raw.get(EXTRA_KEY, {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{source}: the {EXTRA_KEY!r} entry must be a JSON object of forcelab settings "
+                              f"({', '.join(EXTRA_FIELDS)}), got {type(extra).__name__}; restore it or re-save "
+                              f"the checkpoint")
+    unknown = sorted(set(extra) - set(EXTRA_FIELDS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown {EXTRA_KEY!r} settings {unknown}; known: {', '.join(EXTRA_FIELDS)}")
+    extra = dict(extra)
     try:
         if "num_attention_heads" in raw:  # diffusers
             if raw.get("image_dim") or raw.get("added_kv_proj_dim"):
@@ -254,6 +262,22 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor, requ
     owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")   # how safetensors reports the system's error
+
+
+def _write_weights(tensors: dict, file: Path, destination: Path) -> None:
+    """save_file, with the system's errors (a full disk, a read-only folder) raised as the
+    OSError they are, naming the destination folder (safetensors wraps them in its own class)."""
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = _OS_ERROR.search(str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(destination)) from None
+
+
 def save_state(model: torch.nn.Module, path: str | os.PathLike, fmt: str = "diffusers",
                max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = True) -> Path:
     """Write config.json + safetensors (sharded past max_shard_bytes, with an index) atomically
@@ -274,13 +298,13 @@ def save_state(model: torch.nn.Module, path: str | os.PathLike, fmt: str = "diff
         size += nbytes
     with atomic_directory(path, overwrite=overwrite, what="checkpoint") as tmp:
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            _write_weights(shards[0], tmp / WEIGHTS_NAME, path)
         else:
             stem = WEIGHTS_NAME.removesuffix(".safetensors")
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                _write_weights(shard, tmp / name, path)
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in state.values())
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},

@@ -6,6 +6,7 @@ SIGKILLs itself at each step of the swap, then the parent checks that a loadable
 (the old or the new one) remains and that the next save leaves nothing behind.
 """
 
+import errno
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import stat
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from forcelab import fsio
 from forcelab.cli import main
@@ -312,6 +314,44 @@ def test_a_checkpoint_config_with_zero_heads_is_a_clear_error(tmp_path, models):
     with pytest.raises(ForcelabError, match="config.json: DiTConfig: dim must be a whole number >= 1, got 0"):
         CausalDiT.from_pretrained(target)
 
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("x", "the 'forcelab' entry must be a JSON object of forcelab settings .*got str"),
+    ([1], "the 'forcelab' entry must be a JSON object .*got list"),
+    ({"window": 3}, r"unknown 'forcelab' settings \['window'\]; known: text_len"),
+])
+def test_a_mangled_forcelab_entry_in_config_json_is_one_clear_line(tmp_path, models, capsys, entry, match):
+    target = models[1].save_pretrained(tmp_path / "ckpt")
+    raw = json.loads((target / "config.json").read_text())
+    raw["forcelab"] = entry
+    (target / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=match):
+        CausalDiT.from_pretrained(target)
+    line = cli_error(capsys, "convert", target, tmp_path / "out")
+    assert "config.json" in line and "forcelab" in line
+
+
+def test_a_full_disk_while_writing_weights_is_an_os_error_naming_the_destination(tmp_path, models, capsys,
+                                                                                  monkeypatch):
+    """safetensors wraps the system's error in its own class (message as in safetensors 0.4-0.7)."""
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    source = models[1].save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    with pytest.raises(OSError) as info:
+        models[1].save_pretrained(tmp_path / "dest")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() and os.listdir(tmp_path) == ["ckpt"]
+    line = cli_error(capsys, "convert", source, tmp_path / "dest2")
+    assert f"{tmp_path / 'dest2'}: No space left on device; free space on that disk" in line
+
+    def other(*args, **kwargs):
+        raise SafetensorError("Error while serializing: something else")
+    monkeypatch.setattr(ckpt_mod, "save_file", other)
+    with pytest.raises(SafetensorError, match="something else"):   # not a system error: not disguised as one
+        models[1].save_pretrained(tmp_path / "dest3")
 
 # ---------------------------------------------------------------------- fsio contract
 def test_atomic_directory_contract(tmp_path, monkeypatch):
