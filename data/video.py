@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import ForcelabError
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+DEFAULT_FPS = 16.0   # Wan2.1's frame rate: videos written without one given, and read without one recorded
 
 
 class VideoError(ForcelabError):

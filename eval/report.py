@@ -44,6 +44,7 @@ from .sidecars import read_sidecar
 MARKER = "forcelab eval report"
 SAMPLES_PER_RUN = 2
 SKIP_NUMBERS = ("bucket_frames", "speed_fps", "seed", "frames", "steps")
+KINDS = ("toybench", "vbench", "training")
 RUN_LOG = "metrics.jsonl"                 # a training run folder's metrics, one JSON object per line
 CURVE_SKIP = ("step", "time", "steps_per_s")
 
@@ -205,6 +206,19 @@ def training_record(folder: Path) -> dict:
     return rec
 
 
+def _checked(run: Run, source: Path, index: int) -> Run:
+    """A record of an unknown kind, or one with nothing to report, is not silently an empty row."""
+    kind = run.record.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise ForcelabError(f"results file {source}: run {index} ({run.label}) has kind {kind!r}; known kinds: "
+                            f"{', '.join(KINDS)}")
+    if not (run.metrics or run.speed is not None or run.videos or run.curves or run.drift):
+        raise ForcelabError(f"results file {source}: run {index} ({run.label}) has no metrics, speed or videos "
+                            f"to report; give a toybench.json, vbench.json, a training run folder or a record "
+                            f"with \"metrics\": {{name: number}}")
+    return run
+
+
 def load_runs(paths) -> list[Run]:
     """Runs from results files (see the module docstring), labelled uniquely."""
     runs = []
@@ -220,8 +234,9 @@ def load_runs(paths) -> list[Run]:
             raise ForcelabError(f"results file {p}: not found")
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ForcelabError(f"results file {p}: not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+            raise ForcelabError(f"results file {p}: not valid UTF-8 JSON ({e}); give a toybench.json, vbench.json, "
+                                f"a training run folder or a JSON run record") from None
         if isinstance(data, dict) and isinstance(data.get("runs"), dict):
             records = [{"name": k, **v} for k, v in data["runs"].items()]
         elif isinstance(data, dict) and isinstance(data.get("runs"), list):
@@ -237,7 +252,7 @@ def load_runs(paths) -> list[Run]:
                 raise ForcelabError(f"results file {p}: run {i} is not a JSON object")
             name = str(rec.get("name") or rec.get("label") or (p.parent.name if p.stem in ("toybench", "vbench")
                                                                  else p.stem))
-            runs.append(Run(name, rec, p))
+            runs.append(_checked(Run(name, rec, p), p, i))
     seen: dict[str, int] = {}
     for run in runs:                                   # same names from different folders stay apart
         seen[run.label] = seen.get(run.label, 0) + 1

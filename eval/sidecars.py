@@ -5,10 +5,15 @@ the result files eval writes (it replaces only its own)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import ForcelabError
 
+# what eval reads from a sidecar, and the values it accepts
+POSITIVE = ("fps", "frames", "batch", "seconds_per_batch")
+INTEGERS = ("frames", "batch", "seed", "sample")
+TEXTS = ("video", "prompt", "prompt_text", "first_frame")
 SETTINGS = ("model", "plan", "frames", "height", "width", "fps", "dtype", "device", "samples", "forcelab")
 
 
@@ -18,9 +23,29 @@ def read_sidecar(video: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise ForcelabError(f"{path}: not valid JSON (a sidecar of `forcelab generate`?); fix or move it") from None
+        side = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):   # JSONDecodeError is a ValueError
+        raise ForcelabError(f"{path}: not valid UTF-8 JSON (a sidecar of `forcelab generate`?); fix or move it") from None
+    if not isinstance(side, dict):
+        raise ForcelabError(f"{path}: a sidecar is a JSON object (as `forcelab generate` writes), got "
+                            f"{type(side).__name__}; fix or move it")
+    _check_values(side, path)
+    return side
+
+
+def _check_values(side: dict, path: Path) -> None:
+    for key in POSITIVE + INTEGERS:
+        value = side.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (key in INTEGERS and value != int(value)) or (key in POSITIVE and value <= 0):
+            kind = "a positive" if key in POSITIVE else "a"
+            kind += " whole number" if key in INTEGERS else " number"
+            raise ForcelabError(f"{path}: {key!r} must be {kind}, got {value!r}; fix or move the sidecar")
+    for key in TEXTS:
+        if key in side and side[key] is not None and not isinstance(side[key], str):
+            raise ForcelabError(f"{path}: {key!r} must be text, got {type(side[key]).__name__}; fix or move the sidecar")
 
 
 def speed_fps(sidecars: list[dict]) -> float | None:

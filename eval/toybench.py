@@ -34,6 +34,7 @@ from collections import Counter
 import numpy as np
 
 from ..data.toyworld import ToyWorldConfig, parse_caption
+from ..data.video import DEFAULT_FPS, read_video, write_video
 from ..errors import ForcelabError
 from . import stats
 from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
@@ -203,13 +204,12 @@ def continuation(given: np.ndarray, first: np.ndarray, config: ToyWorldConfig | 
     return agree / len(union)
 
 
-def mp4_roundtrip(fps: float = 16.0):
+def mp4_roundtrip(fps: float = DEFAULT_FPS):
     """A codec for score_video: write_video's mp4 (the settings `forcelab generate` uses) and back."""
     def roundtrip(frames: np.ndarray) -> np.ndarray:
         import tempfile
         from pathlib import Path
 
-        from ..data.video import read_video, write_video
 
         with tempfile.TemporaryDirectory() as tmp:
             path = write_video(Path(tmp) / "rerender.mp4", frames, fps)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.video import DEFAULT_FPS
 from ..errors import ForcelabError
 from . import toybench
 from .sidecars import check_writable, generation, read_sidecar
@@ -71,7 +72,7 @@ def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, 
         first = _first_frame(folder, side["first_frame"]) if side.get("first_frame") else None
         try:
             scores = toybench.score_video(frames, caption or "", first_frame=first, bucket_frames=bucket_frames,
-                                          codec=toybench.mp4_roundtrip(float(side.get("fps") or 16.0)))
+                                          codec=toybench.mp4_roundtrip(side.get("fps") or DEFAULT_FPS))
         except ForcelabError as e:
             skipped[video.name] = str(e)
             continue

@@ -188,3 +188,19 @@ def test_run_folder_curves_config_links_and_vbench_layout(tmp_path):
     assert "-" not in protocol["videos"][4]                                       # the seeds column
     md = out.with_suffix(".md").read_text()
     assert "## Run config (resolved)" in md and md.count(".mp4](") == 5
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x89PNG\r\n\x1a\n\xff\xd8", "not valid UTF-8 JSON"),
+    (b"{}", "has no metrics, speed or videos to report"),
+    (b'{"runs": [{"name": "a", "kind": "toybench", "metrics": ["adherence"]}, {"name": "b"}]}',
+     r"run 0 \(a\) has no metrics"),
+    (b'{"kind": "vbenchh", "metrics": {"total": 0.8}}', "has kind 'vbenchh'; known kinds: toybench, vbench, training"),
+])
+def test_a_results_file_that_is_not_one_is_a_clear_error(tmp_path, capsys, content, match):
+    bad = tmp_path / "results.json"
+    bad.write_bytes(content)
+    assert main(["eval", "report", str(bad), "--out", str(tmp_path / "r.html"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and re.search(match, err[0]), err
+    assert not (tmp_path / "r.html").exists()

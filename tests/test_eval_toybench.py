@@ -4,6 +4,7 @@ corruption drops the metric it should while the others stay near their ground-tr
 import copy
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -191,3 +192,22 @@ def test_spread_and_slope_by_hand():
     assert s["ci95"] == pytest.approx(4.303 / np.sqrt(3))          # Student t, 2 degrees of freedom
     assert stats.slope([0.9, 0.7, 0.5, 0.3]) == pytest.approx(-0.2)
     assert stats.slope([1.0, float("nan"), 3.0]) == pytest.approx(1.0) and stats.slope([5.0]) == 0.0
+
+
+@pytest.mark.parametrize("sidecar, match", [
+    ("[1, 2]", "a sidecar is a JSON object .*got list"),
+    ('{"prompt": "x", "fps": "fast"}', "'fps' must be a positive number, got 'fast'"),
+    ('{"prompt": "x", "fps": -8}', "'fps' must be a positive number, got -8"),
+    ('{"prompt": "x", "frames": 2.5}', "'frames' must be a positive whole number, got 2.5"),
+    ('{"prompt": ["x"]}', "'prompt' must be text, got list"),
+    (b"\xff\xfe\x00", "not valid UTF-8 JSON"),
+])
+def test_a_malformed_sidecar_is_one_line_naming_it(tmp_path, capsys, sidecar, match):
+    videos = tmp_path / "videos"
+    write_toy_videos(videos, (0,), frames=8)
+    side = videos / "0000-toy-0.json"
+    side.write_bytes(sidecar if isinstance(sidecar, bytes) else sidecar.encode())
+    assert main(["eval", "toybench", str(videos), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(side) in err[0]
+    assert re.search(match, err[0]), err[0]
