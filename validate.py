@@ -83,6 +83,17 @@ def non_negative_int(value: Any, name: str | None = None) -> int:
     return v
 
 
+MAX_SEED = 2**63 - 1   # seeds are 63-bit: torch.Generator takes 64 and wraps larger numbers onto smaller ones
+
+
+def seed(value: Any, name: str | None = None) -> int:
+    """A random seed: a whole number in [0, 2^63 - 1] (larger ones would silently alias smaller ones)."""
+    v = _number(value, name, int)
+    if not 0 <= v <= MAX_SEED:
+        raise ForcelabError(_say(name, f"must be a whole number from 0 to 2^63 - 1 (seeds are 63-bit), got {value!r}"))
+    return v
+
+
 def optional(check: Callable[..., Any]) -> Callable[..., Any]:
     """A check that also lets None through (an unset option)."""
     def run(value: Any, name: str | None = None, *args: Any, **kwargs: Any):

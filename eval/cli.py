@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ForcelabError
+from ..validate import arg, positive_int, seed
+
+SUITE_DEFAULTS = {"seeds": 3, "first_seed": 0}      # --suite flags left unset; --recipes, --max-steps: None
+SUITE_FLAGS = {"seeds": "--seeds", "recipes": "--recipes", "max_steps": "--max-steps", "first_seed": "--first-seed"}
+
 
 def _command(sub, name: str, text: str):
     """A subcommand whose --help starts with the same line as the list of commands."""
@@ -23,12 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "with --suite: the study folder, default runs/study)")
     t.add_argument("--suite", choices=("full", "quick"), default=None,
                    help="train and score every recipe (see forcelab.eval.study); quick: a handful of steps")
-    t.add_argument("--seeds", type=int, default=3, help="--suite: seeds per recipe")
+    t.add_argument("--seeds", type=arg(positive_int), default=None, help="--suite: seeds per recipe (default 3)")
     t.add_argument("--recipes", nargs="+", default=None, help="--suite: only these recipes")
-    t.add_argument("--max-steps", type=int, default=None, help="--suite full: cap every recipe's steps")
-    t.add_argument("--first-seed", type=int, default=0,
+    t.add_argument("--max-steps", type=arg(positive_int), default=None, help="--suite full: cap every recipe's steps")
+    t.add_argument("--first-seed", type=arg(seed), default=None,
                    help="--suite: seeds first_seed .. first_seed + seeds - 1 (split a study over processes)")
-    t.add_argument("--bucket-frames", type=int, default=None,
+    t.add_argument("--bucket-frames", type=arg(positive_int), default=None,
                    help="frames per drift bucket (default: the toy world's training clip length)")
     t.add_argument("--no-report", action="store_true", help="write toybench.json only")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -55,7 +61,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def check_toybench_flags(args: argparse.Namespace) -> None:
+    """VIDEOS_DIR scores videos, --suite runs the study: a flag of the other mode is an error, never ignored."""
+    if args.suite and args.videos:
+        raise ForcelabError(f"eval toybench: VIDEOS_DIR ({args.videos}) scores existing videos, --suite trains "
+                            f"and scores every recipe; give one or the other")
+    if not args.suite:
+        given = [flag for key, flag in SUITE_FLAGS.items() if getattr(args, key) is not None]
+        if given:
+            raise ForcelabError(f"eval toybench: {', '.join(given)} apply to --suite full|quick only")
+        if not args.videos:
+            raise ForcelabError("eval toybench: give VIDEOS_DIR, or --suite full|quick")
+        return
+    for key, value in SUITE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    seed(args.first_seed + args.seeds - 1, "--first-seed + --seeds - 1")
+    if args.bucket_frames is not None:
+        raise ForcelabError("eval toybench: --bucket-frames applies to VIDEOS_DIR scoring; the study uses the "
+                            "toy world's clip length")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "toybench":
+        check_toybench_flags(args)
     if args.eval_command == "toybench" and args.suite:
         from .study import run_study
 
@@ -63,11 +92,7 @@ def run(args: argparse.Namespace) -> int:
                            max_steps=args.max_steps, first_seed=args.first_seed)
         print(f"wrote {args.out or 'runs/study'}/study.md and study.json ({record['seconds']:.0f} s)")
     elif args.eval_command == "toybench":
-        from ..errors import ForcelabError
         from .toybench_run import RESULT_NAME, run_toybench
-
-        if not args.videos:
-            raise ForcelabError("eval toybench: give VIDEOS_DIR, or --suite full|quick")
 
         result = run_toybench(args.videos, args.out, bucket_frames=args.bucket_frames, report=not args.no_report,
                               progress=not args.quiet)

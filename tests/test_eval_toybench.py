@@ -211,3 +211,25 @@ def test_a_malformed_sidecar_is_one_line_naming_it(tmp_path, capsys, sidecar, ma
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(side) in err[0]
     assert re.search(match, err[0]), err[0]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["VIDEOS", "--suite", "quick"], "VIDEOS_DIR .* scores existing videos, --suite trains"),
+    (["VIDEOS", "--max-steps", "5"], "--max-steps apply to --suite full|quick only"),
+    (["VIDEOS", "--seeds", "2", "--first-seed", "4"], "--seeds, --first-seed apply to --suite"),
+    (["VIDEOS", "--recipes", "teacher"], "--recipes apply to --suite"),
+    (["--suite", "quick", "--first-seed", "-1"], "--first-seed: .*from 0 to 2\\^63 - 1"),
+    (["--suite", "quick", "--first-seed", str(2**63 - 1), "--seeds", "2"], "--first-seed \\+ --seeds - 1 must be"),
+    (["--suite", "quick", "--max-steps", "0"], "--max-steps: .*>= 1, got '0'"),
+    (["--suite", "quick", "--seeds", "0"], "--seeds: .*>= 1"),
+    (["--suite", "quick", "--bucket-frames", "4"], "--bucket-frames applies to VIDEOS_DIR scoring"),
+    (["VIDEOS", "--bucket-frames", "0"], "--bucket-frames: .*>= 1"),
+])
+def test_toybench_flags_of_the_other_mode_or_out_of_range_are_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                                       argv, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "VIDEOS").mkdir()
+    assert main(["eval", "toybench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["VIDEOS"]      # nothing trained or written
