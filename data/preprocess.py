@@ -45,12 +45,15 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ForcelabError
 from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..locks import lock_folder
-from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
+from ..validate import (arg, fits_memory, in_range, non_negative_float, non_negative_int, parse_device, positive_float,
+                        positive_int)
 from .schema import STORAGE_DTYPES, encode_sample
 from .shards import shard_problem, write_record, write_shard
 from .video import VIDEO_SUFFIXES, VideoError, read_video
 
 SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
+WORKERS_PER_CPU = 4  # decoding processes beyond this many per core only add memory and start-up time
+DECODED_BYTES = 4 + 1  # per pixel value of a clip in flight: float32 for the encoder + the uint8 decode
 _LISTED_CHANGES = 3  # inputs named in a refused resume's message, per kind of change
 
 
@@ -419,6 +422,9 @@ def run(args) -> int:
                                ("--shard-size", args.shard_size, positive_int),
                                ("--workers", args.workers, non_negative_int)):
         check(value, flag)  # argparse checks them too; this guards callers that build args themselves
+    cpus = os.cpu_count() or 1
+    in_range(args.workers, "--workers", 0, WORKERS_PER_CPU * cpus, integer=True,
+             why=f"{WORKERS_PER_CPU} decoding processes per core, {cpus} cores here")
     if args.videos:
         parse_size(args.size)
     out = check_output_dir(args.out, "--out")
@@ -497,6 +503,10 @@ def _check_clip(vae, args) -> None:
     for h, w in parse_size(args.size):
         if h % s or w % s:
             raise ForcelabError(f"--size {h}x{w}: {vae.name} needs multiples of {s}")
+        clips = args.batch_size * (args.workers + 1)      # a batch being encoded + one decoded per worker
+        fits_memory(DECODED_BYTES * clips * args.frames * 3 * h * w, torch.device("cpu"),
+                    f"--size {h}x{w} x --frames {args.frames} x --batch-size {args.batch_size} "
+                    f"({args.workers} workers)", "lower --size, --frames, --batch-size or --workers")
 
 
 def _digest(settings: dict) -> str:

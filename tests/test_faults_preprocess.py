@@ -6,6 +6,7 @@ skipped and recorded with its reason, or one line with --strict. Never a traceba
 """
 
 import json
+import os
 
 import pytest
 
@@ -58,6 +59,10 @@ BAD_FLAGS = {
     "size-0": (["--size", "0x32"], "--size '0x32': write HxW"),
     "size-text": (["--size", "big"], "--size 'big': write HxW"),
     "size-stride": (["--size", "30x30"], "needs multiples of"),
+    "size-huge": (["--size", "100000x100000"], "--size 100000x100000 x --frames 9 x --batch-size 4 (0 workers) needs "
+                  "about"),
+    "frames-huge": (["--frames", 10**7 + 1], "x --frames 10000001 x"),
+    "workers-huge": (["--workers", 100000], f"--workers must be between 0 and {4 * (os.cpu_count() or 1)}"),
     "device": (["--device", "gpu0"], "--device 'gpu0': not a device"),
     "dtype": (["--dtype", "fp64"], "argument --dtype: invalid choice"),
 }
