@@ -34,6 +34,7 @@ from .locks import lock_folder
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
 COMMITTED_TEACHER = CONFIGS / "teacher_checkpoint"
+DEMO_KIND = "demo"          # what the --out folder's marker records
 LONG_FACTOR = 10            # streaming length / training length
 
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     threads = args.threads or len(os.sched_getaffinity(0))
-    out = claim_directory(args.out, "--out")
+    out = claim_directory(args.out, "--out", DEMO_KIND)
     with lock_folder(out, "--out"):
         torch.set_num_threads(threads)
         return _stages(args, out, threads)

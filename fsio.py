@@ -128,8 +128,29 @@ def written_by_forcelab(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / MARKER).is_file()
 
 
-def mark(directory: str | os.PathLike) -> None:
-    """Put forcelab's marker into a directory forcelab created (an existing marker is kept).
+def folder_kind(path: str | os.PathLike) -> str | None:
+    """The kind of folder forcelab's marker records ("training", "preprocess", "demo", "study"),
+    None when the folder has no marker or one written before kinds were recorded."""
+    try:
+        record = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    kind = record.get("kind") if isinstance(record, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def check_kind(path: str | os.PathLike, kind: str, what: str) -> None:
+    """A folder forcelab marked as another kind (a training run given to the demo as --out) is
+    refused: each command writes only into its own kind of folder."""
+    found = folder_kind(path)
+    if found is not None and found != kind:
+        raise ForcelabError(f"{what} {path}: a forcelab {found} folder; {kind} output goes only into a new, empty "
+                            f"or earlier {kind} folder - choose another")
+
+
+def mark(directory: str | os.PathLike, kind: str | None = None) -> None:
+    """Put forcelab's marker, recording the folder's `kind`, into a directory forcelab created
+    (an existing marker is kept).
 
     Created in one step (O_EXCL), not through a temporary beside it: another process judging
     the folder meanwhile (a second rank) must never see a forcelab temporary and no marker.
@@ -144,7 +165,8 @@ def mark(directory: str | os.PathLike) -> None:
             raise ForcelabError(f"{path}: not forcelab's marker (a link or a folder); remove it") from None
         return
     try:
-        os.write(fd, (json.dumps({"written_by": "forcelab", "version": __version__}) + "\n").encode())
+        record = {"written_by": "forcelab", "version": __version__, **({"kind": kind} if kind else {})}
+        os.write(fd, (json.dumps(record) + "\n").encode())
     finally:
         os.close(fd)
 
@@ -464,11 +486,13 @@ def _contents(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name not in (MARKER, LOCK)] if path.is_dir() else []
 
 
-def claim_directory(path: str | os.PathLike, what: str) -> Path:
-    """A folder that accumulates forcelab's outputs (the demo's and the study's --out): it may be
-    new, empty, or one forcelab wrote before (its marker); a folder holding other files is
-    refused before any work, like `convert` refuses it. Creates and marks it; returns it."""
+def claim_directory(path: str | os.PathLike, what: str, kind: str) -> Path:
+    """A folder that accumulates forcelab's outputs of one `kind` (the demo's and the study's
+    --out): it may be new, empty, or one forcelab wrote before for the same kind (its marker); a
+    folder holding other files, or marked as another kind, is refused before any work, like
+    `convert` refuses it. Creates and marks it; returns it."""
     path = check_output_dir(path, what)
+    check_kind(path, kind, what)
     if path.is_symlink() and not path.is_dir():
         raise ForcelabError(f"{what} {path}: a broken symbolic link; remove it or choose another folder")
     if _contents(path) and not written_by_forcelab(path):
@@ -476,7 +500,7 @@ def claim_directory(path: str | os.PathLike, what: str) -> Path:
                             f"forcelab never writes among other files - choose a new or empty folder")
     path.mkdir(parents=True, exist_ok=True)
     if not written_by_forcelab(path):
-        mark(path)
+        mark(path, kind)
     return path
 
 

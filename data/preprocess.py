@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ForcelabError
-from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
+from ..fsio import check_kind, check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..locks import lock_folder
 from ..validate import (arg, fits_memory, in_range, non_negative_float, non_negative_int, parse_device, positive_float,
                         positive_int)
@@ -52,6 +52,7 @@ from .shards import shard_problem, write_record, write_shard
 from .video import VIDEO_SUFFIXES, VideoError, read_video
 
 SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
+PREPROCESS_KIND = "preprocess"   # what its output folder's marker records
 WORKERS_PER_CPU = 4  # decoding processes beyond this many per core only add memory and start-up time
 DECODED_BYTES = 4 + 1  # per pixel value of a clip in flight: float32 for the encoder + the uint8 decode
 _LISTED_CHANGES = 3  # inputs named in a refused resume's message, per kind of change
@@ -428,6 +429,7 @@ def run(args) -> int:
     if args.videos:
         parse_size(args.size)
     out = check_output_dir(args.out, "--out")
+    check_kind(out, PREPROCESS_KIND, "--out")
     if out.is_dir() and any(out.iterdir()) and not (written_by_forcelab(out) or (out / SETTINGS_FILE).is_file()):
         raise ForcelabError(f"--out {out}: holds other files and no preprocess run; forcelab does not write "
                             f"among them - choose a new or empty folder")
@@ -437,7 +439,7 @@ def run(args) -> int:
     items = list_videos(args.videos, root) if args.videos else list_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
     if not written_by_forcelab(out):
-        mark(out)
+        mark(out, PREPROCESS_KIND)
     clean_stale(out)  # temporaries of a killed earlier run
     rank, world, device, started = _distributed(args.device)
     lock = None

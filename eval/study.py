@@ -27,6 +27,7 @@ from ..validate import choice
 from .stats import spread
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "toy"
+STUDY_KIND = "study"         # what the --out folder's marker records
 METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics")
 # recipe -> (plan arguments of `forcelab generate`, streams?)
 DISTILLED = ["--plan", "chunkwise", "--steps", "4"]
@@ -84,7 +85,7 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
     for recipe in recipes or ():
         choice(recipe, "--recipes", PLANS)
     s = FULL if suite == "full" else QUICK
-    out = claim_directory(out, "--out")       # new, empty or an earlier study's: never a user's folder
+    out = claim_directory(out, "--out", STUDY_KIND)       # new, empty or an earlier study's: never a user's folder
     with lock_folder(out, "--out"):           # one study writes it at a time
         return _study(out, s, suite, seeds, window, sink, recipes, max_steps, first_seed)
 

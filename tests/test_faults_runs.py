@@ -152,7 +152,7 @@ def test_a_trainer_holds_its_folder_until_its_run_ends(tmp_path):
 def test_preprocess_refuses_a_held_out_folder(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\n")
-    out = fsio.claim_directory(tmp_path / "shards", "--out")
+    out = fsio.claim_directory(tmp_path / "shards", "--out", "preprocess")
     with locks.lock_folder(out, "--out"):
         line = cli_error(capsys, "preprocess", "--prompts", prompts, "--out", out, "--text-encoder", "toy")
     assert f"pid {os.getpid()}" in line and "--out" in line
@@ -170,10 +170,30 @@ def test_demo_and_study_refuse_a_folder_of_other_files_and_a_held_one(tmp_path, 
     line = cli_error(capsys, *argv, "--out", mine)
     assert "not written by forcelab" in line and "new or empty folder" in line
     assert tree(mine) == before
-    ours = fsio.claim_directory(tmp_path / "ours", "--out")
+    ours = fsio.claim_directory(tmp_path / "ours", "--out", command)
     with locks.lock_folder(ours, "--out"):
         assert f"pid {os.getpid()}" in cli_error(capsys, *argv, "--out", ours)
     assert sorted(p.name for p in ours.iterdir()) == [fsio.MARKER]
+
+
+def test_each_command_writes_only_into_its_own_kind_of_folder(run, tmp_path, capsys):
+    """A training run folder given to the demo, the study or preprocess (and a demo folder given to
+    train) is refused with one line naming both kinds; nothing is written into it."""
+    assert fsio.folder_kind(run) == "training"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    before = tree(run)
+    for argv, kind in ((["demo", "--quick"], "demo"), (["eval", "toybench", "--suite", "quick"], "study"),
+                       (["preprocess", "--prompts", prompts, "--text-encoder", "toy"], "preprocess")):
+        line = cli_error(capsys, *argv, "--out", run)
+        assert f"--out {run}: a forcelab training folder; {kind} output goes only into a new, empty or earlier " \
+               f"{kind} folder" in line, line
+        assert tree(run) == before
+    demo = fsio.claim_directory(tmp_path / "demo", "--out", "demo")
+    line = cli_error(capsys, *train(demo, resume=False))
+    assert f"output_dir {demo}: a forcelab demo folder; training output goes only into" in line
+    assert fsio.folder_kind(demo) == "demo" and sorted(p.name for p in demo.iterdir()) == [fsio.MARKER]
+    assert fsio.claim_directory(demo, "--out", "demo") == demo          # its own kind: reused
 
 
 # ---------------------------------------------------------------------- resume verifies first

@@ -36,7 +36,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, ForcelabError
-from ..fsio import LOCK, MARKER, check_output_dir, mark, os_error_message, write_text_atomic
+from ..fsio import LOCK, MARKER, check_kind, check_output_dir, mark, os_error_message, write_text_atomic
 from ..locks import lock_folder
 from ..models.autoencoder import latent_frames, load_autoencoder
 from ..models.text_encoder import load_text_encoder
@@ -48,6 +48,8 @@ from .parallel import make_strategy
 from .recipe import StepContext, mix_seed, recipe_class
 from ..models.run_folder import RUN_RECORD
 from .roles import Role, build_role, make_optimizer, resolve_init, update_ema
+
+RUN_KIND = "training"     # what a run folder's marker records
 
 
 class TrainingAborted(ForcelabError):
@@ -144,6 +146,7 @@ class Trainer:
         the checkpoint to resume (under the lock: no other run changes it meanwhile); write
         the marker, and the run record and config of a new run. Returns the checkpoint."""
         d = check_output_dir(self.run_dir, "output_dir")
+        check_kind(d, RUN_KIND, "output_dir")
         explicit = ckpt_io.find_checkpoint(d, resume) if resume not in (None, "latest") else None
         if d.is_dir() and [p for p in d.iterdir() if p.name not in (MARKER, LOCK)]:
             if not (d / RUN_RECORD).is_file():
@@ -157,7 +160,7 @@ class Trainer:
         if found is not None:
             ckpt_io.verify_checkpoint(found, recipe=self.cfg.recipe, world=self.world,
                                       trainable=self._expected_architectures())
-        mark(d)
+        mark(d, RUN_KIND)
         if found is None or not (d / RUN_RECORD).is_file():
             self._write_run_files()
         return None if found is None else str(found)
