@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .fsio import claim_directory, write_text_atomic
 from .locks import lock_folder
+from .validate import arg, threads
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
 COMMITTED_TEACHER = CONFIGS / "teacher_checkpoint"
@@ -65,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a handful of steps per stage (checks the pipeline)")
     p.add_argument("--train-teacher", action="store_true",
                    help="train the toy teacher from configs/toy/teacher.yaml instead of loading the committed one")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=arg(threads), default=None,
                    help="CPU threads (default: the cores this process may use)")
 
 

@@ -94,6 +94,12 @@ def seed(value: Any, name: str | None = None) -> int:
     return v
 
 
+def threads(value: Any, name: str | None = None) -> int:
+    """CPU threads for torch: 1 to the machine's logical CPUs (more only contend for them)."""
+    cpus = os.cpu_count() or 1
+    return int(in_range(value, name, 1, cpus, integer=True, why=f"{cpus} logical CPUs here"))
+
+
 def optional(check: Callable[..., Any]) -> Callable[..., Any]:
     """A check that also lets None through (an unset option)."""
     def run(value: Any, name: str | None = None, *args: Any, **kwargs: Any):

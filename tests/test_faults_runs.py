@@ -380,3 +380,9 @@ def test_a_forked_child_neither_keeps_nor_deletes_its_parents_lock(tmp_path):
         _, status = os.waitpid(pid, 0)
     os.close(w)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "100000", "two"])
+def test_demo_threads_out_of_range_is_refused_before_any_folder_exists(tmp_path, capsys, value):
+    line = cli_error(capsys, "demo", "--quick", "--threads", value, "--out", tmp_path / "demo")
+    assert "argument --threads" in line and not (tmp_path / "demo").exists()
