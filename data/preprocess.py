@@ -45,11 +45,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ForcelabError
 from ..fsio import check_kind, check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..locks import lock_folder
-from ..validate import (arg, fits_memory, in_range, non_negative_float, non_negative_int, parse_device, positive_float,
+from ..validate import (arg, fits_memory, in_range, non_negative_float, non_negative_int, parse_device,
                         positive_int)
 from .schema import STORAGE_DTYPES, encode_sample
 from .shards import shard_problem, write_record, write_shard
-from .video import VIDEO_SUFFIXES, VideoError, read_video
+from .video import DEFAULT_FPS, VIDEO_SUFFIXES, VideoError, check_fps, read_video
 
 SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
 PREPROCESS_KIND = "preprocess"   # what its output folder's marker records
@@ -417,7 +417,7 @@ def run(args) -> int:
         raise ForcelabError("give exactly one of --videos (videos + captions) or --prompts (a prompt list)")
     if args.videos and not args.vae:
         raise ForcelabError("--videos needs --vae (a local Wan VAE directory, or toy)")
-    for flag, value, check in (("--frames", args.frames, positive_int), ("--fps", args.fps, positive_float),
+    for flag, value, check in (("--frames", args.frames, positive_int), ("--fps", args.fps, check_fps),
                                ("--start", args.start, non_negative_float),
                                ("--batch-size", args.batch_size, positive_int),
                                ("--shard-size", args.shard_size, positive_int),
@@ -591,7 +591,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", required=True, help="text encoder: a local umT5 directory, or toy")
     parser.add_argument("--size", default="480x832", help="HxW, or comma-separated buckets (closest aspect wins)")
     parser.add_argument("--frames", type=arg(positive_int), default=81, help="frames per clip (4k+1 for the Wan VAE)")
-    parser.add_argument("--fps", type=arg(positive_float), default=16.0, help="frame rate the clip is sampled at")
+    parser.add_argument("--fps", type=arg(check_fps), default=DEFAULT_FPS, help="frame rate the clip is sampled at")
     parser.add_argument("--start", type=arg(non_negative_float), default=0.0, help="clip start in seconds")
     parser.add_argument("--batch-size", type=arg(positive_int), default=4, help="videos (or prompts) encoded together")
     parser.add_argument("--shard-size", type=arg(positive_int), default=256, help="inputs per shard")

@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ForcelabError
+from ..validate import in_range
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+FPS_RANGE = (0.01, 1000.0)   # frame rates written (and sampled): one frame per 100 s to 1000 a second
+FPS_DENOMINATOR = 100_000    # an mp4 time base finer than this is not kept by players
 DEFAULT_FPS = 16.0   # Wan2.1's frame rate: videos written without one given, and read without one recorded
 
 
@@ -258,6 +261,13 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return video.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def check_fps(value, name: str | None = "fps") -> float:
+    """A frame rate in FPS_RANGE: far outside it a container either overflows or silently
+    writes its default rate while the caller records another."""
+    lo, hi = FPS_RANGE
+    return float(in_range(value, name, lo, hi, why="frames per second a video container keeps"))
+
+
 def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: str = "yuv420p",
                 gop: int = 12, container_format: str | None = None) -> Path:
     """Write uint8 frames [F, H, W, 3] (numpy or torch) as H.264 mp4 (PyAV, libx264).
@@ -273,6 +283,7 @@ def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: st
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ForcelabError(f"write_video {path}: frames must be uint8 [F, H, W, 3], got "
                             f"{frames.dtype} {list(frames.shape)}")
+    check_fps(fps, f"write_video {path}: fps")
     n, h, w, _ = frames.shape
     if n == 0:
         raise ForcelabError(f"write_video {path}: no frames to write")
@@ -281,7 +292,7 @@ def write_video(path: str | Path, frames, fps: float, crf: int = 18, pix_fmt: st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", format=container_format) as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(FPS_DENOMINATOR))
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         stream.options = {"crf": str(crf), "g": str(gop), "threads": "1"}
         for frame in frames:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from forcelab.data.video import VideoError, clip_indices, pick_bucket, probe_video, read_video, resize_crop, \
+from forcelab.data.video import FPS_RANGE, VideoError, clip_indices, pick_bucket, probe_video, read_video, resize_crop, \
     to_uint8_frames, write_video
 from forcelab.errors import ForcelabError
 
@@ -164,3 +164,21 @@ def test_rotated_videos_decode_upright_and_identically_with_every_backend(tmp_pa
     # resize and crop happen after rotation (sizes are of the upright video)
     clip = read_video(path, backend="pyav", size=(16, 8) if turns % 2 else (8, 16))
     assert clip.shape[-2:] == ((16, 8) if turns % 2 else (8, 16))
+
+
+@pytest.mark.parametrize("fps", [1e30, 1e-30, 0.0, -8.0, float("nan")])
+def test_write_video_refuses_a_frame_rate_a_container_cannot_keep(tmp_path, fps):
+    frames = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ForcelabError, match="fps must be"):
+        write_video(tmp_path / "a.mp4", frames, fps)
+    assert not (tmp_path / "a.mp4").exists()
+
+
+@pytest.mark.parametrize("fps", [FPS_RANGE[0], 16.0, FPS_RANGE[1]])
+def test_write_video_keeps_every_rate_in_range(tmp_path, fps):
+    import av
+
+    frames = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    path = write_video(tmp_path / "a.mp4", frames, fps)
+    with av.open(str(path)) as container:
+        assert float(container.streams.video[0].average_rate) == pytest.approx(fps, rel=1e-3)

@@ -49,9 +49,11 @@ def manifest(out):
 BAD_FLAGS = {
     "frames-0": (["--frames", 0], "argument --frames: must be a whole number >= 1, got '0'"),
     "frames-neg": (["--frames", -3], "argument --frames: must be a whole number >= 1"),
-    "fps-neg": (["--fps", -8], "argument --fps: must be > 0"),
-    "fps-0": (["--fps", 0], "argument --fps: must be > 0"),
+    "fps-neg": (["--fps", -8], "argument --fps: must be between 0.01 and 1000"),
+    "fps-0": (["--fps", 0], "argument --fps: must be between 0.01 and 1000"),
     "fps-inf": (["--fps", "inf"], "argument --fps: must be a finite number"),
+    "fps-huge": (["--fps", "1e30"], "argument --fps: must be between 0.01 and 1000"),
+    "fps-tiny": (["--fps", "1e-30"], "argument --fps: must be between 0.01 and 1000"),
     "start-neg": (["--start", -5], "argument --start: must be >= 0"),
     "batch-0": (["--batch-size", 0], "argument --batch-size"),
     "shard-0": (["--shard-size", 0], "argument --shard-size"),
