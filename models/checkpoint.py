@@ -96,6 +96,15 @@ def config_to_json(cfg: DiTConfig, fmt: str) -> dict:
     }
 
 
+def _json_count(raw: dict, key: str, source: str) -> int:
+    """A count that is multiplied before DiTConfig checks it: a JSON whole number >= 1 (a string
+    "2" times 48 would be a 48-character string, not 96)."""
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{source}: {key} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
     """(DiTConfig, format) from a config.json of either library."""
     extra = raw.get(EXTRA_KEY, {})
@@ -112,10 +121,10 @@ def config_from_json(raw: dict, source: str) -> tuple[DiTConfig, str]:
             if raw.get("image_dim") or raw.get("added_kv_proj_dim"):
                 raise CheckpointError(f"{source}: image-to-video checkpoints (image_dim / added_kv_proj_dim) "
                                       f"are not supported; use a text-to-video checkpoint")
-            heads = raw["num_attention_heads"]
+            heads = _json_count(raw, "num_attention_heads", source)
             cfg = DiTConfig(
                 in_channels=raw.get("in_channels", 16), out_channels=raw.get("out_channels", 16),
-                dim=heads * raw["attention_head_dim"], ffn_dim=raw["ffn_dim"], num_heads=heads,
+                dim=heads * _json_count(raw, "attention_head_dim", source), ffn_dim=raw["ffn_dim"], num_heads=heads,
                 num_layers=raw["num_layers"], patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
                 freq_dim=raw.get("freq_dim", 256), text_dim=raw.get("text_dim", 4096),
                 eps=raw.get("eps", 1e-6), qk_norm=raw.get("qk_norm") is not None,

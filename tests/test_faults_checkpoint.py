@@ -311,7 +311,7 @@ def test_a_checkpoint_config_with_zero_heads_is_a_clear_error(tmp_path, models):
     raw = json.loads((target / "config.json").read_text())
     raw["num_attention_heads"] = 0
     (target / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ForcelabError, match="config.json: DiTConfig: dim must be a whole number >= 1, got 0"):
+    with pytest.raises(ForcelabError, match="config.json: num_attention_heads must be a whole number >= 1, got 0"):
         CausalDiT.from_pretrained(target)
 
 
@@ -419,3 +419,14 @@ def test_links_are_never_replaced_deleted_or_written_through(tmp_path, models):
     with pytest.raises(ForcelabError, match="not forcelab's marker"):
         fsio.mark(tmp_path / "new")
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("key, value", [("num_attention_heads", "2"), ("attention_head_dim", 2.5),
+                                        ("num_attention_heads", True), ("attention_head_dim", 0)])
+def test_a_mistyped_head_count_in_a_diffusers_config_names_the_key(tmp_path, models, key, value):
+    target = models[1].save_pretrained(tmp_path / "ckpt")
+    raw = json.loads((target / "config.json").read_text())
+    raw[key] = value
+    (target / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=f"config.json: {key} must be a whole number >= 1, got {value!r}"):
+        CausalDiT.from_pretrained(target)
