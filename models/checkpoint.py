@@ -245,8 +245,12 @@ def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, de
                     loaded.add(name)  # present, just the wrong size: not "missing"
                     continue
                 target = torch.float32 if dtype is not None and model.keeps_fp32(name) else dtype
-                tensor = f.get_tensor(key).to(dtype=target or param.dtype, device=device or "cpu")
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                stored = f.get_tensor(key)
+                if not stored.is_floating_point():
+                    raise CheckpointError(f"{file}: weight {key!r} is stored as {stored.dtype}; DiT weights are "
+                                          f"floating point - the file is not a DiT checkpoint or was damaged")
+                tensor = stored.to(dtype=target or param.dtype, device=device or "cpu")
+                if not bool(torch.isfinite(tensor).all()):
                     raise CheckpointError(f"{file}: weight {key!r} holds NaN or inf values (as {tensor.dtype}); "
                                           f"the checkpoint is damaged or came from a diverged run - load an "
                                           f"earlier checkpoint")

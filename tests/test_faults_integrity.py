@@ -203,6 +203,19 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(dit, tmp_path,
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_integer_weights_are_refused_at_load_naming_the_tensor(dit, tmp_path, dtype):
+    path = tmp_path / "integers"
+    shutil.copytree(dit, path)
+    file = path / "diffusion_pytorch_model.safetensors"
+    weights = load_file(file)
+    key = sorted(k for k in weights if k.endswith("weight"))[0]
+    weights[key] = weights[key].to(dtype)
+    save_file(weights, str(file), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"weight {key!r} is stored as {dtype}; DiT weights are floating point"):
+        CausalDiT.from_pretrained(path)
+
+
 def test_generate_with_nan_weights_exits_2_and_writes_nothing(dit, tmp_path, capsys):
     path, key = poisoned(dit, tmp_path, float("nan"))
     out = tmp_path / "video.mp4"
