@@ -422,9 +422,11 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, what: str = 
                     raise ForcelabError(f"{what} {path}: appeared while writing; forcelab does not "
                                         f"replace it - choose another name") from None
                 os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror, str(path)) from e   # a full disk names the file being written
         raise
     _fsync_dir(path.parent)
 

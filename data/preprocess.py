@@ -184,7 +184,8 @@ def list_videos(videos: str, root: str | None = None) -> list[Item]:
                                 f"it has {sorted(rows[0])}")
         return [_manifest_item(i, r, base, f"{path.name}:{i + (2 if path.suffix.lower() == '.csv' else 1)}")
                 for i, r in enumerate(rows)]
-    raise ForcelabError(f"--videos {videos}: not found - give a folder of videos with .txt captions "
+    what = f"a {path.suffix or 'suffix-less'} file, not a manifest" if path.exists() else "not found"
+    raise ForcelabError(f"--videos {videos}: {what} - give a folder of videos with .txt captions "
                         f"or a .csv/.jsonl manifest with path,caption")
 
 

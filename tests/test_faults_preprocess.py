@@ -89,6 +89,16 @@ def test_manifests_without_inputs_are_refused(videos, tmp_path, capsys, case):
     assert ("no inputs in this manifest" in line) if case != "no-path-column" else ("'path' column" in line)
 
 
+@pytest.mark.parametrize("name, expected", [("m.tsv", "a .tsv file, not a manifest"), ("missing.csv", "not found"),
+                                            ("v0.mp4", "a .mp4 file, not a manifest")])
+def test_a_videos_path_that_is_not_a_folder_or_manifest_says_which(videos, tmp_path, capsys, name, expected):
+    path = tmp_path / name
+    if name != "missing.csv":
+        path.write_bytes((videos / "v0.mp4").read_bytes() if name.endswith(".mp4") else b"path\tcaption\n")
+    line = one_line_error(capsys, "--videos", path, "--out", tmp_path / "o", *COMMON)
+    assert f"--videos {path}: {expected} - give a folder of videos" in line, line
+
+
 def test_a_bom_csv_from_a_spreadsheet_is_accepted(videos, tmp_path):
     (videos / "bom.csv").write_bytes("\ufeffpath,caption\nv0.mp4,a red ball\nv1.mp4,a blue ball\n".encode())
     out = tmp_path / "o"
@@ -253,3 +263,20 @@ def test_frames_zero_as_a_subprocess(videos, tmp_path):
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--frames" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line_naming_the_shard(tmp_path, capsys, monkeypatch):
+    """The system's error while a writer fills a temporary carries no file name (or the
+    temporary's); the atomic writer names the file being written."""
+    import errno
+    import tarfile
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    (tmp_path / "p.txt").write_text("a red ball\n")
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full_disk)
+    out = tmp_path / "out"
+    line = one_line_error(capsys, "--prompts", tmp_path / "p.txt", "--out", out, "--text-encoder", "toy")
+    assert f"{out / 'shard-000000.tar'}: No space left on device; free space on that disk" in line, line
+    assert not [p for p in out.iterdir() if p.name.endswith(".tar") or fsio.TMP_TAG in p.name]
