@@ -386,3 +386,14 @@ def test_a_forked_child_neither_keeps_nor_deletes_its_parents_lock(tmp_path):
 def test_demo_threads_out_of_range_is_refused_before_any_folder_exists(tmp_path, capsys, value):
     line = cli_error(capsys, "demo", "--quick", "--threads", value, "--out", tmp_path / "demo")
     assert "argument --threads" in line and not (tmp_path / "demo").exists()
+
+
+def test_resume_latest_with_nothing_to_resume_says_it_starts_a_new_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(train(run, "max_steps=1")) == 0
+    out = capsys.readouterr().err
+    assert f"--resume latest: {run} holds no checkpoint yet; starting a new run at step 0" in out
+    assert main(train(run, "max_steps=2")) == 0                    # now there is one: resumed, no such note
+    out = capsys.readouterr().err
+    assert "resumed from" in out and "holds no checkpoint yet" not in out

@@ -78,7 +78,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self._tmp = tempfile.TemporaryDirectory(prefix="forcelab-dry-run-") if dry_run else None
         self.run_dir = Path(self._tmp.name) if dry_run else Path(cfg.output_dir).expanduser()
-        self.resume_from, self._lock = None, None
+        self.resume_from, self._lock, self._resume_asked = None, None, resume
         self.recipe_cls = recipe_class(cfg.recipe)
         try:
             self._setup(cfg, resume)
@@ -307,6 +307,8 @@ class Trainer:
             self.log.write(f"nothing to do: the run is at step {self.step} of max_steps={cfg.max_steps}")
         if self.resume_from is not None:
             self.log.write(f"resumed from {self.resume_from} at step {self.step}")
+        elif self._resume_asked == "latest" and not self.dry_run and not self._ran:
+            self.log.write(f"--resume latest: {self.run_dir} holds no checkpoint yet; starting a new run at step 0")
         t0 = time.perf_counter()
         try:
             if self._ran and not self.dry_run:   # an earlier run() released the folder
