@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ForcelabError
 from ..fsio import check_kind, check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..locks import lock_folder
+from ..progress import progress_bar
 from ..validate import (arg, fits_memory, in_range, non_negative_float, non_negative_int, parse_device,
                         positive_int)
 from .schema import STORAGE_DTYPES, encode_sample
@@ -409,8 +410,6 @@ def _changed_inputs(old: list, new: list) -> str:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     from ..models.autoencoder import load_autoencoder
     from ..models.text_encoder import load_text_encoder
 
@@ -460,9 +459,8 @@ def run(args) -> int:
         shards = [items[i:i + args.shard_size] for i in range(0, len(items), args.shard_size)]
         mine = [k for k in range(len(shards)) if k % world == rank]
         done = [k for k in mine if _finished(out, k, settings)]
-        progress = tqdm(total=sum(len(shards[k]) for k in mine), initial=sum(len(shards[k]) for k in done),
-                        unit="input", desc=f"preprocess (rank {rank}/{world})", dynamic_ncols=True,
-                        disable=rank != 0 or args.quiet, file=sys.stderr)
+        progress = progress_bar(total=sum(len(shards[k]) for k in mine), initial=sum(len(shards[k]) for k in done),
+                                unit="input", desc=f"preprocess (rank {rank}/{world})", disable=rank != 0 or args.quiet)
         encoder = Encoder(args, vae, text, device)
         with torch.inference_mode(), progress:
             for k in mine:

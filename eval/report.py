@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..errors import ForcelabError
+from ..progress import progress_bar
 from . import plots
 from .sidecars import read_sidecar
 
@@ -281,8 +282,6 @@ def check_writable(path: Path) -> None:
 
 def write_report(results, out, *, progress: bool = True) -> Path:
     """Render the report of the given results files to `out` (.html) and its .md twin."""
-    from tqdm import tqdm
-
     from ..data.video import probe_video, read_video
 
     out = Path(out)
@@ -316,7 +315,7 @@ def write_report(results, out, *, progress: bool = True) -> Path:
                        plots.drift_chart(drift_metrics, {r.label: r.drift for r in runs if r.drift},
                                          {r.label: r.bucket_frames for r in runs})))
     samples = []                                        # (run, video name, caption, strip, gif)
-    for run in tqdm(runs, desc="report previews", unit="run", disable=not progress):
+    for run in progress_bar(runs, desc="report previews", unit="run", disable=not progress):
         for path, fps, caption in run.videos[:SAMPLES_PER_RUN]:
             frames = read_video(path).permute(0, 2, 3, 1).numpy()
             fps = fps or probe_video(path).fps

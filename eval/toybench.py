@@ -36,6 +36,7 @@ import numpy as np
 from ..data.toyworld import ToyWorldConfig, parse_caption
 from ..data.video import DEFAULT_FPS, read_video, write_video
 from ..errors import ForcelabError
+from ..progress import progress_bar
 from . import stats
 from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
 
@@ -224,14 +225,12 @@ def score_videos(videos, captions, *, first_frames=None, bucket_frames: int | No
     {"mean": [...], "std": [...], "n": [...]}}, "slopes": {metric: slope of the bucket means},
     "videos": [flat dict per video]}. Videos of different lengths share bucket b where they have it.
     """
-    from tqdm import tqdm
-
     videos, captions = list(videos), list(captions)
     if len(videos) != len(captions):
         raise ForcelabError(f"score_videos: {len(videos)} videos but {len(captions)} captions")
     firsts = list(first_frames) if first_frames is not None else [None] * len(videos)
     per_video = [score_video(v, c, first_frame=f, bucket_frames=bucket_frames, config=config, codec=codec)
-                 for v, c, f in tqdm(list(zip(videos, captions, firsts)), desc="toybench", unit="video",
+                 for v, c, f in progress_bar(list(zip(videos, captions, firsts)), desc="toybench", unit="video",
                                      disable=not progress)]
     return summarize(per_video)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..data.video import DEFAULT_FPS
 from ..errors import ForcelabError
+from ..progress import progress_bar
 from . import toybench
 from .sidecars import check_writable, generation, read_sidecar
 
@@ -45,8 +46,6 @@ def _first_frame(folder: Path, name: str) -> np.ndarray:
 
 def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, report: bool = True,
                  progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     from .. import __version__
     from ..data.video import read_video
 
@@ -62,7 +61,7 @@ def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     check_writable(out / RESULT_NAME, "toybench")
     rows, per_video, skipped, sidecars = [], [], {}, []
-    for video in tqdm(videos, desc="toybench", unit="video", disable=not progress):
+    for video in progress_bar(videos, desc="toybench", unit="video", disable=not progress):
         side = read_sidecar(video)
         if side is None:
             skipped[video.name] = "no JSON sidecar (caption unknown)"

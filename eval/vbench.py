@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from ..errors import ForcelabError
+from ..progress import progress_bar
 
 QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
            "dynamic_degree", "aesthetic_quality", "imaging_quality")
@@ -97,12 +98,10 @@ def temporal_flickering(frames) -> float:
 
 def temporal_flickering_files(paths, progress: bool = False) -> tuple[float, list[dict]]:
     """VBench's result for a list of mp4s: (mean over videos, [{video_path, video_results}])."""
-    from tqdm import tqdm
-
     from ..data.video import read_video
 
     rows = []
-    for p in tqdm(list(paths), desc="temporal_flickering", unit="video", disable=not progress):
+    for p in progress_bar(list(paths), desc="temporal_flickering", unit="video", disable=not progress):
         frames = read_video(p).permute(0, 2, 3, 1).numpy()
         rows.append({"video_path": str(p), "video_results": temporal_flickering(frames)})
     if not rows:

@@ -36,6 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import ForcelabError
+from ..progress import progress_bar
 from . import vbench as vb
 from .sidecars import check_writable, generation, read_sidecar
 from .vbench_prompts import full_info
@@ -205,8 +206,6 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                device: str = "cuda", native_flickering: bool = False, progress: bool = True) -> dict:
     """Score VIDEOS_DIR on `dimensions` (default all 16); returns and writes OUT/vbench.json
     (OUT defaults to VIDEOS_DIR; VBench's own files go to OUT/vbench/)."""
-    from tqdm import tqdm
-
     from .. import __version__
     from .vbench_long import clip_seconds, split_video
 
@@ -257,7 +256,7 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         check_weights(cache, [d for d in todo if d in external])
 
     results, failed = {}, {}
-    bar = tqdm(list(plans), desc="vbench", unit="dim", disable=not progress)
+    bar = progress_bar(list(plans), desc="vbench", unit="dim", disable=not progress)
     for dim in bar:
         bar.set_postfix_str(dim)
         entries, source_of = plans[dim]

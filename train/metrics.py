@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ForcelabError
 from ..fsio import append_text, os_error_message, own_file
+from ..progress import progress_bar
 
 
 class MetricsLogger:
@@ -36,9 +37,7 @@ class MetricsLogger:
                 print(f"wandb: offline; to upload: wandb sync {Path(self.wandb.dir).parent}",
                       file=sys.stderr, flush=True)
         if cfg.logging.progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.recipe, unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = progress_bar(total=cfg.max_steps, initial=start_step, desc=cfg.recipe, unit="step")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.latest.update({k: (v, step) for k, v in metrics.items() if k.endswith("loss")})
