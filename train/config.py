@@ -82,7 +82,8 @@ class LogConfig:
     project: str = "forcelab"
     sample_every: int = setting(0, non_negative_int)   # write sample videos every N steps (0 = never)
     sample_prompts: list[str] = field(default_factory=list)   # default: a few toy captions / dataset captions
-    progress: bool = True               # tqdm bar on rank 0
+    progress: bool = True               # progress on rank 0: a bar on a terminal, lines every 10% in logs
+    tensorboard: bool = False           # also write TensorBoard event files to run_dir/tensorboard (pip install tensorboard)
 
 
 @dataclass

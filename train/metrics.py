@@ -1,7 +1,9 @@
-"""Rank-0 logging: every metric to run_dir/metrics.jsonl, console lines, a tqdm bar, wandb.
+"""Rank-0 logging: every metric to run_dir/metrics.jsonl, console lines, progress, wandb and,
+with `logging.tensorboard`, TensorBoard event files in run_dir/tensorboard (`tensorboard --logdir`).
 
 wandb runs offline unless the config or WANDB_MODE says otherwise, and never blocks or
-fails a run: if it cannot start, the run goes on without it (and says so once).
+fails a run: if it cannot start, the run goes on without it (and says so once). TensorBoard is
+asked for explicitly, so without the tensorboard package the run refuses to start (one line).
 metrics.jsonl is appended through fsio.append_text: a link out of the run folder is refused
 (checked when the logger starts, before any step, and at every write).
 """
@@ -19,11 +21,15 @@ from ..fsio import append_text, os_error_message, own_file
 from ..progress import progress_bar
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg, enabled: bool, config_dict: dict, start_step: int):
         self.enabled, self.every = enabled, cfg.logging.every
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
+        self.tensorboard = None
         self.bar = None
         self._t0, self._s0 = time.perf_counter(), start_step
         self.latest: dict[str, tuple[float, int]] = {}   # every role's latest loss: (value, step)
@@ -36,6 +42,9 @@ class MetricsLogger:
             if self.wandb is not None and mode == "offline":
                 print(f"wandb: offline; to upload: wandb sync {Path(self.wandb.dir).parent}",
                       file=sys.stderr, flush=True)
+        if cfg.logging.tensorboard:
+            self.tensorboard = _start_tensorboard(Path(run_dir) / TENSORBOARD_DIR, start_step)
+            print(f"tensorboard: tensorboard --logdir {Path(run_dir) / TENSORBOARD_DIR}", file=sys.stderr, flush=True)
         if cfg.logging.progress:
             self.bar = progress_bar(total=cfg.max_steps, initial=start_step, desc=cfg.recipe, unit="step")
 
@@ -59,6 +68,10 @@ class MetricsLogger:
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             older = " ".join(f"{k}={v:.4g} (step {s})" for k, (v, s) in self.latest.items() if k not in metrics)
             self.write(f"step {step}: {' '.join(t for t in (text, older) if t)} ({rate:.2f} steps/s)")
+        if self.tensorboard is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tensorboard.add_scalar(k, v, global_step=step)
         if self.wandb is not None:
             try:
                 self.wandb.log(metrics, step=step)
@@ -86,12 +99,26 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             try:
                 self.wandb.finish()
             except Exception:
                 pass
             self.wandb = None
+
+
+def _start_tensorboard(folder: Path, start_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ForcelabError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                            "(or set logging.tensorboard=false)") from None
+    own_file(folder, "tensorboard")
+    # a resumed run drops what an earlier process wrote past its checkpoint (TensorBoard's purge)
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
 
 
 def _start_wandb(mode: str, project: str, run_dir: Path, config: dict):
