@@ -17,7 +17,11 @@ the clip raises VideoError naming the file and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -61,17 +65,40 @@ def default_backend() -> str:
 
 # ---- backends: each gives (info, read(indices) -> uint8 [n, H, W, 3]) ----
 
+@contextlib.contextmanager
+def _native_stderr():
+    """Collect what native code (ffmpeg inside decord) prints on file descriptor 2 meanwhile: its
+    lines belong in forcelab's one-line error, not on the console before it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
+
+
 def _open_decord(path: str):
     import decord
 
-    try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        n = len(vr)
-        fps = float(vr.get_avg_fps())
-        first = vr[0].shape if n else (0, 0, 3)
-    except Exception as e:  # decord raises its own DECORDError and RuntimeError
-        raise VideoError(f"{path}: cannot decode with decord ({_first_line(e)}); check the file "
-                         f"(ffprobe) or re-encode it") from None
+    with _native_stderr() as native:
+        try:
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            n = len(vr)
+            fps = float(vr.get_avg_fps())
+            first = vr[0].shape if n else (0, 0, 3)
+            error = None
+        except Exception as e:  # decord raises its own DECORDError and RuntimeError
+            error = e
+    if error is not None:
+        said = f"; ffmpeg: {native[0]}" if native else ""
+        raise VideoError(f"{path}: cannot decode with decord ({_first_line(error)}{said}); check the file "
+                         f"(ffprobe) or re-encode it")
     if first[-1] != 3:
         # decord 0.6 mis-strides some small widths (16, 24, 48, 72 px...): its frames come back
         # with 4 or 6 "channels". PyAV decodes the same frames correctly.

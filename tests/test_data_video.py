@@ -1,5 +1,7 @@
 """Video decoding and writing (data/video.py)."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,15 @@ def test_write_video_keeps_every_rate_in_range(tmp_path, fps):
     path = write_video(tmp_path / "a.mp4", frames, fps)
     with av.open(str(path)) as container:
         assert float(container.streams.video[0].average_rate) == pytest.approx(fps, rel=1e-3)
+
+
+def test_a_corrupt_file_under_decord_is_one_error_and_nothing_on_the_console(tmp_path, capfd):
+    pytest.importorskip("decord")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError, match=r"cannot decode with decord \(.*; ffmpeg: .*moov atom not found\)"):
+        read_video(bad, backend="decord")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""          # ffmpeg's own lines are in the message, not printed before it
+    print("after", file=sys.stderr)         # the console is restored
+    assert capfd.readouterr().err == "after\n"
