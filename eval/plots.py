@@ -14,6 +14,9 @@ STRIP_FRAMES = 8          # frames in a strip, evenly spaced over the video
 GIF_MAX_FRAMES = 160      # longer videos are subsampled in the animated preview
 
 
+SPARSE_POINTS = 50   # curves with at most this many points also mark each one (a single point has no line)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -95,7 +98,9 @@ def curves_chart(series: dict, title: str = "training curves") -> bytes:
         for run, per_metric in series.items():
             if m in per_metric:
                 steps, values = per_metric[m]
-                ax.plot(steps, np.asarray(values, dtype=np.float64), linewidth=1.2, label=run)
+                sparse = len(steps) <= SPARSE_POINTS    # a role updated every 5th step of a short run: points
+                ax.plot(steps, np.asarray(values, dtype=np.float64), linewidth=1.2, label=run,
+                        marker="o" if sparse else None, markersize=3)
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

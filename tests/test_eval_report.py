@@ -204,3 +204,19 @@ def test_a_results_file_that_is_not_one_is_a_clear_error(tmp_path, capsys, conte
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and re.search(match, err[0]), err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_curve_of_one_point_is_drawn(tmp_path):
+    """A generator updated every 5th step of a short run logs one value: it must show as a mark."""
+    import io
+
+    from PIL import Image
+
+    from forcelab.eval.plots import curves_chart
+
+    def blue_pixels(series):
+        image = np.asarray(Image.open(io.BytesIO(curves_chart(series))).convert("RGB")).astype(int)
+        return int((np.abs(image - np.array([31, 119, 180])).sum(-1) < 40).sum())   # matplotlib's first colour
+
+    assert blue_pixels({"run": {"generator/loss": ([5], [0.5])}}) > 10
+    assert blue_pixels({"run": {"generator/loss": ([], [])}}) == 0
