@@ -53,6 +53,7 @@ from .shards import shard_problem, write_record, write_shard
 from .video import DEFAULT_FPS, VIDEO_SUFFIXES, VideoError, check_fps, read_video
 
 SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
+EXTRA_CELLS = "__extra_cells__"   # a CSV row's cells past the header's columns (csv gives them the key None)
 PREPROCESS_KIND = "preprocess"   # what its output folder's marker records
 WORKERS_PER_CPU = 4  # decoding processes beyond this many per core only add memory and start-up time
 DECODED_BYTES = 4 + 1  # per pixel value of a clip in flight: float32 for the encoder + the uint8 decode
@@ -75,7 +76,7 @@ def _read_rows(path: Path, flag: str) -> list[dict]:
     if path.suffix.lower() == ".csv":
         try:
             rows = csv.DictReader(io.StringIO(text, newline=""))
-            return [{k: v for k, v in row.items() if k is not None} for row in rows]  # None: extra cells
+            return [{(EXTRA_CELLS if k is None else k): v for k, v in row.items()} for row in rows]
         except csv.Error as e:
             raise ForcelabError(f"{flag} {path}: not a valid CSV ({e}); write a header line path,caption") from None
     rows = []
@@ -98,6 +99,9 @@ def _caption(row: dict, where: str) -> tuple[str | None, str | None]:
     refused with a record rather than joined: a joined string is a caption no one wrote and the
     model would learn text it will never be prompted with; pick one per row or write one row
     per caption. Other types (numbers, objects) are refused the same way, never stored as repr."""
+    if EXTRA_CELLS in row:
+        return None, (f"{where}: {len(row[EXTRA_CELLS])} more cell(s) than the header has columns "
+                      f"({row[EXTRA_CELLS]!r}); a caption with a comma needs quotes: \"a red ball, bouncing\"")
     text = row.get("caption", row.get("prompt"))
     if text is None:
         return None, None

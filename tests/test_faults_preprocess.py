@@ -183,6 +183,19 @@ def test_a_csv_row_with_missing_fields_is_recorded(videos, tmp_path):
     assert "no caption" in manifest(out)["skipped"][0]["reason"]
 
 
+def test_a_csv_row_with_more_cells_than_columns_is_recorded_not_cut(videos, tmp_path):
+    """An unquoted comma in a caption: the caption would silently lose its tail."""
+    (videos / "long.csv").write_text('path,caption\nv0.mp4,"a red ball, bouncing"\nv1.mp4,a blue ball, bouncing\n')
+    out = tmp_path / "o"
+    assert run("--videos", videos / "long.csv", "--out", out, *COMMON) == 0
+    m = manifest(out)
+    assert m["counts"]["written"] == 1 and len(m["skipped"]) == 1
+    assert "long.csv:3: 1 more cell(s) than the header has columns ([' bouncing'])" in m["skipped"][0]["reason"]
+    assert "needs quotes" in m["skipped"][0]["reason"]
+    (tmp_path / "p.csv").write_text("prompt\na red ball, bouncing\n")
+    assert run("--prompts", tmp_path / "p.csv", "--out", tmp_path / "p", "--text-encoder", "toy") == 2
+
+
 def test_json_rows_that_are_not_objects(videos, tmp_path, capsys):
     (videos / "bad.jsonl").write_text('{"path": "v0.mp4", "caption": "c"}\n["v1.mp4", "c"]\n')
     line = one_line_error(capsys, "--videos", videos / "bad.jsonl", "--out", tmp_path / "o", *COMMON)
