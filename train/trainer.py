@@ -46,7 +46,7 @@ from .data import make_stream, to_device, ShardStream
 from .metrics import MetricsLogger
 from .parallel import make_strategy
 from .recipe import StepContext, mix_seed, recipe_class
-from ..models.run_folder import RUN_RECORD
+from ..run_folder import RUN_RECORD
 from .roles import Role, build_role, make_optimizer, resolve_init, update_ema
 
 
