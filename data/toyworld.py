@@ -30,8 +30,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ..errors import ConfigError
-from ..models.autoencoder import (TOY_STATS_CLIPS, TOY_STATS_MIN_STD, VideoAutoencoder, load_autoencoder,
-                                  toy_cell_basis)
+from ..models.autoencoder import VideoAutoencoder, load_autoencoder
 from ..models.text_encoder import TextEncoder, load_text_encoder
 
 # name -> RGB; distinct hues that a nearest-color classifier separates easily
@@ -232,16 +231,3 @@ class ToyWorldDataset(IterableDataset):
         while self.length is None or i < self.length:
             yield self.world.sample(base + i, self.codec, self.text_encoder, self.frames)
             i += stride
-
-
-def toy_codec_statistics(stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-coefficient mean and std [3*s*s] (float64) of toy-world frames in the toy codec's
-    cell basis (models/autoencoder.py toy_cell_basis), over TOY_STATS_CLIPS seeded clips of the
-    default world: the codec's normalisation, stored in models/toy_codec_stats.json."""
-    import torch.nn.functional as F
-
-    world = ToyWorld(seed=0)
-    video = torch.cat([world.clip(i).video for i in range(TOY_STATS_CLIPS)])      # [N, 3, H, W] uint8
-    cells = F.pixel_unshuffle(video.double().div(127.5).sub(1.0), stride)          # [N, 3ss, h, w]
-    coef = torch.einsum("kc,nchw->knhw", toy_cell_basis(stride), cells).flatten(1)
-    return coef.mean(1), coef.std(1).clamp_min(TOY_STATS_MIN_STD)

@@ -78,7 +78,6 @@ def check_video_shape(ae: VideoAutoencoder, video: torch.Tensor) -> None:
 # Orthonormal colour axes of the toy codec: luma, then two opponent-colour (chroma) axes.
 TOY_COLOUR_AXES = ((1.0, 1.0, 1.0), (1.0, -1.0, 0.0), (1.0, 1.0, -2.0))
 TOY_STATS_CLIPS = 64        # toy-world clips (default config, world seed 0) the latent statistics come from
-TOY_STATS_MIN_STD = 1e-3    # floor of a stored per-coefficient std (a flat coefficient is not blown up)
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -106,23 +105,20 @@ def toy_cell_basis(stride: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-TOY_STATS_FILE = Path(__file__).resolve().parent / "toy_codec_stats.json"
 _TOY_STATS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def toy_latent_stats(stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coefficient mean and std [3*s*s] (float64) of toy-world frames in toy_cell_basis(s):
-    measured on TOY_STATS_CLIPS seeded toy-world clips (data/toyworld.py toy_codec_statistics)
-    and stored in toy_codec_stats.json (exact float64 values; a test re-measures them)."""
-    if not _TOY_STATS:
-        import json
-
-        table = json.loads(TOY_STATS_FILE.read_text(encoding="utf-8"))["strides"]
-        _TOY_STATS.update({int(s): (torch.tensor(v["mean"], dtype=torch.float64),
-                                    torch.tensor(v["std"], dtype=torch.float64)) for s, v in table.items()})
+    measured once per process on TOY_STATS_CLIPS seeded clips (deterministic, no files)."""
     if stride not in _TOY_STATS:
-        raise ForcelabError(f"toy codec: no latent statistics for cell size {stride} (stored for "
-                            f"{sorted(_TOY_STATS)}); use one of those")
+        from ..data.toyworld import ToyWorld   # the toy world draws with this codec: import late
+
+        world = ToyWorld(seed=0)
+        video = torch.cat([world.clip(i).video for i in range(TOY_STATS_CLIPS)])      # [N, 3, H, W] uint8
+        cells = F.pixel_unshuffle(video.double().div(127.5).sub(1.0), stride)          # [N, 3ss, h, w]
+        coef = torch.einsum("kc,nchw->knhw", toy_cell_basis(stride), cells).flatten(1)
+        _TOY_STATS[stride] = coef.mean(1), coef.std(1).clamp_min(1e-3)
     return _TOY_STATS[stride]
 
 

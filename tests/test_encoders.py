@@ -177,19 +177,3 @@ def test_pipeline_folder_layout(wan_dir, umt5_dir, tmp_path):
     shutil.copytree(umt5_dir, tmp_path / "tokenizer")
     assert load_autoencoder(str(tmp_path)).latent_channels == 16
     assert load_text_encoder(str(tmp_path), max_length=8).encode(["a ball"])[0].shape == (1, 8, 32)
-
-
-def test_the_stored_toy_codec_statistics_are_the_toy_worlds():
-    """models/toy_codec_stats.json holds exactly what the toy world measures (data/toyworld.py)."""
-    import json
-
-    from forcelab.data.toyworld import toy_codec_statistics
-    from forcelab.models.autoencoder import TOY_STATS_FILE, toy_latent_stats
-
-    strides = json.loads(TOY_STATS_FILE.read_text())["strides"]
-    assert sorted(map(int, strides)) == [1, 2, 4, 8]
-    for stride in map(int, strides):
-        stored, measured = toy_latent_stats(stride), toy_codec_statistics(stride)
-        assert torch.equal(stored[0], measured[0]) and torch.equal(stored[1], measured[1]), stride
-    with pytest.raises(ForcelabError, match="no latent statistics for cell size 3"):
-        load_autoencoder("toy:6:3")
