@@ -16,9 +16,9 @@ from .errors import ForcelabError
 
 # name -> (module, one-line help). Only commands that work are listed here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("forcelab.models.convert", "convert a DiT checkpoint between Wan and diffusers formats"),
-    "info": ("forcelab.models.info", "show a model preset or checkpoint: shapes and parameter counts"),
-    "generate": ("forcelab.models.generate", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
+    "convert": ("forcelab.commands.convert", "convert a DiT checkpoint between Wan and diffusers formats"),
+    "info": ("forcelab.commands.info", "show a model preset or checkpoint: shapes and parameter counts"),
+    "generate": ("forcelab.generate.cli", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
     "train": ("forcelab.train.cli", "train with a recipe config (teacher, diffusion forcing, AR-diffusion, ...)"),
     "distill": ("forcelab.distill.cli", "distill a causal student (ODE init, CausVid, Self-Forcing, Rolling Forcing, LongLive, ...)"),

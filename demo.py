@@ -3,8 +3,8 @@
     forcelab demo                       # runs/demo: ~15 minutes on 2 CPU cores
     forcelab demo --quick               # the same stages with a handful of steps (a smoke test)
 
-Stages (each a forcelab command run in this process; a finished stage is skipped on re-run,
-an interrupted one resumes from its last checkpoint):
+Stages (pipeline.py, run in this process; a finished stage is skipped on re-run, an
+interrupted one resumes from its last checkpoint):
   1 teacher       the toy teacher: the committed checkpoint configs/toy/teacher_checkpoint,
                   which configs/toy/teacher.yaml makes (3000 steps, ~8 minutes on one core;
                   --train-teacher trains it here instead)
@@ -31,12 +31,14 @@ from pathlib import Path
 
 from .fsio import claim_directory, write_text_atomic
 from .locks import lock_folder
+from .pipeline import (COMMITTED_TEACHER, TOY_CONFIGS as CONFIGS, TOYBENCH_RESULT, generate_stage, held_out_prompts,
+                       toybench_stage, train_stage, training_frames)
 from .validate import arg, threads
 
-CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
-COMMITTED_TEACHER = CONFIGS / "teacher_checkpoint"
 DEMO_KIND = "demo"          # what the --out folder's marker records
 LONG_FACTOR = 10            # streaming length / training length
+STUDENT_STEPS, STUDENT_SHIFT = 4, 5.0         # the distilled students' sampling plan (chunk-wise)
+TEACHER_GUIDANCE, TEACHER_SHIFT = 3.0, 3.0    # the toy teacher's CFG scale and sigma shift
 
 
 @dataclass
@@ -75,32 +77,22 @@ def _say(text: str) -> None:
 
 
 def _train(name: str, config: Path, out: Path, overrides: list[str]) -> dict:
-    from .train.config import load_train_config
-    from .train.trainer import Trainer
-
-    cfg = load_train_config([config], overrides + [f"output_dir={out}"])
-    trainer = Trainer(cfg, resume="latest")
-    t0, start = time.perf_counter(), trainer.step
-    trainer.run()
-    latest = {k: v for k, (v, _) in trainer.log.latest.items()}   # every role's latest loss
-    state = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "resumed_at": start, **latest}
+    state = train_stage(config, out, overrides)
+    latest = {k: v for k, v in state.items() if k not in ("steps", "seconds", "resumed_at")}
     loss = ", ".join(f"{k} {v:.4f}" for k, v in latest.items())
-    done = "already finished" if start == trainer.step else f"{trainer.step - start} steps in {state['seconds']:.0f} s"
+    new_steps = state["steps"] - state["resumed_at"]
+    done = "already finished" if not new_steps else f"{new_steps} steps in {state['seconds']:.0f} s"
     _say(f"[{name}] {done}; {loss or 'no new steps'} -> {out}")
     return state
 
 
-def _generate(name: str, model: Path, out: Path, prompts: Path, args: list[str]) -> Path:
-    from .cli import main as cli_main
-
-    if out.is_dir() and any(out.glob("*.mp4")):
-        _say(f"[generate {name}] already done -> {out}")
-        return out
+def _generate(name: str, model: Path, out: Path, prompts: list[str], **options) -> Path:
     t0 = time.perf_counter()
-    code = cli_main(["generate", str(model), "--prompts", str(prompts), "--output", str(out), *args])
-    if code:
-        raise SystemExit(code)
-    _say(f"[generate {name}] {len(list(out.glob('*.mp4')))} videos in {time.perf_counter() - t0:.0f} s -> {out}")
+    videos = generate_stage(model, out, prompts, **options)
+    if videos is None:
+        _say(f"[generate {name}] already done -> {out}")
+    else:
+        _say(f"[generate {name}] {len(videos)} videos in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
 
@@ -118,12 +110,45 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stages(args: argparse.Namespace, out: Path, threads: int) -> int:
-    from .data.toyworld import ToyWorld, ToyWorldConfig
     from .eval.report import write_report
-    from .eval.toybench_run import run_toybench
+    from .models.plans import Chunkwise, Teacher, default_timesteps   # torch: after OMP_WAIT_POLICY is set
 
     s = QUICK if args.quick else Settings()
     t_start = time.perf_counter()
+    teacher, ode, sf = _train_students(args, s, out, threads)
+    frames = training_frames()
+    prompts = held_out_prompts(out / "prompts.txt", s.prompts, frames)
+    videos = out / "videos"
+    stream = Chunkwise(timesteps=default_timesteps(STUDENT_STEPS, STUDENT_SHIFT), window_frames=s.window,
+                       sink_frames=s.sink)
+    teacher_plan = Teacher(steps=s.teacher_sample_steps, guidance=TEACHER_GUIDANCE, solver="euler",
+                           shift=TEACHER_SHIFT)
+    long = frames * s.long_factor
+    sets = {
+        "teacher": _generate("4/6 teacher", teacher, videos / "teacher", prompts, plan=teacher_plan, frames=frames),
+        "ode_init": _generate("4/6 ode_init", ode, videos / "ode_init", prompts, plan=stream, frames=long),
+        "self_forcing": _generate("4/6 self_forcing", sf, videos / "self_forcing", prompts, plan=stream, frames=long),
+    }
+    results = {}
+    for name, folder in sets.items():
+        results[name] = toybench_stage(folder, bucket_frames=frames, progress=True)
+        agg = results[name]["aggregate"]
+        _say(f"[5/6 toybench {name}] " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items()
+                                                  if isinstance(v, (int, float)) and not k.endswith("_drift"))
+             + (f"; {results[name].get('speed_fps', float('nan')):.1f} frames/s"))
+    report = write_report([f / TOYBENCH_RESULT for f in sets.values()], out / "report.html")
+    _say(f"[6/6 report] {report}")
+    summary = headline(results)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _say(f"demo finished in {time.perf_counter() - t_start:.0f} s")
+    print(f"report: {report}")
+    for line in summary["lines"]:
+        print(line)
+    return 0
+
+
+def _train_students(args: argparse.Namespace, s: Settings, out: Path, threads: int) -> tuple[Path, Path, Path]:
+    """Stages 1-3: the teacher (committed, or trained here), ODE init, Self-Forcing."""
     common = s.overrides.get("all", [])
 
     def steps(n):
@@ -144,44 +169,7 @@ def _stages(args: argparse.Namespace, out: Path, threads: int) -> int:
     _train("3/6 self_forcing", CONFIGS / "self_forcing.yaml", sf,
            common + steps(s.sf_steps) + [f"roles.teacher.init={teacher}", f"roles.generator.init={ode}",
                                          "roles.generator.init_role=generator"])
-
-    from .train.config import load_train_config
-    frames = load_train_config([CONFIGS / "teacher.yaml"]).data.frames   # the training length (video frames)
-    world = ToyWorld(ToyWorldConfig(frames=frames))
-    held_out = 10 ** 6                        # scenes no stage trained on
-    prompts = out / "prompts.txt"
-    if not prompts.exists():
-        write_text_atomic(prompts, "\n".join(world.scene(held_out + i).caption for i in range(s.prompts)) + "\n")
-    videos = out / "videos"
-    long = frames * s.long_factor
-    stream = ["--plan", "chunkwise", "--steps", "4", "--window", str(s.window), "--sink", str(s.sink),
-              "--frames", str(long), "--quiet"]
-    sets = {
-        "teacher": _generate("4/6 teacher", teacher, videos / "teacher", prompts,
-                             ["--plan", "teacher", "--steps", str(s.teacher_sample_steps), "--guidance", "3",
-                              "--solver", "euler", "--shift", "3", "--frames", str(frames), "--quiet"]),
-        "ode_init": _generate("4/6 ode_init", ode, videos / "ode_init", prompts, stream),
-        "self_forcing": _generate("4/6 self_forcing", sf, videos / "self_forcing", prompts, stream),
-    }
-    results = {}
-    for name, folder in sets.items():
-        result_file = folder / "toybench.json"
-        if not result_file.exists():
-            run_toybench(folder, bucket_frames=frames, report=False, progress=True)
-        results[name] = json.loads(result_file.read_text())
-        agg = results[name]["aggregate"]
-        _say(f"[5/6 toybench {name}] " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items()
-                                                  if isinstance(v, (int, float)) and not k.endswith("_drift"))
-             + (f"; {results[name].get('speed_fps', float('nan')):.1f} frames/s"))
-    report = write_report([f / "toybench.json" for f in sets.values()], out / "report.html")
-    _say(f"[6/6 report] {report}")
-    summary = headline(results)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _say(f"demo finished in {time.perf_counter() - t_start:.0f} s")
-    print(f"report: {report}")
-    for line in summary["lines"]:
-        print(line)
-    return 0
+    return teacher, ode, sf
 
 
 def headline(results: dict) -> dict:

@@ -194,7 +194,7 @@ def vbench_source(result) -> str:
 
 def training_record(folder: Path) -> dict:
     """The record of a training run folder (what its run file says, plus kind and name)."""
-    from ..models.run_folder import RUN_RECORD
+    from ..run_folder import RUN_RECORD
 
     rec = {"kind": "training", "name": folder.resolve().name}
     run_file = folder / RUN_RECORD

@@ -18,26 +18,32 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ForcelabError
 from ..fsio import claim_directory, write_text_atomic
 from ..locks import lock_folder
+from ..models.plans import CausalPlan, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps
+from ..pipeline import (COMMITTED_TEACHER, TOY_CONFIGS, generate_stage, held_out_prompts, toybench_stage,
+                        train_stage, training_frames)
 from ..validate import choice
 from .stats import spread
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "toy"
 STUDY_KIND = "study"         # what the --out folder's marker records
 METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics")
-# recipe -> (plan arguments of `forcelab generate`, streams?)
-DISTILLED = ["--plan", "chunkwise", "--steps", "4"]
-PLANS: dict[str, tuple[list[str], bool]] = {
-    "teacher": (["--plan", "teacher", "--steps", "20", "--guidance", "3", "--shift", "3", "--solver", "euler"], False),
-    "diffusion_forcing": (["--plan", "chunkwise", "--steps", "20", "--shift", "3", "--update", "euler"], True),
-    "ar_diffusion": (["--plan", "step_matrix", "--steps", "20", "--shift", "3", "--ar-step", "4", "--chunk", "1"], True),
+
+
+# Each recipe's sampling plan, in one table (the recipes do not declare their own yet):
+# recipe -> (plan of models/plans.py, streams?)
+DISTILLED = Chunkwise(timesteps=default_timesteps(4, 5.0))
+PLANS: dict[str, tuple[CausalPlan | Teacher, bool]] = {
+    "teacher": (Teacher(steps=20, guidance=3.0, shift=3.0, solver="euler"), False),
+    "diffusion_forcing": (Chunkwise(timesteps=default_timesteps(20, 3.0), update="euler"), True),
+    "ar_diffusion": (StepMatrix(timesteps=default_timesteps(20, 3.0), ar_step=4, chunk_frames=1), True),
     "causvid": (DISTILLED, True),
     "self_forcing": (DISTILLED, True),
-    "rolling_forcing": (["--plan", "rolling", "--steps", "4"], True),
+    "rolling_forcing": (Rolling(timesteps=default_timesteps(4, 5.0)), True),
     "streaming_long": (DISTILLED, True),
     "self_forcing_pp": (DISTILLED, True),
 }
@@ -48,31 +54,9 @@ QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=
 FULL = {"steps": None, "prompts": 16, "long_factor": 10, "extra": []}
 
 
-def _train(recipe: str, out: Path, seed: int, overrides: list[str], cap: int | None = None) -> None:
-    """Train (or resume) one run of the recipe's toy config; cap: at most this many steps."""
-    from ..train.config import load_train_config
-    from ..train.trainer import Trainer
-
-    files = [CONFIGS / f"{recipe}.yaml"]
-    overrides = overrides + [f"seed={seed}", f"output_dir={out}", "logging.wandb=disabled"]
-    if cap is not None:
-        overrides.append(f"max_steps={min(cap, load_train_config(files, overrides).max_steps)}")
-    Trainer(load_train_config(files, overrides), resume="latest").run()
-
-
 def _extra(recipe: str, overrides: list[str]) -> list[str]:
     """Quick-mode overrides that exist in the recipe's schema (ODE-pair keys only for ode_init)."""
     return [o for o in overrides if not o.startswith("algo.") or recipe == "ode_init"]
-
-
-def _generate(model: Path, out: Path, prompts: Path, args: list[str]) -> None:
-    from ..cli import main as cli_main
-
-    if out.is_dir() and any(out.glob("*.mp4")):
-        return
-    code = cli_main(["generate", str(model), "--prompts", str(prompts), "--output", str(out), "--quiet", *args])
-    if code:
-        raise ForcelabError(f"study: generating {out} failed (exit {code})")
 
 
 def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: int = 2,
@@ -92,27 +76,19 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
 
 def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, recipes: list[str] | None,
            max_steps: int | None, first_seed: int) -> dict:
-    from ..data.toyworld import ToyWorld, ToyWorldConfig
-    from ..train.config import load_train_config
-    from .toybench_run import run_toybench
-
     cap = s["steps"] or max_steps
-    frames = load_train_config([CONFIGS / "teacher.yaml"]).data.frames
-    world = ToyWorld(ToyWorldConfig(frames=frames))
-    prompts = out / "prompts.txt"
-    if not prompts.exists():
-        write_text_atomic(prompts, "\n".join(world.scene(10 ** 6 + i).caption for i in range(s["prompts"])) + "\n")
+    frames = training_frames()
+    prompts = held_out_prompts(out / "prompts.txt", s["prompts"], frames)
     t0 = time.perf_counter()
     ode = out / "ode_init" / "seed0"
     if suite == "full":        # the committed teacher is what configs/toy/teacher.yaml makes with seed 0
-        teacher = CONFIGS / "teacher_checkpoint"
+        teacher = COMMITTED_TEACHER
     else:
         teacher = out / "teacher" / "seed0"
         _train("teacher", teacher, 0, _extra("teacher", s["extra"]), cap)
     _train("ode_init", ode, 0, _extra("ode_init", s["extra"]) + [f"roles.teacher.init={teacher}"], cap)
     rows: dict[str, dict[str, list[dict]]] = {}
     for recipe in recipes or list(PLANS):
-        plan, streams = PLANS[recipe]
         for seed in range(first_seed, first_seed + seeds):
             run = teacher if recipe == "teacher" and seed == 0 else out / recipe / f"seed{seed}"
             if not (recipe == "teacher" and seed == 0):
@@ -122,17 +98,10 @@ def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, r
                 if recipe in STARTS_FROM_ODE:
                     extra.append(f"roles.generator.init={ode}")
                 _train(recipe, run, seed, extra, cap)
-            variants = {"1x": plan + ["--frames", str(frames)]}
-            if streams:
-                long = ["--frames", str(frames * s["long_factor"])]
-                variants[f"{s['long_factor']}x sink+window"] = plan + long + ["--window", str(window), "--sink", str(sink)]
-                variants[f"{s['long_factor']}x full cache"] = plan + long + ["--window", "0", "--sink", "0"]
-            for name, args in variants.items():
+            for name, (plan, length) in _variants(recipe, frames, s["long_factor"], window, sink).items():
                 folder = out / recipe / f"seed{seed}" / "videos" / name.replace(" ", "_").replace("+", "_")
-                _generate(run, folder, prompts, args)
-                if not (folder / "toybench.json").exists():
-                    run_toybench(folder, bucket_frames=frames, report=False, progress=False)
-                result = json.loads((folder / "toybench.json").read_text())
+                generate_stage(run, folder, prompts, plan=plan, frames=length)
+                result = toybench_stage(folder, bucket_frames=frames)
                 rows.setdefault(recipe, {}).setdefault(name, []).append(
                     {**{m: result["aggregate"].get(m) for m in METRICS}, "speed_fps": result.get("speed_fps"),
                      "adherence_slope": result.get("slopes", {}).get("adherence")})
@@ -144,6 +113,23 @@ def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, r
     write_text_atomic(out / "study.json", json.dumps(record, indent=2) + "\n")
     write_text_atomic(out / "study.md", markdown(record) + "\n")
     return record
+
+
+def _train(recipe: str, out: Path, seed: int, overrides: list[str], cap: int | None = None) -> None:
+    """Train (or resume) one run of the recipe's toy config; cap: at most this many steps."""
+    train_stage(TOY_CONFIGS / f"{recipe}.yaml", out, overrides + [f"seed={seed}", "logging.wandb=disabled"], cap)
+
+
+def _variants(recipe: str, frames: int, long_factor: int, window: int, sink: int) -> dict:
+    """rollout name -> (plan, video frames): the training length, and for a streaming recipe
+    long_factor times it with sink + window and with the full cache."""
+    plan, streams = PLANS[recipe]
+    variants = {"1x": (plan, frames)}
+    if streams:
+        long = frames * long_factor
+        variants[f"{long_factor}x sink+window"] = (replace(plan, window_frames=window, sink_frames=sink), long)
+        variants[f"{long_factor}x full cache"] = (replace(plan, window_frames=0, sink_frames=0), long)
+    return variants
 
 
 def summarize(rows: dict, seeds: int) -> dict:

@@ -12,7 +12,7 @@ Total = (4 Quality + 1 Semantic) / 5. For a subset, each group is the weighted m
 the dimensions present (the official script would count a missing one as 0) and Total
 weights the groups present; the missing dimensions are listed.
 The subprocess runner is in vbench_runner.py, clip splitting for VBench-Long in vbench_long.py,
-the prompt suite in vbench_prompts.py.
+the prompt suite and the dimension names in generate/vbench_suite.py.
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ import numpy as np
 
 from ..errors import ForcelabError
 from ..progress import progress_bar
+from ..generate.vbench_suite import DIMENSIONS, QUALITY, SEMANTIC, check_dimensions  # noqa: F401 (re-exported)
 
-QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
-           "dynamic_degree", "aesthetic_quality", "imaging_quality")
-SEMANTIC = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
-            "appearance_style", "temporal_style", "overall_consistency")
-DIMENSIONS = QUALITY + SEMANTIC
 # (Min, Max) of the official normalisation; dimensions not listed are 0..1
 NORMALIZE = {"subject_consistency": (0.1462, 1.0), "background_consistency": (0.2615, 1.0),
              "temporal_flickering": (0.6293, 1.0), "motion_smoothness": (0.706, 0.9975),
@@ -39,15 +35,6 @@ QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0
 # the dimensions VBench's custom_input mode refuses (they need the suite's auxiliary info)
 NEEDS_SUITE = ("object_class", "multiple_objects", "scene", "appearance_style", "color", "spatial_relationship")
 NATIVE = ("temporal_flickering",)                # computed here without VBench
-
-
-def check_dimensions(names) -> list[str]:
-    """Validate dimension names (VBench's spelling); returns them in VBench's order."""
-    names = list(names)
-    unknown = [n for n in names if n not in DIMENSIONS]
-    if unknown:
-        raise ForcelabError(f"unknown VBench dimension(s) {unknown}; choose from {list(DIMENSIONS)}")
-    return [d for d in DIMENSIONS if d in names]
 
 
 def normalized(dimension: str, score: float) -> float:

@@ -39,7 +39,7 @@ from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import vbench as vb
 from .sidecars import check_writable, generation, read_sidecar
-from .vbench_prompts import full_info
+from ..generate.vbench_suite import full_info
 
 DRIVER = Path(__file__).resolve().parent / "vbench_driver.py"
 WORK = "vbench"              # OUT/WORK/: VBench's per-dimension files, logs, clips

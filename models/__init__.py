@@ -1,4 +1,5 @@
-"""The shared causal DiT (Wan2.1 architecture), its KV cache, and generation with it."""
+"""The shared causal DiT (Wan2.1 architecture), its KV cache, the sampling schedule and plans, the
+rollout engine, the encoders and checkpoint I/O. Generation (prompts -> videos) is generate/."""
 
 from .config import DiTConfig
 from .dit import CausalDiT

@@ -10,7 +10,7 @@ import pytest
 from forcelab.errors import ForcelabError
 from forcelab.eval import vbench_long
 from forcelab.eval.vbench import aggregate, temporal_flickering, temporal_flickering_files
-from forcelab.eval.vbench_prompts import SUITE_DIR, select_prompts
+from forcelab.generate.vbench_suite import SUITE_DIR, select_prompts
 
 FULL = {"subject_consistency": 0.95, "background_consistency": 0.96, "temporal_flickering": 0.97,
         "motion_smoothness": 0.98, "dynamic_degree": 0.6, "aesthetic_quality": 0.6, "imaging_quality": 0.65,
@@ -94,7 +94,7 @@ def test_prompt_suite_selection():
 
 
 def test_generate_takes_the_suite():
-    from forcelab.models.generate import read_prompts
+    from forcelab.generate.prompts import read_prompts
 
     args = argparse.Namespace(prompt=[], prompts=None, extended_prompts=None, vbench_prompts="color,scene",
                               vbench_extended=False, vbench=False)

@@ -1,4 +1,4 @@
-"""Fault injection: `forcelab generate` (models/generate.py) through the CLI, in-process.
+"""Fault injection: `forcelab generate` (generate/cli.py, generate/api.py) through the CLI, in-process.
 
 Every bad flag ends in exit status 2 and one line on stderr naming the flag and what to do,
 before any weights are loaded or any file is written; earlier results are never replaced

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from forcelab.fsio import MARKER
-from forcelab.models.run_folder import RUN_RECORD
+from forcelab.run_folder import RUN_RECORD
 
 TINY = ["recipe=teacher", "model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_layers=1",
         "model_overrides.num_heads=2", "data.frames=4", "data.batch_size=1", "logging.wandb=disabled",

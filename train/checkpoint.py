@@ -29,7 +29,7 @@ import torch
 from ..errors import CheckpointError
 from ..fsio import atomic_directory, os_error_message, remove_directory, written_by_forcelab
 from ..models.checkpoint import save_state
-from ..models.run_folder import CHECKPOINT_PREFIX, EMA_SUFFIX, TRAINER_STATE, checkpoints
+from ..run_folder import CHECKPOINT_PREFIX, EMA_SUFFIX, TRAINER_STATE, checkpoints
 from .roles import Role
 
 

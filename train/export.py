@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def export(run, out, fmt: str = "diffusers", role: str = "generator", ema: bool = True, dtype=None) -> Path:
     from ..config import parse_dtype
     from ..models.dit import CausalDiT
-    from ..models.run_folder import recorded_encoders, resolve_weights, write_encoders_record
+    from ..run_folder import recorded_encoders, resolve_weights, write_encoders_record
 
     src = resolve_weights(run, role, ema=ema)
     out = Path(out).expanduser()

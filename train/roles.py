@@ -16,7 +16,7 @@ from ..config import parse_dtype
 from ..errors import ConfigError, ForcelabError
 from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
-from ..models.run_folder import resolve_weights
+from ..run_folder import resolve_weights
 from .config import RoleConfig
 from .recipe import RoleSpec, mix_seed
 

@@ -46,10 +46,13 @@ from .data import make_stream, to_device, ShardStream
 from .metrics import MetricsLogger
 from .parallel import make_strategy
 from .recipe import StepContext, mix_seed, recipe_class
-from ..models.run_folder import RUN_RECORD
+from ..run_folder import RUN_RECORD
 from .roles import Role, build_role, make_optimizer, resolve_init, update_ema
 
 RUN_KIND = "training"     # what a run folder's marker records
+
+
+SAMPLE_FPS = 8.0            # frame rate of the sample videos (run_dir/samples/)
 
 
 class TrainingAborted(ForcelabError):
@@ -486,7 +489,7 @@ class Trainer:
                               for n, r in self.roles.items() if r.trainable}
         if not self.is_main:
             return []
-        from ..data.video import to_uint8_frames, write_video
+        from ..generate.writer import write_video_and_sidecar
 
         prompts = self.sample_prompts()
         emb = self.text_encoder.encode(prompts)[0].to(self.device)
@@ -501,8 +504,8 @@ class Trainer:
         paths = []
         for i, prompt in enumerate(prompts):
             path = out / f"{i:02d}.mp4"
-            write_video(path, to_uint8_frames(video[i].transpose(0, 1)), 8.0)
-            write_text_atomic(path.with_suffix(".json"), json.dumps({"prompt": prompt, "step": step, "seed": i}) + "\n")
+            write_video_and_sidecar(path, video[i], SAMPLE_FPS, {"prompt": prompt, "step": step, "seed": i},
+                                    what="samples")
             self.log.log_video(step, f"sample/{i}", path, caption=prompt)
             paths.append(path)
         self._gathered = {}   # stale after the next update

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ForcelabError
-from ..fsio import write_text_atomic
+from .errors import ForcelabError
+from .fsio import write_text_atomic
 
 RUN_RECORD = "forcelab-run.json"       # marks a run folder
 TRAINER_STATE = "trainer_state.json"   # marks a training checkpoint folder (written last)

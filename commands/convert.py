@@ -8,8 +8,8 @@ from pathlib import Path
 from ..config import DTYPES
 from ..errors import ForcelabError
 from ..fsio import check_new_directory
-from .checkpoint import FORMATS
-from .dit import CausalDiT
+from ..models.checkpoint import FORMATS
+from ..models.dit import CausalDiT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""The VBench prompt suite shipped with forcelab (data/vbench/, Apache-2.0, from VBench).
+"""The VBench prompt suite shipped with forcelab (data/vbench/, Apache-2.0, from VBench), and
+VBench's dimension names (which pick prompts here and scores in eval/vbench.py).
 
     names, texts, info = select_prompts()                                   # all 946 (944 distinct)
     names, texts, info = select_prompts(["temporal_flickering"], extended=True)
@@ -22,6 +23,20 @@ PROMPTS_FILE = "all_dimension.txt"
 EXTENDED_FILE = "all_dimension_aug_wan2.1_seed42.txt"
 FULL_INFO_FILE = "VBench_full_info.json"
 SUITE_SOURCE = "VBench (Vchitect/VBench 45e79ec), Apache-2.0"
+QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+           "dynamic_degree", "aesthetic_quality", "imaging_quality")
+SEMANTIC = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
+            "appearance_style", "temporal_style", "overall_consistency")
+DIMENSIONS = QUALITY + SEMANTIC
+
+
+def check_dimensions(names) -> list[str]:
+    """Validate dimension names (VBench's spelling); returns them in VBench's order."""
+    names = list(names)
+    unknown = [n for n in names if n not in DIMENSIONS]
+    if unknown:
+        raise ForcelabError(f"unknown VBench dimension(s) {unknown}; choose from {list(DIMENSIONS)}")
+    return [d for d in DIMENSIONS if d in names]
 
 
 @lru_cache(maxsize=1)
@@ -37,8 +52,6 @@ def _lines(name: str) -> list[str]:
 def select_prompts(dimensions=None, extended: bool = False) -> tuple[list[str], list[str], dict]:
     """(names, texts, info) of the suite's prompts for `dimensions` (VBench names; None: all).
     info records what was chosen, for the sidecars and every result."""
-    from .vbench import check_dimensions
-
     dims = None if dimensions is None else check_dimensions(dimensions)
     info_rows = full_info()
     originals = _lines(PROMPTS_FILE)
@@ -63,8 +76,6 @@ def select_prompts(dimensions=None, extended: bool = False) -> tuple[list[str], 
 
 def parse_dimension_list(text: str) -> list[str] | None:
     """"all" -> None; "a,b" or "a b" -> validated dimension names."""
-    from .vbench import check_dimensions
-
     items = [t for t in text.replace(",", " ").split() if t]
     if not items or items == ["all"]:
         return None

@@ -10,9 +10,9 @@ import torch
 
 from ..errors import ForcelabError
 from ..validate import arg, positive_int
-from .checkpoint import read_config
-from .config import PRESETS, DiTConfig
-from .dit import CausalDiT
+from ..models.checkpoint import read_config
+from ..models.config import PRESETS, DiTConfig
+from ..models.dit import CausalDiT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
-"""First-frame / prefix conditioning for `forcelab generate`: image-to-video and video extension.
+"""First-frame / prefix conditioning for generation: image-to-video and video extension.
 
-    cond = PrefixInput.from_args(args)          # None without --image / --video; checks the flags
+    cond = PrefixInput.from_options(image, video, prefix_frames, plan.name)   # None without either
     pixels = cond.pixels(ae, unit, (H, W))      # [1, 3, n, H, W] in [-1, 1]
     prefix = ae.encode(pixels)                  # clean latents [1, C, p, h, w], p a multiple of `unit`
 
@@ -23,20 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..validate import arg, positive_int
 from ..errors import ForcelabError
-from .autoencoder import latent_frames, pixel_frames
-
-
-def add_prefix_arguments(p) -> None:
-    """The conditioning flags of `forcelab generate`."""
-    g = p.add_argument_group("conditioning (causal plans)")
-    g.add_argument("--image", help="first frame (PNG/JPEG): held for the first chunk, the video continues "
-                   "it; without --height/--width the image's size, else scaled to cover and center-cropped")
-    g.add_argument("--video", help="a clip whose first --prefix-frames frames the video continues "
-                   "(sized like --image)")
-    g.add_argument("--prefix-frames", type=arg(positive_int), default=None,
-                   help="--video: frames taken as the prefix, whole chunks (default: one chunk)")
+from ..models.autoencoder import latent_frames, pixel_frames
 
 
 @dataclass
@@ -51,30 +39,32 @@ class PrefixInput:
         return f"--{self.kind} {self.path}"
 
     @classmethod
-    def from_args(cls, args) -> "PrefixInput | None":
-        """Check the conditioning flags (before any heavy work)."""
-        if args.prefix_frames is not None and not args.video:
+    def from_options(cls, image=None, video=None, prefix_frames: int | None = None,
+                     plan: str = "chunkwise") -> "PrefixInput | None":
+        """Check the conditioning options (before any heavy work): an image or a video (with
+        the frames to take from it) for a causal plan; None without either."""
+        if prefix_frames is not None and not video:
             raise ForcelabError("--prefix-frames goes with --video (an --image is one frame)")
-        if not args.image and not args.video:
+        if not image and not video:
             return None
-        if args.image and args.video:
+        if image and video:
             raise ForcelabError("give --image or --video, not both")
-        if args.plan == "teacher":
+        if plan == "teacher":
             raise ForcelabError("--image/--video need a causal plan (chunkwise, rolling, step_matrix): the "
                                 "teacher samples a whole clip at once and cannot continue given frames")
-        kind = "image" if args.image else "video"
-        path = Path(args.image or args.video).expanduser()
+        kind = "image" if image else "video"
+        path = Path(image or video).expanduser()
         if not path.is_file():
             raise ForcelabError(f"--{kind} {path}: file not found")
-        if args.prefix_frames is not None and args.prefix_frames < 1:
-            raise ForcelabError(f"--prefix-frames must be >= 1, got {args.prefix_frames}")
+        if prefix_frames is not None and prefix_frames < 1:
+            raise ForcelabError(f"--prefix-frames must be >= 1, got {prefix_frames}")
         from ..data.video import VideoError, probe_video
 
         try:
             info = probe_video(path, backend="pyav")     # PyAV also reads PNG / JPEG images
         except VideoError as e:
             raise ForcelabError(f"--{kind} {path}: cannot read it ({_reason(e, path)})") from None
-        return cls(kind, path, args.prefix_frames, (info.height, info.width))
+        return cls(kind, path, prefix_frames, (info.height, info.width))
 
     def check_size(self, height: int, width: int, cell: int, resized: bool) -> None:
         if not resized and (height % cell or width % cell):
