@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ForcelabError
-from ..validate import arg, positive_int
 from ..models.checkpoint import read_config
 from ..models.config import PRESETS, DiTConfig
 from ..models.dit import CausalDiT
+from ..validate import arg, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.height is None) != (args.width is None):
+        raise ForcelabError("--height and --width go together (the latent size whose tokens per frame to report)")
     if args.model in PRESETS or not Path(args.model).exists():
         config, source = DiTConfig.preset(args.model), "preset"
     else:

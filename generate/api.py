@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES
+from ..data.video import DEFAULT_FPS, check_fps
 from ..errors import CheckpointError, ForcelabError
 from ..fsio import check_output_dir, clean_stale
 from ..models.plans import CausalPlan, Chunkwise, Teacher
 from ..models.rollout import Noise, Switch, cache_options, stream
-from ..validate import finite_float, non_negative_int, parse_device, positive_float, positive_int
+from ..progress import progress_bar
+from ..validate import in_range, non_negative_int, parse_device, positive_int, seed
 from .limits import check_size, latent_switch_frame
 from .prefix import PrefixInput
 from .sources import resolve_encoder, resolve_model
@@ -42,7 +44,7 @@ from .writer import check_existing, video_file_name, write_video_and_sidecar
 TOY_SIZE, WAN_SIZE = (32, 32), (480, 832)   # default pixel sizes for the toy codec / the Wan VAE
 DEFAULT_LATENT_FRAMES = 21                  # Wan's 81-frame clip (rounded up to whole chunks)
 DEFAULT_OUTPUT = "outputs/generate"
-DEFAULT_FPS = 16.0
+MAX_VIDEOS = 100_000      # videos in one run (VBench's full protocol is 4,730): split larger runs by --seed
 SWITCH_MODES = ("recache", "flush", "keep")
 EXAMPLE_FRAME_COUNTS = 8                    # valid --frames values shown when one is not
 
@@ -110,7 +112,7 @@ def generate(model, prompts, *, plan=None, names=None, output=DEFAULT_OUTPUT, se
     name of config.DTYPES (default bf16 on cuda, else fp32). overwrite: replace an earlier
     forcelab run's videos of the same names (never another file). vbench: name files
     "{prompt}-{i}.mp4"; vbench_suite: what vbench_suite.select_prompts chose (recorded).
-    progress: a progress bar (None: when writing to a terminal). Returns the videos written.
+    progress: False for none (default: a bar on a terminal, else a line every 10%). Returns the videos written.
     """
     out_dir = check_output_dir(output, "--output")
     req = Request(model=model, texts=[], names=[], plan=plan, output=out_dir, device=parse_device(device),
@@ -138,9 +140,13 @@ def _check_options(req: Request, prompts, names) -> None:
     if not isinstance(req.plan, (CausalPlan, Teacher)):
         raise ForcelabError(f"plan: a plan of models/plans.py (Chunkwise, Rolling, StepMatrix, Teacher), "
                             f"got {type(req.plan).__name__}")
-    req.seed, req.rope_jump = non_negative_int(req.seed, "--seed"), non_negative_int(req.rope_jump, "--rope-jump")
+    req.rope_jump = non_negative_int(req.rope_jump, "--rope-jump")
     req.samples, req.batch = positive_int(req.samples, "--samples"), positive_int(req.batch, "--batch")
-    req.fps = positive_float(finite_float(req.fps, "--fps"), "--fps")
+    in_range(len(texts) * req.samples, "prompts x --samples", 1, MAX_VIDEOS, integer=True,
+             why="videos in one run; split larger runs over --seed ranges")
+    req.seed = seed(req.seed, "--seed")
+    seed(req.seed + req.samples - 1, "--seed + --samples - 1")     # the last sample's seed
+    req.fps = check_fps(req.fps, "--fps")
     for flag, value in (("--frames", req.frames), ("--height", req.height), ("--width", req.width)):
         if value is not None:
             positive_int(value, flag)
@@ -265,8 +271,6 @@ def _settings(req: Request, config, fmt: str, ae, te, g: Geometry, cond: PrefixI
 def _sample(req: Request, model, ae, te, g: Geometry, jobs: list[tuple[int, int]], files: dict,
             settings: dict) -> list[GeneratedVideo]:
     """Roll out the jobs in batches, decode as the chunks come, write each video and sidecar."""
-    from tqdm import tqdm
-
     from .. import __version__
 
     device, n_prefix = req.device, g.prefix_latent
@@ -275,8 +279,7 @@ def _sample(req: Request, model, ae, te, g: Geometry, jobs: list[tuple[int, int]
     prefix = None if g.prefix_pixels is None else ae.encode(g.prefix_pixels.to(device)).float()
     lat_h, lat_w = g.height // ae.spatial_stride, g.width // ae.spatial_stride
     clean_stale(req.output)  # temporaries of an earlier run that was killed while writing a video
-    bar = tqdm(total=len(jobs) * g.latent, unit="frame", disable=None if req.progress is None else not req.progress,
-               desc="generate")
+    bar = progress_bar(total=len(jobs) * g.latent, unit="frame", desc="generate", disable=req.progress is False)
     written = []
     with torch.no_grad():
         for b0 in range(0, len(jobs), req.batch):

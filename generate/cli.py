@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 
 from ..config import DTYPES
+from ..data.video import DEFAULT_FPS, check_fps
 from ..fsio import check_output_dir
 from ..models.plans import PLANS
 from ..models.schedule import NUM_TRAIN_TIMESTEPS, SOLVERS
 from ..validate import (arg, finite_float, in_range, non_negative_int, parse_device, positive_float,
-                        positive_int)
-from .api import DEFAULT_FPS, DEFAULT_OUTPUT, SWITCH_MODES, generate
+                        positive_int, seed)
+from .api import DEFAULT_OUTPUT, SWITCH_MODES, generate
 from .plan_flags import DEFAULT_SHIFT, build_plan, parse_switches
 from .prompts import read_prompts
 
@@ -67,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=arg(positive_int), default=None, help="video frames (default: 21 latent frames, 81 with the Wan VAE)")
     g.add_argument("--height", type=arg(positive_int), default=None, help="pixels (default 32 toy, 480 Wan)")
     g.add_argument("--width", type=arg(positive_int), default=None, help="pixels (default 32 toy, 832 Wan)")
-    g.add_argument("--fps", type=arg(positive_float), default=DEFAULT_FPS)
-    g.add_argument("--seed", type=arg(non_negative_int), default=0, help="sample i of every prompt uses seed + i")
+    g.add_argument("--fps", type=arg(check_fps), default=DEFAULT_FPS, help="frames per second written (0.01-1000)")
+    g.add_argument("--seed", type=arg(seed), default=0, help="sample i of every prompt uses seed + i (63-bit)")
     g.add_argument("--samples", type=arg(positive_int), default=1, help="videos per prompt")
     g.add_argument("--batch", type=arg(positive_int), default=1, help="videos generated together")
     g = p.add_argument_group("output and hardware")
@@ -80,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", default=None, help='"toy" or a directory (default: the model folder\'s text_encoder/)')
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="DiT dtype (default: bf16 on cuda, else fp32)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
     add_prefix_arguments(p)
 
 

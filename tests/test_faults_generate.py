@@ -67,11 +67,16 @@ BAD_FLAGS = {
     "steps-nan": (["--steps", "nan"], "--steps 'nan'"),
     "steps-list-nan": (["--steps", "1000,nan"], "--steps '1000,nan'"),
     "steps-list-range": (["--steps", "2000,500"], "--steps: every timestep must be between 0 and 1000"),
-    "fps-0": (["--fps", 0], "argument --fps: must be > 0"),
+    "fps-0": (["--fps", 0], "argument --fps: must be between 0.01 and 1000"),
     "fps-nan": (["--fps", "nan"], "argument --fps: must be a finite number"),
+    "fps-huge": (["--fps", "1e30"], "argument --fps: must be between 0.01 and 1000"),
+    "fps-tiny": (["--fps", "1e-30"], "argument --fps: must be between 0.01 and 1000"),
     "samples-0": (["--samples", 0], "argument --samples"),
+    "samples-huge": (["--samples", 10**9], "prompts x --samples must be between 1 and 100000"),
     "batch-0": (["--batch", 0], "argument --batch"),
-    "seed-neg": (["--seed", -1], "argument --seed: must be a whole number >= 0"),
+    "seed-neg": (["--seed", -1], "argument --seed: must be a whole number from 0 to 2^63 - 1"),
+    "seed-2-64": (["--seed", 2**64], "argument --seed: must be a whole number from 0 to 2^63 - 1"),
+    "seed-last": (["--seed", 2**63 - 1, "--samples", 2], "--seed + --samples - 1 must be a whole number from 0"),
     "shift-0": (["--shift", 0], "argument --shift: must be > 0"),
     "guidance-nan": (["--plan", "teacher", "--guidance", "nan"], "argument --guidance: must be a finite number"),
     "context-noise": (["--context-noise", 1000], "argument --context-noise: must be between 0 and 999"),
@@ -219,6 +224,8 @@ def test_info_height_negative(capsys):
     assert "tokens_per_frame   16" in capsys.readouterr().out
     assert main(["info", "toy", "--height", "7", "--width", "8"]) == 2
     assert "multiples of the patch size (2x2)" in capsys.readouterr().err
+    assert main(["info", "toy", "--height", "8"]) == 2
+    assert "--height and --width go together" in capsys.readouterr().err
 
 
 def test_unknown_command_is_one_line(capsys):
