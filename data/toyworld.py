@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 
 from ..errors import ConfigError
-from ..models.autoencoder import VideoAutoencoder, load_autoencoder
+from ..models.autoencoder import (TOY_STATS_CLIPS, TOY_STD_FLOOR, VideoAutoencoder, load_autoencoder,
+                                  toy_cell_basis)
 from ..models.text_encoder import TextEncoder, load_text_encoder
 
 # name -> RGB; distinct hues that a nearest-color classifier separates easily
@@ -201,6 +203,17 @@ class ToyWorld:
                 "text_len": int(lengths[0]), "text_max_length": text_encoder.max_length}
         return {"latent": latent, "text_emb": emb[0], "text_len": int(lengths[0]),
                 "caption": clip.scene.caption, "meta": meta, "key": f"toy{index:09d}", "state": clip.state()}
+
+
+def measure_codec_statistics(stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coefficient mean and std [3*s*s] (float64) of toy-world frames in toy_cell_basis(s),
+    over TOY_STATS_CLIPS seeded clips of the default world: what the toy codec normalises with
+    (models/autoencoder.py ships them as constants; a test checks they still match)."""
+    world = ToyWorld(seed=0)
+    video = torch.cat([world.clip(i).video for i in range(TOY_STATS_CLIPS)])      # [N, 3, H, W] uint8
+    cells = F.pixel_unshuffle(video.double().div(127.5).sub(1.0), stride)          # [N, 3ss, h, w]
+    coef = torch.einsum("kc,nchw->knhw", toy_cell_basis(stride), cells).flatten(1)
+    return coef.mean(1), coef.std(1).clamp_min(TOY_STD_FLOOR)
 
 
 class ToyWorldDataset(IterableDataset):
