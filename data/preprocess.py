@@ -594,11 +594,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..cli import main as cli_main
+if __name__ == "__main__":  # `accelerate launch -m forcelab.data.preprocess ...`: the subcommand per rank
+    from forcelab.cli import main
 
-    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["preprocess", *sys.argv[1:]]))
