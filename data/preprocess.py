@@ -41,10 +41,14 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from .. import __version__
 from ..errors import ForcelabError
 from ..fsio import check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..locks import lock_folder
+from ..models.autoencoder import load_autoencoder
+from ..models.text_encoder import load_text_encoder
 from ..validate import arg, parse_device, non_negative_float, non_negative_int, positive_float, positive_int
 from .schema import STORAGE_DTYPES, encode_sample
 from .shards import shard_problem, write_record, write_shard
@@ -404,11 +408,6 @@ def _changed_inputs(old: list, new: list) -> str:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from ..models.autoencoder import load_autoencoder
-    from ..models.text_encoder import load_text_encoder
-
     if bool(args.videos) == bool(args.prompts):
         raise ForcelabError("give exactly one of --videos (videos + captions) or --prompts (a prompt list)")
     if args.videos and not args.vae:
@@ -546,8 +545,6 @@ def _finished(out: Path, k: int, settings: dict, verify: str = "checksum") -> bo
 
 
 def _write_manifest(out: Path, shards: list[list[Item]], settings: dict, items: list[Item]) -> dict:
-    from .. import __version__
-
     entries, skipped, missing = [], [], []
     for k in range(len(shards)):
         if not _finished(out, k, settings, verify="size"):  # the shards were verified when the run began

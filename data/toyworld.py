@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset
+from webdataset.utils import pytorch_worker_info
 
 from ..errors import ConfigError
 from ..models.autoencoder import (TOY_STATS_CLIPS, TOY_STD_FLOOR, VideoAutoencoder, load_autoencoder,
@@ -235,8 +236,6 @@ class ToyWorldDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        from webdataset.utils import pytorch_worker_info
-
         rank, world, worker, workers = pytorch_worker_info()
         stride, offset = world * workers, rank * workers + worker
         base = self.first_index + (self.epoch << 40 if self.length is None else 0)

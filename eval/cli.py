@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ForcelabError
+
 
 def _command(sub, name: str, text: str):
     """A subcommand whose --help starts with the same line as the list of commands."""
@@ -63,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
                            max_steps=args.max_steps, first_seed=args.first_seed)
         print(f"wrote {args.out or 'runs/study'}/study.md and study.json ({record['seconds']:.0f} s)")
     elif args.eval_command == "toybench":
-        from ..errors import ForcelabError
         from .toybench_run import RESULT_NAME, run_toybench
 
         if not args.videos:

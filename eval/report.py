@@ -37,6 +37,9 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
+from tqdm import tqdm
+
+from ..data.video import probe_video, read_video
 from ..errors import ForcelabError
 from . import plots
 from .sidecars import read_sidecar
@@ -266,10 +269,6 @@ def check_writable(path: Path) -> None:
 
 def write_report(results, out, *, progress: bool = True) -> Path:
     """Render the report of the given results files to `out` (.html) and its .md twin."""
-    from tqdm import tqdm
-
-    from ..data.video import probe_video, read_video
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ForcelabError(f"--out {out}: give an .html path (the markdown goes beside it)")

@@ -29,11 +29,15 @@ of) its best. Every metric is oriented so that higher is better:
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..data.toyworld import ToyWorldConfig, parse_caption
+from ..data.video import read_video, write_video
 from ..errors import ForcelabError
 from . import stats
 from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
@@ -206,11 +210,6 @@ def continuation(given: np.ndarray, first: np.ndarray, config: ToyWorldConfig | 
 def mp4_roundtrip(fps: float = 16.0):
     """A codec for score_video: write_video's mp4 (the settings `forcelab generate` uses) and back."""
     def roundtrip(frames: np.ndarray) -> np.ndarray:
-        import tempfile
-        from pathlib import Path
-
-        from ..data.video import read_video, write_video
-
         with tempfile.TemporaryDirectory() as tmp:
             path = write_video(Path(tmp) / "rerender.mp4", frames, fps)
             return read_video(path).permute(0, 2, 3, 1).numpy()
@@ -224,8 +223,6 @@ def score_videos(videos, captions, *, first_frames=None, bucket_frames: int | No
     {"mean": [...], "std": [...], "n": [...]}}, "slopes": {metric: slope of the bucket means},
     "videos": [flat dict per video]}. Videos of different lengths share bucket b where they have it.
     """
-    from tqdm import tqdm
-
     videos, captions = list(videos), list(captions)
     if len(videos) != len(captions):
         raise ForcelabError(f"score_videos: {len(videos)} videos but {len(captions)} captions")

@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from tqdm import tqdm
 
+from ..data.video import read_video
 from ..errors import ForcelabError
 
 QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
@@ -97,10 +99,6 @@ def temporal_flickering(frames) -> float:
 
 def temporal_flickering_files(paths, progress: bool = False) -> tuple[float, list[dict]]:
     """VBench's result for a list of mp4s: (mean over videos, [{video_path, video_results}])."""
-    from tqdm import tqdm
-
-    from ..data.video import read_video
-
     rows = []
     for p in tqdm(list(paths), desc="temporal_flickering", unit="video", disable=not progress):
         frames = read_video(p).permute(0, 2, 3, 1).numpy()

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ForcelabError
+from .vbench import check_dimensions
 
 SUITE_DIR = Path(__file__).resolve().parent / "data" / "vbench"
 PROMPTS_FILE = "all_dimension.txt"
@@ -37,8 +38,6 @@ def _lines(name: str) -> list[str]:
 def select_prompts(dimensions=None, extended: bool = False) -> tuple[list[str], list[str], dict]:
     """(names, texts, info) of the suite's prompts for `dimensions` (VBench names; None: all).
     info records what was chosen, for the sidecars and every result."""
-    from .vbench import check_dimensions
-
     dims = None if dimensions is None else check_dimensions(dimensions)
     info_rows = full_info()
     originals = _lines(PROMPTS_FILE)
@@ -63,8 +62,6 @@ def select_prompts(dimensions=None, extended: bool = False) -> tuple[list[str], 
 
 def parse_dimension_list(text: str) -> list[str] | None:
     """"all" -> None; "a,b" or "a b" -> validated dimension names."""
-    from .vbench import check_dimensions
-
     items = [t for t in text.replace(",", " ").split() if t]
     if not items or items == ["all"]:
         return None

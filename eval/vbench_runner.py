@@ -35,9 +35,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .. import __version__
 from ..errors import ForcelabError
 from . import vbench as vb
 from .sidecars import check_writable, generation, read_sidecar
+from .vbench_long import clip_seconds, split_video
 from .vbench_prompts import full_info
 
 DRIVER = Path(__file__).resolve().parent / "vbench_driver.py"
@@ -205,11 +209,6 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                device: str = "cuda", native_flickering: bool = False, progress: bool = True) -> dict:
     """Score VIDEOS_DIR on `dimensions` (default all 16); returns and writes OUT/vbench.json
     (OUT defaults to VIDEOS_DIR; VBench's own files go to OUT/vbench/)."""
-    from tqdm import tqdm
-
-    from .. import __version__
-    from .vbench_long import clip_seconds, split_video
-
     videos_dir = Path(videos_dir)
     if not videos_dir.is_dir():
         raise ForcelabError(f"{videos_dir}: not a folder of videos")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from ..config import parse_dtype
 from ..errors import ForcelabError
+from .checkpoint import require_safetensors
 
 # Per-channel statistics of Wan2.1 VAE latents (z = (mu - mean) / std); diffusers stores the
 # same numbers in the config as latents_mean / latents_std, which win when present.
@@ -336,8 +337,6 @@ def load_autoencoder(spec: str, dtype=None, device=None) -> VideoAutoencoder:
             f"AutoencoderKLWan (config.json + diffusion_pytorch_model.safetensors, e.g. the vae/ folder "
             f"of Wan2.1-T2V-1.3B-Diffusers)")
     from diffusers import AutoencoderKLWan
-
-    from .checkpoint import require_safetensors
 
     require_safetensors(path, "autoencoder")
     try:

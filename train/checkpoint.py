@@ -25,12 +25,14 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..fsio import atomic_directory, os_error_message, remove_directory, written_by_forcelab
-from ..models.checkpoint import save_state
+from ..models.checkpoint import diffusers_to_wan, read_config, save_state, weight_files
 from ..models.run_folder import CHECKPOINT_PREFIX, EMA_SUFFIX, TRAINER_STATE, checkpoints
-from .roles import Role
+from .roles import RUNTIME_FIELDS, Role, _norm
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -152,9 +154,6 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict) -
     """Everything a resume from `ckpt` will read, checked before any of it is used (rank 0).
 
     trainable: each role this run trains -> the DiTConfig it expects. Returns the trainer state."""
-    from ..models.checkpoint import read_config
-    from .roles import RUNTIME_FIELDS, _norm
-
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
     where = ckpt / TRAINER_STATE
@@ -226,9 +225,6 @@ def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
                               f"{RESUME_ADVICE}") from None
     ema_dir = ckpt / (role.name + EMA_SUFFIX)
     if ema_dir.is_dir():
-        from safetensors.torch import load_file
-
-        from ..models.checkpoint import diffusers_to_wan, weight_files
         ema = {}
         for f in weight_files(ema_dir):
             try:
@@ -287,9 +283,6 @@ def last_good_checkpoint(run_dir: Path, failing_step: int) -> tuple[Path | None,
 
 
 def _weights_finite(ckpt: Path) -> bool:
-    from safetensors import safe_open
-
-    from ..models.checkpoint import weight_files
     try:
         for role_dir in sorted(d for d in ckpt.iterdir() if (d / "config.json").is_file()):
             for f in weight_files(role_dir):

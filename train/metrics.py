@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..errors import ForcelabError
 from ..fsio import append_text, os_error_message, own_file
 
@@ -36,7 +38,6 @@ class MetricsLogger:
                 print(f"wandb: offline; to upload: wandb sync {Path(self.wandb.dir).parent}",
                       file=sys.stderr, flush=True)
         if cfg.logging.progress:
-            from tqdm import tqdm
             self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.recipe, unit="step",
                             dynamic_ncols=True, file=sys.stderr)
 

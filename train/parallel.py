@@ -45,6 +45,7 @@ engine.step and still counted as an update by the trainer.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..models.dit import CausalDiT
 from .config import PARALLEL as STRATEGIES   # the choices live with the config field
 from .roles import Role
 
@@ -293,8 +295,6 @@ class FSDP(DataParallel):
     def full_module(self, role: Role, use_ema: bool):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        from ..models.dit import CausalDiT
-
         weights = get_model_state_dict(role.module, options=self._options())
         ema = self._full_ema(role) if use_ema else None
         if not self.acc.is_main_process:
@@ -336,7 +336,6 @@ class ZeRO(DataParallel):
         if self.acc.device.type == "cpu":
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build of
             # minutes) that only its inference all-reduce uses; ZeRO training runs on gloo.
-            import importlib
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         engine, _, _, _ = deepspeed.initialize(model=role.module, optimizer=role.optimizer,
                                                config=self.ds_config(role), dist_init_required=False)
@@ -452,8 +451,6 @@ class ZeRO(DataParallel):
                         {"optimizer": {}, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
 
     def full_module(self, role: Role, use_ema: bool):
-        from ..models.dit import CausalDiT
-
         snap = self.snapshot(role)
         if snap.weights is None:
             return None

@@ -14,6 +14,7 @@ import torch
 
 from ..config import parse_dtype
 from ..errors import ConfigError, ForcelabError
+from ..models.checkpoint import read_config
 from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
 from ..models.run_folder import resolve_weights
@@ -114,8 +115,6 @@ RUNTIME_FIELDS = {"chunk_frames", "window_frames", "sink_frames", "sink_rope", "
 def _checked_config(name: str, weights: Path, rcfg: RoleConfig, overrides: dict) -> DiTConfig:
     """The loaded role's config: the weights' own architecture with the run's runtime fields.
     An architecture the config asks for explicitly (roles.X.preset, model_overrides) must match."""
-    from ..models.checkpoint import read_config
-
     file_config, _ = read_config(weights)
     wanted = dict(DiTConfig.preset(rcfg.preset).__dict__) if rcfg.preset else {}
     wanted.update(overrides)
