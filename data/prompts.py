@@ -16,7 +16,6 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..errors import ForcelabError
 from ..models.text_encoder import load_text_encoder
 from .preprocess import empty_prompt, list_prompts
 from .schema import DataError
@@ -77,12 +76,3 @@ class PromptDataset(Dataset):
             item |= {"text_emb": emb[0], "text_len": int(lengths[0])}
             item["meta"]["text_encoder"] = self.text_encoder.name
         return item
-
-
-def check_prompts_match(dataset: PromptDataset, text_encoder_name: str) -> None:
-    """Raise if precomputed embeddings came from another text encoder than the model expects."""
-    if dataset.samples:
-        used = dataset.samples[0]["meta"].get("text_encoder")
-        if used != text_encoder_name:
-            raise ForcelabError(f"prompt shards were encoded with {used!r} but the model uses "
-                                f"{text_encoder_name!r}; re-run forcelab preprocess --prompts")

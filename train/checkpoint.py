@@ -205,19 +205,15 @@ def _check_optimizer_fits(path: Path, saved: dict, role: Role) -> None:
                               f"'{role.name}' has {len(params)} of other shapes); {RESUME_ADVICE}")
 
 
-def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
+def load_role_state(ckpt: Path, role: Role, strategy) -> None:
     """Optimizer, schedule, update count and EMA of a trainable role (its weights are loaded
-    when the role is built). strategy (train/parallel.py) loads a sharded role's optimizer
-    state and EMA."""
+    when the role is built), put in place by the run's strategy (train/parallel.py)."""
     path = ckpt / f"optim-{role.name}.pt"
     state = _load(path, f"optimizer state of role '{role.name}'", ("optimizer", "scheduler", "updates"))
-    if strategy is None or not strategy.sharded:   # a sharded strategy keys its state by name
+    if not strategy.sharded:   # a sharded strategy keys its state by name
         _check_optimizer_fits(path, state["optimizer"], role)
     try:
-        if strategy is not None:
-            strategy.load_optimizer(role, state["optimizer"])
-        else:
-            role.optimizer.load_state_dict(state["optimizer"])
+        strategy.load_optimizer(role, state["optimizer"])
         role.scheduler.load_state_dict(state["scheduler"])
         role.updates = int(state["updates"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -234,11 +230,7 @@ def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
         missing = sorted(set(dict(role.module.named_parameters())) - set(ema))
         if missing:
             raise CheckpointError(f"{ema_dir}: EMA weights lack {missing[:3]}; {RESUME_ADVICE}")
-        if strategy is not None:
-            strategy.load_ema(role, ema)
-        else:
-            params = dict(role.module.named_parameters())
-            role.ema = {k: ema[k].to(params[k].device, torch.float32) for k in params}
+        strategy.load_ema(role, ema)
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict:
