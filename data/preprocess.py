@@ -407,7 +407,8 @@ def _changed_inputs(old: list, new: list) -> str:
     return "; ".join(parts) or "the input list changed"
 
 
-def run(args) -> int:
+def _check_args(args) -> None:
+    """One line for a bad combination or value of flags, before any work."""
     if bool(args.videos) == bool(args.prompts):
         raise ForcelabError("give exactly one of --videos (videos + captions) or --prompts (a prompt list)")
     if args.videos and not args.vae:
@@ -420,6 +421,10 @@ def run(args) -> int:
         check(value, flag)  # argparse checks them too; this guards callers that build args themselves
     if args.videos:
         parse_size(args.size)
+
+
+def run(args) -> int:
+    _check_args(args)
     out = check_output_dir(args.out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (written_by_forcelab(out) or (out / SETTINGS_FILE).is_file()):
         raise ForcelabError(f"--out {out}: holds other files and no preprocess run; forcelab does not write "
