@@ -3,7 +3,9 @@
     denoise_window(model, x, sigma, cond)  run the DiT once on a window of frames, each at
                                            its own noise level, against the KV cache (or a
                                            prompt, bidirectionally); -> (v, x0)
-    stream(model, plan, context, noise, frames)   the loop: yields committed chunks
+    stream(model, plan, context, noise, frames)   the loop: yields committed chunks, through
+                                           causal_stream (every causal plan) or
+                                           sample_teacher (the bidirectional Teacher plan)
     rollout(...)                           the same loop, collected (what training calls)
 
 Every plan (models/plans.py) is a stream of iterations "units [first, first + k) advance one
