@@ -42,9 +42,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import __version__
 from ..errors import ForcelabError
 from ..fsio import check_kind, check_output_dir, clean_stale, mark, read_text, write_text_atomic, written_by_forcelab
 from ..locks import lock_folder
+from ..models.autoencoder import load_autoencoder
+from ..models.text_encoder import load_text_encoder
 from ..progress import progress_bar
 from ..validate import (arg, fits_memory, in_range, non_negative_float, non_negative_int, parse_device,
                         positive_int)
@@ -413,10 +416,8 @@ def _changed_inputs(old: list, new: list) -> str:
     return "; ".join(parts) or "the input list changed"
 
 
-def run(args) -> int:
-    from ..models.autoencoder import load_autoencoder
-    from ..models.text_encoder import load_text_encoder
-
+def _check_args(args) -> None:
+    """One line for a bad combination or value of flags, before any work."""
     if bool(args.videos) == bool(args.prompts):
         raise ForcelabError("give exactly one of --videos (videos + captions) or --prompts (a prompt list)")
     if args.videos and not args.vae:
@@ -432,6 +433,10 @@ def run(args) -> int:
              why=f"{WORKERS_PER_CPU} decoding processes per core, {cpus} cores here")
     if args.videos:
         parse_size(args.size)
+
+
+def run(args) -> int:
+    _check_args(args)
     out = check_output_dir(args.out, "--out")
     check_kind(out, PREPROCESS_KIND, "--out")
     if out.is_dir() and any(out.iterdir()) and not (written_by_forcelab(out) or (out / SETTINGS_FILE).is_file()):
@@ -561,8 +566,6 @@ def _finished(out: Path, k: int, settings: dict, verify: str = "checksum") -> bo
 
 
 def _write_manifest(out: Path, shards: list[list[Item]], settings: dict, items: list[Item]) -> dict:
-    from .. import __version__
-
     entries, skipped, missing = [], [], []
     for k in range(len(shards)):
         if not _finished(out, k, settings, verify="size"):  # the shards were verified when the run began
@@ -609,11 +612,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..cli import main as cli_main
+if __name__ == "__main__":  # `accelerate launch -m forcelab.data.preprocess ...`: the subcommand per rank
+    from forcelab.cli import main
 
-    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["preprocess", *sys.argv[1:]]))

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..errors import ForcelabError
+from ..models.text_encoder import load_text_encoder
+from .preprocess import empty_prompt, list_prompts
 from .schema import DataError
 from .shards import ShardDataset
+from .toyworld import ToyWorld
 
 
 def read_prompt_list(path: str | Path) -> list[str]:
@@ -26,8 +28,6 @@ def read_prompt_list(path: str | Path) -> list[str]:
 
     Empty rows are passed over; a row that is not one text (a list, a NUL byte) is a DataError
     naming it - a training prompt set does not lose rows without a word."""
-    from .preprocess import empty_prompt, list_prompts
-
     items = list_prompts(str(path))
     bad = next((it for it in items if it.problem and it.problem != empty_prompt(it.source)), None)
     if bad is not None:
@@ -59,9 +59,6 @@ class PromptDataset(Dataset):
     @classmethod
     def from_toyworld(cls, n: int, world=None, first_index: int = 0, text_encoder="toy") -> "PromptDataset":
         """Captions of toy world scenes first_index .. first_index + n - 1."""
-        from ..models.text_encoder import load_text_encoder
-        from .toyworld import ToyWorld
-
         world = world or ToyWorld()
         te = load_text_encoder(text_encoder) if isinstance(text_encoder, str) else text_encoder
         return cls([world.scene(first_index + i).caption for i in range(n)], text_encoder=te)
@@ -79,12 +76,3 @@ class PromptDataset(Dataset):
             item |= {"text_emb": emb[0], "text_len": int(lengths[0])}
             item["meta"]["text_encoder"] = self.text_encoder.name
         return item
-
-
-def check_prompts_match(dataset: PromptDataset, text_encoder_name: str) -> None:
-    """Raise if precomputed embeddings came from another text encoder than the model expects."""
-    if dataset.samples:
-        used = dataset.samples[0]["meta"].get("text_encoder")
-        if used != text_encoder_name:
-            raise ForcelabError(f"prompt shards were encoded with {used!r} but the model uses "
-                                f"{text_encoder_name!r}; re-run forcelab preprocess --prompts")

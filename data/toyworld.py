@@ -27,10 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import IterableDataset
+from webdataset.utils import pytorch_worker_info
 
 from ..errors import ConfigError
-from ..models.autoencoder import VideoAutoencoder, load_autoencoder
+from ..models.autoencoder import (TOY_STATS_CLIPS, TOY_STD_FLOOR, VideoAutoencoder, load_autoencoder,
+                                  toy_cell_basis)
 from ..models.text_encoder import TextEncoder, load_text_encoder
 
 # name -> RGB; distinct hues that a nearest-color classifier separates easily
@@ -203,6 +206,17 @@ class ToyWorld:
                 "caption": clip.scene.caption, "meta": meta, "key": f"toy{index:09d}", "state": clip.state()}
 
 
+def measure_codec_statistics(stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coefficient mean and std [3*s*s] (float64) of toy-world frames in toy_cell_basis(s),
+    over TOY_STATS_CLIPS seeded clips of the default world: what the toy codec normalises with
+    (models/autoencoder.py ships them as constants; a test checks they still match)."""
+    world = ToyWorld(seed=0)
+    video = torch.cat([world.clip(i).video for i in range(TOY_STATS_CLIPS)])      # [N, 3, H, W] uint8
+    cells = F.pixel_unshuffle(video.double().div(127.5).sub(1.0), stride)          # [N, 3ss, h, w]
+    coef = torch.einsum("kc,nchw->knhw", toy_cell_basis(stride), cells).flatten(1)
+    return coef.mean(1), coef.std(1).clamp_min(TOY_STD_FLOOR)
+
+
 class ToyWorldDataset(IterableDataset):
     """Toy samples `first_index + i` for i = 0, 1, ... (endless when length is None), dealt out
     across ranks and DataLoader workers so each index is produced exactly once.
@@ -222,8 +236,6 @@ class ToyWorldDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        from webdataset.utils import pytorch_worker_info
-
         rank, world, worker, workers = pytorch_worker_info()
         stride, offset = world * workers, rank * workers + worker
         base = self.first_index + (self.epoch << 40 if self.length is None else 0)

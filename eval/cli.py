@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", default=None, help="folder for toybench.json and the report (default: VIDEOS_DIR; "
                    "with --suite: the study folder, default runs/study)")
     t.add_argument("--suite", choices=("full", "quick"), default=None,
-                   help="train and score every recipe (see forcelab.eval.study); quick: a handful of steps")
+                   help="train and score every recipe (see forcelab.study); quick: a handful of steps")
     t.add_argument("--seeds", type=arg(positive_int), default=None, help="--suite: seeds per recipe (default 3)")
     t.add_argument("--recipes", nargs="+", default=None, help="--suite: only these recipes")
     t.add_argument("--max-steps", type=arg(positive_int), default=None, help="--suite full: cap every recipe's steps")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_command == "toybench":
         check_toybench_flags(args)
     if args.eval_command == "toybench" and args.suite:
-        from .study import run_study
+        from ..study import run_study
 
         record = run_study(args.out or "runs/study", args.suite, args.seeds, recipes=args.recipes,
                            max_steps=args.max_steps, first_seed=args.first_seed)

@@ -37,6 +37,8 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
+
+from ..data.video import probe_video, read_video
 from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import plots
@@ -282,8 +284,6 @@ def check_writable(path: Path) -> None:
 
 def write_report(results, out, *, progress: bool = True) -> Path:
     """Render the report of the given results files to `out` (.html) and its .md twin."""
-    from ..data.video import probe_video, read_video
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ForcelabError(f"--out {out}: give an .html path (the markdown goes beside it)")

@@ -29,7 +29,9 @@ of) its best. Every metric is oriented so that higher is better:
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -208,10 +210,6 @@ def continuation(given: np.ndarray, first: np.ndarray, config: ToyWorldConfig | 
 def mp4_roundtrip(fps: float = DEFAULT_FPS):
     """A codec for score_video: write_video's mp4 (the settings `forcelab generate` uses) and back."""
     def roundtrip(frames: np.ndarray) -> np.ndarray:
-        import tempfile
-        from pathlib import Path
-
-
         with tempfile.TemporaryDirectory() as tmp:
             path = write_video(Path(tmp) / "rerender.mp4", frames, fps)
             return read_video(path).permute(0, 2, 3, 1).numpy()

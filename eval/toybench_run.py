@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.video import DEFAULT_FPS
+from .. import __version__
+from ..data.video import DEFAULT_FPS, read_video
 from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import toybench
+from .report import write_report
 from .sidecars import check_writable, generation, read_sidecar
 
 RESULT_NAME = "toybench.json"
@@ -46,9 +48,6 @@ def _first_frame(folder: Path, name: str) -> np.ndarray:
 
 def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, report: bool = True,
                  progress: bool = True) -> dict:
-    from .. import __version__
-    from ..data.video import read_video
-
     folder = Path(videos_dir)
     if not folder.is_dir():
         raise ForcelabError(f"{folder}: not a folder of videos")
@@ -92,6 +91,5 @@ def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, 
         result["speed_fps"] = result["generation"]["speed_fps"]
     (out / RESULT_NAME).write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
     if report:
-        from .report import write_report
         write_report([out / RESULT_NAME], out / "toybench.html", progress=progress)
     return result

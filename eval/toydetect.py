@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data.toyworld import PALETTE, Scene, ToyWorld, ToyWorldConfig
+from ..errors import ForcelabError
 
 REFINE_STEP = 0.5        # px: first step of the occlusion refinement (halved REFINE_LEVELS - 1 times)
 REFINE_LEVELS = 4
@@ -156,7 +157,6 @@ def detect_frames(frames: np.ndarray, config: ToyWorldConfig | None = None,
     config = config or ToyWorldConfig()
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        from ..errors import ForcelabError
         raise ForcelabError(f"toy frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     names = list(PALETTE)
     alpha, _, label = _colour_maps(frames, config.background, PALETTE)

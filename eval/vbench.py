@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from ..data.video import read_video
 from ..errors import ForcelabError
 from ..progress import progress_bar
 from ..generate.vbench_suite import DIMENSIONS, QUALITY, SEMANTIC, check_dimensions  # noqa: F401 (re-exported)
@@ -85,8 +86,6 @@ def temporal_flickering(frames) -> float:
 
 def temporal_flickering_files(paths, progress: bool = False) -> tuple[float, list[dict]]:
     """VBench's result for a list of mp4s: (mean over videos, [{video_path, video_results}])."""
-    from ..data.video import read_video
-
     rows = []
     for p in progress_bar(list(paths), desc="temporal_flickering", unit="video", disable=not progress):
         frames = read_video(p).permute(0, 2, 3, 1).numpy()

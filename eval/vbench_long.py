@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.video import probe_video, read_video, write_video
+
 CLIP_SECONDS = 2
 LONG_CLIP_SECONDS = {"human_action": 10, "temporal_style": 10, "overall_consistency": 10}
 SCENE_THRESHOLD = 27.0       # ContentDetector's default
@@ -82,8 +84,6 @@ def split_frames(frames: np.ndarray, fps: float, seconds: float) -> list[np.ndar
 def split_video(path: str | Path, out_dir: str | Path, seconds: float) -> list[Path]:
     """Write the clips of one video as "{stem}_{k:03d}.mp4" in out_dir (kept when a finished
     marker says they are complete, so an interrupted split resumes)."""
-    from ..data.video import probe_video, read_video, write_video
-
     path, out_dir = Path(path), Path(out_dir)
     done = out_dir / f".{path.stem}.done"
     if done.is_file():

@@ -35,11 +35,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+
+from .. import __version__
 from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import vbench as vb
 from .sidecars import check_writable, generation, read_sidecar
 from ..generate.vbench_suite import full_info
+from .vbench_long import clip_seconds, split_video
 
 DRIVER = Path(__file__).resolve().parent / "vbench_driver.py"
 WORK = "vbench"              # OUT/WORK/: VBench's per-dimension files, logs, clips
@@ -206,9 +209,6 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                device: str = "cuda", native_flickering: bool = False, progress: bool = True) -> dict:
     """Score VIDEOS_DIR on `dimensions` (default all 16); returns and writes OUT/vbench.json
     (OUT defaults to VIDEOS_DIR; VBench's own files go to OUT/vbench/)."""
-    from .. import __version__
-    from .vbench_long import clip_seconds, split_video
-
     videos_dir = Path(videos_dir)
     if not videos_dir.is_dir():
         raise ForcelabError(f"{videos_dir}: not a folder of videos")
@@ -230,26 +230,7 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
         cache = weights_folder(cache)
         versions.update({f"vbench_env_{k}": v for k, v in check_python(python).items()})
     sidecars = {v.name: side for v in videos if (side := read_sidecar(v)) is not None}
-
-    plans, skipped = {}, []                              # dimension -> (entries, scored file -> its video)
-    for dim in dims:
-        source_of = {}
-        groups = defaultdict(list)
-        for v in videos:
-            prompt = sidecars.get(v.name, {}).get("prompt", prompt_of(v.name))
-            if long:
-                clips = split_video(v, work / "clips" / f"{clip_seconds(dim)}s", clip_seconds(dim))
-                for c in clips:
-                    source_of[str(c.resolve())] = v.name
-                groups[prompt] += [str(c.resolve()) for c in clips]
-            else:
-                source_of[str(v.resolve())] = v.name
-                groups[prompt].append(str(v.resolve()))
-        entries = plan_dimension(dim, groups)
-        if entries:
-            plans[dim] = (entries, source_of)
-        else:
-            skipped.append(dim)
+    plans, skipped = _plan_dimensions(dims, videos, sidecars, long, work)
     todo = [d for d, (entries, _) in plans.items()
             if not _finished(work / f"{d}_eval_results.json", work / f"{d}_info.json", entries)]
     if external:
@@ -272,18 +253,7 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                 if not ok or not result_file.is_file():
                     failed[dim] = str(work / "logs" / f"{dim}.log")
                     continue
-        mean, rows = read_results(result_file, dim)
-        per_video = defaultdict(list)                    # video file -> its scores (one per clip when long)
-        for r in rows:
-            if isinstance(r.get("video_results"), (int, float)):   # bool too (dynamic_degree)
-                path = Path(r["video_path"])
-                per_video[source_of.get(str(path.resolve()), path.name)].append(float(r["video_results"]))
-        video_scores = {k: sum(v) / len(v) for k, v in per_video.items()}
-        if long and video_scores:   # VBench-Long: a long video scores the mean of its clips, the run the mean of those
-            mean = sum(video_scores.values()) / len(video_scores)
-        results[dim] = {"score": _scale(dim, mean), "raw": mean, "native": dim in native,
-                        "source": "native" if dim in native else "VBench",
-                        "videos": {k: _scale(dim, s) for k, s in video_scores.items()}}
+        results[dim] = _dimension_result(dim, result_file, source_of, long, dim in native)
     bar.close()
 
     scores = {d: r["score"] for d, r in results.items()}
@@ -304,6 +274,48 @@ def run_vbench(videos_dir, out_dir=None, *, python=None, dimensions=None, long: 
                              f"are in {out / 'vbench.json'}. Fix the cause and run the same command again: "
                              f"finished dimensions are not re-run")
     return summary
+
+
+def _plan_dimensions(dims: list[str], videos: list[Path], sidecars: dict, long: bool,
+                     work: Path) -> tuple[dict, list[str]]:
+    """dimension -> (VBench entries, scored file -> its video's name), and the dimensions none
+    of the videos' prompts belong to. long: each video is scored as the dimension's clips."""
+    plans, skipped = {}, []
+    for dim in dims:
+        source_of = {}
+        groups = defaultdict(list)
+        for v in videos:
+            prompt = sidecars.get(v.name, {}).get("prompt", prompt_of(v.name))
+            if long:
+                clips = split_video(v, work / "clips" / f"{clip_seconds(dim)}s", clip_seconds(dim))
+                for c in clips:
+                    source_of[str(c.resolve())] = v.name
+                groups[prompt] += [str(c.resolve()) for c in clips]
+            else:
+                source_of[str(v.resolve())] = v.name
+                groups[prompt].append(str(v.resolve()))
+        entries = plan_dimension(dim, groups)
+        if entries:
+            plans[dim] = (entries, source_of)
+        else:
+            skipped.append(dim)
+    return plans, skipped
+
+
+def _dimension_result(dim: str, result_file: Path, source_of: dict, long: bool, native: bool) -> dict:
+    """One dimension's entry of vbench.json from its results file: the run's score and each video's."""
+    mean, rows = read_results(result_file, dim)
+    per_video = defaultdict(list)                    # video file -> its scores (one per clip when long)
+    for r in rows:
+        if isinstance(r.get("video_results"), (int, float)):   # bool too (dynamic_degree)
+            path = Path(r["video_path"])
+            per_video[source_of.get(str(path.resolve()), path.name)].append(float(r["video_results"]))
+    video_scores = {k: sum(v) / len(v) for k, v in per_video.items()}
+    if long and video_scores:   # VBench-Long: a long video scores the mean of its clips, the run the mean of those
+        mean = sum(video_scores.values()) / len(video_scores)
+    return {"score": _scale(dim, mean), "raw": mean, "native": native,
+            "source": "native" if native else "VBench",
+            "videos": {k: _scale(dim, s) for k, s in video_scores.items()}}
 
 
 def _recorded(videos_dir: Path, out: Path) -> str:

@@ -27,11 +27,9 @@ import torch
 
 from .layout import AttentionLayout
 from .reference import attention_reference
+from .triton_limits import TRITON_AUTO_DTYPES, TRITON_HEAD_DIMS
 
 BACKENDS = ("torch", "triton")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_AUTO_DTYPES = (torch.float16, torch.bfloat16)  # what the automatic choice sends there
-TRITON_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; the fp32 accumulators fit registers
 
 
 def triton_installed() -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import TRITON_DTYPES, resolve_backend
+from .dispatch import resolve_backend
+from .triton_limits import TRITON_DTYPES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -30,13 +30,12 @@ import torch
 import triton
 
 from . import triton_attention as kernels
-from .dispatch import TRITON_DTYPES as SUPPORTED_DTYPES
-from .dispatch import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from .layout import AttentionLayout, TileRuns
 # re-exported: callers reach the configs through the lazily imported launch module
 from .triton_configs import (AUTOTUNE_ENV, FUSED_DQ_ENV, INTERPRETER_CONFIG,  # noqa: F401
                              TUNING_FILE_ENV, KernelConfig, TileSizes, autotune_enabled,
                              choose_config, fused_dq_enabled, shipped_configs)
+from .triton_limits import TRITON_DTYPES, TRITON_HEAD_DIMS
 
 INTERPRETED = kernels.INTERPRETED
 
@@ -176,12 +175,12 @@ def _launch_options(cfg: KernelConfig) -> dict:
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Triton-specific limits (shapes were checked by `dispatch.attention`)."""
-    if q.dtype not in SUPPORTED_DTYPES:
+    if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"triton attention: q/k/v dtype {q.dtype} is not supported; "
-                         f"use one of {SUPPORTED_DTYPES}")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+                         f"use one of {TRITON_DTYPES}")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
         raise ValueError(f"triton attention: head dim {q.shape[-1]} (last dim of q, k, v) is "
-                         f"not supported; use one of {SUPPORTED_HEAD_DIMS} or backend='torch'")
+                         f"not supported; use one of {TRITON_HEAD_DIMS} or backend='torch'")
 
 
 def attention_forward(q, k, v, layout: AttentionLayout, sizes: TileSizes | None = None):

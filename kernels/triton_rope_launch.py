@@ -10,7 +10,8 @@ import torch
 import triton
 
 from . import triton_rope as kernels
-from .triton_launch import INTERPRETED, SUPPORTED_DTYPES, on_device
+from .triton_launch import INTERPRETED, on_device
+from .triton_limits import TRITON_DTYPES
 
 TILE_ELEMENTS = 4096             # elements per [rows x columns] tile on a GPU (registers)
 INTERPRETER_TILE_ELEMENTS = 16384  # the interpreter's cost is per tile: bigger tiles, fewer
@@ -40,9 +41,9 @@ def check_inputs(x, weight, cos, sin, num_heads: int) -> None:
         raise ValueError(f"qk_norm_rope: width {C} of x must split into {num_heads} heads of "
                          f"an even head dim")
     half = C // num_heads // 2
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
+    if x.dtype not in TRITON_DTYPES or weight.dtype not in TRITON_DTYPES:
         raise ValueError(f"qk_norm_rope (triton): x and weight must be one of "
-                         f"{SUPPORTED_DTYPES}, got {x.dtype} and {weight.dtype}")
+                         f"{TRITON_DTYPES}, got {x.dtype} and {weight.dtype}")
     if tuple(weight.shape) != (C,):
         raise ValueError(f"qk_norm_rope: weight must be [{C}], got {tuple(weight.shape)}")
     for name, t in (("cos", cos), ("sin", sin)):

@@ -23,9 +23,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ..config import parse_dtype
 from ..errors import ForcelabError
+from .checkpoint import require_safetensors
 
 # Per-channel statistics of Wan2.1 VAE latents (z = (mu - mean) / std); diffusers stores the
 # same numbers in the config as latents_mean / latents_std, which win when present.
@@ -105,20 +107,23 @@ def toy_cell_basis(stride: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+TOY_STD_FLOOR = 1e-3        # smallest per-coefficient std the toy codec divides by
+# The toy world's per-coefficient statistics for every cell size that divides its 32x32 frames,
+# measured by data/toyworld.py measure_codec_statistics (a test checks they still match).
+TOY_STATS_FILE = Path(__file__).with_name("toy_codec_stats.safetensors")
 _TOY_STATS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def toy_latent_stats(stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-coefficient mean and std [3*s*s] (float64) of toy-world frames in toy_cell_basis(s):
-    measured once per process on TOY_STATS_CLIPS seeded clips (deterministic, no files)."""
+    """Per-coefficient mean and std [3*s*s] (float64) of toy-world frames in toy_cell_basis(s)
+    (TOY_STATS_CLIPS seeded clips of the default world), read once per process."""
+    if not _TOY_STATS:
+        table = load_file(TOY_STATS_FILE)
+        strides = sorted(int(k.removeprefix("mean_s")) for k in table if k.startswith("mean_s"))
+        _TOY_STATS.update({s: (table[f"mean_s{s}"], table[f"std_s{s}"]) for s in strides})
     if stride not in _TOY_STATS:
-        from ..data.toyworld import ToyWorld   # the toy world draws with this codec: import late
-
-        world = ToyWorld(seed=0)
-        video = torch.cat([world.clip(i).video for i in range(TOY_STATS_CLIPS)])      # [N, 3, H, W] uint8
-        cells = F.pixel_unshuffle(video.double().div(127.5).sub(1.0), stride)          # [N, 3ss, h, w]
-        coef = torch.einsum("kc,nchw->knhw", toy_cell_basis(stride), cells).flatten(1)
-        _TOY_STATS[stride] = coef.mean(1), coef.std(1).clamp_min(1e-3)
+        raise ForcelabError(f"toy codec: cell size {stride} does not divide the toy world's frames; "
+                            f"choose one of {sorted(_TOY_STATS)}")
     return _TOY_STATS[stride]
 
 
@@ -332,8 +337,6 @@ def load_autoencoder(spec: str, dtype=None, device=None) -> VideoAutoencoder:
             f"AutoencoderKLWan (config.json + diffusion_pytorch_model.safetensors, e.g. the vae/ folder "
             f"of Wan2.1-T2V-1.3B-Diffusers)")
     from diffusers import AutoencoderKLWan
-
-    from .checkpoint import require_safetensors
 
     require_safetensors(path, "autoencoder")
     try:

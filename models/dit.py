@@ -22,6 +22,7 @@ diffusers names). Block math (Wan2.1; e0 = per-frame modulation, computed in fp3
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ForcelabError
 from ..kernels import AttentionLayout, apply_rope, attention, qk_norm_rope, rms_norm
 from ..validate import positive_int
+from .checkpoint import DEFAULT_SHARD_BYTES, load_state_into, read_config, save_state
 from .config import DiTConfig
 from .kv_cache import EMPTY, KVCache
 from .rope import rope_tables
@@ -386,10 +388,6 @@ class CausalDiT(nn.Module):
         config: use this architecture instead of the one in config.json (a mismatch with the
         weights is an error listing the keys). config_overrides change non-architecture
         fields (chunk_frames, window_frames, attention_backend ...)."""
-        from pathlib import Path
-
-        from .checkpoint import load_state_into, read_config
-
         path = Path(path).expanduser()
         file_config, fmt = read_config(path)
         config = (config or file_config).replace(**config_overrides)
@@ -403,6 +401,4 @@ class CausalDiT(nn.Module):
         """Write a checkpoint directory that diffusers (format="diffusers") or the original
         Wan code (format="wan") can read; returns its path. An earlier save at `path` is
         replaced atomically (overwrite=False: refused); a folder forcelab did not write never is."""
-        from .checkpoint import DEFAULT_SHARD_BYTES, save_state
-
         return save_state(self, path, format, max_shard_bytes or DEFAULT_SHARD_BYTES, overwrite=overwrite)

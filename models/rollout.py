@@ -3,7 +3,9 @@
     denoise_window(model, x, sigma, cond)  run the DiT once on a window of frames, each at
                                            its own noise level, against the KV cache (or a
                                            prompt, bidirectionally); -> (v, x0)
-    stream(model, plan, context, noise, frames)   the loop: yields committed chunks
+    stream(model, plan, context, noise, frames)   the loop: yields committed chunks, through
+                                           causal_stream (every causal plan) or
+                                           sample_teacher (the bidirectional Teacher plan)
     rollout(...)                           the same loop, collected (what training calls)
 
 Every plan (models/plans.py) is a stream of iterations "units [first, first + k) advance one
@@ -231,7 +233,8 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
            prefix: torch.Tensor | None = None, switches: Sequence[Switch] = (),
            training: Training | None = None, recompute: bool = False,
            trajectory: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[Chunk]:
-    """Generate `frames` latent frames with `plan`, yielding chunks as they are committed.
+    """Generate `frames` latent frames with `plan`, yielding chunks as they are committed:
+    `sample_teacher` for the Teacher plan, `causal_stream` for every causal plan.
 
     context: prompt embedding [B, L, text_dim] (None: keep the given cache's prompt).
     noise: the Noise source (batch, latent shape). cache: continue a stream (default: a new
@@ -242,50 +245,102 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
     trajectory (teacher plan): called as trajectory(k, x_k) with the clip's latents at every
     solver state k = 0 .. S, x_0 the starting noise at sigmas[0], x_S the output (ODE pairs
     keep a few of them; see distill/ode_init.py)."""
-    B = noise.batch
-    teacher = isinstance(plan, Teacher)
-    if frames < 1:
-        raise ForcelabError(f"frames must be >= 1, got {frames}")
-    if trajectory is not None and not teacher:
-        raise ForcelabError(f"{plan.name}: trajectory recording is for the teacher plan (one clip, one solver)")
-    if teacher:
+    _check_frames(frames)
+    if isinstance(plan, Teacher):
         if switches or prefix is not None or cache is not None:
             raise ForcelabError("the teacher plan samples one clip bidirectionally: no cache, prefix or prompt switches")
-        chunk = unit = frames
-        start_frame = start_frame or 0
-        solver = make_solver(plan.solver, plan.steps, plan.shift, plan.sigma_max)
-        if plan.guidance != 1.0 and negative is None:
-            raise ForcelabError("the teacher plan with guidance != 1 needs a negative prompt embedding "
-                                "(encode the negative prompt, or '' for none)")
-        cond, uncond = context, negative
+        yield from sample_teacher(model, plan, context, noise, frames, negative=negative, start_frame=start_frame,
+                                  training=training, trajectory=trajectory)
+        return
+    if trajectory is not None:
+        raise ForcelabError(f"{plan.name}: trajectory recording is for the teacher plan (one clip, one solver)")
+    yield from causal_stream(model, plan, context, noise, frames, cache=cache, start_frame=start_frame,
+                             prefix=prefix, switches=switches, training=training, recompute=recompute)
+
+
+def _check_frames(frames: int) -> None:
+    if frames < 1:
+        raise ForcelabError(f"frames must be >= 1, got {frames}")
+
+
+def _sigmas(plan) -> list[float]:
+    """The plan's noise levels, then 0 (clean): sigmas[level] is where level `level` starts."""
+    return [timestep_to_sigma(t) for t in plan.timesteps] + [0.0]
+
+
+def _window_sigma(sigmas: list[float], levels: list[int], unit: int, batch: int, device) -> torch.Tensor:
+    """[B, n]: each frame of the window at its unit's level."""
+    return torch.tensor([sigmas[lv] for lv in levels for _ in range(unit)], device=device).expand(batch, -1)
+
+
+def sample_teacher(model, plan: Teacher, context: torch.Tensor, noise: Noise, frames: int, *,
+                   negative: torch.Tensor | None = None, start_frame: int | None = None,
+                   training: Training | None = None,
+                   trajectory: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[Chunk]:
+    """The bidirectional teacher: the whole clip of `frames` frames, one solver step per level
+    with CFG (`negative` is the unconditional prompt), yielded as one chunk. trajectory and
+    training: as for `stream` (the exit pass's x0 is the output when training)."""
+    _check_frames(frames)
+    start = start_frame or 0
+    solver = make_solver(plan.solver, plan.steps, plan.shift, plan.sigma_max)
+    if plan.guidance != 1.0 and negative is None:
+        raise ForcelabError("the teacher plan with guidance != 1 needs a negative prompt embedding "
+                            "(encode the negative prompt, or '' for none)")
+    sigmas = _sigmas(plan)
+    S = len(sigmas) - 1
+    grad_allowed = torch.is_grad_enabled()      # an outer no_grad wins over the training hooks
+    exit_x0 = None                              # training: (x0 of the gradient pass, its level)
+    x = noise(start, frames, INITIAL)
+    for i, (_, (level,)) in enumerate(plan.iterations()):
+        if trajectory is not None:
+            trajectory(level, x)
+        sig = _window_sigma(sigmas, [level], frames, noise.batch, x.device)
+        grad_pass = training is not None and i % S == training.exit_step
+        keep = grad_pass and grad_allowed and start >= training.grad_from_frame
+        with torch.set_grad_enabled(keep):
+            v, x0 = denoise_window(model, x, sig, context, uncond=negative, start_frame=start,
+                                   guidance=plan.guidance)
+        if grad_pass:
+            exit_x0 = (x0 if keep else x0.detach(), level)
+        with torch.no_grad():
+            x = solver.step(level, x, v)
+    if trajectory is not None:
+        trajectory(S, x)
+    if training is None:
+        yield Chunk(start, x, torch.full((frames,), plan.timesteps[-1], dtype=torch.float64))
     else:
-        if cache is None:
-            cache = default_cache(model, plan, noise, frames, start_frame, prefix, recompute)
-        chunk = cache.chunk_frames
-        unit = plan.unit_frames(chunk)
-        if frames % unit:
-            raise ForcelabError(f"{plan.name}: frames ({frames}) must be a multiple of {unit} (frames per block)")
-        p = 0 if prefix is None else prefix.shape[2]
-        if context is not None:
-            set_prompt(model, cache, context)
-        start_frame = cache.end_frame + p if start_frame is None else start_frame
-        if start_frame % chunk:
-            raise ForcelabError(f"{plan.name}: start frame {start_frame} is not at a chunk boundary ({chunk} frames)")
-        cond, uncond = cache, None
+        out, level = exit_x0 or (x, S - 1)
+        yield Chunk(start, out, torch.full((frames,), plan.timesteps[level], dtype=torch.float64), out.requires_grad)
+
+
+def causal_stream(model, plan: CausalPlan, context: torch.Tensor | None, noise: Noise, frames: int, *,
+                  cache=None, start_frame: int | None = None, prefix: torch.Tensor | None = None,
+                  switches: Sequence[Switch] = (), training: Training | None = None,
+                  recompute: bool = False) -> Iterator[Chunk]:
+    """The causal loop: per iteration of the plan, one `denoise_window` over the units in
+    flight, each moved to its next level; finished units are committed to the cache (at the
+    plan's context noise) and yielded. Arguments: as for `stream`."""
+    _check_frames(frames)
+    if cache is None:
+        cache = default_cache(model, plan, noise, frames, start_frame, prefix, recompute)
+    unit = plan.unit_frames(cache.chunk_frames)
+    if frames % unit:
+        raise ForcelabError(f"{plan.name}: frames ({frames}) must be a multiple of {unit} (frames per block)")
+    if context is not None:
+        set_prompt(model, cache, context)
+    start_frame = _causal_start(plan, cache, start_frame, prefix)
     switches = sorted(switches, key=lambda s: s.frame)
     _check_switches(switches, start_frame, frames, unit, cache)
-
-    sigmas = [timestep_to_sigma(t) for t in plan.timesteps] + [0.0]
+    sigmas = _sigmas(plan)
     S = len(sigmas) - 1
-    ctx_t = 0.0 if teacher else plan.context_noise
     keep = max([_recache_frames(sw, cache) for sw in switches if sw.mode == "recache"], default=0)
     history: deque = deque(maxlen=keep or 1)   # (frame, clean latents [B, C, 1, H, W]) for recache
 
     def commit(x, f0, record=True):
         n, clean = x.shape[2], x
-        if ctx_t > 0:
-            x = add_noise(x, noise(f0, n, CONTEXT), timestep_to_sigma(ctx_t))
-        commit_frames(model, cache, x, ctx_t, f0)
+        if plan.context_noise > 0:
+            x = add_noise(x, noise(f0, n, CONTEXT), timestep_to_sigma(plan.context_noise))
+        commit_frames(model, cache, x, plan.context_noise, f0)
         if keep and record:
             history.extend((f0 + j, clean[:, :, j:j + 1].detach()) for j in range(n))
 
@@ -296,7 +351,7 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
     inflight: dict[int, torch.Tensor] = {}     # unit -> its latents at its current level
     exit_x0: dict[int, tuple] = {}              # training: unit -> (x0 of its gradient pass, level)
     done = 0                                    # units [0, done) are committed
-    for i, (first, levels) in enumerate(plan.iterations(frames // unit, chunk)):
+    for i, (first, levels) in enumerate(plan.iterations(frames // unit, cache.chunk_frames)):
         skip = max(0, done - first)             # units that already left (training exit)
         first, levels = first + skip, levels[skip:]
         if not levels:
@@ -309,29 +364,18 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
                     _apply_switch(model, cache, switches.pop(0), history, commit)
                 inflight[first + k] = noise(starts[k], unit, INITIAL)
         x = torch.cat([inflight[first + k] for k in range(len(levels))], dim=2)
-        if trajectory is not None:
-            trajectory(levels[0], x)
-        sig = torch.tensor([sigmas[lv] for lv in levels for _ in range(unit)], device=x.device).expand(B, -1)
+        sig = _window_sigma(sigmas, levels, unit, noise.batch, x.device)
         grad_pass = training is not None and i % S == training.exit_step
         keeps = [grad_pass and grad_allowed and f >= training.grad_from_frame for f in starts]
         with torch.set_grad_enabled(any(keeps)):
-            v, x0 = denoise_window(model, x, sig, cond, uncond=uncond, start_frame=f0,
-                                   guidance=plan.guidance if teacher else 1.0)
-        early = grad_pass and not teacher and plan.finish_at_exit
+            v, x0 = denoise_window(model, x, sig, cache, start_frame=f0)
+        early = grad_pass and plan.finish_at_exit
         finished = []
         for k, level in enumerate(levels):
             u, sl = first + k, slice(k * unit, (k + 1) * unit)
             if grad_pass:
                 exit_x0[u] = (x0[:, :, sl] if keeps[k] else x0[:, :, sl].detach(), level)
-            with torch.no_grad():
-                if early:
-                    nxt = x0[:, :, sl].detach()
-                elif teacher:
-                    nxt = solver.step(level, x[:, :, sl], v[:, :, sl])
-                elif plan.update == "euler":
-                    nxt = euler_step(x[:, :, sl], v[:, :, sl], sigmas[level], sigmas[level + 1])
-                else:
-                    nxt = add_noise(x0[:, :, sl].detach(), noise(starts[k], unit, level + 1), sigmas[level + 1])
+            nxt = _next_level(plan, noise, x[:, :, sl], v[:, :, sl], x0[:, :, sl], sigmas, level, starts[k], early)
             if level + 1 == S or early:
                 inflight.pop(u)
                 finished.append((u, nxt))
@@ -343,18 +387,42 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
             raise RuntimeError(f"plan finished units {[u for u, _ in finished]} out of order (committed: {done})")
         c0 = start_frame + done * unit
         clean = torch.cat([n for _, n in finished], dim=2)
-        if not teacher:
-            commit(clean, c0)
-        elif trajectory is not None:
-            trajectory(S, clean)
+        commit(clean, c0)
         done += len(finished)
-        if training is None:
-            yield Chunk(c0, clean, torch.full((clean.shape[2],), plan.timesteps[-1], dtype=torch.float64))
-        else:
-            outs = [exit_x0.pop(u, (n, S - 1)) for u, n in finished]
-            out = torch.cat([o for o, _ in outs], dim=2)
-            t = torch.tensor([plan.timesteps[lv] for _, lv in outs for _ in range(unit)], dtype=torch.float64)
-            yield Chunk(c0, out, t, out.requires_grad)
+        yield _committed_chunk(plan, c0, clean, finished, exit_x0, training, unit, S)
+
+
+def _causal_start(plan: CausalPlan, cache, start_frame: int | None, prefix: torch.Tensor | None) -> int:
+    """The first generated frame (default: after the cache's frames and the prefix), checked."""
+    p = 0 if prefix is None else prefix.shape[2]
+    start = cache.end_frame + p if start_frame is None else start_frame
+    if start % cache.chunk_frames:
+        raise ForcelabError(f"{plan.name}: start frame {start} is not at a chunk boundary ({cache.chunk_frames} frames)")
+    return start
+
+
+@torch.no_grad()
+def _next_level(plan: CausalPlan, noise: Noise, x, v, x0, sigmas: list[float], level: int, start: int,
+                early: bool) -> torch.Tensor:
+    """One unit's latents at its next level: x0 itself when it leaves at the training exit, an
+    Euler step, or x0 re-noised to the next level (fresh noise of draw level + 1)."""
+    if early:
+        return x0.detach()
+    if plan.update == "euler":
+        return euler_step(x, v, sigmas[level], sigmas[level + 1])
+    return add_noise(x0.detach(), noise(start, x.shape[2], level + 1), sigmas[level + 1])
+
+
+def _committed_chunk(plan: CausalPlan, c0: int, clean: torch.Tensor, finished: list, exit_x0: dict,
+                     training: Training | None, unit: int, S: int) -> Chunk:
+    """What the stream yields for units just committed: their clean latents, or in training the
+    x0 of each unit's gradient pass (and the timestep it was predicted from)."""
+    if training is None:
+        return Chunk(c0, clean, torch.full((clean.shape[2],), plan.timesteps[-1], dtype=torch.float64))
+    outs = [exit_x0.pop(u, (n, S - 1)) for u, n in finished]
+    out = torch.cat([o for o, _ in outs], dim=2)
+    t = torch.tensor([plan.timesteps[lv] for _, lv in outs for _ in range(unit)], dtype=torch.float64)
+    return Chunk(c0, out, t, out.requires_grad)
 
 
 def rollout(model, plan, context, noise: Noise, frames: int, *, recompute: bool = False,

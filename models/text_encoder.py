@@ -21,6 +21,7 @@ import torch
 
 from ..config import parse_dtype
 from ..errors import ForcelabError
+from .checkpoint import require_safetensors
 
 # Every word the toy world's caption grammar can produce (data/toyworld.py); other words are
 # hashed into TOY_HASH_ROWS extra rows, so any prompt encodes.
@@ -187,8 +188,6 @@ def load_text_encoder(spec: str, dtype=None, device=None, max_length: int | None
             f"UMT5EncoderModel (config.json + model.safetensors) and its tokenizer files, or a Wan2.1 "
             f"diffusers folder with text_encoder/ and tokenizer/")
     from transformers import AutoTokenizer, UMT5EncoderModel
-
-    from .checkpoint import require_safetensors
 
     require_safetensors(model_dir, "text encoder")
     try:

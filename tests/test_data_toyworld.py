@@ -7,9 +7,9 @@ from torch.utils.data import DataLoader
 
 from forcelab.data.schema import collate
 from forcelab.data.toyworld import PALETTE, SPEED_WORDS, ToyWorld, ToyWorldConfig, ToyWorldDataset, make_caption, \
-    parse_caption
-from forcelab.errors import ConfigError
-from forcelab.models.autoencoder import load_autoencoder
+    measure_codec_statistics, parse_caption
+from forcelab.errors import ConfigError, ForcelabError
+from forcelab.models.autoencoder import load_autoencoder, toy_latent_stats
 from forcelab.models.config import DiTConfig
 from forcelab.models.text_encoder import TOY_VOCAB, toy_words
 
@@ -117,3 +117,19 @@ def test_config_is_validated():
         ToyWorldConfig(max_balls=4, colors=("red", "green", "blue"))
     big = ToyWorld(ToyWorldConfig(height=48, width=64, max_balls=1))
     assert big.clip(0, frames=3).video.shape == (3, 3, 48, 64)
+
+
+def test_toy_codec_statistics_match_the_toy_world():
+    """The toy codec's shipped statistics (models/) are what the toy world measures today: a
+    change to the world's rendering must come with regenerated constants."""
+    side = ToyWorldConfig().height
+    for stride in [s for s in range(1, side + 1) if side % s == 0]:
+        mean, std = measure_codec_statistics(stride)
+        shipped_mean, shipped_std = toy_latent_stats(stride)
+        torch.testing.assert_close(shipped_mean, mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(shipped_std, std, rtol=1e-12, atol=1e-12)
+
+
+def test_toy_codec_cell_size_must_divide_the_frame():
+    with pytest.raises(ForcelabError, match="cell size 3"):
+        load_autoencoder("toy:6:3")

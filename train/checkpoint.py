@@ -25,12 +25,14 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..fsio import atomic_directory, os_error_message, remove_directory, written_by_forcelab
-from ..models.checkpoint import save_state
+from ..models.checkpoint import diffusers_to_wan, read_config, save_state, weight_files
 from ..run_folder import CHECKPOINT_PREFIX, EMA_SUFFIX, TRAINER_STATE, checkpoints
-from .roles import Role
+from .roles import RUNTIME_FIELDS, Role, _norm
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -152,9 +154,6 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict) -
     """Everything a resume from `ckpt` will read, checked before any of it is used (rank 0).
 
     trainable: each role this run trains -> the DiTConfig it expects. Returns the trainer state."""
-    from ..models.checkpoint import read_config
-    from .roles import RUNTIME_FIELDS, _norm
-
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
     where = ckpt / TRAINER_STATE
@@ -206,19 +205,15 @@ def _check_optimizer_fits(path: Path, saved: dict, role: Role) -> None:
                               f"'{role.name}' has {len(params)} of other shapes); {RESUME_ADVICE}")
 
 
-def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
+def load_role_state(ckpt: Path, role: Role, strategy) -> None:
     """Optimizer, schedule, update count and EMA of a trainable role (its weights are loaded
-    when the role is built). strategy (train/parallel.py) loads a sharded role's optimizer
-    state and EMA."""
+    when the role is built), put in place by the run's strategy (train/parallel.py)."""
     path = ckpt / f"optim-{role.name}.pt"
     state = _load(path, f"optimizer state of role '{role.name}'", ("optimizer", "scheduler", "updates"))
-    if strategy is None or not strategy.sharded:   # a sharded strategy keys its state by name
+    if not strategy.sharded:   # a sharded strategy keys its state by name
         _check_optimizer_fits(path, state["optimizer"], role)
     try:
-        if strategy is not None:
-            strategy.load_optimizer(role, state["optimizer"])
-        else:
-            role.optimizer.load_state_dict(state["optimizer"])
+        strategy.load_optimizer(role, state["optimizer"])
         role.scheduler.load_state_dict(state["scheduler"])
         role.updates = int(state["updates"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -226,9 +221,6 @@ def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
                               f"{RESUME_ADVICE}") from None
     ema_dir = ckpt / (role.name + EMA_SUFFIX)
     if ema_dir.is_dir():
-        from safetensors.torch import load_file
-
-        from ..models.checkpoint import diffusers_to_wan, weight_files
         ema = {}
         for f in weight_files(ema_dir):
             try:
@@ -238,11 +230,7 @@ def load_role_state(ckpt: Path, role: Role, strategy=None) -> None:
         missing = sorted(set(dict(role.module.named_parameters())) - set(ema))
         if missing:
             raise CheckpointError(f"{ema_dir}: EMA weights lack {missing[:3]}; {RESUME_ADVICE}")
-        if strategy is not None:
-            strategy.load_ema(role, ema)
-        else:
-            params = dict(role.module.named_parameters())
-            role.ema = {k: ema[k].to(params[k].device, torch.float32) for k in params}
+        strategy.load_ema(role, ema)
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict:
@@ -287,9 +275,6 @@ def last_good_checkpoint(run_dir: Path, failing_step: int) -> tuple[Path | None,
 
 
 def _weights_finite(ckpt: Path) -> bool:
-    from safetensors import safe_open
-
-    from ..models.checkpoint import weight_files
     try:
         for role_dir in sorted(d for d in ckpt.iterdir() if (d / "config.json").is_file()):
             for f in weight_files(role_dir):

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..data.prompts import PromptDataset
 from ..data.schema import collate
+from ..data.shards import ShardDataset, shard_loader
+from ..data.toyworld import ToyWorld, ToyWorldConfig
 from ..errors import ConfigError, ForcelabError
 from .recipe import mix_seed
 
@@ -30,8 +33,6 @@ class ToyStream:
 
     def __init__(self, codec, text_encoder, frames: int | None, height: int, width: int,
                  with_latents: bool = True, seed: int = 0):
-        from ..data.toyworld import ToyWorld, ToyWorldConfig
-
         cfg = ToyWorldConfig(height=height, width=width, **({"frames": frames} if frames else {}))
         self.world = ToyWorld(cfg, seed=seed)
         self.codec, self.text_encoder, self.with_latents = codec, text_encoder, with_latents
@@ -80,8 +81,6 @@ class ShardStream:
 
     def __init__(self, source, require: tuple[str, ...], seed: int, shuffle: int, num_workers: int,
                  batch_size: int, on_damage: str = "stop"):
-        from ..data.shards import ShardDataset, shard_loader
-
         self.dataset = ShardDataset(source, shuffle=shuffle, seed=seed, require=require, on_damage=on_damage)
         self.loader_args = dict(batch_size=batch_size, num_workers=num_workers, drop_last=True)
         self._make_loader = shard_loader
@@ -137,8 +136,6 @@ def make_stream(cfg, kind: str, codec, text_encoder):
         raise ConfigError(f"data.source: {source} not found; give 'toyworld', a shard folder "
                           f"(forcelab preprocess output) or a prompt file (.txt/.csv/.jsonl)")
     if kind == "prompts" and path.is_file() and path.suffix in PROMPT_SUFFIXES:
-        from ..data.prompts import PromptDataset
-
         return MapStream(PromptDataset(path, text_encoder=text_encoder), cfg.seed)
     require = {"latents": ("latent",), "ode_pairs": ("ode",), "prompts": ()}[kind]
     return ShardStream(path, require, cfg.seed, cfg.data.shuffle, cfg.data.num_workers, cfg.data.batch_size,

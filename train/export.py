@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import parse_dtype
 from ..errors import ForcelabError
+from ..models.dit import CausalDiT
+from ..run_folder import recorded_encoders, resolve_weights, write_encoders_record
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,9 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export(run, out, fmt: str = "diffusers", role: str = "generator", ema: bool = True, dtype=None) -> Path:
-    from ..config import parse_dtype
-    from ..models.dit import CausalDiT
-    from ..run_folder import recorded_encoders, resolve_weights, write_encoders_record
 
     src = resolve_weights(run, role, ema=ema)
     out = Path(out).expanduser()

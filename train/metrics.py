@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+
 from ..errors import ForcelabError
 from ..fsio import append_text, os_error_message, own_file
 from ..progress import progress_bar

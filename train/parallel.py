@@ -45,16 +45,16 @@ engine.step and still counted as an update by the trainer.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from ..errors import CheckpointError, ConfigError
 from .config import PARALLEL as STRATEGIES   # the choices live with the config field
-from .roles import Role
+from .roles import Role, ema_state, plain_module, weights_record
 
 SHARDED_FROZEN_DTYPE = torch.bfloat16   # frozen roles without a dtype are kept in bf16 when sharded
 
@@ -276,7 +276,7 @@ class FSDP(DataParallel):
         if not self.acc.is_main_process:
             return Snapshot(None, None, None)
         config = role.module.config
-        return Snapshot(_weights(config, weights), _weights(config, {**weights, **ema}) if ema else None,
+        return Snapshot(weights_record(config, weights), weights_record(config, ema_state(weights, ema)) if ema else None,
                         {"optimizer": optim, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
 
     def load_optimizer(self, role: Role, state: dict) -> None:
@@ -293,20 +293,11 @@ class FSDP(DataParallel):
     def full_module(self, role: Role, use_ema: bool):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        from ..models.dit import CausalDiT
-
         weights = get_model_state_dict(role.module, options=self._options())
         ema = self._full_ema(role) if use_ema else None
         if not self.acc.is_main_process:
             return None
-        module = CausalDiT(role.module.config)
-        module.load_state_dict({**weights, **(ema or {})})
-        return module.to(self.acc.device).eval()
-
-
-def _weights(config, state: dict) -> SimpleNamespace:
-    """An object save_state writes: a config and a full state dict."""
-    return SimpleNamespace(config=config, state_dict=lambda: state)
+        return plain_module(role.module.config, ema_state(weights, ema) if ema else weights, self.acc.device)
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
@@ -336,7 +327,6 @@ class ZeRO(DataParallel):
         if self.acc.device.type == "cpu":
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build of
             # minutes) that only its inference all-reduce uses; ZeRO training runs on gloo.
-            import importlib
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         engine, _, _, _ = deepspeed.initialize(model=role.module, optimizer=role.optimizer,
                                                config=self.ds_config(role), dist_init_required=False)
@@ -448,15 +438,13 @@ class ZeRO(DataParallel):
         if not self.acc.is_main_process:
             return Snapshot(None, None, None)
         config = role.module.config
-        return Snapshot(_weights(config, state), _weights(config, {**state, **ema}) if ema is not None else None,
+        return Snapshot(weights_record(config, state),
+                        weights_record(config, ema_state(state, ema)) if ema is not None else None,
                         {"optimizer": {}, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
 
     def full_module(self, role: Role, use_ema: bool):
-        from ..models.dit import CausalDiT
-
         snap = self.snapshot(role)
         if snap.weights is None:
             return None
-        module = CausalDiT(role.module.config)
-        module.load_state_dict((snap.ema if use_ema and snap.ema is not None else snap.weights).state_dict())
-        return module.to(self.acc.device).eval()
+        kept = snap.ema if use_ema and snap.ema is not None else snap.weights
+        return plain_module(role.module.config, kept.state_dict(), self.acc.device)

@@ -6,6 +6,7 @@ its checkpoints (weights only: never its optimizer, step or schedule), or a seed
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import torch
 
 from ..config import parse_dtype
 from ..errors import ConfigError, ForcelabError
+from ..models.checkpoint import read_config
 from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
 from ..run_folder import resolve_weights
@@ -37,8 +39,7 @@ class Role:
 
     def ema_module(self) -> SimpleNamespace:
         """An object save_pretrained's writer accepts: the config and the EMA state."""
-        state = self.module.state_dict()
-        return SimpleNamespace(config=self.module.config, state_dict=lambda: {k: self.ema.get(k, v) for k, v in state.items()})
+        return weights_record(self.module.config, ema_state(self.module.state_dict(), self.ema))
 
 
 def lr_factor(rcfg: RoleConfig, total_updates: int):
@@ -114,8 +115,6 @@ RUNTIME_FIELDS = {"chunk_frames", "window_frames", "sink_frames", "sink_rope", "
 def _checked_config(name: str, weights: Path, rcfg: RoleConfig, overrides: dict) -> DiTConfig:
     """The loaded role's config: the weights' own architecture with the run's runtime fields.
     An architecture the config asks for explicitly (roles.X.preset, model_overrides) must match."""
-    from ..models.checkpoint import read_config
-
     file_config, _ = read_config(weights)
     wanted = dict(DiTConfig.preset(rcfg.preset).__dict__) if rcfg.preset else {}
     wanted.update(overrides)
@@ -156,3 +155,32 @@ def update_ema(role: Role, step: int) -> None:
         return
     for k, e in role.ema.items():
         e.lerp_(params[k].detach().float(), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------- the EMA as weights
+def ema_state(state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full state dict with the EMA in place of the weights it keeps (buffers as they are)."""
+    return {k: ema.get(k, v) for k, v in state.items()}
+
+
+def weights_record(config, state: dict[str, torch.Tensor]) -> SimpleNamespace:
+    """An object save_state writes: a config and a full state dict."""
+    return SimpleNamespace(config=config, state_dict=lambda: state)
+
+
+@torch.no_grad()
+def ema_copy(module: torch.nn.Module, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `module` (eval mode, same dtype and device) holding the EMA weights."""
+    copy = deepcopy(module)
+    for k, p in copy.named_parameters():
+        p.copy_(ema[k])
+    return copy.eval()
+
+
+@torch.no_grad()
+def plain_module(config: DiTConfig, state: dict[str, torch.Tensor], device) -> CausalDiT:
+    """A plain CausalDiT (eval mode, on `device`) holding a full state dict: a sharded role's
+    weights gathered for sampling."""
+    module = CausalDiT(config)
+    module.load_state_dict(state)
+    return module.to(device).eval()

@@ -47,7 +47,7 @@ from .metrics import MetricsLogger
 from .parallel import make_strategy
 from .recipe import StepContext, mix_seed, recipe_class
 from ..run_folder import RUN_RECORD
-from .roles import Role, build_role, make_optimizer, resolve_init, update_ema
+from .roles import Role, build_role, ema_copy, make_optimizer, resolve_init, update_ema
 
 RUN_KIND = "training"     # what a run folder's marker records
 
@@ -284,14 +284,7 @@ class Trainer:
         r = self.roles[role]
         if role in self._gathered:
             return self._gathered[role]
-        if r.ema is None:
-            return r.module
-        import copy
-        m = copy.deepcopy(r.module)
-        with torch.no_grad():
-            for k, p in m.named_parameters():
-                p.copy_(r.ema[k])
-        return m.eval()
+        return r.module if r.ema is None else ema_copy(r.module, r.ema)
 
     def next_batch(self) -> tuple[dict, list[int]]:
         """This rank's next micro-batch and its samples' global positions."""

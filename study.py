@@ -21,14 +21,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import ForcelabError
-from ..fsio import claim_directory, write_text_atomic
-from ..locks import lock_folder
-from ..models.plans import CausalPlan, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps
-from ..pipeline import (COMMITTED_TEACHER, TOY_CONFIGS, generate_stage, held_out_prompts, toybench_stage,
-                        train_stage, training_frames)
-from ..validate import choice
-from .stats import spread
+from .errors import ForcelabError
+from .eval.stats import spread
+from .fsio import claim_directory, write_text_atomic
+from .locks import lock_folder
+from .models.plans import CausalPlan, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps
+from .pipeline import (COMMITTED_TEACHER, TOY_CONFIGS, generate_stage, held_out_prompts, toybench_stage,
+                       train_stage, training_frames)
+from .validate import choice
 
 STUDY_KIND = "study"         # what the --out folder's marker records
 METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics")
