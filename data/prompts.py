@@ -17,7 +17,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ..models.text_encoder import load_text_encoder
-from .preprocess import empty_prompt, list_prompts
+from .inputs import empty_prompt, list_prompts
 from .schema import DataError
 from .shards import ShardDataset
 from .toyworld import ToyWorld
