@@ -28,8 +28,8 @@ from forcelab.train.config import load_train_config
 run, gap = Path(sys.argv[1]), sys.argv[2] == "gap"
 real_mark, real_prepare = T.mark, T.Trainer._prepare_run_dir
 
-def slow_mark(d):
-    real_mark(d)
+def slow_mark(d, *args, **kwargs):
+    real_mark(d, *args, **kwargs)
     time.sleep(1.0)
 
 def prepare_in_the_gap(self, resume):
