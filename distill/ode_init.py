@@ -6,10 +6,11 @@ prompt), and the latents at a few chosen solver states - the starting noise firs
 output last - are stored as ODE-pair shards (data/ode_pairs.py) in `pairs_dir`. The work is
 cut into pieces of `pairs_per_shard` pairs; rank r writes pieces r, r + world, ... into
 piece-NNNNNN/ (a piece is done once its manifest.json exists), so a killed run continues
-where it stopped. Pair i's noise and prompt depend only on (seed, i): the set does not
-depend on the number of processes. Then a barrier.
+where it stopped. Pair i's noise (stream "ode_pair_noise") and prompt depend only on
+(seed, i): the set does not depend on the number of processes. Then a barrier.
 
-Phase B (the loss): per sample, every chunk picks one stored state uniformly; the causal
+Phase B (the loss): per sample, every chunk picks one stored state uniformly (stream
+"stored_state"); the causal
 student sees each chunk at its own stored latent under the block-causal layout (one forward
 over the clip; later chunks attend to earlier chunks at their chosen levels), predicts
 x0 = x_t - sigma * v and regresses the stored clean latent (MSE). Chunks that picked the
@@ -43,14 +44,15 @@ from ..models.plans import Chunkwise, Teacher
 from ..models.rollout import Noise, rollout
 from ..models.schedule import SOLVERS, timestep_to_sigma, x0_from_v
 from ..train.data import TOYWORLD, MapStream
-from ..train.recipe import Recipe, RoleSpec, mix_seed
+from ..seeds import stream_seed
+from ..train.recipe import Recipe, RoleSpec
 from ..train.timesteps import choose_levels
 from ..validate import choice, each, in_range, optional, positive_float, positive_int, setting, unit_interval
-from .dmd import masked_mean
+from ..train.flow_matching import masked_mean
 
 PAIRS_RECORD = "ode-pairs.json"      # settings of a pair set (what makes it reusable)
 PIECE_PREFIX = "piece-"
-_PAIR_NOISE = 0x0DE                  # mix_seed tag of the pairs' starting noise
+PAIR_NOISE = "ode_pair_noise"        # the random stream of the pairs' starting noise (per pair index)
 
 
 @dataclass
@@ -120,7 +122,7 @@ class ODEInitRecipe(Recipe):
 
     # ------------------------------------------------------------------ phase A
     def setup(self):
-        o, t = self.opt, self.trainer
+        o, t = self.opt, self.run
         for key in ("num_pairs", "pairs_per_shard", "pairs_batch", "teacher_steps"):
             positive_int(getattr(o, key), f"algo.{key}")
         choice(o.pairs_dtype, "algo.pairs_dtype", sorted(DTYPES))
@@ -164,19 +166,19 @@ class ODEInitRecipe(Recipe):
 
     def pair_count(self) -> int:
         """The dry run makes only what one step reads."""
-        if self.trainer.dry_run:
-            return min(self.opt.num_pairs, self.cfg.data.batch_size * self.trainer.world)
+        if self.run.dry_run:
+            return min(self.opt.num_pairs, self.cfg.data.batch_size * self.run.world)
         return self.opt.num_pairs
 
     def pairs_dir(self) -> Path:
-        o, t = self.opt, self.trainer
+        o, t = self.opt, self.run
         if o.pairs_dir is None or t.dry_run:
             return t.run_dir / "ode_pairs"
         return Path(o.pairs_dir).expanduser()
 
     def settings(self) -> dict:
-        o, t = self.opt, self.trainer
-        return {"kind": "ode_pairs", "teacher": t.roles["teacher"].source, "plan": self.plan.describe(),
+        o, t = self.opt, self.run
+        return {"kind": "ode_pairs", "teacher": t.source("teacher"), "plan": self.plan.describe(),
                 "stored_steps": self.indices, "stored_timesteps": self.levels, "num_pairs": self.pair_count(),
                 "pairs_per_shard": o.pairs_per_shard, "dtype": o.pairs_dtype, "latent_shape": self.shape,
                 "prompts": self.cfg.data.source, "negative_prompt": self.cfg.negative_prompt,
@@ -184,7 +186,7 @@ class ODEInitRecipe(Recipe):
 
     def make_pairs(self) -> Path:
         """Generate (or finish) the pair set; every rank its pieces; returns the folder."""
-        o, t = self.opt, self.trainer
+        o, t = self.opt, self.run
         out = self.pairs_dir()
         settings = self.settings()
         record = out / PAIRS_RECORD
@@ -200,11 +202,11 @@ class ODEInitRecipe(Recipe):
         elif out.is_dir() and any(out.iterdir()):
             raise ConfigError(f"algo.pairs_dir {out}: exists and holds no ODE pairs written by forcelab; "
                               f"choose an empty or new folder")
-        t.acc.wait_for_everyone()
+        t.barrier()
         if t.is_main and not record.is_file():
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(settings, indent=2) + "\n")
-        t.acc.wait_for_everyone()
+        t.barrier()
         n, size = self.pair_count(), o.pairs_per_shard
         pieces = range(t.rank, -(-n // size), t.world)
         todo = [j for j in pieces if not _piece_done(out / f"{PIECE_PREFIX}{j:06d}", min(size, n - j * size))]
@@ -219,7 +221,7 @@ class ODEInitRecipe(Recipe):
             seconds = time.perf_counter() - t0
             print(f"ode_init: {made} ODE pairs on rank 0 in {seconds:.1f} s ({seconds / made:.3f} s per pair) "
                   f"-> {out}", flush=True)
-        t.acc.wait_for_everyone()
+        t.barrier()
         return out
 
     def prompts(self):
@@ -241,7 +243,7 @@ class ODEInitRecipe(Recipe):
     @torch.no_grad()
     def teacher_pairs(self, first: int, count: int):
         """Samples for data/ode_pairs.write_ode_pairs: pairs first .. first + count - 1."""
-        o, t = self.opt, self.trainer
+        o, t = self.opt, self.run
         teacher, caption = t.module("teacher"), self.prompts()
         C, F, h, w = self.shape
         wanted = set(self.indices)
@@ -256,25 +258,26 @@ class ODEInitRecipe(Recipe):
                 if k in wanted:
                     kept[k] = x.detach().float().cpu().clone()
 
-            noise = Noise([mix_seed(self.cfg.seed, i, _PAIR_NOISE) for i in ids], C, h, w, device=t.device)
+            noise = Noise([stream_seed(self.cfg.seed, PAIR_NOISE, i) for i in ids], C, h, w, device=t.device)
             neg = t.negative.expand(len(ids), -1, -1)
             rollout(teacher, self.plan, emb.to(t.device), noise, F, negative=neg, trajectory=keep)
             latents = torch.stack([kept[k] for k in self.indices], dim=1)       # [B, S, C, F, H, W]
             for b, i in enumerate(ids):
                 yield {"ode_latents": latents[b], "ode_timesteps": steps, "text_emb": emb[b].cpu(),
                        "text_len": int(lengths[b]), "caption": captions[b],
-                       "meta": {"source": f"ode_pair:{i}", "teacher": t.roles["teacher"].source}}
+                       "meta": {"source": f"ode_pair:{i}", "teacher": t.source("teacher")}}
 
     # ------------------------------------------------------------------ phase B
     def loss(self, role, batch, ctx):
         ode, levels, context = batch["ode_latents"], batch["ode_timesteps"], batch["text_emb"]
         B, S, C, F = ode.shape[:4]
         states = list(range(S))             # one stored state per chunk, uniform, per sample
-        idx = ctx.per_sample(0, lambda b, generator: choose_levels(states, b, F, self.chunk, generator)).long()
+        idx = ctx.stream("stored_state").per_sample(
+            lambda b, generator: choose_levels(states, b, F, self.chunk, generator)).long()
         x_t = ode.gather(1, idx[:, None, None, :, None, None].expand(B, 1, C, F, *ode.shape[4:]))[:, 0]
         t = levels.to(idx.device).float().gather(1, idx)                                            # [B, F]
-        model = self.trainer.model(role)
-        cfg = self.trainer.module(role).config
+        model = self.run.model(role)
+        cfg = self.run.module(role).config
         v = model(x_t, t, context, chunk_frames=self.chunk, window_frames=cfg.window_frames,
                   sink_frames=cfg.sink_frames)
         x0 = x0_from_v(x_t, v, timestep_to_sigma(t))

@@ -27,7 +27,7 @@ carry no gradient.
 
 Each rollout is rolling with probability `rolling_prob` and otherwise a plain chunk-wise
 Self-Forcing rollout (the public code mixes them 50/50); the choice is shared across ranks
-too. Everything else (chunk count, DMD window, re-encoded first frame, first-frame prefix,
+too (stream "rolling_plan"). Everything else (chunk count, DMD window, re-encoded first frame, first-frame prefix,
 the critic's own rollout) is Self-Forcing's.
 
 Compared with the public code: window and sink sizes are configurable (it hard-codes a
@@ -69,7 +69,7 @@ class RollingForcingRecipe(SelfForcingRecipe):
     def setup(self) -> None:
         super().setup()
         try:
-            cache_options(self.plan(), self.trainer.module("generator").config)
+            cache_options(self.plan(), self.run.module("generator").config)
         except ForcelabError as e:   # the plan's own check, reported against the config keys
             raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
 
@@ -84,7 +84,8 @@ class RollingForcingRecipe(SelfForcingRecipe):
 
     def draw_rolling(self, ctx) -> bool:
         """Whether this rollout uses the rolling plan: the same on every rank."""
-        return ctx.shared_int(_PROB_RESOLUTION, draw=2) < round(self.opt.rolling_prob * _PROB_RESOLUTION)
+        draw = ctx.stream("rolling_plan").shared_int(_PROB_RESOLUTION)
+        return draw < round(self.opt.rolling_prob * _PROB_RESOLUTION)
 
     def rollout_plan(self, ctx):
         return Rolling(**self._plan_args()) if self.draw_rolling(ctx) else Chunkwise(**self._plan_args())

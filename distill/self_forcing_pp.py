@@ -7,8 +7,8 @@ One generator (or critic) rollout, with L = rollout_frames, T = frames (the teac
 horizon), c = chunk_frames, S = len(steps):
 
 1. Draws shared by all processes (step, micro-step): the window start s, chunk aligned and
-   uniform in {0, c, 2c, ..., L - T}, and the entry level e, uniform in [0, S) (Self-Forcing's
-   exit step).
+   uniform in {0, c, 2c, ..., L - T} (stream "window_start"), and the entry level e, uniform
+   in [0, S) (Self-Forcing's exit step; stream "entry_step").
 2. Long rollout, no gradients: the chunk-wise plan with an attention window of
    `window_frames` (a rolling KV cache: constant memory however long the video; no sink by
    default) generates frames [0, s) into the cache C_s, then frames [s, s + T) from a copy of
@@ -18,7 +18,7 @@ horizon), c = chunk_frames, S = len(steps):
 3. Backward-noise initialisation: the window is re-generated from C_s by the rollout engine
    with the chunk-wise plan over the tail timesteps[e:] of the denoising list, each chunk
    entering at level t_e with the latent
-        x_{t_e} = (1 - sigma_e) x_hat_chunk + sigma_e eps      (fresh eps)
+        x_{t_e} = (1 - sigma_e) x_hat_chunk + sigma_e eps      (fresh eps: stream "backward_noise")
    instead of pure noise, and stopping at that first pass, which runs WITH gradients
    (`Training(exit_step=0)`): x0 = G(x_{t_e}, t_e | cache). As in Self-Forcing, the chunk's x0
    is both its output and (after the clean pass) the context of the next window chunk. This
@@ -53,7 +53,7 @@ from ..models.plans import Chunkwise
 from ..models.rollout import INITIAL, Noise, Training, cache_options, default_cache, rollout
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated
 
 DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizons
 
@@ -113,7 +113,7 @@ class SelfForcingPPRecipe(DMDRecipe):
         self.rollout_frames = o.long_frames()
         self.window_frames = o.frames if o.window_frames is None else o.window_frames
         try:
-            cache_options(self.plan(), self.trainer.module("generator").config)
+            cache_options(self.plan(), self.run.module("generator").config)
         except ForcelabError as e:
             raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
 
@@ -125,29 +125,27 @@ class SelfForcingPPRecipe(DMDRecipe):
     def draw_window(self, ctx) -> tuple[int, int]:
         """(window start frame, entry step): the same on every rank."""
         starts = (self.rollout_frames - self.opt.frames) // self.chunk + 1
-        return self.chunk * ctx.shared_int(starts, draw=0), ctx.shared_int(len(self.timesteps), draw=1)
+        return (self.chunk * ctx.stream("window_start").shared_int(starts),
+                ctx.stream("entry_step").shared_int(len(self.timesteps)))
 
     def generate(self, batch, ctx, grad):
         o, T = self.opt, self.opt.frames
         start, entry = self.draw_window(ctx)
-        model, context = self.trainer.model("generator"), batch["text_emb"]
-        noise, plan = self.noise(ctx, 1), self.plan()
-        cache = default_cache(self.trainer.module("generator"), plan, noise, start + T, start_frame=0)
+        model, context = self.run.model("generator"), batch["text_emb"]
+        noise, plan = self.noise(ctx), self.plan()
+        cache = default_cache(self.run.module("generator"), plan, noise, start + T, start_frame=0)
         before = None       # the long rollout's last T - 1 frames before the window
         with torch.no_grad():
             if start:
                 long = rollout(model, plan, context, noise, start, cache=cache).x0      # cache C_s
                 before = long[:, :, max(0, start - (T - 1)):]
             clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
-        source = BackwardNoise(noise, self.noise(ctx, 2), clean, start, timestep_to_sigma(self.timesteps[entry]))
+        source = BackwardNoise(noise, self.noise(ctx, "backward_noise"), clean, start, timestep_to_sigma(self.timesteps[entry]))
         training = Training(0, grad_from_frame=start)      # under an outer no_grad (critic): no graph
         res = rollout(model, self.plan(self.timesteps[entry:]), context, source, T, cache=cache, training=training)
         x0 = res.x0
         mask = res.grad_frames.clone() if grad else torch.ones(T, dtype=torch.bool)
         if start and o.reencode_first:
             context_latents = torch.cat([before.to(x0.dtype), x0[:, :, :1].detach()], dim=2)
-            first = reencode_first(self.trainer.codec, context_latents)
-            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
-            if grad:
-                mask[:self.chunk] = False
+            x0 = self.reencoded(x0, context_latents, mask if grad else None)
         return Generated(x0, mask.to(x0.device)[None].expand(x0.shape[0], -1))

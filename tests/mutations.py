@@ -132,8 +132,8 @@ MUTATIONS: list[Mutation] = [
       "shift=o.score_shift, t_min=o.t_min, t_max=o.t_max,", "shift=1.0, t_min=0.0, t_max=1000.0,", EVERY_DMD),
     M("critic_timestep_fixed", "every DMD recipe", "timestep law: the critic's t is drawn like the DMD t "
       "(one per sample, shifted, clamped)", "distill/dmd_recipe.py",
-      "t, noise = self._draw(ctx, out.x0, draw=20)",
-      "t, noise = self._draw(ctx, out.x0, draw=20)\n            t = torch.full_like(t, 500.0)", EVERY_DMD),
+      "t, noise = self._draw(ctx, out.x0, \"critic\")",
+      "t, noise = self._draw(ctx, out.x0, \"critic\")\n            t = torch.full_like(t, 500.0)", EVERY_DMD),
     M("context_noise_option_ignored", "Self-Forcing, LongLive, CausVid sampling", "context noise: the commit pass "
       "runs at algo.context_noise", "distill/dmd_recipe.py",
       "return Chunkwise(timesteps=self.timesteps, context_noise=self.opt.context_noise, **kw)",
@@ -162,11 +162,10 @@ MUTATIONS: list[Mutation] = [
       "loss = 0.5 * masked_mean((x - (x0d - grad)) ** 2, mask)",
       "loss = 0.5 * masked_mean((x - (x0d - grad)) ** 2, None)", DMD + SF + CAUSVID + LONG),
     M("masked_mean_over_all_frames", "every DMD recipe", "normaliser: the loss is a mean over the masked frames",
-      "distill/dmd.py", "return kept.sum() / w.sum().clamp_min(1)", "return kept.sum() / values.numel()",
+      "train/flow_matching.py", "return kept.sum() / w.sum().clamp_min(1)", "return kept.sum() / values.numel()",
       DMD + CAUSVID + SF),
     M("critic_target_reversed", "every DMD recipe", "critic target: v = noise - x0", "distill/dmd.py",
-      "loss = masked_mean((v - flow_target(x0.float(), noise.float())) ** 2, mask)",
-      "loss = masked_mean((v - flow_target(noise.float(), x0.float())) ** 2, mask)", DMD + SF),
+      "loss = flow_matching_loss(v, x0, noise, mask)", "loss = flow_matching_loss(v, noise, x0, mask)", DMD + SF),
     M("sid_alpha_ignored", "Self-Forcing (SiD)", "loss: (real - fake) * ((real - x0) - alpha (real - fake))",
       "distill/dmd.py", "((real - x) - alpha * (real - fake))", "((real - x) - (real - fake))", DMD + SF),
     M("sid_normaliser_dropped", "Self-Forcing (SiD)", "normaliser: SiD shares DMD's per-sample normaliser",
@@ -185,16 +184,16 @@ MUTATIONS: list[Mutation] = [
       "name = \"chunkwise\"\n    finish_at_exit = True", "name = \"chunkwise\"\n    finish_at_exit = False",
       SF + ENGINE),
     M("exit_step_never_last", "Self-Forcing, Rolling", "sampler: exit step uniform in [0, steps)",
-      "distill/self_forcing.py", "ctx.shared_int(len(self.timesteps), draw=1)",
-      "ctx.shared_int(len(self.timesteps) - 1, draw=1)", SF + ROLLING),
+      "distill/self_forcing.py", "ctx.stream(\"exit_step\").shared_int(len(self.timesteps))",
+      "ctx.stream(\"exit_step\").shared_int(len(self.timesteps) - 1)", SF + ROLLING),
     M("chunk_count_always_max", "Self-Forcing, Rolling", "sampler: chunk count uniform in [min_chunks, max_chunks]",
       "distill/self_forcing.py",
-      "chunks = self.min_chunks + ctx.shared_int(self.max_chunks - self.min_chunks + 1, draw=0)",
+      "chunks = self.min_chunks + ctx.stream(\"chunk_count\").shared_int(self.max_chunks - self.min_chunks + 1)",
       "chunks = self.max_chunks", SF + ROLLING),
     M("chunk_count_never_max", "Self-Forcing, Rolling", "sampler: chunk count uniform in [min_chunks, max_chunks] "
       "(max included)", "distill/self_forcing.py",
-      "chunks = self.min_chunks + ctx.shared_int(self.max_chunks - self.min_chunks + 1, draw=0)",
-      "chunks = self.min_chunks + ctx.shared_int(max(1, self.max_chunks - self.min_chunks), draw=0)",
+      "chunks = self.min_chunks + ctx.stream(\"chunk_count\").shared_int(self.max_chunks - self.min_chunks + 1)",
+      "chunks = self.min_chunks + ctx.stream(\"chunk_count\").shared_int(max(1, self.max_chunks - self.min_chunks))",
       SF + ROLLING),
     M("gradients_before_the_dmd_window", "Self-Forcing, Rolling", "which pass carries gradient: only chunks in "
       "the last `frames` frames", "distill/self_forcing.py",
@@ -205,11 +204,11 @@ MUTATIONS: list[Mutation] = [
       "training=Training(exit_step, grad_from_frame=total - window)",
       "training=Training(exit_step, grad_from_frame=total - window) if grad else None", SF + ROLLING),
     M("reencoded_chunk_not_masked", "Self-Forcing, Rolling", "masks: the re-encoded first chunk is left out of the "
-      "generator's loss", "distill/self_forcing.py", "frame_mask[:self.chunk] = False", "frame_mask[:1] = False",
+      "generator's loss", "distill/dmd_recipe.py", "mask[:self.chunk] = False", "mask[:1] = False",
       SF + ROLLING),
     M("first_frame_not_reencoded", "Self-Forcing, Rolling", "first-frame re-encode of a window that does not start "
-      "the video", "distill/self_forcing.py",
-      "x0 = torch.cat([first, x0[:, :, 1:]], dim=2)", "x0 = x0", SF + ROLLING),
+      "the video", "distill/dmd_recipe.py",
+      "return torch.cat([first, x0[:, :, 1:]], dim=2)", "return x0", SF + ROLLING),
     M("reencode_decodes_the_latent_alone", "Self-Forcing, Rolling, LongLive, SF++", "first-frame re-encode: "
       "decode the context up to the window's first latent, encode the LAST pixel frame", "distill/dmd_recipe.py",
       "pixels = codec.decode(context)[:, :, -1:]", "pixels = codec.decode(context[:, :, -1:])[:, :, :1]",
@@ -302,7 +301,7 @@ MUTATIONS: list[Mutation] = [
       "seq.prompt = seq.prompt\n        seq.cache.reset(", LONG),
     M("switch_point_always_first", "LongLive", "sampler: the switch frame is uniform over the candidates",
       "distill/streaming_long.py",
-      "self.switch_candidates[ctx.shared_int(len(self.switch_candidates), SWITCH_DRAW)]",
+      "self.switch_candidates[ctx.stream(\"switch_frame\").shared_int(len(self.switch_candidates))]",
       "self.switch_candidates[0]", LONG),
     M("recache_only_the_last_chunk", "LongLive", "recache: the last recache_frames frames are re-run",
       "distill/streaming_long.py", "lo = max(seq.cache.sink_frames, start - self.recache_frames)",
@@ -327,7 +326,7 @@ MUTATIONS: list[Mutation] = [
       "distill/streaming_long.py", "if seq is None or seq.end >= self.length:",
       "if seq is None or seq.end >= self.length + self.opt.new_frames:", LONG),
     M("streaming_exit_always_last", "LongLive", "sampler: the exit step is redrawn per step, uniform",
-      "distill/streaming_long.py", "exit_step = ctx.shared_int(len(self.timesteps), EXIT_DRAW)",
+      "distill/streaming_long.py", "exit_step = ctx.stream(\"exit_step\").shared_int(len(self.timesteps))",
       "exit_step = len(self.timesteps) - 1", LONG),
     # ------------------------------------------------------------------ Self-Forcing++
     M("backward_noise_is_pure_noise", "Self-Forcing++", "backward-noise init: the window enters from the "
@@ -350,8 +349,8 @@ MUTATIONS: list[Mutation] = [
       "(the estimate x_hat runs on a copy)", "distill/self_forcing_pp.py", "cache=copy.deepcopy(cache)).x0",
       "cache=cache).x0", SFPP),
     M("sfpp_reencoded_chunk_not_masked", "Self-Forcing++", "masks: the re-encoded first chunk of a later window "
-      "is out of the generator's loss", "distill/self_forcing_pp.py", "mask[:self.chunk] = False", "mask[:1] = False",
-      SFPP),
+      "is out of the generator's loss", "distill/self_forcing_pp.py", "context_latents, mask if grad else None)",
+      "context_latents, None)", SFPP),
     # ------------------------------------------------------------------ CausVid
     M("causvid_levels_without_clean", "CausVid", "levels: each chunk picks from the list + 0", "distill/causvid.py",
       "levels = self.timesteps + [0.0] if self.opt.levels is None",
@@ -397,8 +396,12 @@ MUTATIONS: list[Mutation] = [
       "train/diffusion_forcing.py", "teacher_forcing=True, **kw)[:, :, F:]", "teacher_forcing=True, **kw)[:, :, :F]",
       RECIPES + TRAINER),
     M("df_flow_target_reversed", "diffusion / teacher forcing", "loss: flow matching to v = noise - x0",
-      "train/diffusion_forcing.py", "mse_loss(v.float(), flow_target(x0, noise).float())",
-      "mse_loss(v.float(), flow_target(noise, x0).float())", RECIPES + TRAINER),
+      "train/diffusion_forcing.py", "return flow_matching_loss(v, x0, noise)",
+      "return flow_matching_loss(v, noise, x0)", RECIPES + TRAINER),
+    M("flow_matching_target_reversed", "teacher, diffusion / teacher forcing, AR-Diffusion, every DMD critic",
+      "loss: flow matching to v = noise - x0", "train/flow_matching.py",
+      "target = flow_target(x0.float(), noise.float())", "target = flow_target(noise.float(), x0.float())",
+      RECIPES + TRAINER + DMD),
     # ------------------------------------------------------------------ AR-Diffusion / FoPP
     M("fopp_backward_walk_with_suffix_counts", "AR-Diffusion", "FoPP: the backward walk weights by prefix counts "
       "(mat_e)", "train/timesteps.py", "t = _draw_between(log_prefix[:, f], zero, out[:, f + 1], generator)",

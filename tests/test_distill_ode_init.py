@@ -16,7 +16,8 @@ from forcelab.models.rollout import Noise, rollout
 from forcelab.models.schedule import make_solver, teacher_sigmas
 from forcelab.models.text_encoder import load_text_encoder
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import StepContext, mix_seed
+from forcelab.seeds import stream_seed
+from forcelab.train.recipe import StepContext
 from forcelab.train.timesteps import choose_levels
 from forcelab.train.trainer import Trainer
 
@@ -114,7 +115,7 @@ def test_pairs_round_trip(pairs_run, teacher):
         assert p["caption"] == caption and p["text_len"] == int(lengths[0])
         assert torch.equal(p["text_emb"], emb[0])
         states = {}
-        rollout(teacher, plan, emb, Noise([mix_seed(0, i, 0x0DE)], C, GRID, GRID), 4, negative=neg,
+        rollout(teacher, plan, emb, Noise([stream_seed(0, "ode_pair_noise", i)], C, GRID, GRID), 4, negative=neg,
                 trajectory=lambda k, x: states.__setitem__(k, x.clone()))
         assert p["ode_latents"].shape == (3, C, 4, GRID, GRID)
         assert torch.equal(p["ode_latents"], torch.stack([states[k][0] for k in (0, 2, 4)]))
@@ -176,7 +177,7 @@ def test_loss_is_masked_at_the_clean_level(pairs_run):
     levels = batch["ode_timesteps"][0]
     for first in range(0, 200, 2):       # a draw with both clean and noisy chunks
         ctx = StepContext(0, 0, 0, [first, first + 1], torch.device("cpu"))
-        idx = ctx.per_sample(0, lambda b, generator: choose_levels([0, 1, 2], b, 4, 2, generator)).long()
+        idx = ctx.stream("stored_state").per_sample(lambda b, generator: choose_levels([0, 1, 2], b, 4, 2, generator)).long()
         if (idx == 2).any() and (idx < 2).any():
             break
     ctx = StepContext(0, 0, 0, [first, first + 1], torch.device("cpu"))

@@ -87,7 +87,7 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    recipe: str = "teacher"             # which recipe (see forcelab.train.recipe.RECIPES)
+    recipe: str = "teacher"             # which recipe (forcelab.train.recipe.recipe_names())
     output_dir: str = "runs/run"        # the run folder: checkpoints, metrics.jsonl, samples, config.yaml
     seed: int = setting(0, non_negative_int)
     max_steps: int = setting(1000, positive_int)
