@@ -33,7 +33,7 @@ from ..models.rollout import denoise_window
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..train.timesteps import choose_levels
 from ..validate import multiple_of, optional, setting
-from .dmd_recipe import CHUNK, TIMESTEPS, DMDOptions, DMDRecipe, Generated
+from .dmd_recipe import CHUNK, TIMESTEPS, DMDOptions, DMDRecipe, Generated, student_chunk
 
 
 
@@ -45,8 +45,9 @@ class CausVidOptions(DMDOptions):
     score_shift: float = 8.0            # CausVid's timestep_shift
     levels: list[float] | None = setting(None, optional(TIMESTEPS))   # per-chunk training levels (None: the list + 0)
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
+        chunk = student_chunk(model)
         if chunk is not None:       # each chunk of the clip draws its own level
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
 

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise, warp_timesteps
-from ..models.rollout import Noise, rollout
-from ..train.config import check_options
+from ..models.rollout import Noise, cache_options, rollout
 from ..train.recipe import Recipe, RoleSpec, StepContext
 from ..train.timesteps import SCORE_SHIFT, SCORE_T_MAX, SCORE_T_MIN, sample_timesteps
 from ..validate import (choice, each, in_range, non_negative_float, optional, positive_float, positive_int,
@@ -56,10 +55,34 @@ class DMDOptions:
     context_noise: float = setting(0.0, in_range, 0, 1000)   # timestep of the clean commit pass
     frames: int = setting(21, positive_int)         # latent frames the teacher sees (its horizon; DMD window)
 
-    def check(self, chunk: int | None = None) -> None:
-        """Rules across fields; `chunk`: the student's chunk_frames (None: not known yet). The
-        loader calls this before anything is built, setup() again once the student exists."""
+    def check(self, model=None) -> None:
+        """Rules across fields; `model`: the student's DiTConfig as far as the config fixes it
+        (None: not known before its weights load). The loader calls this before anything is built."""
         in_range(self.t_min, "algo.t_min", 0, self.t_max, why="at most algo.t_max")
+
+    def timesteps(self) -> list[float]:
+        """The student's denoising list: `steps` warped through the shifted table (or as given)."""
+        return warp_timesteps(self.steps, self.warp_shift) if self.warp_shift else [float(t) for t in self.steps]
+
+    def plan(self, timesteps: list[float], **kw) -> Chunkwise:
+        """The student's chunk-wise plan over `timesteps`, committing at context_noise."""
+        return Chunkwise(timesteps=timesteps, context_noise=self.context_noise, **kw)
+
+
+def student_chunk(model) -> int | None:
+    """The student's chunk_frames from its DiTConfig (None: not known yet)."""
+    return None if model is None else model.chunk_frames
+
+
+def check_cache(plan, model, key: str | None = None) -> None:
+    """The plan's attention window and sink on the student (models.rollout.cache_options), when
+    its architecture is known; errors name `key` (the config keys that set them)."""
+    if model is None:
+        return
+    try:
+        cache_options(plan, model)
+    except ForcelabError as e:
+        raise ConfigError(f"{key}: {e}" if key else str(e)) from None
 
 
 @dataclass
@@ -98,15 +121,12 @@ class DMDRecipe(Recipe):
     Options = DMDOptions
 
     def setup(self) -> None:
-        o = self.opt
-        self.timesteps = warp_timesteps(o.steps, o.warp_shift) if o.warp_shift else [float(t) for t in o.steps]
-        gen = self.run.module("generator").config
-        self.chunk = gen.chunk_frames
-        check_options(o, self.chunk)    # again, now with the student's chunk size
+        self.timesteps = self.opt.timesteps()          # options checked when the config loaded
+        self.chunk = self.run.module("generator").config.chunk_frames
 
     # ------------------------------------------------------------------ pieces for subclasses
     def plan(self, **kw) -> Chunkwise:
-        return Chunkwise(timesteps=self.timesteps, context_noise=self.opt.context_noise, **kw)
+        return self.opt.plan(self.timesteps, **kw)
 
     def noise(self, ctx: StepContext, stream: str = "rollout_noise") -> Noise:
         """A rollout's noise source: one seed per sample from the named stream (its position)."""

@@ -72,9 +72,33 @@ class ODEInitOptions:
     # phase B / samples: the student's sampling list (None: the stored levels > 0)
     sample_timesteps: list[float] | None = setting(None, optional(each(in_range, 0, 1000)))
 
-    def check(self, chunk: int | None = None) -> None:
-        """Rules across fields (the loader calls this before anything is built)."""
-        stored_indices(self.stored_steps, self.teacher_steps)
+    def check(self, model=None) -> None:
+        """Rules across fields (the loader calls this before anything is built): the stored
+        steps, the teacher's plan and the student's sampling list."""
+        self.student_list(self.stored_levels(self.teacher_plan()))
+
+    def teacher_plan(self) -> Teacher:
+        """The teacher's sampling plan for the pairs (its own checks named by the config keys)."""
+        try:
+            return Teacher(steps=self.teacher_steps, shift=self.teacher_shift, solver=self.teacher_solver,
+                           guidance=self.teacher_guidance, sigma_max=self.teacher_sigma_max)
+        except ForcelabError as e:
+            raise ConfigError(f"algo.teacher_*: {e}") from None
+
+    def stored_levels(self, plan: Teacher) -> list[float]:
+        """The timesteps of the stored solver states (the clean output: 0)."""
+        states = plan.timesteps + [0.0]
+        indices = stored_indices(self.stored_steps, self.teacher_steps)
+        return [states[k] for k in indices]
+
+    def student_list(self, levels: list[float]) -> list[float]:
+        """The student's sampling list: sample_timesteps, or the stored levels > 0."""
+        out = list(self.sample_timesteps) if self.sample_timesteps else [x for x in levels if x > 0]
+        try:
+            Chunkwise(timesteps=out)
+        except ForcelabError as e:
+            raise ConfigError(f"algo.sample_timesteps: {e}") from None
+        return out
 
 
 def stored_indices(steps: list[int], solver_steps: int) -> list[int]:
@@ -122,24 +146,11 @@ class ODEInitRecipe(Recipe):
 
     # ------------------------------------------------------------------ phase A
     def setup(self):
-        o, t = self.opt, self.run
-        for key in ("num_pairs", "pairs_per_shard", "pairs_batch", "teacher_steps"):
-            positive_int(getattr(o, key), f"algo.{key}")
-        choice(o.pairs_dtype, "algo.pairs_dtype", sorted(DTYPES))
-        choice(o.teacher_solver, "algo.teacher_solver", SOLVERS)
+        o, t = self.opt, self.run           # the options were checked when the config loaded
         self.indices = stored_indices(o.stored_steps, o.teacher_steps)
-        try:
-            self.plan = Teacher(steps=o.teacher_steps, shift=o.teacher_shift, solver=o.teacher_solver,
-                                guidance=o.teacher_guidance, sigma_max=o.teacher_sigma_max)
-        except ForcelabError as e:     # the plan's own checks, named by their config keys
-            raise ConfigError(f"algo.teacher_*: {e}") from None
-        states = self.plan.timesteps + [0.0]
-        self.levels = [states[k] for k in self.indices]
-        self.sample_list = list(o.sample_timesteps) if o.sample_timesteps else [x for x in self.levels if x > 0]
-        try:
-            Chunkwise(timesteps=self.sample_list)
-        except ForcelabError as e:
-            raise ConfigError(f"algo.sample_timesteps: {e}") from None
+        self.plan = o.teacher_plan()
+        self.levels = o.stored_levels(self.plan)
+        self.sample_list = o.student_list(self.levels)
         gen = t.module("generator").config
         self.chunk = gen.chunk_frames
         c = t.codec

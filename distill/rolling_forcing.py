@@ -42,10 +42,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise, Rolling
-from ..models.rollout import cache_options
 from ..validate import non_negative_int, optional, setting, unit_interval
+from .dmd_recipe import check_cache
 from .self_forcing import SelfForcingOptions, SelfForcingRecipe
 
 _PROB_RESOLUTION = 1 << 20      # a shared integer draw turned into a Bernoulli(rolling_prob) draw
@@ -61,22 +60,23 @@ class RollingForcingOptions(SelfForcingOptions):
     # attention sink: first frames kept visible (None: the generator's config)
     sink_frames: int | None = setting(None, optional(non_negative_int))
 
+    def check(self, model=None) -> None:
+        super().check(model)
+        # the plan's own check, reported against the config keys
+        check_cache(Rolling(**self.plan_args(self.timesteps())), model, "algo.window_frames / algo.sink_frames")
+
+    def plan_args(self, timesteps: list[float]) -> dict:
+        """The arguments of both rollout plans (rolling and chunk-wise) over `timesteps`."""
+        return dict(timesteps=timesteps, context_noise=self.context_noise, window_frames=self.window_frames,
+                    sink_frames=self.sink_frames)
+
 
 class RollingForcingRecipe(SelfForcingRecipe):
     name = "rolling_forcing"
     Options = RollingForcingOptions
 
-    def setup(self) -> None:
-        super().setup()
-        try:
-            cache_options(self.plan(), self.run.module("generator").config)
-        except ForcelabError as e:   # the plan's own check, reported against the config keys
-            raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
-
     def _plan_args(self) -> dict:
-        o = self.opt
-        return dict(timesteps=self.timesteps, context_noise=o.context_noise, window_frames=o.window_frames,
-                    sink_frames=o.sink_frames)
+        return self.opt.plan_args(self.timesteps)
 
     def plan(self) -> Rolling:
         """Inference (samples, export): the rolling plan with the configured window and sink."""

@@ -25,7 +25,7 @@ import torch
 
 from ..models.rollout import Training
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, student_chunk
 
 
 @dataclass
@@ -35,8 +35,9 @@ class SelfForcingOptions(DMDOptions):
     reencode_first: bool = True         # longer rollouts: re-encode the window's first frame (see above)
     prefix_frames: int = setting(0, non_negative_int)   # first-frame conditioning: clean frames from real clips
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
+        chunk = student_chunk(model)
         if chunk is not None:
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
             multiple_of(self.prefix_frames, "algo.prefix_frames", chunk, CHUNK)

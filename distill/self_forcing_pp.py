@@ -48,12 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise
-from ..models.rollout import INITIAL, Noise, Training, cache_options, default_cache, rollout
+from ..models.rollout import INITIAL, Noise, Training, default_cache, rollout
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, check_cache, student_chunk
 
 DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizons
 
@@ -67,17 +66,27 @@ class SelfForcingPPOptions(DMDOptions):
     sink_frames: int = setting(0, non_negative_int)   # attention sink frames (Self-Forcing++: none)
     reencode_first: bool = True         # windows after the video's start: re-encode the first frame (as Self-Forcing)
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
         long = self.long_frames()
         in_range(long, "algo.rollout_frames", self.frames, None, integer=True, why="algo.frames")
+        chunk = student_chunk(model)
         if chunk is not None:
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
             multiple_of(long, "algo.rollout_frames", chunk, CHUNK)
+        check_cache(self.rolling_plan(self.timesteps()), model, "algo.window_frames / algo.sink_frames")
 
     def long_frames(self) -> int:
         """Frames of the long rollout (rollout_frames, or DEFAULT_ROLLOUT_FACTOR x frames)."""
         return DEFAULT_ROLLOUT_FACTOR * self.frames if self.rollout_frames is None else self.rollout_frames
+
+    def attention_window(self) -> int:
+        """The student's attention window = the rolling KV cache (window_frames, or frames)."""
+        return self.frames if self.window_frames is None else self.window_frames
+
+    def rolling_plan(self, timesteps: list[float]) -> Chunkwise:
+        """The chunk-wise plan over `timesteps` with the rolling cache (window and sink)."""
+        return self.plan(timesteps, window_frames=self.attention_window(), sink_frames=self.sink_frames)
 
 
 class BackwardNoise:
@@ -111,16 +120,11 @@ class SelfForcingPPRecipe(DMDRecipe):
         super().setup()
         o = self.opt                    # checked by o.check(chunk)
         self.rollout_frames = o.long_frames()
-        self.window_frames = o.frames if o.window_frames is None else o.window_frames
-        try:
-            cache_options(self.plan(), self.run.module("generator").config)
-        except ForcelabError as e:
-            raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
+        self.window_frames = o.attention_window()
 
     def plan(self, timesteps: list[float] | None = None) -> Chunkwise:
         """The student's chunk-wise plan with the rolling cache (over `timesteps`: a tail of its list)."""
-        return Chunkwise(timesteps=timesteps or self.timesteps, context_noise=self.opt.context_noise,
-                         window_frames=self.window_frames, sink_frames=self.opt.sink_frames)
+        return self.opt.rolling_plan(timesteps or self.timesteps)
 
     def draw_window(self, ctx) -> tuple[int, int]:
         """(window start frame, entry step): the same on every rank."""

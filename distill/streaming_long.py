@@ -56,14 +56,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..models.rollout import Noise, Training, cache_options, make_cache, rollout
+from ..models.plans import Chunkwise
+from ..models.rollout import Noise, Training, make_cache, rollout
 from ..train import checkpoint as ckpt_io
 from ..train.data import ShardStream
 from ..train.roles import resolve_init
 from . import lora
 from ..validate import (choice, each, in_range, multiple_of, non_negative_int, optional, positive_float,
                         positive_int, setting)
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, check_cache, student_chunk
 
 
 @dataclass
@@ -85,8 +86,9 @@ class StreamingLongOptions(DMDOptions):
     lora_alpha: float | None = setting(None, optional(positive_float))   # LoRA scale alpha / rank (None: alpha = rank)
     lora_roles: list[str] = setting(["generator", "critic"], each(choice, ("generator", "critic")))
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
+        chunk = student_chunk(model)
         in_range(self.new_frames, "algo.new_frames", 1, self.frames, integer=True,
                  why="algo.frames: the teacher window is the overlap plus the new frames")
         in_range(self.max_frames, "algo.max_frames", self.frames, None, integer=True, why="algo.frames")
@@ -98,6 +100,11 @@ class StreamingLongOptions(DMDOptions):
         if bad:
             raise ConfigError(f"algo.switch_frames: {bad} are not step starts of a sequence ({starts[:4]}... up to "
                               f"{self.sequence_length()} frames: frames + k * new_frames)")
+        check_cache(self.windowed_plan(self.timesteps()), model)
+
+    def windowed_plan(self, timesteps: list[float]) -> Chunkwise:
+        """The generator's chunk-wise plan with its attention window and sink."""
+        return self.plan(timesteps, window_frames=self.window_frames, sink_frames=self.sink_frames)
 
     def sequence_length(self) -> int:
         """Frames of one sequence: the longest frames + k * new_frames <= max_frames."""
@@ -167,12 +174,11 @@ class StreamingLongRecipe(DMDRecipe):
         self.recache_frames = o.frames if o.recache_frames is None else o.recache_frames
         # the re-encode decodes the previous window (`frames` latents) up to the window's first
         self.keep_recent = max(self.overlap, self.recache_frames, o.frames if o.reencode_first and self.overlap else 0)
-        cache_options(self.plan(), self.run.module("generator").config)   # window / sink checked now
         self.seq: Sequence | None = None
         self.sequences = 0
 
-    def plan(self, **kw):
-        return super().plan(window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames, **kw)
+    def plan(self):
+        return self.opt.windowed_plan(self.timesteps)
 
     # ------------------------------------------------------------------ the sequence
     def loss(self, role, batch, ctx):

@@ -125,8 +125,8 @@ MUTATIONS: list[Mutation] = [
       "self.opt.guidance)", EVERY_DMD),
     M("warped_list_ignored", "Self-Forcing, Rolling, LongLive, SF++", "timestep law: the denoising list is warped "
       "through the shifted table", "distill/dmd_recipe.py",
-      "self.timesteps = warp_timesteps(o.steps, o.warp_shift) if o.warp_shift else",
-      "self.timesteps = [float(t) for t in o.steps] if o.warp_shift else", SF + ROLLING + SFPP + LONG),
+      "return warp_timesteps(self.steps, self.warp_shift) if self.warp_shift else",
+      "return [float(t) for t in self.steps] if self.warp_shift else", SF + ROLLING + SFPP + LONG),
     M("score_timestep_without_shift_and_clamp", "every DMD recipe", "timestep law: DMD / critic t shifted "
       "(shift 5) and clamped to [20, 980]", "distill/dmd_recipe.py",
       "shift=o.score_shift, t_min=o.t_min, t_max=o.t_max,", "shift=1.0, t_min=0.0, t_max=1000.0,", EVERY_DMD),
@@ -136,8 +136,8 @@ MUTATIONS: list[Mutation] = [
       "t, noise = self._draw(ctx, out.x0, \"critic\")\n            t = torch.full_like(t, 500.0)", EVERY_DMD),
     M("context_noise_option_ignored", "Self-Forcing, LongLive, CausVid sampling", "context noise: the commit pass "
       "runs at algo.context_noise", "distill/dmd_recipe.py",
-      "return Chunkwise(timesteps=self.timesteps, context_noise=self.opt.context_noise, **kw)",
-      "return Chunkwise(timesteps=self.timesteps, **kw)", SF + LONG),
+      "return Chunkwise(timesteps=timesteps, context_noise=self.context_noise, **kw)",
+      "return Chunkwise(timesteps=timesteps, **kw)", SF + LONG),
     M("critic_loss_mask_ignored", "every DMD recipe", "masks: the critic's loss covers only the frames in the "
       "mask (LongLive's new frames, CausVid's noisy chunks)", "distill/dmd_recipe.py",
       "critic_loss(out.x0, fake, timestep=t, noise=noise, mask=out.mask)",
@@ -285,8 +285,8 @@ MUTATIONS: list[Mutation] = [
       "distill/rolling_forcing.py", "< round(self.opt.rolling_prob * _PROB_RESOLUTION)", "< _PROB_RESOLUTION // 2",
       ROLLING),
     M("rolling_sink_option_ignored", "Rolling Forcing", "sink: algo.sink_frames sets the rollout's sink",
-      "distill/rolling_forcing.py", "window_frames=o.window_frames,\n                    sink_frames=o.sink_frames)",
-      "window_frames=o.window_frames,\n                    sink_frames=0)", ROLLING),
+      "distill/rolling_forcing.py", "window_frames=self.window_frames,\n                    sink_frames=self.sink_frames)",
+      "window_frames=self.window_frames,\n                    sink_frames=0)", ROLLING),
     # ------------------------------------------------------------------ LongLive streaming long tuning
     M("recache_skipped", "LongLive", "recache: after a switch the recent frames are re-run with the new prompt",
       "distill/streaming_long.py", "seq.recache = self.recache_frames > 0", "seq.recache = False", LONG + ENGINE),
@@ -374,13 +374,14 @@ MUTATIONS: list[Mutation] = [
       "v = model(x_t, t, context, chunk_frames=self.chunk, window_frames=cfg.window_frames,",
       "v = model(x_t, t, context, chunk_frames=None, window_frames=cfg.window_frames,", ODE),
     M("ode_stored_levels_mislabelled", "ODE init", "stored steps: each stored latent carries its own level",
-      "distill/ode_init.py", "self.levels = [states[k] for k in self.indices]",
-      "self.levels = [states[k] for k in range(len(self.indices) - 1)] + [0.0]", ODE),
+      "distill/ode_init.py", "return [states[k] for k in indices]",
+      "return [states[k] for k in range(len(indices) - 1)] + [0.0]", ODE),
     M("ode_teacher_shift_ignored", "ODE init", "timestep law: the teacher samples with its own shift (8)",
-      "distill/ode_init.py", "self.plan = Teacher(steps=o.teacher_steps, shift=o.teacher_shift,",
-      "self.plan = Teacher(steps=o.teacher_steps, shift=5.0,", ODE),
+      "distill/ode_init.py", "return Teacher(steps=self.teacher_steps, shift=self.teacher_shift,",
+      "return Teacher(steps=self.teacher_steps, shift=5.0,", ODE),
     M("ode_teacher_without_cfg", "ODE init", "guidance: the teacher samples with CFG (6)", "distill/ode_init.py",
-      "guidance=o.teacher_guidance, sigma_max=o.teacher_sigma_max)", "guidance=1.0, sigma_max=o.teacher_sigma_max)",
+      "guidance=self.teacher_guidance, sigma_max=self.teacher_sigma_max)",
+      "guidance=1.0, sigma_max=self.teacher_sigma_max)",
       ODE),
     # ------------------------------------------------------------------ diffusion / teacher forcing
     M("df_one_level_per_frame", "diffusion forcing", "levels: one level per chunk", "train/diffusion_forcing.py",
