@@ -1,17 +1,15 @@
 """ODE init: regress the causal student onto the teacher's ODE solutions (CausVid, Self-Forcing).
 
-Phase A (setup; once, resumable, split over ranks): the frozen bidirectional teacher samples
-`num_pairs` clips with the Teacher plan through the rollout engine (CFG with the negative
-prompt), and the latents at a few chosen solver states - the starting noise first, the clean
-output last - are stored as ODE-pair shards (data/ode_pairs.py) in `pairs_dir`. The work is
-cut into pieces of `pairs_per_shard` pairs; rank r writes pieces r, r + world, ... into
-piece-NNNNNN/ (a piece is done once its manifest.json exists), so a killed run continues
-where it stopped. Pair i's noise (stream "ode_pair_noise") and prompt depend only on
-(seed, i): the set does not depend on the number of processes. Then a barrier.
+Phase A (setup, unless data.source is a finished pair set): the ODE-pair data stage
+(distill/ode_pair_stage.py: once, resumable, split over ranks): the frozen bidirectional
+teacher samples `num_pairs` clips with the Teacher plan through the rollout engine (CFG with
+the negative prompt), and the latents at a few chosen solver states - the starting noise
+first, the clean output last - are stored as ODE-pair shards (data/ode_pairs.py) in
+`pairs_dir`. Pair i's noise and prompt depend only on (seed, i): the set does not depend on
+the number of processes.
 
 Phase B (the loss): per sample, every chunk picks one stored state uniformly (stream
-"stored_state"); the causal
-student sees each chunk at its own stored latent under the block-causal layout (one forward
+"stored_state"); the causal student sees each chunk at its own stored latent under the block-causal layout (one forward
 over the clip; later chunks attend to earlier chunks at their chosen levels), predicts
 x0 = x_t - sigma * v and regresses the stored clean latent (MSE). Chunks that picked the
 clean state (t = 0) are context only: masked out of the loss.
@@ -27,32 +25,25 @@ None samples at the stored levels; set it to reproduce the other choice.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import DTYPES
-from ..data.ode_pairs import ODEPairs, write_ode_pairs
+from ..data.ode_pairs import ODEPairs
 from ..data.toyworld import ToyWorld, ToyWorldConfig
 from ..errors import ConfigError, ForcelabError
-from ..fsio import write_text_atomic
 from ..models.autoencoder import latent_frames
 from ..models.plans import Chunkwise, Teacher
-from ..models.rollout import Noise, rollout
 from ..models.schedule import SOLVERS, timestep_to_sigma, x0_from_v
 from ..train.data import TOYWORLD, MapStream
-from ..seeds import stream_seed
+from ..train.flow_matching import masked_mean
 from ..train.recipe import Recipe, RoleSpec
 from ..train.timesteps import choose_levels
 from ..validate import choice, each, in_range, optional, positive_float, positive_int, setting, unit_interval
-from ..train.flow_matching import masked_mean
+from .ode_pair_stage import PAIRS_RECORD, PairJob, write_pairs
 
-PAIRS_RECORD = "ode-pairs.json"      # settings of a pair set (what makes it reusable)
-PIECE_PREFIX = "piece-"
-PAIR_NOISE = "ode_pair_noise"        # the random stream of the pairs' starting noise (per pair index)
 
 
 @dataclass
@@ -196,44 +187,14 @@ class ODEInitRecipe(Recipe):
                 "seed": self.cfg.seed, "vae": t.codec.name, "text_encoder": t.text_encoder.name}
 
     def make_pairs(self) -> Path:
-        """Generate (or finish) the pair set; every rank its pieces; returns the folder."""
+        """Generate (or finish) the pair set (the data stage distill/ode_pair_stage.py); every
+        rank its pieces; returns the folder."""
         o, t = self.opt, self.run
-        out = self.pairs_dir()
-        settings = self.settings()
-        record = out / PAIRS_RECORD
-        if record.is_file():
-            try:
-                old = json.loads(record.read_text())
-            except ValueError:
-                old = None
-            if old != settings:
-                diff = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
-                raise ConfigError(f"algo.pairs_dir {out}: holds ODE pairs made with other settings ({', '.join(diff)}); "
-                                  f"choose another pairs_dir (or remove that folder)")
-        elif out.is_dir() and any(out.iterdir()):
-            raise ConfigError(f"algo.pairs_dir {out}: exists and holds no ODE pairs written by forcelab; "
-                              f"choose an empty or new folder")
-        t.barrier()
-        if t.is_main and not record.is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(record, json.dumps(settings, indent=2) + "\n")
-        t.barrier()
-        n, size = self.pair_count(), o.pairs_per_shard
-        pieces = range(t.rank, -(-n // size), t.world)
-        todo = [j for j in pieces if not _piece_done(out / f"{PIECE_PREFIX}{j:06d}", min(size, n - j * size))]
-        made, t0 = 0, time.perf_counter()
-        for j in todo:
-            first = j * size
-            count = min(size, n - first)
-            write_ode_pairs(out / f"{PIECE_PREFIX}{j:06d}", self.teacher_pairs(first, count),
-                            shard_size=count, dtype=o.pairs_dtype, first_index=first)
-            made += count
-        if made and t.is_main:
-            seconds = time.perf_counter() - t0
-            print(f"ode_init: {made} ODE pairs on rank 0 in {seconds:.1f} s ({seconds / made:.3f} s per pair) "
-                  f"-> {out}", flush=True)
-        t.barrier()
-        return out
+        job = PairJob(t.module("teacher"), self.plan, self.indices, self.shape, self.prompts(), t.text_encoder,
+                      t.negative, seed=self.cfg.seed, count=self.pair_count(), per_shard=o.pairs_per_shard,
+                      batch=o.pairs_batch, dtype=o.pairs_dtype, device=t.device)
+        return write_pairs(self.pairs_dir(), job, self.settings(), t.rank, t.world, t.barrier,
+                           source=t.source("teacher"))
 
     def prompts(self):
         """Pair i -> its caption: toy world scene i, or line i (cycled) of a prompt source."""
@@ -250,33 +211,6 @@ class ODEInitRecipe(Recipe):
 
         prompts = PromptDataset(path).prompts
         return lambda i: prompts[i % len(prompts)]
-
-    @torch.no_grad()
-    def teacher_pairs(self, first: int, count: int):
-        """Samples for data/ode_pairs.write_ode_pairs: pairs first .. first + count - 1."""
-        o, t = self.opt, self.run
-        teacher, caption = t.module("teacher"), self.prompts()
-        C, F, h, w = self.shape
-        wanted = set(self.indices)
-        steps = torch.tensor(self.levels, dtype=torch.float32)
-        for b0 in range(first, first + count, o.pairs_batch):
-            ids = list(range(b0, min(b0 + o.pairs_batch, first + count)))
-            captions = [caption(i) for i in ids]
-            emb, lengths = t.text_encoder.encode(captions)
-            kept: dict[int, torch.Tensor] = {}
-
-            def keep(k, x):
-                if k in wanted:
-                    kept[k] = x.detach().float().cpu().clone()
-
-            noise = Noise([stream_seed(self.cfg.seed, PAIR_NOISE, i) for i in ids], C, h, w, device=t.device)
-            neg = t.negative.expand(len(ids), -1, -1)
-            rollout(teacher, self.plan, emb.to(t.device), noise, F, negative=neg, trajectory=keep)
-            latents = torch.stack([kept[k] for k in self.indices], dim=1)       # [B, S, C, F, H, W]
-            for b, i in enumerate(ids):
-                yield {"ode_latents": latents[b], "ode_timesteps": steps, "text_emb": emb[b].cpu(),
-                       "text_len": int(lengths[b]), "caption": captions[b],
-                       "meta": {"source": f"ode_pair:{i}", "teacher": t.source("teacher")}}
 
     # ------------------------------------------------------------------ phase B
     def loss(self, role, batch, ctx):
@@ -301,10 +235,3 @@ class ODEInitRecipe(Recipe):
         """The chunk-wise few-step plan at the student's list (sample_list)."""
         return self.sample_with(Chunkwise(timesteps=self.sample_list), context, seeds, frames, unit=self.chunk)
 
-
-def _piece_done(folder: Path, count: int) -> bool:
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return int(manifest["counts"]["written"]) == count
-    except (OSError, ValueError, KeyError, TypeError):
-        return False

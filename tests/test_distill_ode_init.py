@@ -275,3 +275,27 @@ def test_two_processes_write_the_same_pair_set(teacher_dir, pairs_run, tmp_path)
     for i in range(4):
         assert torch.equal(two[i]["ode_latents"], ref[i]["ode_latents"])
     assert (out / "checkpoint-000001").is_dir()
+
+
+def test_the_pair_stage_runs_without_a_trainer_and_its_set_does_not_depend_on_the_ranks(pairs_run, teacher,
+                                                                                       tmp_path):
+    """The data stage alone (no trainer, no recipe): two ranks' shares, written one after the
+    other, give exactly the pairs the recipe's one-process run wrote."""
+    from forcelab.data.toyworld import ToyWorld
+    from forcelab.distill.ode_pair_stage import PairJob, write_pairs
+
+    trainer, folder = pairs_run
+    te, world = load_text_encoder("toy"), ToyWorld(seed=0)
+    job = PairJob(teacher, Teacher(steps=4, shift=8.0, solver="euler", guidance=3.0, sigma_max=1.0), [0, 2, 4],
+                  [C, 4, GRID, GRID], lambda i: world.scene(i).caption, te, te.encode([""])[0], seed=0, count=4,
+                  per_shard=2, dtype="fp32")
+    settings = {"made": "by hand"}
+    for rank in (0, 1):          # rank 0 writes the settings record (the barrier orders that in a real run)
+        write_pairs(tmp_path / "pairs", job, settings, rank=rank, world=2)
+    mine, theirs = ODEPairs(tmp_path / "pairs"), ODEPairs(folder)
+    assert len(mine) == len(theirs) == 4
+    for i in range(4):
+        assert torch.equal(mine[i]["ode_latents"], theirs[i]["ode_latents"])
+        assert mine[i]["caption"] == theirs[i]["caption"]
+    with pytest.raises(ConfigError, match="other settings"):
+        write_pairs(tmp_path / "pairs", job, {"made": "otherwise"})
