@@ -45,8 +45,8 @@ from .config import config_dict, config_yaml
 from .data import make_stream, to_device, ShardStream
 from .metrics import MetricsLogger
 from .parallel import make_strategy
-from .recipe import StepContext, mix_seed, recipe_class
 from .run_context import RunContext
+from .recipe import StepContext, mix_seed, recipe_class
 from ..models.run_folder import RUN_RECORD
 from .roles import Role, build_role, make_optimizer, resolve_init, update_ema
 
