@@ -167,8 +167,8 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.overrides, args.steps, args.warmup, args.device)))
         return
 
-    from forcelab.train.recipe import RECIPES
-    names = args.recipes or [n for n in RECIPES if (ROOT / "configs" / "toy" / f"{n}.yaml").exists()]
+    from forcelab.train.recipe import recipe_names
+    names = args.recipes or [n for n in recipe_names() if (ROOT / "configs" / "toy" / f"{n}.yaml").exists()]
     print(f"toy recipes on {args.device}, {args.threads} thread(s), {args.steps} timed steps after {args.warmup}")
     print(f"{'recipe':20s} {'steps/s':>9s} {'peak MiB':>9s} {'training MiB':>13s}")
     for name in names:

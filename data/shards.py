@@ -49,6 +49,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..fsio import atomic_path, write_text_atomic
+from ..seeds import stream_seed
 from .schema import DataError, collate, decode_sample
 
 SHARD_SUFFIX = ".tar"
@@ -289,13 +290,6 @@ def decode_samples(decode: Callable[[dict], dict], on_damage: str = "stop", log:
     return stage
 
 
-def _seed(*parts: int) -> int:
-    s = 0
-    for p in parts:
-        s = (s * 1_000_003 + int(p)) % (2**61 - 1)
-    return s
-
-
 class ShardDataset(IterableDataset):
     """Schema samples from webdataset shards (see the module docstring).
 
@@ -333,11 +327,12 @@ class ShardDataset(IterableDataset):
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if self.resampled:
             # wds seeds ResampledShards with (rank, worker, its own epoch count, seed)
-            stages = [wds.ResampledShards(self.urls, seed=_seed(self.seed, self.epoch), deterministic=True)]
+            seed = stream_seed(self.seed, "shard_order", self.epoch)
+            stages = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
         else:
             urls = list(self.urls)
             if self.shuffle:
-                random.Random(_seed(self.seed, self.epoch)).shuffle(urls)
+                random.Random(stream_seed(self.seed, "shard_order", self.epoch)).shuffle(urls)
             stages = [wds.SimpleShardList(urls)]
             if self.split_by_node:
                 stages.append(wds.split_by_node)
@@ -346,7 +341,7 @@ class ShardDataset(IterableDataset):
                    check_samples(self.on_damage, counts=not self.resampled, log=self.damaged)]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle, initial=min(self.shuffle, 100),
-                                      seed=_seed(self.seed, self.epoch, rank, worker, 1)))
+                                      seed=stream_seed(self.seed, "sample_shuffle", self.epoch, rank, worker)))
         stages.append(decode_samples(self.decode, self.on_damage, log=self.damaged))
         pipe = wds.DataPipeline(*stages)
         if self.resampled:

@@ -3,7 +3,7 @@
 Per clip x0 [B, C, F, H, W] (data kind "latents": the toy world or latent shards; the first
 `frames` latent frames of each clip):
 each chunk of `chunk_frames` frames picks its own level from `levels` (per sample, from the
-sample's position: train.timesteps.choose_levels), default the student's denoising list plus
+sample's position, stream "chunk_levels": train.timesteps.choose_levels), default the student's denoising list plus
 0 - CausVid's [1000, 757, 522, 0]; the clip is noised chunk by chunk,
 x_t = (1 - sigma) x0 + sigma eps, and the causal student runs ONE block-causal forward over
 the whole clip (each chunk sees itself and the earlier chunks, at their own levels), its
@@ -33,9 +33,8 @@ from ..models.rollout import denoise_window
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..train.timesteps import choose_levels
 from ..validate import multiple_of, optional, setting
-from .dmd_recipe import CHUNK, TIMESTEPS, DMDOptions, DMDRecipe, Generated
+from .dmd_recipe import CHUNK, TIMESTEPS, DMDOptions, DMDRecipe, Generated, student_chunk
 
-LEVEL_DRAW, NOISE_DRAW = 30, 31     # StepContext draws (the base recipe uses 10-11 and 20-21)
 
 
 @dataclass
@@ -46,8 +45,9 @@ class CausVidOptions(DMDOptions):
     score_shift: float = 8.0            # CausVid's timestep_shift
     levels: list[float] | None = setting(None, optional(TIMESTEPS))   # per-chunk training levels (None: the list + 0)
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
+        chunk = student_chunk(model)
         if chunk is not None:       # each chunk of the clip draws its own level
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
 
@@ -64,7 +64,7 @@ class CausVidRecipe(DMDRecipe):
     def chunk_levels(self, ctx, frames: int) -> torch.Tensor:
         """t [B, frames]: one level per chunk per sample (constant within a chunk; algo.check
         made frames whole chunks)."""
-        return ctx.per_sample(LEVEL_DRAW, lambda n, generator: choose_levels(
+        return ctx.stream("chunk_levels").per_sample(lambda n, generator: choose_levels(
             self.levels, n, frames, self.chunk, generator=generator))
 
     def generate(self, batch, ctx, grad):
@@ -75,9 +75,9 @@ class CausVidRecipe(DMDRecipe):
         x0 = x0[:, :, :F]
         t = self.chunk_levels(ctx, F)
         sigma = timestep_to_sigma(t)
-        x_t = add_noise(x0, ctx.normal(x0.shape[1:], NOISE_DRAW).to(x0.dtype), sigma)
+        x_t = add_noise(x0, ctx.stream("clip_noise").normal(x0.shape[1:]).to(x0.dtype), sigma)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            _, pred = denoise_window(self.trainer.model("generator"), x_t, sigma, context, chunk_frames=self.chunk)
+            _, pred = denoise_window(self.run.model("generator"), x_t, sigma, context, chunk_frames=self.chunk)
         clean = (t == 0).to(x0.device)
         out = torch.where(clean[:, None, :, None, None], x_t, pred)
         return Generated(out, ~clean)

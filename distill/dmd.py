@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from ..models.rollout import denoise_window
-from ..models.schedule import add_noise, flow_target, timestep_to_sigma, v_from_x0
+from ..models.schedule import add_noise, timestep_to_sigma, v_from_x0
+from ..train.flow_matching import flow_matching_loss, frame_weights, masked_mean
 from ..train.timesteps import ScoreTimesteps
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,28 +57,6 @@ def _noise_and_level(x0: torch.Tensor, timestep, noise, draw: ScoreTimesteps, ge
         device = x0.device if generator is None else generator.device
         noise = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
     return t, timestep_to_sigma(t), noise
-
-
-def _frame_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """bool [B, F] -> 0/1 weights broadcastable against [B, C, F, H, W] (like's dtype)."""
-    if mask is None:
-        return None
-    B, _, F = like.shape[:3]
-    if tuple(mask.shape) != (B, F):
-        raise ValueError(f"frame mask must be [B, F] = [{B}, {F}], got {tuple(mask.shape)}")
-    return mask.to(device=like.device, dtype=like.dtype)[:, None, :, None, None]
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of values [B, C, F, H, W] over the frames in mask [B, F] (all when None). Masked-out
-    entries are selected away (no gradient, and a non-finite value there cannot leak into the
-    mean); an empty mask gives 0."""
-    w = _frame_weights(mask, values)
-    if w is None:
-        return values.mean()
-    w = w.expand_as(values)
-    kept = torch.where(w > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return kept.sum() / w.sum().clamp_min(1)
 
 
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +108,7 @@ def critic_loss(x0: torch.Tensor, fake_score: Score, *, timestep: torch.Tensor |
     t, sigma, noise = _noise_and_level(x0, timestep, noise, draw, generator)
     x_t = add_noise(x0, noise, sigma).float()
     v = v_from_x0(x_t, fake_score(x_t.to(x0.dtype), sigma).float(), sigma)
-    loss = masked_mean((v - flow_target(x0.float(), noise.float())) ** 2, mask)
+    loss = flow_matching_loss(v, x0, noise, mask)
     return loss, {"critic_timestep_mean": t.float().mean()}
 
 
@@ -147,7 +126,7 @@ def sid_loss(x0: torch.Tensor, real_score: Score, fake_score: Score, *, alpha: f
     detached, so no gradient reaches them even through attention across frames. The
     critic's parameters receive gradients too: the recipe steps only the generator here."""
     t, sigma, noise = _noise_and_level(x0, timestep, noise, draw, generator)
-    w = _frame_weights(mask, x0)
+    w = frame_weights(mask, x0)
     x_in = x0 if w is None else torch.where(w.bool(), x0, x0.detach())
     x_t = add_noise(x_in, noise, sigma)
     real = real_score(x_t, sigma).double()

@@ -16,12 +16,10 @@ peft is an optional dependency: `pip install 'forcelab[lora]'`.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from ..errors import ConfigError
-from ..train.recipe import mix_seed
+from ..seeds import stream_seed
 
 # the nn.Linear layers of every block: self-attention, cross-attention and the FFN
 TARGETS = r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|blocks\.\d+\.ffn\.(0|2)"
@@ -47,7 +45,7 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float, seed: int, name: 
         raise ConfigError(f"algo.lora_rank must be >= 1 and lora_alpha > 0, got {rank} and {alpha}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=TARGETS)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(mix_seed(seed, zlib.crc32(name.encode())))
+        torch.manual_seed(stream_seed(seed, f"lora/{name}"))
         inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     if not lora_layers(module):
         raise ConfigError("LoRA: no attention or FFN linear found in the model")

@@ -1,16 +1,15 @@
 """ODE init: regress the causal student onto the teacher's ODE solutions (CausVid, Self-Forcing).
 
-Phase A (setup; once, resumable, split over ranks): the frozen bidirectional teacher samples
-`num_pairs` clips with the Teacher plan through the rollout engine (CFG with the negative
-prompt), and the latents at a few chosen solver states - the starting noise first, the clean
-output last - are stored as ODE-pair shards (data/ode_pairs.py) in `pairs_dir`. The work is
-cut into pieces of `pairs_per_shard` pairs; rank r writes pieces r, r + world, ... into
-piece-NNNNNN/ (a piece is done once its manifest.json exists), so a killed run continues
-where it stopped. Pair i's noise and prompt depend only on (seed, i): the set does not
-depend on the number of processes. Then a barrier.
+Phase A (setup, unless data.source is a finished pair set): the ODE-pair data stage
+(distill/ode_pair_stage.py: once, resumable, split over ranks): the frozen bidirectional
+teacher samples `num_pairs` clips with the Teacher plan through the rollout engine (CFG with
+the negative prompt), and the latents at a few chosen solver states - the starting noise
+first, the clean output last - are stored as ODE-pair shards (data/ode_pairs.py) in
+`pairs_dir`. Pair i's noise and prompt depend only on (seed, i): the set does not depend on
+the number of processes.
 
-Phase B (the loss): per sample, every chunk picks one stored state uniformly; the causal
-student sees each chunk at its own stored latent under the block-causal layout (one forward
+Phase B (the loss): per sample, every chunk picks one stored state uniformly (stream
+"stored_state"); the causal student sees each chunk at its own stored latent under the block-causal layout (one forward
 over the clip; later chunks attend to earlier chunks at their chosen levels), predicts
 x0 = x_t - sigma * v and regresses the stored clean latent (MSE). Chunks that picked the
 clean state (t = 0) are context only: masked out of the loss.
@@ -26,31 +25,25 @@ None samples at the stored levels; set it to reproduce the other choice.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import DTYPES
-from ..data.ode_pairs import ODEPairs, write_ode_pairs
+from ..data.ode_pairs import ODEPairs
 from ..data.toyworld import ToyWorld, ToyWorldConfig
 from ..errors import ConfigError, ForcelabError
-from ..fsio import write_text_atomic
 from ..models.autoencoder import latent_frames
 from ..models.plans import Chunkwise, Teacher
-from ..models.rollout import Noise, rollout
 from ..models.schedule import SOLVERS, timestep_to_sigma, x0_from_v
 from ..train.data import TOYWORLD, MapStream
-from ..train.recipe import Recipe, RoleSpec, mix_seed
+from ..train.flow_matching import masked_mean
+from ..train.recipe import Recipe, RoleSpec
 from ..train.timesteps import choose_levels
 from ..validate import choice, each, in_range, optional, positive_float, positive_int, setting, unit_interval
-from .dmd import masked_mean
+from .ode_pair_stage import PAIRS_RECORD, PairJob, write_pairs
 
-PAIRS_RECORD = "ode-pairs.json"      # settings of a pair set (what makes it reusable)
-PIECE_PREFIX = "piece-"
-_PAIR_NOISE = 0x0DE                  # mix_seed tag of the pairs' starting noise
 
 
 @dataclass
@@ -70,9 +63,33 @@ class ODEInitOptions:
     # phase B / samples: the student's sampling list (None: the stored levels > 0)
     sample_timesteps: list[float] | None = setting(None, optional(each(in_range, 0, 1000)))
 
-    def check(self, chunk: int | None = None) -> None:
-        """Rules across fields (the loader calls this before anything is built)."""
-        stored_indices(self.stored_steps, self.teacher_steps)
+    def check(self, model=None) -> None:
+        """Rules across fields (the loader calls this before anything is built): the stored
+        steps, the teacher's plan and the student's sampling list."""
+        self.student_list(self.stored_levels(self.teacher_plan()))
+
+    def teacher_plan(self) -> Teacher:
+        """The teacher's sampling plan for the pairs (its own checks named by the config keys)."""
+        try:
+            return Teacher(steps=self.teacher_steps, shift=self.teacher_shift, solver=self.teacher_solver,
+                           guidance=self.teacher_guidance, sigma_max=self.teacher_sigma_max)
+        except ForcelabError as e:
+            raise ConfigError(f"algo.teacher_*: {e}") from None
+
+    def stored_levels(self, plan: Teacher) -> list[float]:
+        """The timesteps of the stored solver states (the clean output: 0)."""
+        states = plan.timesteps + [0.0]
+        indices = stored_indices(self.stored_steps, self.teacher_steps)
+        return [states[k] for k in indices]
+
+    def student_list(self, levels: list[float]) -> list[float]:
+        """The student's sampling list: sample_timesteps, or the stored levels > 0."""
+        out = list(self.sample_timesteps) if self.sample_timesteps else [x for x in levels if x > 0]
+        try:
+            Chunkwise(timesteps=out)
+        except ForcelabError as e:
+            raise ConfigError(f"algo.sample_timesteps: {e}") from None
+        return out
 
 
 def stored_indices(steps: list[int], solver_steps: int) -> list[int]:
@@ -120,24 +137,11 @@ class ODEInitRecipe(Recipe):
 
     # ------------------------------------------------------------------ phase A
     def setup(self):
-        o, t = self.opt, self.trainer
-        for key in ("num_pairs", "pairs_per_shard", "pairs_batch", "teacher_steps"):
-            positive_int(getattr(o, key), f"algo.{key}")
-        choice(o.pairs_dtype, "algo.pairs_dtype", sorted(DTYPES))
-        choice(o.teacher_solver, "algo.teacher_solver", SOLVERS)
+        o, t = self.opt, self.run           # the options were checked when the config loaded
         self.indices = stored_indices(o.stored_steps, o.teacher_steps)
-        try:
-            self.plan = Teacher(steps=o.teacher_steps, shift=o.teacher_shift, solver=o.teacher_solver,
-                                guidance=o.teacher_guidance, sigma_max=o.teacher_sigma_max)
-        except ForcelabError as e:     # the plan's own checks, named by their config keys
-            raise ConfigError(f"algo.teacher_*: {e}") from None
-        states = self.plan.timesteps + [0.0]
-        self.levels = [states[k] for k in self.indices]
-        self.sample_list = list(o.sample_timesteps) if o.sample_timesteps else [x for x in self.levels if x > 0]
-        try:
-            Chunkwise(timesteps=self.sample_list)
-        except ForcelabError as e:
-            raise ConfigError(f"algo.sample_timesteps: {e}") from None
+        self.plan = o.teacher_plan()
+        self.levels = o.stored_levels(self.plan)
+        self.sample_list = o.student_list(self.levels)
         gen = t.module("generator").config
         self.chunk = gen.chunk_frames
         c = t.codec
@@ -164,63 +168,33 @@ class ODEInitRecipe(Recipe):
 
     def pair_count(self) -> int:
         """The dry run makes only what one step reads."""
-        if self.trainer.dry_run:
-            return min(self.opt.num_pairs, self.cfg.data.batch_size * self.trainer.world)
+        if self.run.dry_run:
+            return min(self.opt.num_pairs, self.cfg.data.batch_size * self.run.world)
         return self.opt.num_pairs
 
     def pairs_dir(self) -> Path:
-        o, t = self.opt, self.trainer
+        o, t = self.opt, self.run
         if o.pairs_dir is None or t.dry_run:
             return t.run_dir / "ode_pairs"
         return Path(o.pairs_dir).expanduser()
 
     def settings(self) -> dict:
-        o, t = self.opt, self.trainer
-        return {"kind": "ode_pairs", "teacher": t.roles["teacher"].source, "plan": self.plan.describe(),
+        o, t = self.opt, self.run
+        return {"kind": "ode_pairs", "teacher": t.source("teacher"), "plan": self.plan.describe(),
                 "stored_steps": self.indices, "stored_timesteps": self.levels, "num_pairs": self.pair_count(),
                 "pairs_per_shard": o.pairs_per_shard, "dtype": o.pairs_dtype, "latent_shape": self.shape,
                 "prompts": self.cfg.data.source, "negative_prompt": self.cfg.negative_prompt,
                 "seed": self.cfg.seed, "vae": t.codec.name, "text_encoder": t.text_encoder.name}
 
     def make_pairs(self) -> Path:
-        """Generate (or finish) the pair set; every rank its pieces; returns the folder."""
-        o, t = self.opt, self.trainer
-        out = self.pairs_dir()
-        settings = self.settings()
-        record = out / PAIRS_RECORD
-        if record.is_file():
-            try:
-                old = json.loads(record.read_text())
-            except ValueError:
-                old = None
-            if old != settings:
-                diff = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
-                raise ConfigError(f"algo.pairs_dir {out}: holds ODE pairs made with other settings ({', '.join(diff)}); "
-                                  f"choose another pairs_dir (or remove that folder)")
-        elif out.is_dir() and any(out.iterdir()):
-            raise ConfigError(f"algo.pairs_dir {out}: exists and holds no ODE pairs written by forcelab; "
-                              f"choose an empty or new folder")
-        t.acc.wait_for_everyone()
-        if t.is_main and not record.is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(record, json.dumps(settings, indent=2) + "\n")
-        t.acc.wait_for_everyone()
-        n, size = self.pair_count(), o.pairs_per_shard
-        pieces = range(t.rank, -(-n // size), t.world)
-        todo = [j for j in pieces if not _piece_done(out / f"{PIECE_PREFIX}{j:06d}", min(size, n - j * size))]
-        made, t0 = 0, time.perf_counter()
-        for j in todo:
-            first = j * size
-            count = min(size, n - first)
-            write_ode_pairs(out / f"{PIECE_PREFIX}{j:06d}", self.teacher_pairs(first, count),
-                            shard_size=count, dtype=o.pairs_dtype, first_index=first)
-            made += count
-        if made and t.is_main:
-            seconds = time.perf_counter() - t0
-            print(f"ode_init: {made} ODE pairs on rank 0 in {seconds:.1f} s ({seconds / made:.3f} s per pair) "
-                  f"-> {out}", flush=True)
-        t.acc.wait_for_everyone()
-        return out
+        """Generate (or finish) the pair set (the data stage distill/ode_pair_stage.py); every
+        rank its pieces; returns the folder."""
+        o, t = self.opt, self.run
+        job = PairJob(t.module("teacher"), self.plan, self.indices, self.shape, self.prompts(), t.text_encoder,
+                      t.negative, seed=self.cfg.seed, count=self.pair_count(), per_shard=o.pairs_per_shard,
+                      batch=o.pairs_batch, dtype=o.pairs_dtype, device=t.device)
+        return write_pairs(self.pairs_dir(), job, self.settings(), t.rank, t.world, t.barrier,
+                           source=t.source("teacher"))
 
     def prompts(self):
         """Pair i -> its caption: toy world scene i, or line i (cycled) of a prompt source."""
@@ -238,43 +212,17 @@ class ODEInitRecipe(Recipe):
         prompts = PromptDataset(path).prompts
         return lambda i: prompts[i % len(prompts)]
 
-    @torch.no_grad()
-    def teacher_pairs(self, first: int, count: int):
-        """Samples for data/ode_pairs.write_ode_pairs: pairs first .. first + count - 1."""
-        o, t = self.opt, self.trainer
-        teacher, caption = t.module("teacher"), self.prompts()
-        C, F, h, w = self.shape
-        wanted = set(self.indices)
-        steps = torch.tensor(self.levels, dtype=torch.float32)
-        for b0 in range(first, first + count, o.pairs_batch):
-            ids = list(range(b0, min(b0 + o.pairs_batch, first + count)))
-            captions = [caption(i) for i in ids]
-            emb, lengths = t.text_encoder.encode(captions)
-            kept: dict[int, torch.Tensor] = {}
-
-            def keep(k, x):
-                if k in wanted:
-                    kept[k] = x.detach().float().cpu().clone()
-
-            noise = Noise([mix_seed(self.cfg.seed, i, _PAIR_NOISE) for i in ids], C, h, w, device=t.device)
-            neg = t.negative.expand(len(ids), -1, -1)
-            rollout(teacher, self.plan, emb.to(t.device), noise, F, negative=neg, trajectory=keep)
-            latents = torch.stack([kept[k] for k in self.indices], dim=1)       # [B, S, C, F, H, W]
-            for b, i in enumerate(ids):
-                yield {"ode_latents": latents[b], "ode_timesteps": steps, "text_emb": emb[b].cpu(),
-                       "text_len": int(lengths[b]), "caption": captions[b],
-                       "meta": {"source": f"ode_pair:{i}", "teacher": t.roles["teacher"].source}}
-
     # ------------------------------------------------------------------ phase B
     def loss(self, role, batch, ctx):
         ode, levels, context = batch["ode_latents"], batch["ode_timesteps"], batch["text_emb"]
         B, S, C, F = ode.shape[:4]
         states = list(range(S))             # one stored state per chunk, uniform, per sample
-        idx = ctx.per_sample(0, lambda b, generator: choose_levels(states, b, F, self.chunk, generator)).long()
+        idx = ctx.stream("stored_state").per_sample(
+            lambda b, generator: choose_levels(states, b, F, self.chunk, generator)).long()
         x_t = ode.gather(1, idx[:, None, None, :, None, None].expand(B, 1, C, F, *ode.shape[4:]))[:, 0]
         t = levels.to(idx.device).float().gather(1, idx)                                            # [B, F]
-        model = self.trainer.model(role)
-        cfg = self.trainer.module(role).config
+        model = self.run.model(role)
+        cfg = self.run.module(role).config
         v = model(x_t, t, context, chunk_frames=self.chunk, window_frames=cfg.window_frames,
                   sink_frames=cfg.sink_frames)
         x0 = x0_from_v(x_t, v, timestep_to_sigma(t))
@@ -287,10 +235,3 @@ class ODEInitRecipe(Recipe):
         """The chunk-wise few-step plan at the student's list (sample_list)."""
         return self.sample_with(Chunkwise(timesteps=self.sample_list), context, seeds, frames, unit=self.chunk)
 
-
-def _piece_done(folder: Path, count: int) -> bool:
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return int(manifest["counts"]["written"]) == count
-    except (OSError, ValueError, KeyError, TypeError):
-        return False

@@ -27,7 +27,7 @@ carry no gradient.
 
 Each rollout is rolling with probability `rolling_prob` and otherwise a plain chunk-wise
 Self-Forcing rollout (the public code mixes them 50/50); the choice is shared across ranks
-too. Everything else (chunk count, DMD window, re-encoded first frame, first-frame prefix,
+too (stream "rolling_plan"). Everything else (chunk count, DMD window, re-encoded first frame, first-frame prefix,
 the critic's own rollout) is Self-Forcing's.
 
 Compared with the public code: window and sink sizes are configurable (it hard-codes a
@@ -42,10 +42,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise, Rolling
-from ..models.rollout import cache_options
 from ..validate import non_negative_int, optional, setting, unit_interval
+from .dmd_recipe import check_cache
 from .self_forcing import SelfForcingOptions, SelfForcingRecipe
 
 _PROB_RESOLUTION = 1 << 20      # a shared integer draw turned into a Bernoulli(rolling_prob) draw
@@ -61,22 +60,23 @@ class RollingForcingOptions(SelfForcingOptions):
     # attention sink: first frames kept visible (None: the generator's config)
     sink_frames: int | None = setting(None, optional(non_negative_int))
 
+    def check(self, model=None) -> None:
+        super().check(model)
+        # the plan's own check, reported against the config keys
+        check_cache(Rolling(**self.plan_args(self.timesteps())), model, "algo.window_frames / algo.sink_frames")
+
+    def plan_args(self, timesteps: list[float]) -> dict:
+        """The arguments of both rollout plans (rolling and chunk-wise) over `timesteps`."""
+        return dict(timesteps=timesteps, context_noise=self.context_noise, window_frames=self.window_frames,
+                    sink_frames=self.sink_frames)
+
 
 class RollingForcingRecipe(SelfForcingRecipe):
     name = "rolling_forcing"
     Options = RollingForcingOptions
 
-    def setup(self) -> None:
-        super().setup()
-        try:
-            cache_options(self.plan(), self.trainer.module("generator").config)
-        except ForcelabError as e:   # the plan's own check, reported against the config keys
-            raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
-
     def _plan_args(self) -> dict:
-        o = self.opt
-        return dict(timesteps=self.timesteps, context_noise=o.context_noise, window_frames=o.window_frames,
-                    sink_frames=o.sink_frames)
+        return self.opt.plan_args(self.timesteps)
 
     def plan(self) -> Rolling:
         """Inference (samples, export): the rolling plan with the configured window and sink."""
@@ -84,7 +84,8 @@ class RollingForcingRecipe(SelfForcingRecipe):
 
     def draw_rolling(self, ctx) -> bool:
         """Whether this rollout uses the rolling plan: the same on every rank."""
-        return ctx.shared_int(_PROB_RESOLUTION, draw=2) < round(self.opt.rolling_prob * _PROB_RESOLUTION)
+        draw = ctx.stream("rolling_plan").shared_int(_PROB_RESOLUTION)
+        return draw < round(self.opt.rolling_prob * _PROB_RESOLUTION)
 
     def rollout_plan(self, ctx):
         return Rolling(**self._plan_args()) if self.draw_rolling(ctx) else Chunkwise(**self._plan_args())

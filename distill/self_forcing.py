@@ -3,7 +3,8 @@ inference (the chunk-wise plan), and DMD (or SiD) judges the last `frames` frame
 
 Per rollout: the chunk count is drawn from [min_chunks, max_chunks] and one exit step from
 the denoising list; both come from a seed shared by all processes (the step and micro-step),
-so every rank draws the same values without communication. Each chunk stops at the exit
+so every rank draws the same values without communication (streams "chunk_count" and
+"exit_step"; the rollout's noise: the base recipe's "rollout_noise"). Each chunk stops at the exit
 step, whose pass carries gradients only for chunks in the DMD window; every other pass and
 every commit runs without gradients, so nothing flows back through the cache and memory stays
 flat in the video length (the rollout engine's `Training` hooks).
@@ -24,7 +25,7 @@ import torch
 
 from ..models.rollout import Training
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, student_chunk
 
 
 @dataclass
@@ -34,8 +35,9 @@ class SelfForcingOptions(DMDOptions):
     reencode_first: bool = True         # longer rollouts: re-encode the window's first frame (see above)
     prefix_frames: int = setting(0, non_negative_int)   # first-frame conditioning: clean frames from real clips
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
+        chunk = student_chunk(model)
         if chunk is not None:
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
             multiple_of(self.prefix_frames, "algo.prefix_frames", chunk, CHUNK)
@@ -60,8 +62,8 @@ class SelfForcingRecipe(DMDRecipe):
 
     def draw_rollout(self, ctx) -> tuple[int, int]:
         """(frames to generate, exit step): the same on every rank."""
-        chunks = self.min_chunks + ctx.shared_int(self.max_chunks - self.min_chunks + 1, draw=0)
-        return chunks * self.chunk, ctx.shared_int(len(self.timesteps), draw=1)
+        chunks = self.min_chunks + ctx.stream("chunk_count").shared_int(self.max_chunks - self.min_chunks + 1)
+        return chunks * self.chunk, ctx.stream("exit_step").shared_int(len(self.timesteps))
 
     def rollout_plan(self, ctx):
         """The plan of this rollout (chunk-wise; Rolling Forcing draws one per rollout)."""
@@ -83,8 +85,5 @@ class SelfForcingRecipe(DMDRecipe):
         frame_mask = (carries_grad if grad else generated)[total - window:].clone()
         x0 = video[:, :, total - window:]
         if total > window and o.reencode_first:
-            first = reencode_first(self.trainer.codec, video[:, :, :total - window + 1])
-            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
-            if grad:
-                frame_mask[:self.chunk] = False
+            x0 = self.reencoded(x0, video[:, :, :total - window + 1], frame_mask if grad else None)
         return Generated(x0, frame_mask.to(x0.device)[None].expand(x0.shape[0], -1))

@@ -7,8 +7,8 @@ One generator (or critic) rollout, with L = rollout_frames, T = frames (the teac
 horizon), c = chunk_frames, S = len(steps):
 
 1. Draws shared by all processes (step, micro-step): the window start s, chunk aligned and
-   uniform in {0, c, 2c, ..., L - T}, and the entry level e, uniform in [0, S) (Self-Forcing's
-   exit step).
+   uniform in {0, c, 2c, ..., L - T} (stream "window_start"), and the entry level e, uniform
+   in [0, S) (Self-Forcing's exit step; stream "entry_step").
 2. Long rollout, no gradients: the chunk-wise plan with an attention window of
    `window_frames` (a rolling KV cache: constant memory however long the video; no sink by
    default) generates frames [0, s) into the cache C_s, then frames [s, s + T) from a copy of
@@ -18,7 +18,7 @@ horizon), c = chunk_frames, S = len(steps):
 3. Backward-noise initialisation: the window is re-generated from C_s by the rollout engine
    with the chunk-wise plan over the tail timesteps[e:] of the denoising list, each chunk
    entering at level t_e with the latent
-        x_{t_e} = (1 - sigma_e) x_hat_chunk + sigma_e eps      (fresh eps)
+        x_{t_e} = (1 - sigma_e) x_hat_chunk + sigma_e eps      (fresh eps: stream "backward_noise")
    instead of pure noise, and stopping at that first pass, which runs WITH gradients
    (`Training(exit_step=0)`): x0 = G(x_{t_e}, t_e | cache). As in Self-Forcing, the chunk's x0
    is both its output and (after the clean pass) the context of the next window chunk. This
@@ -48,12 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, ForcelabError
 from ..models.plans import Chunkwise
-from ..models.rollout import INITIAL, Noise, Training, cache_options, default_cache, rollout
+from ..models.rollout import INITIAL, Noise, Training, default_cache, rollout
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, check_cache, student_chunk
 
 DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizons
 
@@ -67,17 +66,27 @@ class SelfForcingPPOptions(DMDOptions):
     sink_frames: int = setting(0, non_negative_int)   # attention sink frames (Self-Forcing++: none)
     reencode_first: bool = True         # windows after the video's start: re-encode the first frame (as Self-Forcing)
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
         long = self.long_frames()
         in_range(long, "algo.rollout_frames", self.frames, None, integer=True, why="algo.frames")
+        chunk = student_chunk(model)
         if chunk is not None:
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
             multiple_of(long, "algo.rollout_frames", chunk, CHUNK)
+        check_cache(self.rolling_plan(self.timesteps()), model, "algo.window_frames / algo.sink_frames")
 
     def long_frames(self) -> int:
         """Frames of the long rollout (rollout_frames, or DEFAULT_ROLLOUT_FACTOR x frames)."""
         return DEFAULT_ROLLOUT_FACTOR * self.frames if self.rollout_frames is None else self.rollout_frames
+
+    def attention_window(self) -> int:
+        """The student's attention window = the rolling KV cache (window_frames, or frames)."""
+        return self.frames if self.window_frames is None else self.window_frames
+
+    def rolling_plan(self, timesteps: list[float]) -> Chunkwise:
+        """The chunk-wise plan over `timesteps` with the rolling cache (window and sink)."""
+        return self.plan(timesteps, window_frames=self.attention_window(), sink_frames=self.sink_frames)
 
 
 class BackwardNoise:
@@ -111,43 +120,36 @@ class SelfForcingPPRecipe(DMDRecipe):
         super().setup()
         o = self.opt                    # checked by o.check(chunk)
         self.rollout_frames = o.long_frames()
-        self.window_frames = o.frames if o.window_frames is None else o.window_frames
-        try:
-            cache_options(self.plan(), self.trainer.module("generator").config)
-        except ForcelabError as e:
-            raise ConfigError(f"algo.window_frames / algo.sink_frames: {e}") from None
+        self.window_frames = o.attention_window()
 
     def plan(self, timesteps: list[float] | None = None) -> Chunkwise:
         """The student's chunk-wise plan with the rolling cache (over `timesteps`: a tail of its list)."""
-        return Chunkwise(timesteps=timesteps or self.timesteps, context_noise=self.opt.context_noise,
-                         window_frames=self.window_frames, sink_frames=self.opt.sink_frames)
+        return self.opt.rolling_plan(timesteps or self.timesteps)
 
     def draw_window(self, ctx) -> tuple[int, int]:
         """(window start frame, entry step): the same on every rank."""
         starts = (self.rollout_frames - self.opt.frames) // self.chunk + 1
-        return self.chunk * ctx.shared_int(starts, draw=0), ctx.shared_int(len(self.timesteps), draw=1)
+        return (self.chunk * ctx.stream("window_start").shared_int(starts),
+                ctx.stream("entry_step").shared_int(len(self.timesteps)))
 
     def generate(self, batch, ctx, grad):
         o, T = self.opt, self.opt.frames
         start, entry = self.draw_window(ctx)
-        model, context = self.trainer.model("generator"), batch["text_emb"]
-        noise, plan = self.noise(ctx, 1), self.plan()
-        cache = default_cache(self.trainer.module("generator"), plan, noise, start + T, start_frame=0)
+        model, context = self.run.model("generator"), batch["text_emb"]
+        noise, plan = self.noise(ctx), self.plan()
+        cache = default_cache(self.run.module("generator"), plan, noise, start + T, start_frame=0)
         before = None       # the long rollout's last T - 1 frames before the window
         with torch.no_grad():
             if start:
                 long = rollout(model, plan, context, noise, start, cache=cache).x0      # cache C_s
                 before = long[:, :, max(0, start - (T - 1)):]
             clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
-        source = BackwardNoise(noise, self.noise(ctx, 2), clean, start, timestep_to_sigma(self.timesteps[entry]))
+        source = BackwardNoise(noise, self.noise(ctx, "backward_noise"), clean, start, timestep_to_sigma(self.timesteps[entry]))
         training = Training(0, grad_from_frame=start)      # under an outer no_grad (critic): no graph
         res = rollout(model, self.plan(self.timesteps[entry:]), context, source, T, cache=cache, training=training)
         x0 = res.x0
         mask = res.grad_frames.clone() if grad else torch.ones(T, dtype=torch.bool)
         if start and o.reencode_first:
             context_latents = torch.cat([before.to(x0.dtype), x0[:, :, :1].detach()], dim=2)
-            first = reencode_first(self.trainer.codec, context_latents)
-            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
-            if grad:
-                mask[:self.chunk] = False
+            x0 = self.reencoded(x0, context_latents, mask if grad else None)
         return Generated(x0, mask.to(x0.device)[None].expand(x0.shape[0], -1))

@@ -31,6 +31,10 @@ no block mask). The public training code wipes the sink too and
 never rewrites it: `keep_sink: false` reproduces that. The teacher judges the window with the
 prompt active at its first new frame.
 
+Random streams: "exit_step" (per call, shared by the ranks), "switch_frame" (per sequence,
+shared), "sequence_noise" (each sample's noise seed, from its position when the sequence
+starts); the score draws are the base recipe's.
+
 Prompts: the trainer's per-step batches carry only sample positions; a prompt batch is read
 from the configured source (the micro-batch's positions) only when a sequence starts or
 switches, so a prompt file is sampled sparsely, never read twice at one position.
@@ -52,16 +56,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..models.rollout import Noise, Training, cache_options, make_cache, rollout
+from ..models.plans import Chunkwise
+from ..models.rollout import Noise, Training, make_cache, rollout
 from ..train import checkpoint as ckpt_io
-from ..train.data import ShardStream, make_stream
-from ..train.recipe import mix_seed
+from ..train.data import ShardStream
+from ..train.roles import resolve_init
 from . import lora
 from ..validate import (choice, each, in_range, multiple_of, non_negative_int, optional, positive_float,
                         positive_int, setting)
-from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, reencode_first
-
-EXIT_DRAW, SWITCH_DRAW, NOISE_DRAW = 1, 2, 3
+from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, check_cache, student_chunk
 
 
 @dataclass
@@ -83,8 +86,9 @@ class StreamingLongOptions(DMDOptions):
     lora_alpha: float | None = setting(None, optional(positive_float))   # LoRA scale alpha / rank (None: alpha = rank)
     lora_roles: list[str] = setting(["generator", "critic"], each(choice, ("generator", "critic")))
 
-    def check(self, chunk: int | None = None) -> None:
-        super().check(chunk)
+    def check(self, model=None) -> None:
+        super().check(model)
+        chunk = student_chunk(model)
         in_range(self.new_frames, "algo.new_frames", 1, self.frames, integer=True,
                  why="algo.frames: the teacher window is the overlap plus the new frames")
         in_range(self.max_frames, "algo.max_frames", self.frames, None, integer=True, why="algo.frames")
@@ -96,6 +100,11 @@ class StreamingLongOptions(DMDOptions):
         if bad:
             raise ConfigError(f"algo.switch_frames: {bad} are not step starts of a sequence ({starts[:4]}... up to "
                               f"{self.sequence_length()} frames: frames + k * new_frames)")
+        check_cache(self.windowed_plan(self.timesteps()), model)
+
+    def windowed_plan(self, timesteps: list[float]) -> Chunkwise:
+        """The generator's chunk-wise plan with its attention window and sink."""
+        return self.plan(timesteps, window_frames=self.window_frames, sink_frames=self.sink_frames)
 
     def sequence_length(self) -> int:
         """Frames of one sequence: the longest frames + k * new_frames <= max_frames."""
@@ -153,8 +162,7 @@ class StreamingLongRecipe(DMDRecipe):
         role.params = lora.add_lora(role.module, o.lora_rank, alpha, cfg.seed, role.name)
 
     def make_stream(self):
-        self.prompt_source = PromptsOnDemand(make_stream(self.cfg, "prompts", self.trainer.codec,
-                                                         self.trainer.text_encoder))
+        self.prompt_source = PromptsOnDemand(self.run.data_stream("prompts"))
         return self.prompt_source
 
     def setup(self) -> None:
@@ -166,12 +174,11 @@ class StreamingLongRecipe(DMDRecipe):
         self.recache_frames = o.frames if o.recache_frames is None else o.recache_frames
         # the re-encode decodes the previous window (`frames` latents) up to the window's first
         self.keep_recent = max(self.overlap, self.recache_frames, o.frames if o.reencode_first and self.overlap else 0)
-        cache_options(self.plan(), self.trainer.module("generator").config)   # window / sink checked now
         self.seq: Sequence | None = None
         self.sequences = 0
 
-    def plan(self, **kw):
-        return super().plan(window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames, **kw)
+    def plan(self):
+        return self.opt.windowed_plan(self.timesteps)
 
     # ------------------------------------------------------------------ the sequence
     def loss(self, role, batch, ctx):
@@ -188,13 +195,12 @@ class StreamingLongRecipe(DMDRecipe):
 
     def start_sequence(self, ctx) -> None:
         o, B = self.opt, len(ctx.positions)
-        model = self.trainer.module("generator")
+        model = self.run.module("generator")
         switch_at = -1
         if o.switch and self.switch_candidates:
-            switch_at = self.switch_candidates[ctx.shared_int(len(self.switch_candidates), SWITCH_DRAW)]
+            switch_at = self.switch_candidates[ctx.stream("switch_frame").shared_int(len(self.switch_candidates))]
         cache = make_cache(model, self.plan(), B, *self.latent_hw, self.length)
-        self.seq = Sequence(self._read_prompts(ctx), [mix_seed(ctx.seed, p, NOISE_DRAW) for p in ctx.positions],
-                            cache, switch_at)
+        self.seq = Sequence(self._read_prompts(ctx), ctx.stream("sequence_noise").seeds(), cache, switch_at)
         self.sequences += 1
 
     def switch_prompt(self, ctx) -> None:
@@ -205,15 +211,16 @@ class StreamingLongRecipe(DMDRecipe):
         seq.cache.reset(keep_sink=self.opt.keep_sink)
         seq.recache = self.recache_frames > 0
 
-    def noise(self, ctx, draw: int = 0) -> Noise:
-        return Noise(self.seq.seeds, self.trainer.module("generator").config.in_channels, *self.latent_hw,
+    def noise(self, ctx, stream: str = "sequence_noise") -> Noise:
+        """The sequence's noise (its seeds were drawn from `stream` when it started)."""
+        return Noise(self.seq.seeds, self.run.module("generator").config.in_channels, *self.latent_hw,
                      device=ctx.device)
 
     def generate(self, batch, ctx, grad):
         o, seq = self.opt, self.seq
         start = seq.end
         n = o.frames if start == 0 else o.new_frames
-        exit_step = ctx.shared_int(len(self.timesteps), EXIT_DRAW)
+        exit_step = ctx.stream("exit_step").shared_int(len(self.timesteps))
         prefix = None
         if seq.recache:
             lo = max(seq.cache.sink_frames, start - self.recache_frames)
@@ -222,14 +229,13 @@ class StreamingLongRecipe(DMDRecipe):
         # every chunk stops at the exit step; only the generator step's exit passes keep a graph
         # (the critic's rollout runs under no_grad, which the engine's training hooks respect)
         training = Training(exit_step, grad_from_frame=start)
-        res = rollout(self.trainer.model("generator"), self.plan(), seq.prompt, self.noise(ctx), n,
+        res = rollout(self.run.model("generator"), self.plan(), seq.prompt, self.noise(ctx), n,
                       cache=seq.cache, start_frame=start, prefix=prefix, training=training)
         ov = min(self.overlap, start)
         x0 = res.x0 if ov == 0 else torch.cat([seq.recent[:, :, -ov:].to(res.x0.dtype), res.x0], dim=2)
         if ov and o.reencode_first:
             kept = seq.recent.shape[2]  # recent: frames [start - kept, start); the window starts at start - ov
-            first = reencode_first(self.trainer.codec, seq.recent[:, :, max(0, kept - o.frames):kept - ov + 1])
-            x0 = torch.cat([first, x0[:, :, 1:]], dim=2)
+            x0 = self.reencoded(x0, seq.recent[:, :, max(0, kept - o.frames):kept - ov + 1])
         clean = res.x0.detach()
         seq.recent = clean if seq.recent is None else torch.cat([seq.recent, clean], dim=2)
         seq.recent = seq.recent[:, :, -self.keep_recent:] if self.keep_recent else seq.recent[:, :, :0]
@@ -249,8 +255,8 @@ class StreamingLongRecipe(DMDRecipe):
             out["sequence"] = {"prompt": seq.prompt.cpu(), "seeds": list(seq.seeds), "switch_at": seq.switch_at,
                                "end": seq.end, "recache": seq.recache, "cache": seq.cache.state_dict(),
                                "recent": None if seq.recent is None else seq.recent.cpu()}
-        if self.opt.lora_rank and self.trainer.rank == 0:   # identical on every rank: written once
-            out["lora"] = {r: lora.adapter_state(self.trainer.module(r)) for r in self._lora_roles()}
+        if self.opt.lora_rank and self.run.is_main:   # identical on every rank: written once
+            out["lora"] = {r: lora.adapter_state(self.run.module(r)) for r in self._lora_roles()}
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,8 +266,8 @@ class StreamingLongRecipe(DMDRecipe):
             source.skip(int(state.get("prompt_batches", 0)))
         s = state.get("sequence")
         if s is not None:
-            device = self.trainer.device
-            cache = make_cache(self.trainer.module("generator"), self.plan(), s["prompt"].shape[0],
+            device = self.run.device
+            cache = make_cache(self.run.module("generator"), self.plan(), s["prompt"].shape[0],
                                *self.latent_hw, self.length)
             cache.load_state_dict(s["cache"])
             self.seq = Sequence(s["prompt"].to(device), list(s["seeds"]), cache, int(s["switch_at"]),
@@ -271,20 +277,20 @@ class StreamingLongRecipe(DMDRecipe):
             self._load_lora(state)
 
     def _lora_roles(self) -> list[str]:
-        return [r for r in self.opt.lora_roles if self.trainer.roles[r].trainable]
+        return [r for r in self.opt.lora_roles if self.run.trainable(r)]
 
     def _load_lora(self, state: dict) -> None:
         """The resumed roles were built from the checkpoint's merged weights: put the frozen
         base back from the role's init source and the adapters from the checkpoint."""
         from ..models.dit import CausalDiT
 
-        t = self.trainer
-        saved = state.get("lora") if t.rank == 0 else ckpt_io.load_rank_state(t.resume_from, 0).get("recipe", {}).get("lora")
+        t = self.run
+        saved = state.get("lora") if t.is_main else ckpt_io.load_rank_state(t.resume_from, 0).get("recipe", {}).get("lora")
         if saved is None:
             raise CheckpointError(f"checkpoint {t.resume_from}: no LoRA adapters saved; it was written with "
                                   f"algo.lora_rank=0 - resume with the same settings")
         for name in self._lora_roles():
-            weights, _ = t._init_source(name)
+            weights, _ = resolve_init(self.cfg, self.roles, name)
             if weights is None:
                 raise ConfigError(f"roles.{name}.init: LoRA needs the base weights it was trained on")
             module = t.module(name)

@@ -32,6 +32,7 @@ from ..errors import ForcelabError
 from .schedule import NUM_TRAIN_TIMESTEPS, SOLVERS, TEACHER_SIGMA_MAX, sigma_to_timestep, teacher_sigmas, warp_timesteps
 
 UPDATES = ("renoise", "euler")
+TEACHER_GUIDANCE = 5.0       # the Teacher plan's default CFG scale (callers without a value of their own use it)
 PLANS = ("teacher", "chunkwise", "rolling", "step_matrix")
 
 
@@ -219,7 +220,7 @@ class Teacher:
     steps: int = 50                      # solver steps
     shift: float = 5.0                   # sigma shift of the sampling schedule
     solver: str = "unipc"                # "unipc" or "euler"
-    guidance: float = 5.0                # CFG scale (see the convention above)
+    guidance: float = TEACHER_GUIDANCE   # CFG scale (see the convention above)
     sigma_max: float = TEACHER_SIGMA_MAX  # first sampling level before the shift (Wan: 0.999; CausVid's ODE pairs: 1.0)
     name = "teacher"
 

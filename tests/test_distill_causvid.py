@@ -55,7 +55,7 @@ def test_per_chunk_levels_one_forward_and_clean_chunks_pass_through(trainer):
         assert x_t.shape[2] == 8 and kwargs["chunk_frames"] == 2 and torch.equal(t_in, t)
         sigma = (t / 1000).double()[:, None, :, None, None]
         x0 = batch["latent"].double()
-        assert torch.allclose(x_t.double(), (1 - sigma) * x0 + sigma * ctx.normal(x0.shape[1:], 31).double(),
+        assert torch.allclose(x_t.double(), (1 - sigma) * x0 + sigma * ctx.stream("clip_noise").normal(x0.shape[1:]).double(),
                               atol=1e-5)
         want = x_t.double() - sigma * v.double()                               # v-prediction -> x0
         clean = (t == 0)[:, None, :, None, None]

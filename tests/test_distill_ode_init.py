@@ -16,7 +16,8 @@ from forcelab.models.rollout import Noise, rollout
 from forcelab.models.schedule import make_solver, teacher_sigmas
 from forcelab.models.text_encoder import load_text_encoder
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import StepContext, mix_seed
+from forcelab.seeds import stream_seed
+from forcelab.train.recipe import StepContext
 from forcelab.train.timesteps import choose_levels
 from forcelab.train.trainer import Trainer
 
@@ -114,7 +115,7 @@ def test_pairs_round_trip(pairs_run, teacher):
         assert p["caption"] == caption and p["text_len"] == int(lengths[0])
         assert torch.equal(p["text_emb"], emb[0])
         states = {}
-        rollout(teacher, plan, emb, Noise([mix_seed(0, i, 0x0DE)], C, GRID, GRID), 4, negative=neg,
+        rollout(teacher, plan, emb, Noise([stream_seed(0, "ode_pair_noise", i)], C, GRID, GRID), 4, negative=neg,
                 trajectory=lambda k, x: states.__setitem__(k, x.clone()))
         assert p["ode_latents"].shape == (3, C, 4, GRID, GRID)
         assert torch.equal(p["ode_latents"], torch.stack([states[k][0] for k in (0, 2, 4)]))
@@ -176,7 +177,7 @@ def test_loss_is_masked_at_the_clean_level(pairs_run):
     levels = batch["ode_timesteps"][0]
     for first in range(0, 200, 2):       # a draw with both clean and noisy chunks
         ctx = StepContext(0, 0, 0, [first, first + 1], torch.device("cpu"))
-        idx = ctx.per_sample(0, lambda b, generator: choose_levels([0, 1, 2], b, 4, 2, generator)).long()
+        idx = ctx.stream("stored_state").per_sample(lambda b, generator: choose_levels([0, 1, 2], b, 4, 2, generator)).long()
         if (idx == 2).any() and (idx < 2).any():
             break
     ctx = StepContext(0, 0, 0, [first, first + 1], torch.device("cpu"))
@@ -274,3 +275,27 @@ def test_two_processes_write_the_same_pair_set(teacher_dir, pairs_run, tmp_path)
     for i in range(4):
         assert torch.equal(two[i]["ode_latents"], ref[i]["ode_latents"])
     assert (out / "checkpoint-000001").is_dir()
+
+
+def test_the_pair_stage_runs_without_a_trainer_and_its_set_does_not_depend_on_the_ranks(pairs_run, teacher,
+                                                                                       tmp_path):
+    """The data stage alone (no trainer, no recipe): two ranks' shares, written one after the
+    other, give exactly the pairs the recipe's one-process run wrote."""
+    from forcelab.data.toyworld import ToyWorld
+    from forcelab.distill.ode_pair_stage import PairJob, write_pairs
+
+    trainer, folder = pairs_run
+    te, world = load_text_encoder("toy"), ToyWorld(seed=0)
+    job = PairJob(teacher, Teacher(steps=4, shift=8.0, solver="euler", guidance=3.0, sigma_max=1.0), [0, 2, 4],
+                  [C, 4, GRID, GRID], lambda i: world.scene(i).caption, te, te.encode([""])[0], seed=0, count=4,
+                  per_shard=2, dtype="fp32")
+    settings = {"made": "by hand"}
+    for rank in (0, 1):          # rank 0 writes the settings record (the barrier orders that in a real run)
+        write_pairs(tmp_path / "pairs", job, settings, rank=rank, world=2)
+    mine, theirs = ODEPairs(tmp_path / "pairs"), ODEPairs(folder)
+    assert len(mine) == len(theirs) == 4
+    for i in range(4):
+        assert torch.equal(mine[i]["ode_latents"], theirs[i]["ode_latents"])
+        assert mine[i]["caption"] == theirs[i]["caption"]
+    with pytest.raises(ConfigError, match="other settings"):
+        write_pairs(tmp_path / "pairs", job, {"made": "otherwise"})

@@ -98,12 +98,12 @@ def test_the_window_starts_from_the_backward_noised_long_rollout(trainer):
     recipe.generate(batch, ctx, grad=True)
     h.remove()
     del recipe.draw_window
-    context, noise, plan = batch["text_emb"], recipe.noise(ctx, 1), recipe.plan()
+    context, noise, plan = batch["text_emb"], recipe.noise(ctx), recipe.plan()
     with torch.no_grad():
         # reference: ONE plain rollout of the whole prefix + window (no cache copy)
         full = rollout(model, plan, context, noise, start + T).x0
         sigma = timestep_to_sigma(recipe.timesteps[entry])
-        want_in = add_noise(full[:, :, start:start + C], recipe.noise(ctx, 2)(start, C, INITIAL), sigma)
+        want_in = add_noise(full[:, :, start:start + C], recipe.noise(ctx, "backward_noise")(start, C, INITIAL), sigma)
         assert torch.allclose(seen[0][0], want_in, atol=1e-6)
         # ... and the first window pass sees the cache of frames [0, start)
         ref_cache = rollout(model, plan, context, noise, start).cache

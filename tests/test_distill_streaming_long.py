@@ -3,6 +3,7 @@ at the maximum length, the teacher judges the newest window, a prompt switch rec
 new prompt and keeps the sink (or wipes it on request), only new frames carry gradient and
 loss, resume is bit-exact mid-sequence, and LoRA adapters train, resume and export merged."""
 
+import dataclasses
 import json
 
 import pytest
@@ -61,7 +62,7 @@ def test_sequence_persists_across_steps_and_resets_at_the_maximum_length(tmp_pat
     # reference: frames 4, 5 generated on a FRESH cache that holds step 1's frames as committed context
     model = trainer.module("generator")
     ref_cache = model.new_cache(2, *recipe.latent_hw, chunk_frames=2, window_frames=4, sink_frames=2)
-    exit_step = ctx1.shared_int(len(recipe.timesteps), 1)
+    exit_step = ctx1.stream("exit_step").shared_int(len(recipe.timesteps))
     with torch.no_grad():
         ref = rollout(model, recipe.plan(), seq.prompt, recipe.noise(ctx1), 2, cache=ref_cache, start_frame=4,
                       prefix=first, training=Training(exit_step, grad_from_frame=6)).x0
@@ -208,7 +209,7 @@ def test_lora_trains_only_adapters_resumes_and_exports_merged(tmp_path, teacher_
     with torch.no_grad():
         for p in module.parameters():
             p.zero_()
-    resumed.rank = 1
+    resumed.recipe.run = dataclasses.replace(resumed.recipe.run, rank=1)     # what rank 1's recipe sees
     resumed.recipe.load_state_dict({"sequences": 0})
     assert all(torch.equal(p, want[n]) for n, p in module.named_parameters())
     # a fresh trainer on the same base: the adapters it trains are its only trainable parameters

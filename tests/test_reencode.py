@@ -132,7 +132,7 @@ def test_self_forcing_pp_decodes_the_teacher_horizon_before_its_window(tmp_path,
         recipe.opt.reencode_first = False
         raw = recipe.generate(batch, ctx, grad=False).x0            # the same window, first latent as made
         recipe.opt.reencode_first = True
-        long = rollout(model, recipe.plan(), batch["text_emb"], recipe.noise(ctx, 1), start).x0
+        long = rollout(model, recipe.plan(), batch["text_emb"], recipe.noise(ctx), start).x0
     video = torch.cat([long, raw], dim=2)                           # frames [0, start + T)
     # the public slicing over the last T - 1 latents before the window and the window
     assert torch.allclose(out.x0[:, :, :1], public_first_latent(codec, video[:, :, start - (T - 1):], T), atol=1e-5)

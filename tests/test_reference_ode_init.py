@@ -9,13 +9,14 @@ import torch
 from forcelab.data.ode_pairs import ODEPairs
 from forcelab.models.rollout import Noise
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import StepContext, mix_seed
+from forcelab.seeds import stream_seed
+from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 from plain_recipes.compare import assert_same, loss_and_grads
-from plain_recipes.ode_init import STATE_DRAW, euler_sigmas, ode_regression_loss, ode_trajectory
+from plain_recipes.ode_init import STATE_STREAM, euler_sigmas, ode_regression_loss, ode_trajectory
 
 SEED, STEPS, SHIFT, GUIDANCE, STORED, C = 0, 4, 8.0, 3.0, [0, 2, -1], 2
-PAIR_NOISE = 0x0DE          # mix_seed tag of a pair's starting noise
+PAIR_NOISE = "ode_pair_noise"   # the random stream of a pair's starting noise (per pair index)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_pairs_are_the_teachers_euler_trajectory_at_the_stored_steps(trainer):
         i = int(pair["meta"]["source"].split(":")[1])
         seen.add(i)
         lat = pair["ode_latents"]                                 # [S, C, F, H, W]
-        noise = Noise([mix_seed(SEED, i, PAIR_NOISE)], *lat.shape[1:2], *lat.shape[3:])(0, lat.shape[2])
+        noise = Noise([stream_seed(SEED, PAIR_NOISE, i)], *lat.shape[1:2], *lat.shape[3:])(0, lat.shape[2])
         states = ode_trajectory(teacher, noise, pair["text_emb"][None], trainer.negative, GUIDANCE, sigmas)
         want = torch.stack([states[k][0] for k in STORED])
         torch.testing.assert_close(lat, want, rtol=1e-5, atol=1e-5)
@@ -54,7 +55,7 @@ def test_regression_step_equals_the_plain_reference(trainer):
         batch, positions = trainer.next_batch()
         S, F = batch["ode_latents"].shape[1], batch["ode_latents"].shape[3]
         ctx = StepContext(step, 0, SEED, positions, torch.device("cpu"), role="generator")
-        picks += [torch.randint(0, S, (F // C,), generator=ctx.sample_generator(i, STATE_DRAW)).tolist()
+        picks += [torch.randint(0, S, (F // C,), generator=ctx.stream(STATE_STREAM).generator(i)).tolist()
                   for i in range(len(positions))]
         got = loss_and_grads(lambda: trainer.recipe.loss("generator", batch, ctx)[0], [gen])
         ref = loss_and_grads(lambda: ode_regression_loss(gen, batch["ode_latents"], batch["ode_timesteps"],

@@ -10,7 +10,7 @@ import torch
 
 from forcelab.models.rollout import Noise
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import StepContext, mix_seed
+from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 from plain_recipes.compare import assert_same, loss_and_grads
 from plain_recipes.rolling_forcing import ROLLOUT_NOISE, RollingOptions, Scores, draw_rollout, rolling_forcing_loss
@@ -56,7 +56,7 @@ def test_rolling_forcing_step_equals_the_plain_reference(trainer, role):
     modules = [gen, trainer.module("critic")]
     for step in cases():
         ctx = StepContext(step, 0, SEED, positions, torch.device("cpu"), role=role)
-        noise = Noise([mix_seed(SEED, p, ROLLOUT_NOISE) for p in positions], gen.config.in_channels, *hw)
+        noise = Noise(ctx.stream(ROLLOUT_NOISE).seeds(), gen.config.in_channels, *hw)
         got = loss_and_grads(lambda: trainer.recipe.loss(role, batch, ctx)[0], modules)
         ref = loss_and_grads(lambda: rolling_forcing_loss(role, gen, batch["text_emb"], ctx, noise, codec, scores,
                                                           OPTIONS), modules)

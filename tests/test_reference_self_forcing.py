@@ -69,7 +69,7 @@ def test_score_timesteps_clamped_at_both_ends(tmp_path, teacher_dir):
     s = settings()
 
     def k(p, draw):
-        return int(torch.randint(0, 1000, (1,), generator=step_context(trainer, [p], 0, "").sample_generator(0, draw)))
+        return int(torch.randint(0, 1000, (1,), generator=step_context(trainer, [p], 0, "").stream(draw).generator(0)))
     low = next(p for p in range(20000) if k(p, ref.GENERATOR_DRAWS[0]) < 4 and k(p, ref.CRITIC_DRAWS[0]) > 906)
     high = next(p for p in range(20000) if k(p, ref.GENERATOR_DRAWS[0]) > 906 and k(p, ref.CRITIC_DRAWS[0]) < 4)
     # at t = 20 the DMD normaliser mean|x0 - real| is ~1e-3: it magnifies the float32 rounding of

@@ -9,7 +9,7 @@ import torch
 
 from forcelab.models.rollout import Noise
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import StepContext, mix_seed
+from forcelab.train.recipe import StepContext
 from forcelab.train.trainer import Trainer
 from plain_recipes.compare import assert_same, loss_and_grads
 from plain_recipes.rolling_forcing import Scores
@@ -50,7 +50,7 @@ def test_self_forcing_pp_step_equals_the_plain_reference(trainer, role):
     scores = Scores(trainer.module("teacher"), critic, trainer.negative, guidance=4.0)
     for step in cases():
         ctx = StepContext(step, 0, SEED, positions, torch.device("cpu"), role=role)
-        noise, fresh = (Noise([mix_seed(SEED, p, d) for p in positions], gen.config.in_channels, grid, grid)
+        noise, fresh = (Noise(ctx.stream(d).seeds(), gen.config.in_channels, grid, grid)
                         for d in (ROLLOUT_NOISE, BACKWARD_NOISE))
         got = loss_and_grads(lambda: trainer.recipe.loss(role, batch, ctx)[0], [gen, critic])
         ref = loss_and_grads(lambda: self_forcing_pp_loss(role, gen, batch["text_emb"], ctx, noise, fresh,

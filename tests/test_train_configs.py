@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import RECIPES
+from forcelab.train.recipe import recipe_names
+
+RECIPES = recipe_names()
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FILES = sorted(p for d in ("toy", "recipes") for p in (CONFIGS / d).glob("*.yaml"))

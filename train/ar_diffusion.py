@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models.plans import StepMatrix, default_timesteps
-from ..models.schedule import add_noise, flow_target, sigma_to_timestep
+from ..models.schedule import add_noise, sigma_to_timestep
 from ..validate import choice, in_range, non_negative_int, positive_float, positive_int, setting, unit_interval
+from .flow_matching import flow_matching_loss
 from .recipe import Recipe, RoleSpec
 from .timesteps import ar_sigmas, fopp_sample, uniform_nondecreasing_sample
 
@@ -48,7 +49,7 @@ class ARDiffusionRecipe(Recipe):
         """[B, F] non-decreasing integer levels, one draw per sample (per attention unit)."""
         sampler = fopp_sample if self.opt.sampler == "fopp" else uniform_nondecreasing_sample
         units = -(-frames // self.opt.chunk_frames)
-        levels = ctx.per_sample(0, sampler, units, self.opt.num_levels)
+        levels = ctx.stream("levels").per_sample(sampler, units, self.opt.num_levels)
         return levels.repeat_interleave(self.opt.chunk_frames, dim=1)[:, :frames]
 
     def predict(self, model, x_t, sigma, context):
@@ -58,11 +59,10 @@ class ARDiffusionRecipe(Recipe):
         x0, context = batch["latent"], batch["text_emb"]
         F = x0.shape[2]
         sigma = ar_sigmas(self.levels(ctx, F), self.opt.num_levels, self.opt.shift).to(x0.device)
-        noise = ctx.normal(x0.shape[1:], draw=1)
+        noise = ctx.stream("noise").normal(x0.shape[1:])
         context = self.drop_captions(context, ctx, self.opt.uncond_prob)
-        v = self.predict(self.trainer.model(role), add_noise(x0, noise, sigma), sigma, context)
-        loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
-        return loss, {"sigma": float(sigma.mean())}
+        v = self.predict(self.run.model(role), add_noise(x0, noise, sigma), sigma, context)
+        return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):

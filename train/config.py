@@ -7,8 +7,9 @@ logging, data); `roles.<name>` configures each model the recipe uses (generator,
 teacher); `algo` holds the recipe's own options, whose schema is the recipe's `Options`
 dataclass - chosen by `recipe`, so a typo there is an error naming the key like anywhere else.
 Each setting's rule is declared beside it (`setting(default, check)`, forcelab.validate) and
-load_train_config applies them all - with the recipe's cross-field rules (`Options.check`) -
-before a model is built or a folder written.
+load_train_config applies them all - with the recipe's cross-field rules (`Options.check`,
+given the student's architecture as far as the config fixes it) - before a model is built or
+a folder written.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    recipe: str = "teacher"             # which recipe (see forcelab.train.recipe.RECIPES)
+    recipe: str = "teacher"             # which recipe (forcelab.train.recipe.recipe_names())
     output_dir: str = "runs/run"        # the run folder: checkpoints, metrics.jsonl, samples, config.yaml
     seed: int = setting(0, non_negative_int)
     max_steps: int = setting(1000, positive_int)
@@ -146,7 +147,8 @@ def check_train_config(cfg) -> None:
     """Every setting checked before anything is built or written: each field's rule (declared
     beside it with forcelab.validate.setting; every number finite), the role names against
     the recipe's, model_overrides against the DiT's fields, then the recipe's own cross-field
-    rules (`algo.check(chunk)`)."""
+    rules (`algo.check(model)`, model: the student's DiTConfig when the config or its init
+    weights fix it)."""
     from .recipe import recipe_class
 
     with config_errors():
@@ -158,15 +160,15 @@ def check_train_config(cfg) -> None:
     check_options(getattr(cfg, "algo", None), check_model(cfg))
 
 
-def check_options(options, chunk: int | None = None) -> None:
-    """The recipe's rules across its options (`Options.check(chunk)`, if it has one), as
-    ConfigErrors. chunk: the student's chunk_frames, None while only its weights know it (the
-    recipe's setup() calls this again once they are loaded)."""
+def check_options(options, model: DiTConfig | None = None) -> None:
+    """The recipe's rules across its options (`Options.check(model)`, if it has one), as
+    ConfigErrors. model: the student's architecture (DiTConfig: chunk_frames, window_frames,
+    sink_frames ...), None when the config cannot tell it (weights that cannot be read yet)."""
     check = getattr(options, "check", None)
     if check is None:
         return
     with config_errors():
-        check(chunk)
+        check(model)
 
 
 @contextlib.contextmanager
@@ -183,10 +185,12 @@ def config_errors():
 _DIT = "DiTConfig: "     # how DiTConfig's errors start
 
 
-def check_model(cfg) -> int | None:
+def check_model(cfg) -> DiTConfig | None:
     """Check model_overrides (known DiTConfig fields; values as DiTConfig checks them) and
-    return the student's chunk_frames when the config alone fixes it: set in model_overrides,
-    or every role built at random from its preset. None: weights given as init decide it."""
+    return the student's (generator's) architecture as far as the config fixes it: its
+    preset with the overrides when every role is built at random; else its init weights'
+    config with the runtime overrides (read, not loaded); else (weights not readable now) the
+    preset with the overrides when chunk_frames is set there, or None."""
     from .roles import RUNTIME_FIELDS     # (roles imports this module)
 
     fields = list(DiTConfig.__dataclass_fields__)
@@ -207,7 +211,25 @@ def check_model(cfg) -> int | None:
         text = str(e)
         raise ConfigError(f"model_overrides.{text[len(_DIT):]}" if text.startswith(_DIT)
                           else f"model_overrides: {text}") from None
-    return configs[student].chunk_frames if random or "chunk_frames" in given else None
+    if random:
+        return configs[student]
+    return weights_config(cfg) or (configs[student] if "chunk_frames" in given else None)
+
+
+def weights_config(cfg, role: str = "generator") -> DiTConfig | None:
+    """The architecture a role's init weights give it (their config.json with the run's runtime
+    overrides), or None when the role has no init or its weights cannot be read now (the
+    trainer reports that when it builds the role)."""
+    from .recipe import recipe_class
+    from .roles import _checked_config, resolve_init
+
+    try:
+        weights, _ = resolve_init(cfg, recipe_class(cfg.recipe).roles, role)
+        if weights is None:
+            return None
+        return _checked_config(role, weights, cfg.roles.get(role) or RoleConfig(), dict(cfg.model_overrides))
+    except ForcelabError:
+        return None
 
 
 def config_yaml(cfg) -> str:

@@ -22,7 +22,7 @@ from ..data.schema import collate
 from ..data.shards import ShardDataset, shard_loader
 from ..data.toyworld import ToyWorld, ToyWorldConfig
 from ..errors import ConfigError, ForcelabError
-from .recipe import mix_seed
+from ..seeds import stream_seed
 
 TOYWORLD = "toyworld"
 PROMPT_SUFFIXES = (".txt", ".csv", ".jsonl")   # prompt files (forcelab.data.prompts reads them)
@@ -64,7 +64,7 @@ class MapStream:
         n = len(self.dataset)
         epoch = position // n
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, "epoch_order", epoch))
             self._perm = (epoch, torch.randperm(n, generator=g))
         return int(self._perm[1][position % n])
 

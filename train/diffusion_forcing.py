@@ -16,9 +16,10 @@ import torch
 
 from ..errors import ConfigError
 from ..models.plans import Chunkwise, StepMatrix, default_timesteps
-from ..models.schedule import add_noise, flow_target, timestep_to_sigma
+from ..models.schedule import add_noise, timestep_to_sigma
 from ..validate import (choice, in_range, non_negative_int, optional, positive_float, positive_int, setting,
                         unit_interval)
+from .flow_matching import flow_matching_loss
 from .recipe import Recipe, RoleSpec
 from .timesteps import FLOW_DISTRIBUTIONS, sample_flow_timesteps
 
@@ -51,33 +52,32 @@ class DiffusionForcingRecipe(Recipe):
     Options = DiffusionForcingOptions
 
     def setup(self):
-        self.chunk = self.trainer.module("generator").config.chunk_frames
+        self.chunk = self.run.module("generator").config.chunk_frames
 
     def chunk_timesteps(self, ctx, frames: int) -> torch.Tensor:
         """[B, frames]: one timestep per chunk, repeated over its frames."""
         if frames % self.chunk:
             raise ConfigError(f"diffusion forcing: clips of {frames} latent frames are not whole chunks of "
                               f"{self.chunk}; set data.frames so latent frames divide by chunk_frames")
-        return ctx.per_sample(0, sample_flow_timesteps, frames, chunk_frames=self.chunk,
-                              distribution=self.opt.sigma_dist, shift=self.opt.shift)
+        return ctx.stream("levels").per_sample(sample_flow_timesteps, frames, chunk_frames=self.chunk,
+                                               distribution=self.opt.sigma_dist, shift=self.opt.shift)
 
     def loss(self, role, batch, ctx):
         x0, context = batch["latent"], batch["text_emb"]
         F = x0.shape[2]
         t = self.chunk_timesteps(ctx, F)
         sigma = timestep_to_sigma(t)
-        noise = ctx.normal(x0.shape[1:], draw=1)
+        noise = ctx.stream("noise").normal(x0.shape[1:])
         context = self.drop_captions(context, ctx, self.opt.uncond_prob)
         x_t = add_noise(x0, noise, sigma)
-        model = self.trainer.model(role)
+        model = self.run.model(role)
         kw = dict(chunk_frames=self.chunk, window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames)
         if self.opt.teacher_forcing:
             both = torch.cat([torch.zeros_like(t), t], dim=1)
             v = model(torch.cat([x0, x_t], dim=2), both, context, teacher_forcing=True, **kw)[:, :, F:]
         else:
             v = model(x_t, t, context, **kw)
-        loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
-        return loss, {"sigma": float(sigma.mean())}
+        return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
 
     def plan(self):
         o = self.opt

@@ -2,47 +2,81 @@
 batch becomes a loss for each role. The Trainer (train/trainer.py) holds everything else.
 
     class MyRecipe(Recipe):
-        name = "my_recipe"
+        name = "my_recipe"                                  # registers it: `recipe: my_recipe`
         roles = {"generator": RoleSpec()}                   # update order; trainable by default
         data = "latents"                                    # latents | prompts | ode_pairs
         @dataclass
         class Options: guidance: float = 4.0                 # the config's `algo:` section
         def loss(self, role, batch, ctx): ...               # -> (scalar loss, {name: float})
 
-`ctx` (StepContext) gives the step, the micro-step and reproducible randomness tied to each
-sample's global position (so a run does not depend on how samples are spread over
-processes and accumulation steps). The trainer's models: `self.trainer.model(role)`.
+`ctx` (StepContext, train/step_context.py) gives the step, the micro-step and named random
+streams tied to each sample's global position (`ctx.stream("noise").normal(shape)`), so a
+run does not depend on how samples are spread over processes and accumulation steps. What
+the recipe may use of the run (its models by role, the encoders, the negative prompt, rank and
+world): `self.run` (RunContext, train/run_context.py); a recipe never sees the trainer.
+
+A recipe registers itself by its `name` when its module is imported; `recipe_class(name)`
+imports every module of the recipe packages (train/, distill/) once, so adding a recipe
+touches only its own module, its toy config and its test.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import pkgutil
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
+from ..seeds import mix_seed  # noqa: F401  (the one seed mixer; re-exported for the trainer's users)
+from .run_context import RunContext
+from .step_context import StepContext
 
-# recipe name -> "module:Class". Imported only when chosen.
-RECIPES: dict[str, str] = {
-    "teacher": "forcelab.train.teacher:TeacherRecipe",
-    "diffusion_forcing": "forcelab.train.diffusion_forcing:DiffusionForcingRecipe",
-    "ar_diffusion": "forcelab.train.ar_diffusion:ARDiffusionRecipe",
-    "ode_init": "forcelab.distill.ode_init:ODEInitRecipe",
-    "causvid": "forcelab.distill.causvid:CausVidRecipe",
-    "self_forcing": "forcelab.distill.self_forcing:SelfForcingRecipe",
-    "rolling_forcing": "forcelab.distill.rolling_forcing:RollingForcingRecipe",
-    "streaming_long": "forcelab.distill.streaming_long:StreamingLongRecipe",
-    "self_forcing_pp": "forcelab.distill.self_forcing_pp:SelfForcingPPRecipe",
-}
 DATA_KINDS = ("latents", "prompts", "ode_pairs")
+RECIPE_PACKAGES = ("train", "distill")     # sub-packages of forcelab whose modules may define recipes
+_SKIPPED = ("__main__",)                   # modules that run a command when imported
+_REGISTRY: dict[str, type["Recipe"]] = {}
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every module of the recipe packages once: each Recipe subclass with a `name`
+    registers itself (Recipe.__init_subclass__)."""
+    global _discovered
+    if _discovered:
+        return
+    root = __name__.rsplit(".", 2)[0]
+    for package in RECIPE_PACKAGES:
+        pkg = importlib.import_module(f"{root}.{package}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name not in _SKIPPED:
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _discovered = True
+
+
+def recipe_names() -> list[str]:
+    """The names of every recipe, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
 
 
 def recipe_class(name: str) -> type["Recipe"]:
-    if name not in RECIPES:
-        raise ConfigError(f"recipe: unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    module, cls = RECIPES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    _discover()
+    if name not in _REGISTRY:
+        raise ConfigError(f"recipe: unknown recipe {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _register(cls: type["Recipe"]) -> None:
+    name = cls.__dict__.get("name")
+    if not name:
+        return          # a base class (no name of its own): not runnable
+    other = _REGISTRY.get(name)
+    if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"recipe name {name!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+                        f"{other.__module__}.{other.__qualname__}; give the recipe another name")
+    _REGISTRY[name] = cls
 
 
 @dataclass
@@ -58,68 +92,18 @@ class NoOptions:
     pass
 
 
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93)
-_MASK = (1 << 63) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, position, draw ...): distinct parts, distinct streams."""
-    key = 0
-    for i, p in enumerate(parts):
-        key = (key ^ (int(p) * _MIX[i % len(_MIX)] + i)) * _MIX[(i + 1) % len(_MIX)] & _MASK
-    return key
-
-
-@dataclass
-class StepContext:
-    """Per-micro-batch context: step index, micro-step, and per-sample randomness."""
-    step: int
-    micro: int
-    seed: int
-    positions: list[int]                 # global sample positions of this rank's batch
-    device: torch.device
-    role: str = ""
-    _gen: torch.Generator = field(default=None, repr=False)
-
-    def _generator(self, *parts: int) -> torch.Generator:
-        if self._gen is None:
-            self._gen = torch.Generator()
-        self._gen.manual_seed(mix_seed(self.seed, *parts))
-        return self._gen
-
-    def sample_generator(self, i: int, draw: int) -> torch.Generator:
-        """A fresh generator for sample i's draw (for samplers that take a generator)."""
-        return torch.Generator().manual_seed(mix_seed(self.seed, self.positions[i], draw))
-
-    def per_sample(self, draw: int, fn, *args, **kwargs) -> torch.Tensor:
-        """fn(1, *args, generator=g_i, **kwargs) for each sample i with its own generator (a draw
-        from forcelab.train.timesteps), concatenated along the batch."""
-        return torch.cat([fn(1, *args, generator=self.sample_generator(i, draw), **kwargs)
-                          for i in range(len(self.positions))]).to(self.device)
-
-    def normal(self, shape, draw: int) -> torch.Tensor:
-        """Gaussian [B, *shape]: sample i's draw depends only on (seed, position_i, draw)."""
-        out = torch.stack([torch.randn(shape, generator=self._generator(p, draw)) for p in self.positions])
-        return out.to(self.device)
-
-    def uniform(self, shape, draw: int) -> torch.Tensor:
-        """U[0, 1) [B, *shape], per sample like normal()."""
-        out = torch.stack([torch.rand(shape, generator=self._generator(p, draw)) for p in self.positions])
-        return out.to(self.device)
-
-    def shared_int(self, high: int, draw: int) -> int:
-        """An integer in [0, high) that is the same on every rank (depends on step, micro, draw)."""
-        return int(torch.randint(high, (), generator=self._generator(-1, self.step, self.micro, draw)))
-
-
 class Recipe:
     name = ""
     roles: dict[str, RoleSpec] = {"generator": RoleSpec()}
     data = "latents"
     Options = NoOptions
 
-    def __init__(self, cfg, trainer):
-        self.cfg, self.opt, self.trainer = cfg, cfg.algo, trainer
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _register(cls)
+
+    def __init__(self, cfg, run: RunContext):
+        self.cfg, self.opt, self.run = cfg, cfg.algo, run
 
     def data_kind(self) -> str:
         """What the default stream reads: latents | prompts | ode_pairs (see train/data.py)."""
@@ -127,7 +111,8 @@ class Recipe:
 
     def make_stream(self):
         """A custom data stream (an object with batch(positions) -> batch dict), or None for
-        the default one built from cfg.data for data_kind(). Called after the roles exist."""
+        the default one built from cfg.data for data_kind(); `self.run.data_stream(kind)` builds
+        one of those for another kind. Called after the roles exist."""
         return None
 
     @classmethod
@@ -153,7 +138,7 @@ class Recipe:
         rollout engine: noise from `seeds`, frames rounded up to whole units (chunks)."""
         from ..models.rollout import Noise, rollout
 
-        model = self.trainer.sampling_module("generator")
+        model = self.run.sampling_module("generator")
         noise = Noise(seeds, model.config.in_channels, *self.latent_hw, device=context.device)
         return rollout(model, plan, context, noise, -(-frames // unit) * unit, **kwargs).x0
 
@@ -161,16 +146,17 @@ class Recipe:
     @property
     def latent_hw(self) -> tuple[int, int]:
         """Latent height and width of the configured video size under the run's codec."""
-        stride = self.trainer.codec.spatial_stride
+        stride = self.run.codec.spatial_stride
         return self.cfg.data.height // stride, self.cfg.data.width // stride
 
-    def drop_captions(self, context: torch.Tensor, ctx: StepContext, prob: float, draw: int = 2) -> torch.Tensor:
+    def drop_captions(self, context: torch.Tensor, ctx: StepContext, prob: float,
+                      stream: str = "caption_dropout") -> torch.Tensor:
         """Caption dropout for classifier-free guidance: each sample's prompt embedding
         [B, L, D] becomes the negative prompt's with probability prob (per sample, reproducible)."""
         if prob <= 0:
             return context
-        drop = ctx.uniform((), draw=draw) < prob
-        negative = self.trainer.negative.expand(context.shape[0], -1, -1)
+        drop = ctx.stream(stream).uniform(()) < prob
+        negative = self.run.negative.expand(context.shape[0], -1, -1)
         return torch.where(drop[:, None, None], negative, context)
 
     # state that must survive a resume besides weights/optimizers/RNG (per rank)

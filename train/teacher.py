@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models.plans import Teacher
-from ..models.schedule import SOLVERS, add_noise, flow_target, timestep_to_sigma
+from ..models.schedule import SOLVERS, add_noise, timestep_to_sigma
 from ..validate import choice, positive_float, positive_int, setting, unit_interval
+from .flow_matching import flow_matching_loss
 from .recipe import Recipe, RoleSpec
 from .timesteps import FLOW_DISTRIBUTIONS, sample_flow_timesteps
 
@@ -38,18 +39,18 @@ class TeacherRecipe(Recipe):
 
     def loss(self, role, batch, ctx):
         x0 = batch["latent"]
-        t = ctx.per_sample(0, sample_flow_timesteps, distribution=self.opt.sigma_dist, shift=self.opt.shift)
+        t = ctx.stream("sigma").per_sample(sample_flow_timesteps, distribution=self.opt.sigma_dist,
+                                           shift=self.opt.shift)
         sigma = timestep_to_sigma(t)
-        noise = ctx.normal(x0.shape[1:], draw=1)
+        noise = ctx.stream("noise").normal(x0.shape[1:])
         context = self.drop_captions(batch["text_emb"], ctx, self.opt.uncond_prob)
         x_t = add_noise(x0, noise, sigma)
-        v = self.trainer.model(role)(x_t, t, context)
-        loss = torch.nn.functional.mse_loss(v.float(), flow_target(x0, noise).float())
-        return loss, {"sigma": float(sigma.mean())}
+        v = self.run.model(role)(x_t, t, context)
+        return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):
         o = self.opt
         plan = Teacher(steps=o.sample_steps, shift=o.sample_shift, solver=o.sample_solver, guidance=o.guidance)
-        negative = self.trainer.negative.expand(len(seeds), -1, -1)
+        negative = self.run.negative.expand(len(seeds), -1, -1)
         return self.sample_with(plan, context, seeds, frames, negative=negative)

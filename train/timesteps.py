@@ -26,6 +26,8 @@ from ..errors import ForcelabError
 from ..models.schedule import NUM_TRAIN_TIMESTEPS, shift_sigma, sigma_to_timestep, training_sigmas
 
 FLOW_DISTRIBUTIONS = ("uniform", "logit_normal")
+# the DMD / critic timestep draw's defaults (Self-Forcing): shift 5, clamped to [20, 980]
+SCORE_SHIFT, SCORE_T_MIN, SCORE_T_MAX = 5.0, 20.0, 980.0
 
 
 def _device(generator: torch.Generator | None, device=None) -> torch.device:
@@ -59,9 +61,9 @@ class ScoreTimesteps:
     [20, 980]). snap_shift: also snap to the shifted table of that shift, as the public code
     does (None: t is used as drawn, sigma = t / 1000 exactly)."""
 
-    shift: float = 5.0          # >= 1 moves the draw towards high noise
-    t_min: float = 20.0         # the clamp (the public code's 0.02 * 1000)
-    t_max: float = 980.0        # and 0.98 * 1000
+    shift: float = SCORE_SHIFT  # >= 1 moves the draw towards high noise
+    t_min: float = SCORE_T_MIN  # the clamp (the public code's 0.02 * 1000)
+    t_max: float = SCORE_T_MAX  # and 0.98 * 1000
     snap_shift: float | None = None
 
     def sample(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -69,9 +71,9 @@ class ScoreTimesteps:
                                 snap_shift=self.snap_shift, generator=generator, device=device)
 
 
-def sample_timesteps(batch: int, *, shift: float = 5.0, t_min: float = 20.0, t_max: float = 980.0,
-                     snap_shift: float | None = None, generator: torch.Generator | None = None,
-                     device=None) -> torch.Tensor:
+def sample_timesteps(batch: int, *, shift: float = SCORE_SHIFT, t_min: float = SCORE_T_MIN,
+                     t_max: float = SCORE_T_MAX, snap_shift: float | None = None,
+                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """The DMD / critic draw (see ScoreTimesteps), -> t [batch] float32 in [t_min, t_max]."""
     _check_count("batch", batch)
     _check_range(t_min, t_max)

@@ -45,6 +45,7 @@ from .config import config_dict, config_yaml
 from .data import make_stream, to_device, ShardStream
 from .metrics import MetricsLogger
 from .parallel import make_strategy
+from .run_context import RunContext
 from .recipe import StepContext, mix_seed, recipe_class
 from ..run_folder import RUN_RECORD
 from .roles import Role, build_role, ema_copy, make_optimizer, resolve_init, update_ema
@@ -101,7 +102,7 @@ class Trainer:
         state = ckpt_io.read_trainer_state(self.resume_from) if self.resume_from else None   # verified by rank 0
         self.roles: dict[str, Role] = self._build_roles()
         self.negative = self.text_encoder.encode([cfg.negative_prompt])[0].to(self.device)
-        self.recipe = self.recipe_cls(cfg, self)
+        self.recipe = self.recipe_cls(cfg, self.recipe_context())
         self.stream = self.recipe.make_stream() or make_stream(cfg, self.recipe.data_kind(), self.codec,
                                                                self.text_encoder)
         self.step, self.micro_batches, self.nonfinite = 0, 0, 0
@@ -272,7 +273,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    # ------------------------------------------------------------------ API for recipes
+    # ------------------------------------------------------------------ what recipes see
+    def recipe_context(self) -> RunContext:
+        """The recipe's narrow view of this run (recipes never see the trainer itself)."""
+        return RunContext(roles=self.roles, sampling=self.sampling_module, codec=self.codec,
+                          text_encoder=self.text_encoder, negative=self.negative, device=self.device,
+                          rank=self.rank, world=self.world, dry_run=self.dry_run, run_dir=self.run_dir,
+                          resume_from=self.resume_from, barrier=self.acc.wait_for_everyone,
+                          data_stream=lambda kind: make_stream(self.cfg, kind, self.codec, self.text_encoder))
+
     def model(self, role: str) -> torch.nn.Module:
         return self.roles[role].model
 

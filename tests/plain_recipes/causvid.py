@@ -4,7 +4,7 @@ forward, chunks at level 0 pass through as clean context (no gradient, out of th
 then DMD (or SiD) and the critic judge the clip exactly as in Self-Forcing.
 
 Raw draws (the recipe's streams): level index ~ randint(0, len(levels), (1, chunks)) from
-sample_generator(i, 30); the clip's noise ctx.normal(draw 31); the score draws as in
+stream "chunk_levels" (sample i's generator); the clip's noise from stream "clip_noise"; the score draws as in
 plain_recipes.self_forcing (10/11 generator, 20/21 critic).
 """
 
@@ -17,7 +17,7 @@ import torch
 from .primitives import add_noise, critic_flow_loss, dmd_generator_loss, guided_x0, predict_x0, sid_generator_loss
 from .self_forcing import CRITIC_DRAWS, GENERATOR_DRAWS, score_draw
 
-LEVEL_DRAW, NOISE_DRAW = 30, 31
+LEVELS, NOISE = "chunk_levels", "clip_noise"      # the recipe's stream names
 
 
 @dataclass
@@ -41,7 +41,7 @@ def chunk_levels(ctx, batch: int, s: Settings) -> torch.Tensor:
     chunks = s.frames // s.chunk
     rows = []
     for i in range(batch):
-        idx = torch.randint(0, len(s.levels), (1, chunks), generator=ctx.sample_generator(i, LEVEL_DRAW))
+        idx = torch.randint(0, len(s.levels), (1, chunks), generator=ctx.stream(LEVELS).generator(i))
         rows.append([s.levels[int(j)] for j in idx[0] for _ in range(s.chunk)])
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -51,7 +51,7 @@ def generated_clip(trainer, batch, ctx, s: Settings, grad: bool):
     x0 = batch["latent"][:, :, :s.frames]
     t = chunk_levels(ctx, x0.shape[0], s)
     sigma = t / 1000
-    x_t = add_noise(x0, ctx.normal(x0.shape[1:], NOISE_DRAW), sigma)
+    x_t = add_noise(x0, ctx.stream(NOISE).normal(x0.shape[1:]), sigma)
     with torch.set_grad_enabled(grad):
         pred = predict_x0(trainer.module("generator"), x_t, sigma, batch["text_emb"], chunk_frames=s.chunk)
     clean = t == 0

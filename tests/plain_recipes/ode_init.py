@@ -20,7 +20,7 @@ import torch
 
 from .primitives import cfg, shift_sigma, sigma_from_t, timestep_input, x0_from_flow
 
-STATE_DRAW = 0          # StepContext draw of the per-chunk state choice
+STATE_STREAM = "stored_state"      # the recipe's stream of the per-chunk state choice
 
 
 def euler_sigmas(steps: int, shift: float, sigma_max: float) -> list[float]:
@@ -51,7 +51,7 @@ def ode_regression_loss(generator, ode: torch.Tensor, levels: torch.Tensor, cont
     B, S, _, F = ode.shape[:4]
     x_t, t = torch.empty_like(ode[:, 0]), torch.empty(B, F)
     for i in range(B):
-        pick = torch.randint(0, S, (1, F // chunk), generator=ctx.sample_generator(i, STATE_DRAW))[0]
+        pick = torch.randint(0, S, (1, F // chunk), generator=ctx.stream(STATE_STREAM).generator(i))[0]
         for u, state in enumerate(pick.tolist()):
             frames = slice(u * chunk, (u + 1) * chunk)
             x_t[i, :, frames] = ode[i, state, :, frames]

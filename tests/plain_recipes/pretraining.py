@@ -9,9 +9,9 @@ forward only for a ONE-layer DiT (deeper, an earlier frame's state would see lat
 the prefix), so these references require num_layers == 1; they share no code with the
 attention layouts (block-causal, [clean | noisy]) they check.
 
-Raw draws (the recipe's streams): per sample i, generator sample_generator(i, 0) gives the
-levels' uniforms (diffusion forcing: torch.rand(1, chunks) in float64; AR-Diffusion: the
-walk's randint / rand calls in order), ctx.normal(draw 1) the noise, ctx.uniform(draw 2) the
+Raw draws (the recipe's named streams): per sample i, ctx.stream("levels").generator(i) gives
+the levels' uniforms (diffusion forcing: torch.rand(1, chunks) in float64; AR-Diffusion: the
+walk's randint / rand calls in order), stream "noise" the noise, stream "caption_dropout" the
 caption dropout.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from .primitives import add_noise, shift_sigma
 
-LEVEL_DRAW, NOISE_DRAW, DROP_DRAW = 0, 1, 2
+LEVELS, NOISE, CAPTION_DROPOUT = "levels", "noise", "caption_dropout"     # the recipes' stream names
 
 
 # ---------------------------------------------------------------------- attention by prefixes
@@ -51,7 +51,7 @@ def drop_captions(trainer, context, ctx, prob: float):
     """Each sample's prompt becomes the negative prompt with probability prob (CFG training)."""
     if prob <= 0:
         return context
-    drop = ctx.uniform((), DROP_DRAW) < prob
+    drop = ctx.stream(CAPTION_DROPOUT).uniform(()) < prob
     negative = trainer.negative.expand(context.shape[0], -1, -1)
     return torch.where(drop[:, None, None], negative, context)
 
@@ -68,7 +68,7 @@ def chunk_timesteps(ctx, batch: int, frames: int, chunk: int, shift: float = 1.0
     chunks = -(-frames // chunk)
     rows = []
     for i in range(batch):
-        g = ctx.sample_generator(i, LEVEL_DRAW)
+        g = ctx.stream(LEVELS).generator(i)
         if distribution == "uniform":
             u = torch.rand(1, chunks, generator=g, dtype=torch.float64)[0]
         else:
@@ -83,7 +83,7 @@ def diffusion_forcing_loss(trainer, batch, ctx, chunk: int, teacher_forcing: boo
     x0, model = batch["latent"], trainer.module("generator")
     B, _, F = x0.shape[:3]
     t = chunk_timesteps(ctx, B, F, chunk, shift, distribution)
-    eps = ctx.normal(x0.shape[1:], NOISE_DRAW)
+    eps = ctx.stream(NOISE).normal(x0.shape[1:])
     context = drop_captions(trainer, batch["text_emb"], ctx, uncond_prob)
     x_t = add_noise(x0, eps, t / 1000)
     v = causal_flow_by_prefixes(model, x_t, t, context, chunk, clean=x0 if teacher_forcing else None,
@@ -158,10 +158,10 @@ def ar_diffusion_loss(trainer, batch, ctx, num_levels: int, sampler: str = "fopp
     units = -(-F // unit)
     rows = []
     for i in range(B):
-        seq = walk(ctx.sample_generator(i, LEVEL_DRAW), units, num_levels)
+        seq = walk(ctx.stream(LEVELS).generator(i), units, num_levels)
         rows.append([shift_sigma((seq[k] + 1) / num_levels, shift) for k in range(units) for _ in range(unit)][:F])
     sigma = torch.tensor(rows, dtype=torch.float64).float()
-    eps = ctx.normal(x0.shape[1:], NOISE_DRAW)
+    eps = ctx.stream(NOISE).normal(x0.shape[1:])
     context = drop_captions(trainer, batch["text_emb"], ctx, uncond_prob)
     x_t = add_noise(x0, eps, sigma)
     v = causal_flow_by_prefixes(model, x_t, sigma * 1000, context, unit)

@@ -36,9 +36,11 @@ from .primitives import (add_noise, causal_chunk_forward, critic_flow_loss, dmd_
                          predict_x0, reencode_window_start, score_timestep, sigma_from_t, timestep_input,
                          warp_steps, x0_from_flow)
 
-GENERATOR_DRAWS, CRITIC_DRAWS = 10, 20      # StepContext draws of the score timestep (+1: its noise)
-CHUNKS_DRAW, EXIT_DRAW, PLAN_DRAW = 0, 1, 2  # shared draws of a Self-Forcing-family rollout
-ROLLOUT_NOISE = 1                            # mix_seed draw of the rollout's per-sample noise seed
+# the recipes' named random streams (StepContext.stream)
+GENERATOR_DRAWS = ("dmd_timestep", "dmd_noise")            # the generator loss's score timestep, its noise
+CRITIC_DRAWS = ("critic_timestep", "critic_noise")         # ... the critic loss's
+CHUNKS_DRAW, EXIT_DRAW, PLAN_DRAW = "chunk_count", "exit_step", "rolling_plan"   # shared draws of a rollout
+ROLLOUT_NOISE = "rollout_noise"              # the rollout's per-sample noise seeds
 PROB_RESOLUTION = 1 << 20                    # the raw integer behind the Bernoulli(rolling_prob) draw
 INITIAL, CONTEXT = 0, -1                     # Noise draws: starting noise, context noise (re-noise: level)
 
@@ -78,15 +80,15 @@ class Scores:
     snap_shift: float | None = None     # snap the drawn timestep to the shifted 1000-entry table (public: 5)
 
 
-def score_draws(ctx, x0: torch.Tensor, draw: int, scores: Scores):
+def score_draws(ctx, x0: torch.Tensor, draws: tuple[str, str], scores: Scores):
     """(sigma [B], eps [B, C, F, H, W]): per sample, the raw k ~ U{0..999} of its own
-    generator (sample position, draw) through the shifted, clamped (and optionally snapped)
-    law; eps from draw + 1."""
+    generator of stream draws[0] (its position) through the shifted, clamped (and optionally
+    snapped) law; eps from stream draws[1]."""
     ts = []
     for i in range(len(ctx.positions)):
-        k = int(torch.randint(0, 1000, (1,), generator=ctx.sample_generator(i, draw)))
+        k = int(torch.randint(0, 1000, (1,), generator=ctx.stream(draws[0]).generator(i)))
         ts.append(score_timestep(k, scores.shift, scores.t_min, scores.t_max, scores.snap_shift))
-    eps = ctx.normal(x0.shape[1:], draw + 1).to(x0.dtype)
+    eps = ctx.stream(draws[1]).normal(x0.shape[1:]).to(x0.dtype)
     return sigma_from_t(torch.tensor(ts, dtype=torch.float32)), eps
 
 
@@ -126,9 +128,9 @@ class RollingOptions:
 def draw_rollout(ctx, o: RollingOptions) -> tuple[int, int, bool]:
     """(chunks, exit step, rolling?) from the raw shared integers of this step."""
     S = len(o.steps)
-    chunks = o.min_chunks + ctx.shared_int(o.max_chunks - o.min_chunks + 1, CHUNKS_DRAW)
-    exit_step = ctx.shared_int(S, EXIT_DRAW)
-    rolling = ctx.shared_int(PROB_RESOLUTION, PLAN_DRAW) < round(o.rolling_prob * PROB_RESOLUTION)
+    chunks = o.min_chunks + ctx.stream(CHUNKS_DRAW).shared_int(o.max_chunks - o.min_chunks + 1)
+    exit_step = ctx.stream(EXIT_DRAW).shared_int(S)
+    rolling = ctx.stream(PLAN_DRAW).shared_int(PROB_RESOLUTION) < round(o.rolling_prob * PROB_RESOLUTION)
     return chunks, exit_step, rolling
 
 

@@ -6,12 +6,12 @@ committed chunks are recomputed at the commit timestep: primitives.causal_chunk_
 Random draws: the RAW numbers come from the same seeded streams as the recipe (StepContext's
 shared ints and per-sample generators, the rollout's Noise keyed by (seed, frame, draw));
 every law that turns them into levels, counts and masks is applied here:
-    chunks  = min_chunks + shared_int(max - min + 1, draw 0)
-    exit    = shared_int(steps, draw 1)
-    rollout noise: Noise(mix_seed(seed, position, 1)); draw 0 = a chunk's starting noise,
+    chunks  = min_chunks + stream "chunk_count".shared_int(max - min + 1)
+    exit    = stream "exit_step".shared_int(steps)
+    rollout noise: Noise(stream "rollout_noise".seeds()); draw 0 = a chunk's starting noise,
             draw j = the re-noise to step j, -1 = the commit pass's context noise
-    score timestep k ~ randint(0, 1000) from sample_generator(i, 10) (generator) / (i, 20)
-            (critic); its noise ctx.normal(draw 11) / (draw 21)
+    score timestep k ~ randint(0, 1000) from sample i's generator of stream "dmd_timestep"
+            (generator) / "critic_timestep" (critic); its noise from "dmd_noise" / "critic_noise"
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from forcelab.models.rollout import Noise
-from forcelab.train.recipe import mix_seed
 
 from .primitives import (add_noise, causal_chunk_forward, critic_flow_loss, dmd_generator_loss, guided_x0,
                          predict_x0, reencode_window_start, score_timestep, sid_generator_loss, warp_steps)
 
-ROLLOUT_DRAW = 1                 # the rollout's Noise seeds: mix_seed(seed, position, 1)
-GENERATOR_DRAWS = (10, 11)       # (score timestep, score noise) of the generator loss
-CRITIC_DRAWS = (20, 21)          # ... of the critic loss
+ROLLOUT_NOISE = "rollout_noise"                  # the stream of the rollout's per-sample Noise seeds
+GENERATOR_DRAWS = ("dmd_timestep", "dmd_noise")  # streams of (score timestep, score noise) of the generator loss
+CRITIC_DRAWS = ("critic_timestep", "critic_noise")   # ... of the critic loss
+CHUNKS_DRAW, EXIT_DRAW = "chunk_count", "exit_step"  # shared streams of the rollout's chunk count, exit step
 
 
 @dataclass
@@ -56,8 +56,8 @@ class Settings:
 
 def draw_rollout(ctx, s: Settings) -> tuple[int, int]:
     """(chunks, exit step) of this rollout: uniform chunk count in [min, max], uniform exit."""
-    chunks = s.min_chunks + ctx.shared_int(s.max_chunks - s.min_chunks + 1, draw=0)
-    return chunks, ctx.shared_int(len(s.steps), draw=1)
+    chunks = s.min_chunks + ctx.stream(CHUNKS_DRAW).shared_int(s.max_chunks - s.min_chunks + 1)
+    return chunks, ctx.stream(EXIT_DRAW).shared_int(len(s.steps))
 
 
 def student_rollout(generator, context, noise: Noise, chunks: int, exit_step: int, grad_from: int,
@@ -114,7 +114,7 @@ def generated_window(trainer, batch, ctx, s: Settings, grad: bool):
     frames are real data: out of both losses)."""
     generator, context = trainer.module("generator"), batch["text_emb"]
     H, W = (n // trainer.codec.spatial_stride for n in (trainer.cfg.data.height, trainer.cfg.data.width))
-    seeds = [mix_seed(ctx.seed, p, ROLLOUT_DRAW) for p in ctx.positions]
+    seeds = ctx.stream(ROLLOUT_NOISE).seeds()
     noise = Noise(seeds, generator.config.in_channels, H, W)
     chunks, exit_step = draw_rollout(ctx, s)
     P = s.prefix_frames
@@ -133,12 +133,12 @@ def generated_window(trainer, batch, ctx, s: Settings, grad: bool):
     return x0, mask
 
 
-def score_draw(ctx, x0: torch.Tensor, draws: tuple[int, int], s: Settings):
+def score_draw(ctx, x0: torch.Tensor, draws: tuple[str, str], s: Settings):
     """-> (sigma [B] float32, noise [B, C, F, H, W]): t from the raw k per sample, shifted and
     clamped; sigma = t / 1000."""
-    t = [score_timestep(int(torch.randint(0, 1000, (1,), generator=ctx.sample_generator(i, draws[0]))),
+    t = [score_timestep(int(torch.randint(0, 1000, (1,), generator=ctx.stream(draws[0]).generator(i))),
                         s.score_shift, s.t_min, s.t_max, s.snap_shift) for i in range(x0.shape[0])]
-    return torch.tensor(t, dtype=torch.float32) / 1000, ctx.normal(x0.shape[1:], draws[1])
+    return torch.tensor(t, dtype=torch.float32) / 1000, ctx.stream(draws[1]).normal(x0.shape[1:])
 
 
 def generator_loss(trainer, batch, ctx, s: Settings) -> torch.Tensor:

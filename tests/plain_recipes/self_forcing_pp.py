@@ -28,8 +28,8 @@ import torch
 from .primitives import add_noise, reencode_window_start, sigma_from_t, warp_steps, x0_from_flow
 from .rolling_forcing import INITIAL, Scores, clean_pass_inputs, distribution_matching, student_flow
 
-WINDOW_DRAW, ENTRY_DRAW = 0, 1          # shared draws
-ROLLOUT_NOISE, BACKWARD_NOISE = 1, 2    # mix_seed draws of the per-sample noise seeds
+WINDOW_DRAW, ENTRY_DRAW = "window_start", "entry_step"          # the recipe's shared streams
+ROLLOUT_NOISE, BACKWARD_NOISE = "rollout_noise", "backward_noise"   # its streams of per-sample noise seeds
 
 
 @dataclass
@@ -47,7 +47,7 @@ class PPOptions:
 
 def draw_window(ctx, o: PPOptions) -> tuple[int, int]:
     starts = (o.rollout_frames - o.frames) // o.chunk + 1
-    return o.chunk * ctx.shared_int(starts, WINDOW_DRAW), ctx.shared_int(len(o.steps), ENTRY_DRAW)
+    return o.chunk * ctx.stream(WINDOW_DRAW).shared_int(starts), ctx.stream(ENTRY_DRAW).shared_int(len(o.steps))
 
 
 def _flow(model, committed, x, sigma, context, noise, o):

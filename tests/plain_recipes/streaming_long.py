@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 import torch
 
 from forcelab.models.rollout import Noise
-from forcelab.train.recipe import mix_seed
 
 from .primitives import add_noise, reencode_window_start, sigma_from_t, warp_steps, x0_from_flow
 from .rolling_forcing import EXIT_DRAW, INITIAL, Scores, clean_pass_inputs, distribution_matching, student_flow
 
-SWITCH_DRAW, NOISE_DRAW = 2, 3      # shared draw of the switch frame; mix_seed draw of the noise seeds
+SWITCH_DRAW, NOISE_DRAW = "switch_frame", "sequence_noise"   # the recipe's streams: switch frame, noise seeds
 
 
 @dataclass
@@ -108,9 +107,9 @@ class PlainStreamingLong:
         o = self.o
         starts = list(range(o.frames, self.length, o.new_frames))
         candidates = o.switch_frames if o.switch_frames is not None else starts[:-1]
-        self.switch_at = candidates[ctx.shared_int(len(candidates), SWITCH_DRAW)] if o.switch and candidates else -1
+        self.switch_at = candidates[ctx.stream(SWITCH_DRAW).shared_int(len(candidates))] if o.switch and candidates else -1
         self.prompt = self.read_prompts(ctx.positions)
-        self.noise = Noise([mix_seed(ctx.seed, p, NOISE_DRAW) for p in ctx.positions], *self.latent_chw)
+        self.noise = Noise(ctx.stream(NOISE_DRAW).seeds(), *self.latent_chw)
         self.clean, self.written, self.end = None, [], 0
         self.first, self.sink = 0, self.o.sink      # the oldest frame still visible; the sink frames
 
@@ -168,7 +167,7 @@ class PlainStreamingLong:
         o = self.o
         start = self.end
         n = o.frames if start == 0 else o.new_frames
-        exit_step = ctx.shared_int(len(self.timesteps), EXIT_DRAW)
+        exit_step = ctx.stream(EXIT_DRAW).shared_int(len(self.timesteps))
         sigmas = [sigma_from_t(t) for t in self.timesteps] + [0.0]
         new = []
         for f0 in range(start, start + n, o.chunk):
