@@ -33,7 +33,7 @@ from ..data.video import DEFAULT_FPS, check_fps
 from ..errors import CheckpointError, ForcelabError
 from ..fsio import check_output_dir, clean_stale
 from ..models.plans import CausalPlan, Chunkwise, Teacher
-from ..models.rollout import Noise, Switch, cache_options, stream
+from ..models.rollout import SWITCH_MODES, Noise, Switch, cache_options, stream
 from ..progress import progress_bar
 from ..validate import in_range, non_negative_int, parse_device, positive_int, seed
 from .limits import check_size, latent_switch_frame
@@ -45,7 +45,6 @@ TOY_SIZE, WAN_SIZE = (32, 32), (480, 832)   # default pixel sizes for the toy co
 DEFAULT_LATENT_FRAMES = 21                  # Wan's 81-frame clip (rounded up to whole chunks)
 DEFAULT_OUTPUT = "outputs/generate"
 MAX_VIDEOS = 100_000      # videos in one run (VBench's full protocol is 4,730): split larger runs by --seed
-SWITCH_MODES = ("recache", "flush", "keep")
 EXAMPLE_FRAME_COUNTS = 8                    # valid --frames values shown when one is not
 
 

@@ -17,12 +17,13 @@ import argparse
 from ..config import DTYPES
 from ..data.video import DEFAULT_FPS, check_fps
 from ..fsio import check_output_dir
-from ..models.plans import PLANS
+from ..models.plans import PLANS, SAMPLING_SHIFT, UPDATES
 from ..models.schedule import NUM_TRAIN_TIMESTEPS, SOLVERS
 from ..validate import (arg, finite_float, in_range, non_negative_int, parse_device, positive_float,
                         positive_int, seed)
-from .api import DEFAULT_OUTPUT, SWITCH_MODES, generate
-from .plan_flags import DEFAULT_SHIFT, build_plan, parse_switches
+from ..models.rollout import SWITCH_MODES
+from .api import DEFAULT_OUTPUT, generate
+from .plan_flags import build_plan, parse_switches
 from .prompts import read_prompts
 
 
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", choices=PLANS, default="chunkwise")
     g.add_argument("--steps", default=None, help="number of steps, or a denoising list like "
                    "1000,750,500,250 (warped by --shift); default 4 (teacher: 50)")
-    g.add_argument("--shift", type=arg(positive_float), default=DEFAULT_SHIFT, help="sigma shift")
+    g.add_argument("--shift", type=arg(positive_float), default=SAMPLING_SHIFT, help="sigma shift")
     g.add_argument("--guidance", type=arg(finite_float), default=None, help="teacher CFG scale (default 5): "
                    "uncond + guidance * (cond - uncond)")
     g.add_argument("--solver", choices=SOLVERS, default="unipc", help="teacher ODE solver")
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block", type=arg(positive_int), default=None, help="step_matrix: latent frames per block")
     g.add_argument("--segment", type=arg(positive_int), default=None, help="step_matrix: latent frames per segment")
     g.add_argument("--context-noise", type=arg(in_range, 0, NUM_TRAIN_TIMESTEPS - 1), default=0.0, help="timestep of the commit pass")
-    g.add_argument("--update", choices=("renoise", "euler"), default=None,
+    g.add_argument("--update", choices=UPDATES, default=None,
                    help="how a frame reaches its next level (default: renoise; step_matrix: euler)")
     g = p.add_argument_group("video")
     g.add_argument("--frames", type=arg(positive_int), default=None, help="video frames (default: 21 latent frames, 81 with the Wan VAE)")

@@ -9,14 +9,11 @@ from __future__ import annotations
 import math
 
 from ..errors import ForcelabError
-from ..models.plans import Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps, warp_timesteps
+from ..models.plans import (STUDENT_STEPS, TEACHER_GUIDANCE, TEACHER_STEPS, Chunkwise, Rolling, StepMatrix, Teacher,
+                            default_timesteps, warp_timesteps)
 from ..models.schedule import NUM_TRAIN_TIMESTEPS
 from ..validate import in_range, positive_int
 
-STUDENT_STEPS = 4           # default steps of the causal plans (a distilled student)
-TEACHER_STEPS = 50          # default solver steps of the teacher
-TEACHER_GUIDANCE = 5.0      # default CFG scale of the teacher
-DEFAULT_SHIFT = 5.0         # default sigma shift
 
 
 def parse_switches(items: list[str]) -> list[tuple[int, str]]:

@@ -33,6 +33,9 @@ from .schedule import NUM_TRAIN_TIMESTEPS, SOLVERS, TEACHER_SIGMA_MAX, sigma_to_
 
 UPDATES = ("renoise", "euler")
 TEACHER_GUIDANCE = 5.0       # the Teacher plan's default CFG scale (callers without a value of their own use it)
+TEACHER_STEPS = 50           # the Teacher plan's default solver steps (Wan2.1's sampler)
+STUDENT_STEPS = 4            # the causal plans' default denoising steps (a distilled student)
+SAMPLING_SHIFT = 5.0         # the default sigma shift of sampling (Wan2.1's, and the students')
 PLANS = ("teacher", "chunkwise", "rolling", "step_matrix")
 
 
@@ -109,7 +112,7 @@ def default_timesteps(num_steps: int, shift: float) -> list[float]:
 class CausalPlan:
     """Shared options of the causal plans (chunk-wise, rolling, step matrix)."""
 
-    timesteps: list[float] = field(default_factory=lambda: default_timesteps(4, 5.0))  # denoising list, descending, in (0, 1000]
+    timesteps: list[float] = field(default_factory=lambda: default_timesteps(STUDENT_STEPS, SAMPLING_SHIFT))  # denoising list, descending, in (0, 1000]
     chunk_frames: int | None = None      # frames per chunk = block-causal unit (None: the model's config)
     window_frames: int | None = None     # attention window in frames, incl. the current chunk (None: the model's config; 0: none)
     sink_frames: int | None = None       # first frames kept visible forever, attention sink (None: the model's config)
@@ -217,8 +220,8 @@ class Teacher:
     (Self-Forcing's "cond + w * (cond - uncond)" is guidance = w + 1.) The unconditional
     branch uses the negative prompt (empty prompt if none)."""
 
-    steps: int = 50                      # solver steps
-    shift: float = 5.0                   # sigma shift of the sampling schedule
+    steps: int = TEACHER_STEPS           # solver steps
+    shift: float = SAMPLING_SHIFT        # sigma shift of the sampling schedule
     solver: str = "unipc"                # "unipc" or "euler"
     guidance: float = TEACHER_GUIDANCE   # CFG scale (see the convention above)
     sigma_max: float = TEACHER_SIGMA_MAX  # first sampling level before the shift (Wan: 0.999; CausVid's ODE pairs: 1.0)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..seeds import mix_seed  # noqa: F401  (the one seed mixer; re-exported for the trainer's users)
 from .run_context import RunContext
 from .step_context import StepContext
 

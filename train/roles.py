@@ -20,7 +20,8 @@ from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
 from ..run_folder import resolve_weights
 from .config import RoleConfig
-from .recipe import RoleSpec, mix_seed
+from ..seeds import mix_seed
+from .recipe import RoleSpec
 
 @dataclass
 class Role:

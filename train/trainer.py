@@ -40,19 +40,18 @@ from ..fsio import LOCK, MARKER, check_kind, check_output_dir, mark, os_error_me
 from ..locks import lock_folder
 from ..models.autoencoder import latent_frames, load_autoencoder
 from ..models.text_encoder import load_text_encoder
+from ..run_folder import RUN_RECORD
+from ..seeds import mix_seed
 from . import checkpoint as ckpt_io
 from .config import config_dict, config_yaml
-from .data import make_stream, to_device, ShardStream
+from .data import ShardStream, make_stream, to_device
 from .metrics import MetricsLogger
 from .parallel import make_strategy
-from .run_context import RunContext
-from .recipe import StepContext, mix_seed, recipe_class
-from ..run_folder import RUN_RECORD
+from .recipe import StepContext, recipe_class
 from .roles import Role, build_role, ema_copy, make_optimizer, resolve_init, update_ema
+from .run_context import RunContext
 
 RUN_KIND = "training"     # what a run folder's marker records
-
-
 SAMPLE_FPS = 8.0            # frame rate of the sample videos (run_dir/samples/)
 
 
