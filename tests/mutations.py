@@ -227,18 +227,19 @@ MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ the engine (every rollout recipe)
     M("renoise_reuses_start_noise", "Self-Forcing, Rolling, LongLive, SF++", "re-noising: each re-noise draws "
       "fresh noise", "models/rollout.py",
-      "nxt = add_noise(x0[:, :, sl].detach(), noise(starts[k], unit, level + 1), sigmas[level + 1])",
-      "nxt = add_noise(x0[:, :, sl].detach(), noise(starts[k], unit, INITIAL), sigmas[level + 1])", SF + ENGINE),
+      "return add_noise(x0.detach(), noise(start, x.shape[2], level + 1), sigmas[level + 1])",
+      "return add_noise(x0.detach(), noise(start, x.shape[2], INITIAL), sigmas[level + 1])", SF + ENGINE),
     M("renoise_to_the_same_level", "Self-Forcing, Rolling, LongLive, SF++", "re-noising: to the NEXT level",
       "models/rollout.py",
-      "nxt = add_noise(x0[:, :, sl].detach(), noise(starts[k], unit, level + 1), sigmas[level + 1])",
-      "nxt = add_noise(x0[:, :, sl].detach(), noise(starts[k], unit, level + 1), sigmas[level])", SF + ENGINE),
+      "return add_noise(x0.detach(), noise(start, x.shape[2], level + 1), sigmas[level + 1])",
+      "return add_noise(x0.detach(), noise(start, x.shape[2], level + 1), sigmas[level])", SF + ENGINE),
     M("context_noise_not_added", "Self-Forcing, Rolling, LongLive, SF++", "context noise: the commit pass sees "
       "the clean output noised to context_noise", "models/rollout.py",
-      "if ctx_t > 0:\n            x = add_noise(", "if ctx_t < 0:\n            x = add_noise(", SF + ENGINE),
+      "if plan.context_noise > 0:\n            x = add_noise(", "if plan.context_noise < 0:\n            x = add_noise(",
+      SF + ENGINE),
     M("commit_pass_not_clean_timestep", "Self-Forcing, Rolling, LongLive, SF++", "commit pass at t = "
-      "context_noise (0: clean)", "models/rollout.py", "commit_frames(model, cache, x, ctx_t, f0)",
-      "commit_frames(model, cache, x, ctx_t + 250.0, f0)", SF + ENGINE),
+      "context_noise (0: clean)", "models/rollout.py", "commit_frames(model, cache, x, plan.context_noise, f0)",
+      "commit_frames(model, cache, x, plan.context_noise + 250.0, f0)", SF + ENGINE),
     M("cfg_in_the_cond_form", "every recipe with guidance", "guidance convention: uncond + g (cond - uncond)",
       "models/rollout.py",
       ".chunk(2)\n        v = v_u + guidance * (v_c - v_u)", ".chunk(2)\n        v = v_c + guidance * (v_c - v_u)",
