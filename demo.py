@@ -32,13 +32,11 @@ from pathlib import Path
 from .fsio import claim_directory, write_text_atomic
 from .locks import lock_folder
 from .pipeline import (COMMITTED_TEACHER, TOY_CONFIGS as CONFIGS, TOYBENCH_RESULT, generate_stage, held_out_prompts,
-                       toybench_stage, train_stage, training_frames)
+                       sampling_plan, toybench_stage, train_stage, training_frames)
 from .validate import arg, threads
 
 DEMO_KIND = "demo"          # what the --out folder's marker records
 LONG_FACTOR = 10            # streaming length / training length
-STUDENT_STEPS, STUDENT_SHIFT = 4, 5.0         # the distilled students' sampling plan (chunk-wise)
-TEACHER_GUIDANCE, TEACHER_SHIFT = 3.0, 3.0    # the toy teacher's CFG scale and sigma shift
 
 
 @dataclass
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _stages(args: argparse.Namespace, out: Path, threads: int) -> int:
     from .eval.report import write_report
-    from .models.plans import Chunkwise, Teacher, default_timesteps   # torch: after OMP_WAIT_POLICY is set
+    from dataclasses import replace
 
     s = QUICK if args.quick else Settings()
     t_start = time.perf_counter()
@@ -119,15 +117,17 @@ def _stages(args: argparse.Namespace, out: Path, threads: int) -> int:
     frames = training_frames()
     prompts = held_out_prompts(out / "prompts.txt", s.prompts, frames)
     videos = out / "videos"
-    stream = Chunkwise(timesteps=default_timesteps(STUDENT_STEPS, STUDENT_SHIFT), window_frames=s.window,
-                       sink_frames=s.sink)
-    teacher_plan = Teacher(steps=s.teacher_sample_steps, guidance=TEACHER_GUIDANCE, solver="euler",
-                           shift=TEACHER_SHIFT)
+    # each recipe's own sampling plan (Recipe.sampling_plan); the students stream with sink + window
+    teacher_plan = replace(sampling_plan("teacher"), steps=s.teacher_sample_steps)
+    streaming = {name: replace(sampling_plan(name), window_frames=s.window, sink_frames=s.sink)
+                 for name in ("ode_init", "self_forcing")}
     long = frames * s.long_factor
     sets = {
         "teacher": _generate("4/6 teacher", teacher, videos / "teacher", prompts, plan=teacher_plan, frames=frames),
-        "ode_init": _generate("4/6 ode_init", ode, videos / "ode_init", prompts, plan=stream, frames=long),
-        "self_forcing": _generate("4/6 self_forcing", sf, videos / "self_forcing", prompts, plan=stream, frames=long),
+        "ode_init": _generate("4/6 ode_init", ode, videos / "ode_init", prompts, plan=streaming["ode_init"],
+                              frames=long),
+        "self_forcing": _generate("4/6 self_forcing", sf, videos / "self_forcing", prompts,
+                                  plan=streaming["self_forcing"], frames=long),
     }
     results = {}
     for name, folder in sets.items():

@@ -30,6 +30,15 @@ def training_frames() -> int:
     return load_train_config([TOY_CONFIGS / "teacher.yaml"]).data.frames
 
 
+def sampling_plan(recipe: str):
+    """What the recipe samples with, from its toy config (configs/toy/<recipe>.yaml)."""
+    from .train.config import load_train_config
+    from .train.recipe import recipe_class
+
+    cfg = load_train_config([TOY_CONFIGS / f"{recipe}.yaml"])
+    return recipe_class(cfg.recipe).sampling_plan(cfg.algo)
+
+
 def held_out_prompts(path: Path, count: int, frames: int) -> list[str]:
     """Captions of `count` held-out toy scenes, written to `path` once (kept on a re-run)."""
     from .data.toyworld import ToyWorld, ToyWorldConfig

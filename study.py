@@ -5,10 +5,12 @@ and tabulate mean and spread over seeds.
     forcelab eval toybench --suite full --out runs/study [--seeds 3]
     forcelab eval toybench --suite quick --out /tmp/study          # a handful of steps (checks the pipeline)
 
-Everything resumes: runs continue from their checkpoints, finished video sets and scores are
-kept. One toy teacher (seed 0: the committed configs/toy/teacher_checkpoint in the full suite)
-teaches every distillation recipe and one ODE-init student (seed 0) starts every DMD student,
-so the seeds vary each recipe's own stage. --max-steps caps every recipe's steps (recorded). Writes
+The recipes are every recipe with a toy config; each says what it samples with
+(Recipe.sampling_plan, from its toy config's options) and which runs it starts from
+(Recipe.starts_from): the seed-0 run of that recipe (the teacher: the committed
+configs/toy/teacher_checkpoint in the full suite; Self-Forcing's students: an ODE-init run), so the
+seeds vary each recipe's own stage. Everything resumes: runs continue from their checkpoints,
+finished video sets and scores are kept. --max-steps caps every recipe's steps (recorded). Writes
 study.json (every number) and study.md (the table). --out is forcelab's: new, empty or an earlier
 study's (a folder of other files is refused), written by one study at a time.
 """
@@ -25,30 +27,16 @@ from .errors import ForcelabError
 from .eval.stats import spread
 from .fsio import claim_directory, write_text_atomic
 from .locks import lock_folder
-from .models.plans import CausalPlan, Chunkwise, Rolling, StepMatrix, Teacher, default_timesteps
-from .pipeline import (COMMITTED_TEACHER, TOY_CONFIGS, generate_stage, held_out_prompts, toybench_stage,
+from .models.plans import CausalPlan
+from .pipeline import (COMMITTED_TEACHER, TOY_CONFIGS, generate_stage, held_out_prompts, sampling_plan, toybench_stage,
                        train_stage, training_frames)
+from .train.recipe import recipe_class, recipe_names
 from .validate import choice
 
 STUDY_KIND = "study"         # what the --out folder's marker records
 METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics")
 
 
-# Each recipe's sampling plan, in one table (the recipes do not declare their own yet):
-# recipe -> (plan of models/plans.py, streams?)
-DISTILLED = Chunkwise(timesteps=default_timesteps(4, 5.0))
-PLANS: dict[str, tuple[CausalPlan | Teacher, bool]] = {
-    "teacher": (Teacher(steps=20, guidance=3.0, shift=3.0, solver="euler"), False),
-    "diffusion_forcing": (Chunkwise(timesteps=default_timesteps(20, 3.0), update="euler"), True),
-    "ar_diffusion": (StepMatrix(timesteps=default_timesteps(20, 3.0), ar_step=4, chunk_frames=1), True),
-    "causvid": (DISTILLED, True),
-    "self_forcing": (DISTILLED, True),
-    "rolling_forcing": (Rolling(timesteps=default_timesteps(4, 5.0)), True),
-    "streaming_long": (DISTILLED, True),
-    "self_forcing_pp": (DISTILLED, True),
-}
-NEEDS_TEACHER = {"causvid", "self_forcing", "rolling_forcing", "streaming_long", "self_forcing_pp", "ode_init"}
-STARTS_FROM_ODE = {"self_forcing", "rolling_forcing", "streaming_long", "self_forcing_pp"}
 QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=2", "checkpoint.every=0",
                                                                "algo.num_pairs=4", "algo.pairs_per_shard=4"]}
 FULL = {"steps": None, "prompts": 16, "long_factor": 10, "extra": []}
@@ -67,11 +55,23 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
     if seeds < 1:
         raise ForcelabError(f"--seeds must be >= 1, got {seeds}")
     for recipe in recipes or ():
-        choice(recipe, "--recipes", PLANS)
+        choice(recipe, "--recipes", study_recipes())
     s = FULL if suite == "full" else QUICK
     out = claim_directory(out, "--out", STUDY_KIND)       # new, empty or an earlier study's: never a user's folder
     with lock_folder(out, "--out"):           # one study writes it at a time
         return _study(out, s, suite, seeds, window, sink, recipes, max_steps, first_seed)
+
+
+def study_recipes() -> list[str]:
+    """Every recipe with a toy config (configs/toy/<name>.yaml), each after the recipes its runs
+    start from (Recipe.starts_from): sources first, then by name."""
+    names = [r for r in recipe_names() if (TOY_CONFIGS / f"{r}.yaml").is_file()]
+
+    def depth(recipe: str) -> int:
+        sources = recipe_class(recipe).starts_from.values()
+        return 1 + max(map(depth, sources)) if sources else 0
+
+    return sorted(names, key=lambda r: (depth(r), r))
 
 
 def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, recipes: list[str] | None,
@@ -80,24 +80,25 @@ def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, r
     frames = training_frames()
     prompts = held_out_prompts(out / "prompts.txt", s["prompts"], frames)
     t0 = time.perf_counter()
-    ode = out / "ode_init" / "seed0"
+    runs: dict[tuple[str, int], Path] = {}
     if suite == "full":        # the committed teacher is what configs/toy/teacher.yaml makes with seed 0
-        teacher = COMMITTED_TEACHER
-    else:
-        teacher = out / "teacher" / "seed0"
-        _train("teacher", teacher, 0, _extra("teacher", s["extra"]), cap)
-    _train("ode_init", ode, 0, _extra("ode_init", s["extra"]) + [f"roles.teacher.init={teacher}"], cap)
+        runs["teacher", 0] = COMMITTED_TEACHER
+
+    def run_of(recipe: str, seed: int) -> Path:
+        """The recipe's trained run for `seed` (trained or resumed here); the runs it starts
+        from are every recipe's seed-0 runs, so the seeds vary each recipe's own stage."""
+        if (recipe, seed) not in runs:
+            path = out / recipe / f"seed{seed}"
+            extra = _extra(recipe, s["extra"]) + [f"roles.{role}.init={run_of(source, 0)}"
+                                                  for role, source in recipe_class(recipe).starts_from.items()]
+            _train(recipe, path, seed, extra, cap)
+            runs[recipe, seed] = path
+        return runs[recipe, seed]
+
     rows: dict[str, dict[str, list[dict]]] = {}
-    for recipe in recipes or list(PLANS):
+    for recipe in recipes or study_recipes():
         for seed in range(first_seed, first_seed + seeds):
-            run = teacher if recipe == "teacher" and seed == 0 else out / recipe / f"seed{seed}"
-            if not (recipe == "teacher" and seed == 0):
-                extra = _extra(recipe, s["extra"])
-                if recipe in NEEDS_TEACHER:
-                    extra.append(f"roles.teacher.init={teacher}")
-                if recipe in STARTS_FROM_ODE:
-                    extra.append(f"roles.generator.init={ode}")
-                _train(recipe, run, seed, extra, cap)
+            run = run_of(recipe, seed)
             for name, (plan, length) in _variants(recipe, frames, s["long_factor"], window, sink).items():
                 folder = out / recipe / f"seed{seed}" / "videos" / name.replace(" ", "_").replace("+", "_")
                 generate_stage(run, folder, prompts, plan=plan, frames=length)
@@ -121,11 +122,12 @@ def _train(recipe: str, out: Path, seed: int, overrides: list[str], cap: int | N
 
 
 def _variants(recipe: str, frames: int, long_factor: int, window: int, sink: int) -> dict:
-    """rollout name -> (plan, video frames): the training length, and for a streaming recipe
-    long_factor times it with sink + window and with the full cache."""
-    plan, streams = PLANS[recipe]
+    """rollout name -> (plan, video frames): the recipe's own sampling plan (from its toy config)
+    at the training length, and for a causal student long_factor times it with sink + window
+    and with the full cache."""
+    plan = sampling_plan(recipe)
     variants = {"1x": (plan, frames)}
-    if streams:
+    if isinstance(plan, CausalPlan):
         long = frames * long_factor
         variants[f"{long_factor}x sink+window"] = (replace(plan, window_frames=window, sink_frames=sink), long)
         variants[f"{long_factor}x full cache"] = (replace(plan, window_frames=0, sink_frames=0), long)

@@ -114,6 +114,7 @@ def reencode_first(codec, context: torch.Tensor) -> torch.Tensor:
 
 
 class DMDRecipe(Recipe):
+    starts_from = {"teacher": "teacher"}
     roles = {"generator": RoleSpec(causal=True, init_from="teacher"),
              "critic": RoleSpec(init_from="teacher"),
              "teacher": RoleSpec(trainable=False)}
@@ -188,4 +189,9 @@ class DMDRecipe(Recipe):
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        return self.sample_with(self.plan(), context, seeds, frames, unit=self.chunk)
+        return self.sample_with(self.sampling_plan(self.opt), context, seeds, frames, unit=self.chunk)
+
+    @classmethod
+    def sampling_plan(cls, opt):
+        """The student's chunk-wise plan over its denoising list (subclasses: their own plan)."""
+        return opt.plan(opt.timesteps())

@@ -126,6 +126,7 @@ class PairStream:
 
 class ODEInitRecipe(Recipe):
     name = "ode_init"
+    starts_from = {"teacher": "teacher"}
     roles = {"generator": RoleSpec(causal=True, init_from="teacher"),
              "teacher": RoleSpec(trainable=False)}
     data = "ode_pairs"
@@ -230,8 +231,12 @@ class ODEInitRecipe(Recipe):
         loss = masked_mean((x0.float() - ode[:, -1].float()) ** 2, mask)
         return loss, {"noisy_chunks": float(mask.float().mean())}
 
+    @classmethod
+    def sampling_plan(cls, opt) -> Chunkwise:
+        """The chunk-wise few-step plan at the student's list (sample_timesteps, or the stored levels)."""
+        return Chunkwise(timesteps=opt.student_list(opt.stored_levels(opt.teacher_plan())))
+
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        """The chunk-wise few-step plan at the student's list (sample_list)."""
-        return self.sample_with(Chunkwise(timesteps=self.sample_list), context, seeds, frames, unit=self.chunk)
+        return self.sample_with(self.sampling_plan(self.opt), context, seeds, frames, unit=self.chunk)
 

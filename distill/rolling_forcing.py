@@ -78,9 +78,13 @@ class RollingForcingRecipe(SelfForcingRecipe):
     def _plan_args(self) -> dict:
         return self.opt.plan_args(self.timesteps)
 
-    def plan(self) -> Rolling:
+    @classmethod
+    def sampling_plan(cls, opt) -> Rolling:
         """Inference (samples, export): the rolling plan with the configured window and sink."""
-        return Rolling(**self._plan_args())
+        return Rolling(**opt.plan_args(opt.timesteps()))
+
+    def plan(self) -> Rolling:
+        return self.sampling_plan(self.opt)
 
     def draw_rolling(self, ctx) -> bool:
         """Whether this rollout uses the rolling plan: the same on every rank."""

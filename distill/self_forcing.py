@@ -49,6 +49,7 @@ class SelfForcingOptions(DMDOptions):
 
 class SelfForcingRecipe(DMDRecipe):
     name = "self_forcing"
+    starts_from = {"teacher": "teacher", "generator": "ode_init"}   # Self-Forcing's recipe: the student from ODE init
     Options = SelfForcingOptions
 
     def data_kind(self) -> str:

@@ -114,6 +114,7 @@ class BackwardNoise:
 
 class SelfForcingPPRecipe(DMDRecipe):
     name = "self_forcing_pp"
+    starts_from = {"teacher": "teacher", "generator": "ode_init"}   # Self-Forcing's recipe: the student from ODE init
     Options = SelfForcingPPOptions
 
     def setup(self) -> None:
@@ -121,6 +122,10 @@ class SelfForcingPPRecipe(DMDRecipe):
         o = self.opt                    # checked by o.check(chunk)
         self.rollout_frames = o.long_frames()
         self.window_frames = o.attention_window()
+
+    @classmethod
+    def sampling_plan(cls, opt) -> Chunkwise:
+        return opt.rolling_plan(opt.timesteps())
 
     def plan(self, timesteps: list[float] | None = None) -> Chunkwise:
         """The student's chunk-wise plan with the rolling cache (over `timesteps`: a tail of its list)."""

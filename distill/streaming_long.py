@@ -145,6 +145,7 @@ class Sequence:
 
 class StreamingLongRecipe(DMDRecipe):
     name = "streaming_long"
+    starts_from = {"teacher": "teacher", "generator": "ode_init"}   # Self-Forcing's recipe: the student from ODE init
     Options = StreamingLongOptions
 
     # ------------------------------------------------------------------ roles and data
@@ -176,6 +177,10 @@ class StreamingLongRecipe(DMDRecipe):
         self.keep_recent = max(self.overlap, self.recache_frames, o.frames if o.reencode_first and self.overlap else 0)
         self.seq: Sequence | None = None
         self.sequences = 0
+
+    @classmethod
+    def sampling_plan(cls, opt):
+        return opt.windowed_plan(opt.timesteps())
 
     def plan(self):
         return self.opt.windowed_plan(self.timesteps)

@@ -98,3 +98,24 @@ def test_option_rules_run_at_load_with_the_architecture_of_the_init_weights(teac
     with pytest.raises(ConfigError, match="algo.teacher_"):
         load_train_config([], ["recipe=ode_init", "algo.teacher_sigma_max=0", *base])
     load_train_config([], ["recipe=self_forcing", "algo.frames=4", *base])    # a fitting config loads
+
+
+def test_each_recipe_states_its_sampling_plan_and_sources_once_and_the_study_reads_them():
+    """The study (and the demo) take what a recipe samples with and which runs it starts from
+    from the recipe itself: nothing to restate when a recipe is added."""
+    from forcelab.models.plans import CausalPlan, Teacher
+    from forcelab.pipeline import TOY_CONFIGS, sampling_plan
+    from forcelab.study import study_recipes
+
+    order = study_recipes()
+    assert set(order) == {p.stem for p in TOY_CONFIGS.glob("*.yaml")} & set(recipe_names())
+    for recipe in order:
+        cls = recipe_class(recipe)
+        plan = sampling_plan(recipe)
+        causal = cls.roles["generator"].causal
+        assert isinstance(plan, CausalPlan if causal else Teacher), recipe
+        for role, source in cls.starts_from.items():
+            assert role in cls.roles and order.index(source) < order.index(recipe), (recipe, role, source)
+    causvid = load_train_config([TOY_CONFIGS / "causvid.yaml"]).algo
+    assert sampling_plan("causvid").timesteps == [float(t) for t in causvid.steps]   # its own 3-step list
+    assert recipe_class("self_forcing").starts_from == {"teacher": "teacher", "generator": "ode_init"}

@@ -64,9 +64,11 @@ class ARDiffusionRecipe(Recipe):
         v = self.predict(self.run.model(role), add_noise(x0, noise, sigma), sigma, context)
         return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
 
+    @classmethod
+    def sampling_plan(cls, opt):
+        return StepMatrix(timesteps=default_timesteps(opt.sample_steps, opt.sample_shift), ar_step=opt.ar_step,
+                          chunk_frames=opt.chunk_frames)
+
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        o = self.opt
-        plan = StepMatrix(timesteps=default_timesteps(o.sample_steps, o.sample_shift), ar_step=o.ar_step,
-                          chunk_frames=o.chunk_frames)
-        return self.sample_with(plan, context, seeds, frames, unit=o.chunk_frames)
+        return self.sample_with(self.sampling_plan(self.opt), context, seeds, frames, unit=self.opt.chunk_frames)

@@ -79,13 +79,13 @@ class DiffusionForcingRecipe(Recipe):
             v = model(x_t, t, context, **kw)
         return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
 
-    def plan(self):
-        o = self.opt
-        steps = default_timesteps(o.sample_steps, o.sample_shift)
-        if o.sample_plan == "step_matrix":
-            return StepMatrix(timesteps=steps, ar_step=o.ar_step)
+    @classmethod
+    def sampling_plan(cls, opt):
+        steps = default_timesteps(opt.sample_steps, opt.sample_shift)
+        if opt.sample_plan == "step_matrix":
+            return StepMatrix(timesteps=steps, ar_step=opt.ar_step)
         return Chunkwise(timesteps=steps, update="euler")
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        return self.sample_with(self.plan(), context, seeds, frames, unit=self.chunk)
+        return self.sample_with(self.sampling_plan(self.opt), context, seeds, frames, unit=self.chunk)

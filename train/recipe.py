@@ -96,6 +96,9 @@ class Recipe:
     roles: dict[str, RoleSpec] = {"generator": RoleSpec()}
     data = "latents"
     Options = NoOptions
+    # role -> the recipe whose trained run gives that role its weights when recipes are chained
+    # (the ToyBench study, the demo): Self-Forcing's generator starts from an ODE-init run.
+    starts_from: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -123,6 +126,12 @@ class Recipe:
         """Called once the models, encoders and data exist (e.g. prepare a teacher's outputs)."""
 
     def loss(self, role: str, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    @classmethod
+    def sampling_plan(cls, opt):
+        """The plan (models/plans.py) the trained generator samples with, from the recipe's
+        options alone: the trainer's sample videos and every pipeline use it."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -48,9 +48,11 @@ class TeacherRecipe(Recipe):
         v = self.run.model(role)(x_t, t, context)
         return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
 
+    @classmethod
+    def sampling_plan(cls, opt):
+        return Teacher(steps=opt.sample_steps, shift=opt.sample_shift, solver=opt.sample_solver, guidance=opt.guidance)
+
     @torch.no_grad()
     def sample(self, context, seeds, frames):
-        o = self.opt
-        plan = Teacher(steps=o.sample_steps, shift=o.sample_shift, solver=o.sample_solver, guidance=o.guidance)
         negative = self.run.negative.expand(len(seeds), -1, -1)
-        return self.sample_with(plan, context, seeds, frames, negative=negative)
+        return self.sample_with(self.sampling_plan(self.opt), context, seeds, frames, negative=negative)
