@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .primitives import add_noise, critic_flow_loss, dmd_generator_loss, guided_x0, predict_x0, sid_generator_loss
-from .self_forcing import CRITIC_DRAWS, GENERATOR_DRAWS, score_draw
+from .primitives import add_noise, critic_flow_loss, predict_x0
+from .self_forcing import CRITIC_DRAWS, score_draw, scored_generator_loss
 
 LEVELS, NOISE = "chunk_levels", "clip_noise"      # the recipe's stream names
 
@@ -62,18 +62,7 @@ def generated_clip(trainer, batch, ctx, s: Settings, grad: bool):
 
 def generator_loss(trainer, batch, ctx, s: Settings) -> torch.Tensor:
     x0, mask = generated_clip(trainer, batch, ctx, s, grad=True)
-    context = batch["text_emb"]
-    sigma, eps = score_draw(ctx, x0, GENERATOR_DRAWS, s)
-    teacher, critic = trainer.module("teacher"), trainer.module("critic")
-    if s.loss == "sid":
-        x_t = add_noise(torch.where(mask[:, None, :, None, None], x0, x0.detach()), eps, sigma)
-        real = guided_x0(teacher, x_t, sigma, context, trainer.negative, s.guidance)
-        return sid_generator_loss(x0, real, predict_x0(critic, x_t, sigma, context), s.sid_alpha, mask)
-    with torch.no_grad():
-        x_t = add_noise(x0.detach(), eps, sigma)
-        real = guided_x0(teacher, x_t, sigma, context, trainer.negative, s.guidance)
-        fake = predict_x0(critic, x_t, sigma, context)
-    return dmd_generator_loss(x0, real, fake, mask)
+    return scored_generator_loss(trainer, x0, mask, batch["text_emb"], ctx, s)
 
 
 def critic_loss(trainer, batch, ctx, s: Settings) -> torch.Tensor:

@@ -143,7 +143,12 @@ def score_draw(ctx, x0: torch.Tensor, draws: tuple[str, str], s: Settings):
 
 def generator_loss(trainer, batch, ctx, s: Settings) -> torch.Tensor:
     x0, mask = generated_window(trainer, batch, ctx, s, grad=True)
-    context = batch["text_emb"]
+    return scored_generator_loss(trainer, x0, mask, batch["text_emb"], ctx, s)
+
+
+def scored_generator_loss(trainer, x0, mask, context, ctx, s) -> torch.Tensor:
+    """DMD (or SiD) on generated x0 [B, C, F, H, W] over the frames in mask [B, F]: the teacher's
+    guided and the critic's predictions at one drawn level (CausVid scores the same way)."""
     sigma, eps = score_draw(ctx, x0, GENERATOR_DRAWS, s)
     teacher, critic = trainer.module("teacher"), trainer.module("critic")
     if s.loss == "sid":
