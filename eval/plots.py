@@ -14,6 +14,8 @@ STRIP_FRAMES = 8          # frames in a strip, evenly spaced over the video
 GIF_MAX_FRAMES = 160      # longer videos are subsampled in the animated preview
 
 
+GRID_COLUMNS, PANEL_HEIGHT = 3, 2.6   # panels per row, inches per panel row
+LEGEND_MARGIN = 0.06                   # share of the figure's height kept for the legend below the panels
 SPARSE_POINTS = 50   # curves with at most this many points also mark each one (a single point has no line)
 
 
@@ -56,13 +58,36 @@ def bar_chart(metrics: list[str], runs: list[str], values: dict, errors: dict, t
     return _png(fig)
 
 
+def _panel_grid(panels: int, panel_width: float):
+    """A figure of `panels` small panels, GRID_COLUMNS to a row."""
+    cols = min(GRID_COLUMNS, panels)
+    rows = math.ceil(panels / cols)
+    return _pyplot().subplots(rows, cols, figsize=(panel_width * cols, PANEL_HEIGHT * rows), squeeze=False)
+
+
+def _finish_grid(fig, axes, titles: list[str], xlabel: str, title: str, legend_from: int) -> bytes:
+    """Title and label each panel, blank the unused ones, add one legend below when at least
+    `legend_from` runs are drawn, and render."""
+    for ax, name in zip(axes.flat, titles):
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(titles):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = len(labels) >= legend_from
+    if legend:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, LEGEND_MARGIN if legend else 0, 1, 1))
+    return _png(fig)
+
+
 def drift_chart(metrics: list[str], series: dict, bucket_frames: dict) -> bytes:
     """One panel per metric: its mean (band: +- std) per time bucket, one line per run.
     series[run][metric] = (means, stds); bucket_frames[run] places bucket b at its centre frame."""
-    plt = _pyplot()
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = _panel_grid(len(metrics), panel_width=3.6)
     for ax, m in zip(axes.flat, metrics):
         for run, per_metric in series.items():
             if m not in per_metric:
@@ -71,29 +96,15 @@ def drift_chart(metrics: list[str], series: dict, bucket_frames: dict) -> bytes:
             x = (np.arange(len(mean)) + 0.5) * bucket_frames[run]
             ax.plot(x, mean, marker="o", markersize=3, label=run)
             ax.fill_between(x, mean - np.nan_to_num(std), mean + np.nan_to_num(std), alpha=0.15)
-        ax.set_title(m, fontsize=9)
-        ax.set_xlabel("frame", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("metrics over time (drift)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _png(fig)
+    return _finish_grid(fig, axes, metrics, "frame", "metrics over time (drift)", legend_from=1)
 
 
 def curves_chart(series: dict, title: str = "training curves") -> bytes:
     """One panel per metric (x: training step), one line per run: series[run][metric] = (steps, values).
     Metrics whose name ends in "loss" come first; non-finite values are left as gaps."""
-    plt = _pyplot()
     metrics = list(dict.fromkeys(m for per_run in series.values() for m in per_run))
     metrics.sort(key=lambda m: (not m.endswith("loss"), m))
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = _panel_grid(len(metrics), panel_width=3.8)
     for ax, m in zip(axes.flat, metrics):
         for run, per_metric in series.items():
             if m in per_metric:
@@ -101,18 +112,7 @@ def curves_chart(series: dict, title: str = "training curves") -> bytes:
                 sparse = len(steps) <= SPARSE_POINTS    # a role updated every 5th step of a short run: points
                 ax.plot(steps, np.asarray(values, dtype=np.float64), linewidth=1.2, label=run,
                         marker="o" if sparse else None, markersize=3)
-        ax.set_title(m, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if len(labels) > 1:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-                   bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if len(labels) > 1 else 0, 1, 1))
-    return _png(fig)
+    return _finish_grid(fig, axes, metrics, "step", title, legend_from=2)
 
 
 def _upscale(frames: np.ndarray) -> np.ndarray:
