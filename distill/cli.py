@@ -1,7 +1,7 @@
 """`forcelab distill CONFIG [override ...] [--resume latest|PATH] [--dry-run] [--print-config]`
 
-The distillation recipes (ode_init, causvid, self_forcing, rolling_forcing, streaming_long,
-self_forcing_pp) on the same trainer as `forcelab train`; also
+The distillation recipes (every Recipe in distill/, e.g. ode_init, self_forcing) on the same
+trainer as `forcelab train`; also
 `accelerate launch -m forcelab.distill CONFIG ...`. Teacher, critic and student weights are
 given as paths (roles.teacher.init=...): Wan / diffusers directories or forcelab runs. A
 stage starts from another stage's weights only - never its step, optimizer or LoRA state.
