@@ -42,7 +42,7 @@ from ..train.flow_matching import masked_mean
 from ..train.recipe import Recipe, RoleSpec
 from ..train.timesteps import choose_levels
 from ..validate import choice, each, in_range, optional, positive_float, positive_int, setting, unit_interval
-from .ode_pair_stage import PAIRS_RECORD, PairJob, write_pairs
+from .ode_pair_stage import PAIRS_RECORD, PairJob, kept_levels, write_pairs
 
 
 
@@ -78,9 +78,7 @@ class ODEInitOptions:
 
     def stored_levels(self, plan: Teacher) -> list[float]:
         """The timesteps of the stored solver states (the clean output: 0)."""
-        states = plan.timesteps + [0.0]
-        indices = stored_indices(self.stored_steps, self.teacher_steps)
-        return [states[k] for k in indices]
+        return kept_levels(plan, stored_indices(self.stored_steps, self.teacher_steps))
 
     def student_list(self, levels: list[float]) -> list[float]:
         """The student's sampling list: sample_timesteps, or the stored levels > 0."""

@@ -53,9 +53,13 @@ class PairJob:
     device: torch.device | str = "cpu"
 
     def levels(self) -> list[float]:
-        """The timesteps of the kept states (the clean output: 0)."""
-        states = self.plan.timesteps + [0.0]
-        return [states[k] for k in self.indices]
+        return kept_levels(self.plan, self.indices)
+
+
+def kept_levels(plan: Teacher, indices: list[int]) -> list[float]:
+    """The timesteps of the solver states kept at `indices` (the clean output, last: 0)."""
+    states = plan.timesteps + [0.0]
+    return [states[k] for k in indices]
 
 
 def write_pairs(out: Path, job: PairJob, settings: dict, rank: int = 0, world: int = 1,

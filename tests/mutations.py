@@ -375,7 +375,7 @@ MUTATIONS: list[Mutation] = [
       "v = model(x_t, t, context, chunk_frames=self.chunk, window_frames=cfg.window_frames,",
       "v = model(x_t, t, context, chunk_frames=None, window_frames=cfg.window_frames,", ODE),
     M("ode_stored_levels_mislabelled", "ODE init", "stored steps: each stored latent carries its own level",
-      "distill/ode_init.py", "return [states[k] for k in indices]",
+      "distill/ode_pair_stage.py", "return [states[k] for k in indices]",
       "return [states[k] for k in range(len(indices) - 1)] + [0.0]", ODE),
     M("ode_teacher_shift_ignored", "ODE init", "timestep law: the teacher samples with its own shift (8)",
       "distill/ode_init.py", "return Teacher(steps=self.teacher_steps, shift=self.teacher_shift,",
