@@ -96,7 +96,7 @@ def test_the_study_refuses_an_unknown_recipe_before_any_work(tmp_path, capsys):
     code = cli_main(["eval", "toybench", "--suite", "quick", "--recipes", "self_forcing", "bogus", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "--recipes must be one of teacher" in err[0] and "got 'bogus'" in err[0]
+    assert "--recipes must be one of " in err[0] and "self_forcing, " in err[0] and "got 'bogus'" in err[0]
     assert not out.exists()
 
 
