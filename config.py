@@ -118,8 +118,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
         raise
     except ForcelabError as e:
         raise ConfigError(str(e)) from None
-    if raw is None:
-        raw = {}
+    if raw is None:     # an empty file, or comments only: never "train on the defaults" by accident
+        raise ConfigError(f"config {path}: holds no settings (empty, or comments only); a training config "
+                          f"names at least its recipe (recipe: NAME)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of keys (key: value lines)")
     if any(not isinstance(k, str) or not k.strip() or "\n" in k for k in raw):

@@ -33,7 +33,10 @@ CASES = {
     "override-unknown": ("teacher", "model_overrides.bogus=1", "model_overrides.bogus: not a setting of the model"),
     "override-typo": ("teacher", "model_overrides.chunk_frame=3", "did you mean chunk_frames"),
     "override-value": ("teacher", "model_overrides.num_heads=0", "model_overrides.num_heads must be a whole number >= 1"),
-    "seed-negative": ("teacher", "seed=-1", "seed must be a whole number >= 0, got -1"),
+    "seed-negative": ("teacher", "seed=-1", "seed must be a whole number from 0 to 2^63 - 1"),
+    "seed-2-64": ("teacher", f"seed={2**64}", "seed must be a whole number from 0 to 2^63 - 1 (seeds are 63-bit)"),
+    "batch_size-huge": ("teacher", "data.batch_size=100000000", "data.batch_size 100000000 x data.frames 8 x 32x32 "
+                        "pixels needs about"),
     # infinities anywhere
     "lr-inf": ("teacher", "roles.generator.lr=.inf", "roles.generator.lr must be a finite number"),
     "grad_clip-inf": ("teacher", "roles.generator.grad_clip=.inf", "roles.generator.grad_clip must be a finite number"),
@@ -98,6 +101,16 @@ def test_the_study_refuses_an_unknown_recipe_before_any_work(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert "--recipes must be one of " in err[0] and "self_forcing, " in err[0] and "got 'bogus'" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_config_is_refused_rather_than_trained_on_defaults(tmp_path, capsys, text):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    assert cli_main(["train", str(empty), f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"config {empty}: holds no settings (empty, or comments only)" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])

@@ -27,12 +27,14 @@ from ..config import DTYPE_NAMES, load_config
 from ..errors import ConfigError, ForcelabError
 from ..models.config import PRESETS, DiTConfig
 from ..data.shards import ON_DAMAGE
-from ..validate import (check_settings, choice, decay, each, non_negative_float, non_negative_int, optional,
-                        positive_float, positive_int, setting, unit_interval)
+from ..validate import (check_settings, choice, decay, each, fits_memory, non_negative_float, non_negative_int,
+                        optional, positive_float, positive_int, setting, unit_interval)
+from ..validate import seed as random_seed
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("no", "bf16")   # fp16 would need loss scaling; bf16 does not
 WANDB_MODES = ("offline", "online", "disabled")
+RGB, FLOAT_BYTES = 3, 4       # a clip in pixels as the data stream holds it
 PARALLEL = ("auto", "ddp", "fsdp", "zero2", "zero3")   # see train/parallel.py
 
 
@@ -91,7 +93,7 @@ class LogConfig:
 class TrainConfig:
     recipe: str = "teacher"             # which recipe (forcelab.train.recipe.recipe_names())
     output_dir: str = "runs/run"        # the run folder: checkpoints, metrics.jsonl, samples, config.yaml
-    seed: int = setting(0, non_negative_int)
+    seed: int = setting(0, random_seed)   # 63-bit
     max_steps: int = setting(1000, positive_int)
     gradient_accumulation_steps: int = setting(1, positive_int)   # global batch = batch_size x processes x this
     mixed_precision: str = setting("no", choice, PRECISIONS)   # no | bf16 (autocast; weights, optimizer stay fp32)
@@ -153,11 +155,21 @@ def check_train_config(cfg) -> None:
 
     with config_errors():
         check_settings(cfg)
+        check_batch_fits(cfg.data)
     roles = recipe_class(cfg.recipe).roles
     unknown = sorted(set(cfg.roles) - set(roles))
     if unknown:
         raise ConfigError(f"roles: recipe '{cfg.recipe}' has no role(s) {unknown}; its roles are {list(roles)}")
     check_options(getattr(cfg, "algo", None), check_model(cfg))
+
+
+def check_batch_fits(data: DataConfig) -> None:
+    """A micro-batch of clips as float pixels (a lower bound of what a step holds) must fit in
+    the machine's memory: data.batch_size=1e8 is refused here, not after the run folder exists."""
+    frames = data.frames or 1
+    fits_memory(data.batch_size * frames * RGB * data.height * data.width * FLOAT_BYTES, "cpu",
+                f"data.batch_size {data.batch_size} x data.frames {frames} x {data.height}x{data.width} pixels",
+                "lower data.batch_size (or the clip size)")
 
 
 def check_options(options, model: DiTConfig | None = None) -> None:
