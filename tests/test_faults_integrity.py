@@ -180,16 +180,24 @@ def dit(tmp_path_factory):
     return path
 
 
-def poisoned(dit, tmp_path, value):
-    """A copy of the checkpoint with one weight's first element set to `value`; returns (path, key)."""
-    path = tmp_path / "poisoned"
+def edited(dit, tmp_path, change):
+    """A copy of the checkpoint with one weight replaced by change(weight); returns (path, key)."""
+    path = tmp_path / "edited"
     shutil.copytree(dit, path)
     file = path / "diffusion_pytorch_model.safetensors"
     weights = load_file(file)
     key = sorted(k for k in weights if k.endswith("weight"))[0]
-    weights[key].view(-1)[0] = value
+    weights[key] = change(weights[key])
     save_file(weights, str(file), metadata={"format": "pt"})
     return path, key
+
+
+def poisoned(dit, tmp_path, value):
+    """A copy of the checkpoint with one weight's first element set to `value`; returns (path, key)."""
+    def poison(weight):
+        weight.view(-1)[0] = value
+        return weight
+    return edited(dit, tmp_path, poison)
 
 
 @pytest.mark.parametrize("value,dtype", [(float("nan"), None), (float("inf"), None), (1e6, torch.float16)],
@@ -205,13 +213,7 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(dit, tmp_path,
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
 def test_integer_weights_are_refused_at_load_naming_the_tensor(dit, tmp_path, dtype):
-    path = tmp_path / "integers"
-    shutil.copytree(dit, path)
-    file = path / "diffusion_pytorch_model.safetensors"
-    weights = load_file(file)
-    key = sorted(k for k in weights if k.endswith("weight"))[0]
-    weights[key] = weights[key].to(dtype)
-    save_file(weights, str(file), metadata={"format": "pt"})
+    path, key = edited(dit, tmp_path, lambda weight: weight.to(dtype))
     with pytest.raises(CheckpointError, match=f"weight {key!r} is stored as {dtype}; DiT weights are floating point"):
         CausalDiT.from_pretrained(path)
 
