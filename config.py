@@ -118,9 +118,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
         raise
     except ForcelabError as e:
         raise ConfigError(str(e)) from None
-    if raw is None:     # an empty file, or comments only: never "train on the defaults" by accident
-        raise ConfigError(f"config {path}: holds no settings (empty, or comments only); a training config "
-                          f"names at least its recipe (recipe: NAME)")
+    if raw is None:     # an empty file (or comments only) sets nothing: the schema's defaults
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of keys (key: value lines)")
     if any(not isinstance(k, str) or not k.strip() or "\n" in k for k in raw):
@@ -229,6 +228,11 @@ def _open_mappings(node: DictConfig) -> None:
                 OmegaConf.set_struct(child, False)
             else:
                 _open_mappings(child)
+
+
+def holds_settings(path: str | Path) -> bool:
+    """Whether a config file (with its bases) sets anything: an empty one means the defaults."""
+    return any(len(node) for _, node in _read_yaml(Path(path)))
 
 
 def load_config(schema: type[T], files: Iterable[str | Path] = (),

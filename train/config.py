@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
-from ..config import DTYPE_NAMES, load_config
+from ..config import DTYPE_NAMES, holds_settings, load_config
 from ..errors import ConfigError, ForcelabError
 from ..models.config import PRESETS, DiTConfig
 from ..data.shards import ON_DAMAGE
@@ -140,6 +140,10 @@ def schema_for(recipe_name: str) -> type:
 def load_train_config(files: Iterable[str | Path] = (), overrides: Iterable[str] = ()):
     """Compose YAML files and key=value overrides into the recipe's config (validated)."""
     files, overrides = [Path(f) for f in files], list(overrides)
+    for f in files:     # an empty training config is a mistake (a wrong file), never "train on the defaults"
+        if not holds_settings(f):
+            raise ConfigError(f"config {f.expanduser().resolve()}: holds no settings (empty, or comments only); a "
+                              f"training config names at least its recipe (recipe: NAME)")
     cfg = load_config(schema_for(_peek_recipe(files, overrides)), files, overrides)
     check_train_config(cfg)
     return cfg
