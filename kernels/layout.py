@@ -159,6 +159,17 @@ class AttentionLayout:
         return self._memo(("tokens", device), lambda: self.frame_mask().repeat_interleave(s, 0)
                           .repeat_interleave(s, 1).to(device))
 
+    def empty_query_rows(self, device=None) -> torch.Tensor | None:
+        """[Lq] bool: query tokens that see no key (their output is zero), None when every query
+        sees one. From the host-side frame mask: asking costs no device synchronisation."""
+        def compute():
+            empty = ~self.frame_mask().any(dim=1)
+            if not bool(empty.any()):
+                return None
+            device_ = torch.device(device) if device is not None else torch.device("cpu")
+            return empty.repeat_interleave(self.tokens_per_frame).to(device_)
+        return self._memo(("empty", None if device is None else torch.device(device)), compute)
+
     def visible_pairs(self) -> int:
         """Number of visible (query token, key token) pairs: the FLOP count's basis."""
         return int(self.frame_mask().sum()) * self.tokens_per_frame ** 2

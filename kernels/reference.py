@@ -20,9 +20,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if layout.is_dense():
         out = F.scaled_dot_product_attention(q, k, v)
     else:
-        mask = layout.token_mask(q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        empty_rows = ~mask.any(dim=1)
-        if bool(empty_rows.any()):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.token_mask(q.device))
+        empty_rows = layout.empty_query_rows(q.device)      # host-side: no device sync per call
+        if empty_rows is not None:
             out = out.masked_fill(empty_rows[None, None, :, None], 0.0)
     return out.transpose(1, 2)

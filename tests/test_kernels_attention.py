@@ -319,3 +319,26 @@ def test_gpu_second_device():
     assert torch.cuda.current_device() == 0
     run_case(AttentionLayout.block_causal(6, 156, 3, window_frames=3), torch.bfloat16,
              heads=2, head_dim=64, device=torch.device("cuda", 1))
+
+
+SYNCS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::item")   # what a host read of a tensor runs
+
+
+@pytest.mark.parametrize("name", ["empty_rows", "block_causal"])
+def test_the_reference_reads_nothing_back_per_call_and_zeroes_empty_rows(name):
+    """Which query rows see no key comes from the layout's host-side frame mask (memoised), not
+    from a read of a device tensor in every attention call (a synchronisation on a GPU)."""
+    layout = NAMED_LAYOUTS[name]
+    q = torch.randn(1, layout.num_queries, 2, 32)
+    k, v = (torch.randn(1, layout.num_keys, 2, 32) for _ in range(2))
+    first = attention_reference(q, k, v, layout)                 # builds the masks once
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        again = attention_reference(q, k, v, layout)
+    assert not [e.name for e in prof.events() if e.name in SYNCS]
+    assert torch.equal(first, again)
+    empty = ~layout.token_mask().any(1)
+    assert (again[:, empty] == 0).all() and torch.isfinite(again).all()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2).double() for t in (q, k, v)), attn_mask=layout.token_mask()).transpose(1, 2)
+    keep = ~empty
+    assert torch.allclose(again[:, keep].double(), expected[:, keep], atol=1e-5)
