@@ -78,8 +78,9 @@ class SelfForcingRecipe(DMDRecipe):
         total = P + frames
         window = min(o.frames, total)
         # the critic's rollout (grad=False, under no_grad) stops at the same exit and builds no graph
-        res = self.student_rollout(batch, ctx, frames, training=Training(exit_step, grad_from_frame=total - window),
-                                   prefix=prefix, plan=self.rollout_plan(ctx))
+        # (the cache is thrown away after it: the last chunk is not committed)
+        training = Training(exit_step, grad_from_frame=total - window, commit_last=False)
+        res = self.student_rollout(batch, ctx, frames, training=training, prefix=prefix, plan=self.rollout_plan(ctx))
         video = res.x0 if prefix is None else torch.cat([prefix.to(res.x0.dtype), res.x0], dim=2)
         generated = torch.arange(total) >= P
         carries_grad = torch.cat([torch.zeros(P, dtype=torch.bool), res.grad_frames.cpu()])

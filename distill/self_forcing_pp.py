@@ -150,7 +150,7 @@ class SelfForcingPPRecipe(DMDRecipe):
                 before = long[:, :, max(0, start - (T - 1)):]
             clean = rollout(model, plan, context, noise, T, cache=copy.deepcopy(cache)).x0   # x_hat of the window
         source = BackwardNoise(noise, self.noise(ctx, "backward_noise"), clean, start, timestep_to_sigma(self.timesteps[entry]))
-        training = Training(0, grad_from_frame=start)      # under an outer no_grad (critic): no graph
+        training = Training(0, grad_from_frame=start, commit_last=False)   # outer no_grad (critic): no graph
         res = rollout(model, self.plan(self.timesteps[entry:]), context, source, T, cache=cache, training=training)
         x0 = res.x0
         mask = res.grad_frames.clone() if grad else torch.ones(T, dtype=torch.bool)

@@ -174,6 +174,7 @@ class Training:
 
     exit_step: int
     grad_from_frame: int = 0
+    commit_last: bool = True    # False: the caller throws the cache away, so the last units' commit pass is skipped
 
 
 @dataclass
@@ -387,8 +388,9 @@ def causal_stream(model, plan: CausalPlan, context: torch.Tensor | None, noise: 
             raise RuntimeError(f"plan finished units {[u for u, _ in finished]} out of order (committed: {done})")
         c0 = start_frame + done * unit
         clean = torch.cat([n for _, n in finished], dim=2)
-        commit(clean, c0)
         done += len(finished)
+        if training is None or training.commit_last or done < frames // unit:
+            commit(clean, c0)
         yield _committed_chunk(plan, c0, clean, finished, exit_x0, training, unit, S)
 
 

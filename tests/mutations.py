@@ -197,12 +197,13 @@ MUTATIONS: list[Mutation] = [
       SF + ROLLING),
     M("gradients_before_the_dmd_window", "Self-Forcing, Rolling", "which pass carries gradient: only chunks in "
       "the last `frames` frames", "distill/self_forcing.py",
-      "training=Training(exit_step, grad_from_frame=total - window)", "training=Training(exit_step, grad_from_frame=0)",
-      SF + ROLLING),
+      "Training(exit_step, grad_from_frame=total - window, commit_last=False)",
+      "Training(exit_step, grad_from_frame=0, commit_last=False)", SF + ROLLING),
     M("critic_rollout_runs_to_the_end", "Self-Forcing, Rolling", "the critic's own rollout stops at the same exit "
       "as the generator's (the same distribution of samples)", "distill/self_forcing.py",
-      "training=Training(exit_step, grad_from_frame=total - window)",
-      "training=Training(exit_step, grad_from_frame=total - window) if grad else None", SF + ROLLING),
+      "training = Training(exit_step, grad_from_frame=total - window, commit_last=False)",
+      "training = Training(exit_step, grad_from_frame=total - window, commit_last=False) if grad else None",
+      SF + ROLLING),
     M("reencoded_chunk_not_masked", "Self-Forcing, Rolling", "masks: the re-encoded first chunk is left out of the "
       "generator's loss", "distill/dmd_recipe.py", "mask[:self.chunk] = False", "mask[:1] = False",
       SF + ROLLING),

@@ -138,3 +138,30 @@ def test_a_read_survives_the_ring_overwriting_it_and_a_growing_cache_copies_noth
     for frame in (2, 4, 6):
         commit(full, frame)
     assert past.k.data_ptr() == full.k[1].data_ptr() and past.v.data_ptr() == full.v[1].data_ptr()
+
+
+@pytest.mark.parametrize("plan", [Chunkwise(timesteps=STEPS, window_frames=4, sink_frames=2),
+                                  Rolling(timesteps=STEPS, window_frames=4, sink_frames=2)], ids=["chunkwise", "rolling"])
+def test_skipping_the_last_commit_changes_no_output_or_gradient_and_saves_its_pass(plan):
+    """A training rollout whose cache is thrown away (Self-Forcing) skips the last units' commit
+    pass: one fewer DiT forward, the same x0 and the same gradients, bit for bit."""
+    model = toy_model()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def run(commit_last):
+        calls.clear()
+        gen = torch.Generator().manual_seed(1)
+        context = torch.randn(B, 4, model.config.text_dim, generator=gen)
+        noise = Noise([3, 4], model.config.in_channels, H, W)
+        res = rollout(model, plan, context, noise, 8, training=Training(1, commit_last=commit_last))
+        loss = (res.x0 * torch.randn(res.x0.shape, generator=gen)).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return res.x0.detach(), grads, len(calls)
+
+    x_all, g_all, n_all = run(True)
+    x_skip, g_skip, n_skip = run(False)
+    hook.remove()
+    assert n_skip == n_all - 1
+    assert torch.equal(x_all, x_skip)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g_all, g_skip))

@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     check_paths(cfg)
     trainer = Trainer(cfg, resume=args.resume, dry_run=args.dry_run)
     trainer.run()
+    # every rank leaves the process group before the interpreter exits: a gloo group torn down at
+    # exit while its peer is already gone can abort the process ("terminate called ...", exit -6)
+    trainer.acc.end_training()
     if not args.dry_run and trainer.is_main:
         print(f"run folder: {trainer.run_dir} (step {trainer.step})")
     return 0
