@@ -44,7 +44,9 @@ engine.step and still counted as an update by the trainer.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import importlib
 import os
 import warnings
@@ -55,6 +57,19 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from .config import PARALLEL as STRATEGIES   # the choices live with the config field
 from .roles import Role, ema_state, plain_module, weights_record
+
+
+@functools.cache
+def leave_process_group_at_exit() -> None:
+    """Once per process: leave the process group before the interpreter exits. A gloo group torn
+    down during interpreter shutdown, with its peer already gone, can abort the process
+    ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 SHARDED_FROZEN_DTYPE = torch.bfloat16   # frozen roles without a dtype are kept in bf16 when sharded
 

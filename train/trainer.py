@@ -46,7 +46,7 @@ from . import checkpoint as ckpt_io
 from .config import config_dict, config_yaml
 from .data import ShardStream, make_stream, to_device
 from .metrics import MetricsLogger
-from .parallel import make_strategy
+from .parallel import leave_process_group_at_exit, make_strategy
 from .recipe import StepContext, recipe_class
 from .roles import Role, build_role, ema_copy, make_optimizer, resolve_init, update_ema
 from .run_context import RunContext
@@ -74,6 +74,8 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
+        if self.world > 1:
+            leave_process_group_at_exit()
         self.parallel = make_strategy(cfg, self.acc)    # ddp | fsdp | zero2 | zero3 (train/parallel.py)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or 1)   # see README: a shared CPU otherwise slows many-fold
