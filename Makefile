@@ -29,7 +29,7 @@ test: install
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m forcelab.cli demo $(DEMO_ARGS)
 
-# Mutation testing: each semantic mutation of tests/mutations.py applied to a copy of the package
+# Mutation testing: each semantic mutation of tests/mutation_list.py applied to a copy of the package
 # must make the suite fail (7-11 minutes on 2 cores).
 mutations: install
 	OMP_NUM_THREADS=1 $(PY) tests/mutations.py --jobs 2 --out mutations.md
