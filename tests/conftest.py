@@ -28,6 +28,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def toy_dit(tmp_path_factory):
+    """A random one-layer toy-preset DiT checkpoint (seed 0), shared by the generation and
+    weight-loading tests: read it, copy it before changing anything in it."""
+    from forcelab.models import CausalDiT, DiTConfig
+
+    path = tmp_path_factory.mktemp("toy_dit") / "toy"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """make(layers=1) -> a folder holding a random bidirectional toy DiT of the tiny test size
     (dim 32, 2 heads, chunks of 2 frames): the frozen teacher of the distillation tests."""

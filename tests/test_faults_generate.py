@@ -15,16 +15,12 @@ import torch
 
 from forcelab import fsio
 from forcelab.cli import main
-from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models import CausalDiT
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("toy_dit") / "toy"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)
-    return path
+@pytest.fixture
+def ckpt(toy_dit):
+    return toy_dit                   # a one-layer toy DiT (tests/conftest.py)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from forcelab.data.ode_pairs import ODEPairs, ode_pair_dataset, write_ode_pairs
 from forcelab.data.schema import DataError, encode_sample
 from forcelab.data.shards import ShardDataset, write_record, write_shard
 from forcelab.errors import CheckpointError, ForcelabError
-from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models import CausalDiT
 
 KEYS = [f"{i:09d}" for i in range(4)]
 
@@ -171,13 +171,9 @@ def test_a_changed_byte_in_an_ode_pair_is_caught_when_that_pair_is_read(ode):
 
 
 # ---------------------------------------------------------------------- DiT weights
-@pytest.fixture(scope="module")
-def dit(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dit") / "toy"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)
-    return path
+@pytest.fixture
+def dit(toy_dit):
+    return toy_dit                   # a one-layer toy DiT (tests/conftest.py)
 
 
 def edited(dit, tmp_path, change):

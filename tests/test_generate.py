@@ -4,10 +4,9 @@ import json
 
 import av
 import pytest
-import torch
 
 from forcelab.cli import main
-from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models import CausalDiT
 
 
 SIDECAR_KEYS = {"video", "prompt", "prompt_text", "sample", "seed", "model", "model_format", "model_config",
@@ -15,13 +14,9 @@ SIDECAR_KEYS = {"video", "prompt", "prompt_text", "sample", "seed", "model", "mo
                 "negative_prompt", "switches", "device", "dtype", "vbench", "forcelab", "seconds_per_batch"}
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("toy_dit")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)
-    return path
+@pytest.fixture
+def ckpt(toy_dit):
+    return toy_dit                   # a one-layer toy DiT (tests/conftest.py)
 
 
 def generate(ckpt, out, *extra):

@@ -4,23 +4,18 @@ clear line for a bad argument, before any weights are loaded."""
 import json
 
 import pytest
-import torch
 
 from forcelab.cli import main
 from forcelab.data.video import read_video
 from forcelab.errors import ForcelabError
 from forcelab.generate import GeneratedVideo, generate
-from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models import CausalDiT
 from forcelab.models.plans import Chunkwise, Teacher, default_timesteps
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("toy_dit")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)
-    return path
+@pytest.fixture
+def ckpt(toy_dit):
+    return toy_dit                   # a one-layer toy DiT (tests/conftest.py)
 
 
 SAME_VIDEO_LEVELS = 0.5    # mean |difference| in 8-bit levels below which two decoded videos are the same video

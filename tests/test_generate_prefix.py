@@ -23,13 +23,9 @@ K = DiTConfig.preset("toy").chunk_frames                        # latent (= vide
 CELL = CODEC.spatial_stride * max(DiTConfig.preset("toy").patch_size[1:])
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("toy_dit")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CausalDiT(DiTConfig.preset("toy", num_layers=1)).save_pretrained(path)   # chunk_frames 2
-    return path
+@pytest.fixture
+def ckpt(toy_dit):
+    return toy_dit                   # a one-layer toy DiT (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
