@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable, Iterable
 
 from .errors import ForcelabError
+from .seeds import MASK as SEED_MASK    # seeds are 63-bit
 
 
 def _say(name: str | None, text: str) -> str:
@@ -83,13 +84,12 @@ def non_negative_int(value: Any, name: str | None = None) -> int:
     return v
 
 
-MAX_SEED = 2**63 - 1   # seeds are 63-bit: torch.Generator takes 64 and wraps larger numbers onto smaller ones
 
 
 def seed(value: Any, name: str | None = None) -> int:
     """A random seed: a whole number in [0, 2^63 - 1] (larger ones would silently alias smaller ones)."""
     v = _number(value, name, int)
-    if not 0 <= v <= MAX_SEED:
+    if not 0 <= v <= SEED_MASK:     # torch.Generator takes 64 bits and wraps larger numbers onto smaller ones
         raise ForcelabError(_say(name, f"must be a whole number from 0 to 2^63 - 1 (seeds are 63-bit), got {value!r}"))
     return v
 
