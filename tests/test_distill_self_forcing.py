@@ -92,6 +92,8 @@ trainer.recipe.draw_rollout = record
 trainer.run()
 with open(f"{sys.argv[1]}/draws-{trainer.rank}.json", "w") as f:
     json.dump(seen, f)
+from forcelab.train.parallel import exit_processes
+exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """
 
 

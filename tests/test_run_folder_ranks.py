@@ -44,6 +44,8 @@ trainer = T.Trainer(load_train_config([], [f"output_dir={run}", *sys.argv[3:]]))
 # past the constructor every rank sees the finished folder
 assert (run / "RUN_RECORD").is_file() and (run / "config.yaml").is_file(), trainer.rank
 print(f"rank {trainer.rank} ready", flush=True)
+from forcelab.train.parallel import exit_processes
+exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """.replace("MARKER", MARKER).replace("RUN_RECORD", RUN_RECORD)
 
 

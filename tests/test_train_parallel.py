@@ -39,6 +39,8 @@ Trainer(cfg("split", mode)).run(stop_at=3)
 Trainer(cfg("split", mode), resume="latest").run()
 if reference != "none":
     Trainer(cfg("reference", reference)).run()
+from forcelab.train.parallel import exit_processes
+exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """
 
 
@@ -117,6 +119,8 @@ for name, parallel in (("fsdp32", "fsdp"), ("ddp32", "ddp")):
     out = sys.argv[1:][-1].split("=", 1)[1] + "-" + name
     Trainer(load_train_config([], args + ["roles.teacher.dtype=fp32", f"parallel={parallel}",
                                           f"output_dir={out}"])).run()
+from forcelab.train.parallel import exit_processes
+exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """
 
 
@@ -265,6 +269,8 @@ for mode in modes:
     trainer = Trainer(load_train_config([], args + [f"parallel={mode}", f"output_dir={base}/{mode}"]))
     trainer.run()
     assert trainer.roles["generator"].updates == 3, (mode, trainer.roles["generator"].updates)
+from forcelab.train.parallel import exit_processes
+exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """
 
 

@@ -46,15 +46,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    from .parallel import exit_processes
     from .paths import check_paths
     from .trainer import Trainer
 
     check_paths(cfg)
     trainer = Trainer(cfg, resume=args.resume, dry_run=args.dry_run)
     trainer.run()
-    # every rank leaves the process group before the interpreter exits: a gloo group torn down at
-    # exit while its peer is already gone can abort the process ("terminate called ...", exit -6)
-    trainer.acc.end_training()
     if not args.dry_run and trainer.is_main:
         print(f"run folder: {trainer.run_dir} (step {trainer.step})")
+    if trainer.world > 1:
+        exit_processes(0)      # see train/parallel.py: teardown can abort a run that succeeded
     return 0

@@ -49,6 +49,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -70,6 +71,20 @@ def leave_process_group_at_exit() -> None:
 def _leave_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_processes(code: int = 0) -> None:
+    """End a process of a multi-process run whose work is saved: leave the process group, flush
+    the output and exit without the interpreter's teardown, during which objects still holding the
+    group (wrapped models, device meshes) are freed after their peer process is gone and can abort
+    a run that succeeded ("terminate called without an active exception", exit -6). Every process
+    reaches this point before any leaves."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    _leave_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 SHARDED_FROZEN_DTYPE = torch.bfloat16   # frozen roles without a dtype are kept in bf16 when sharded
 
