@@ -197,12 +197,13 @@ class ToyWorld:
         pixels = clip.video.float().div(127.5).sub(1.0).permute(1, 0, 2, 3)[None]  # [1, 3, F, H, W]
         latent = codec.encode(pixels)[0]
         emb, lengths = text_encoder.encode([clip.scene.caption])
+        text_len = lengths.tolist()[0]           # host data: no device read
         c = self.config
         meta = {"source": f"toyworld:{self.seed}:{index}", "caption": clip.scene.caption, "fps": c.fps,
                 "frames": len(clip.video), "size": [c.height, c.width], "shape": list(latent.shape),
                 "dtype": "float32", "vae": codec.name, "text_encoder": text_encoder.name,
-                "text_len": int(lengths[0]), "text_max_length": text_encoder.max_length}
-        return {"latent": latent, "text_emb": emb[0], "text_len": int(lengths[0]),
+                "text_len": text_len, "text_max_length": text_encoder.max_length}
+        return {"latent": latent, "text_emb": emb[0], "text_len": text_len,
                 "caption": clip.scene.caption, "meta": meta, "key": f"toy{index:09d}", "state": clip.state()}
 
 

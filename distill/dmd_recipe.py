@@ -185,7 +185,7 @@ class DMDRecipe(Recipe):
             loss, logs = critic_loss(out.x0, fake, timestep=t, noise=noise, mask=out.mask)
         else:
             raise ConfigError(f"{self.name}: role {role!r} is not trained")
-        return loss, {k: float(v) for k, v in logs.items()}
+        return loss, logs
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):

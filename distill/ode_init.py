@@ -227,7 +227,7 @@ class ODEInitRecipe(Recipe):
         x0 = x0_from_v(x_t, v, timestep_to_sigma(t))
         mask = t > 0
         loss = masked_mean((x0.float() - ode[:, -1].float()) ** 2, mask)
-        return loss, {"noisy_chunks": float(mask.float().mean())}
+        return loss, {"noisy_chunks": mask.float().mean()}
 
     @classmethod
     def sampling_plan(cls, opt) -> Chunkwise:

@@ -23,8 +23,12 @@ video; -1 marks an empty cache slot, never visible):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+
+
+LAYOUTS_KEPT = 4   # layouts shared between calls with equal arguments (each memoises its masks)
 
 
 def _frames(x) -> torch.Tensor:
@@ -70,12 +74,14 @@ class AttentionLayout:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
+    @lru_cache(maxsize=LAYOUTS_KEPT)
     def full(cls, frames: int, tokens_per_frame: int) -> "AttentionLayout":
         """Bidirectional attention over `frames` frames (the teacher / critic)."""
         f = torch.arange(frames)
         return cls(f, f, tokens_per_frame)
 
     @classmethod
+    @lru_cache(maxsize=LAYOUTS_KEPT)
     def block_causal(cls, frames: int, tokens_per_frame: int, chunk_frames: int,
                      window_frames: int | None = None, sink_frames: int = 0,
                      start_frame: int = 0) -> "AttentionLayout":
@@ -84,6 +90,7 @@ class AttentionLayout:
         return cls(f, f, tokens_per_frame, chunk_frames, window_frames, sink_frames)
 
     @classmethod
+    @lru_cache(maxsize=LAYOUTS_KEPT)
     def teacher_forcing(cls, frames: int, tokens_per_frame: int, chunk_frames: int,
                         window_frames: int | None = None,
                         sink_frames: int = 0) -> "AttentionLayout":
@@ -99,9 +106,14 @@ class AttentionLayout:
         """Streaming: queries = the frames being denoised, keys = cache slots + those frames.
 
         key_frames holds the frame index of every key frame in the order the keys are laid
-        out (cache slots in any order, -1 for empty slots, then the query frames)."""
-        return cls(_frames(query_frames), _frames(key_frames), tokens_per_frame,
-                   chunk_frames, window_frames, sink_frames)
+        out (cache slots in any order, -1 for empty slots, then the query frames).
+        Layouts given as sequences of ints are shared: every denoising pass of a chunk, and
+        its commit, reuse one layout and the masks it memoises."""
+        if isinstance(query_frames, torch.Tensor) or isinstance(key_frames, torch.Tensor):
+            return cls(_frames(query_frames), _frames(key_frames), tokens_per_frame,
+                       chunk_frames, window_frames, sink_frames)
+        return _shared_cached(cls, tuple(int(f) for f in query_frames), tuple(int(f) for f in key_frames),
+                              tokens_per_frame, chunk_frames, window_frames, sink_frames)
 
     # ------------------------------------------------------------------ the rule
     @property
@@ -263,6 +275,13 @@ class AttentionLayout:
         return (self.q_frames.int(), self.k_frames.int(),
                 zeros_q if self.q_noisy is None else self.q_noisy.int(),
                 zeros_k if self.k_noisy is None else self.k_noisy.int())
+
+
+@lru_cache(maxsize=LAYOUTS_KEPT)
+def _shared_cached(cls, query_frames: tuple, key_frames: tuple, tokens_per_frame, chunk_frames,
+                   window_frames, sink_frames) -> AttentionLayout:
+    return cls(_frames(query_frames), _frames(key_frames), tokens_per_frame, chunk_frames,
+               window_frames, sink_frames)
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ diffusers names). Block math (Wan2.1; e0 = per-frame modulation, computed in fp3
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -43,12 +43,33 @@ FP32_PREFIXES = ("time_embedding.", "time_projection.")
 FP32_SUFFIXES = ("modulation",)
 
 
+@lru_cache(maxsize=8)
+def _frequencies(half: int, device: torch.device) -> torch.Tensor:
+    """10000^(-i / half), i < half, float64: built once per width and device (shared, read-only)."""
+    return torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=device) / half)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding [N] -> [N, dim], cat(cos, sin), in float64 as Wan computes it."""
-    half = dim // 2
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    angles = torch.outer(t.to(torch.float64), freqs)
+    angles = torch.outer(t.to(torch.float64), _frequencies(dim // 2, t.device))
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32; x itself when it already is (no dispatch for the no-op cast)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """normed * (1 + scale) + shift, in fp32 (Wan), returned in dtype."""
+    out = torch.addcmul(shift, fp32(normed), 1 + scale)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate, in fp32 (Wan), returned in x's dtype."""
+    out = torch.addcmul(fp32(x), fp32(y), gate)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -65,9 +86,10 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 (affine parameters too), returned in the input dtype (Wan)."""
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        weight = None if self.weight is None else fp32(self.weight)
+        bias = None if self.bias is None else fp32(self.bias)
+        out = F.layer_norm(fp32(x), self.normalized_shape, weight, bias, self.eps)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -148,19 +170,18 @@ class Block(nn.Module):
     def forward(self, x, e0, context_kv, rope, layout, backend, **cache_args):
         """x [B, f, S, dim] (tokens grouped by frame); e0 [B, f or 1, 6, dim] fp32."""
         B, f, S, dim = x.shape
-        mod = (self.modulation.float()[None] + e0).unsqueeze(3)  # [B, f, 6, 1, dim]
+        mod = (fp32(self.modulation)[None] + e0).unsqueeze(3)  # [B, f, 6, 1, dim]
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = mod.unbind(2)
 
-        y = (self.norm1(x).float() * (1 + scale_msa) + shift_msa).type_as(x)
+        y = modulate(self.norm1(x), shift_msa, scale_msa, x.dtype)
         y = self.self_attn(y.flatten(1, 2), rope, layout, backend, **cache_args).view(B, f, S, dim)
-        x = (x.float() + y.float() * gate_msa).type_as(x)
+        x = gated_residual(x, y, gate_msa)
 
         y = self.cross_attn(self.norm3(x).flatten(1, 2), context_kv).view(B, f, S, dim)
         x = x + y
 
-        y = (self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).type_as(x)
-        y = self.ffn(y)
-        return (x.float() + y.float() * gate_ffn).type_as(x)
+        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn, x.dtype))
+        return gated_residual(x, y, gate_ffn)
 
 
 class Head(nn.Module):
@@ -172,8 +193,8 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         """x [B, f, S, dim]; e [B, f or 1, dim] (the time embedding, not e0)."""
-        shift, scale = (self.modulation.float()[None] + e.float()[:, :, None]).unsqueeze(3).unbind(2)
-        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+        shift, scale = (fp32(self.modulation)[None] + fp32(e)[:, :, None]).unsqueeze(3).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale, x.dtype))
 
 
 class CausalDiT(nn.Module):
@@ -227,9 +248,20 @@ class CausalDiT(nn.Module):
                                 f"got {tuple(timestep.shape)}")
         if timestep.ndim == 2 and pt != 1:
             raise ForcelabError("CausalDiT: per-frame timesteps need a temporal patch size of 1")
-        if timestep.is_floating_point() and not bool(torch.isfinite(timestep).all()):
-            raise ForcelabError(f"CausalDiT: timestep has NaN or infinite values ({timestep.flatten()[:8].tolist()}); "
+
+    @staticmethod
+    def _as_timestep(timestep, device) -> torch.Tensor:
+        """The timestep as a tensor on device. Values given as Python numbers are checked here;
+        a tensor's values are not read (on an accelerator that read would synchronise every
+        forward): the rollout engine's plans and the recipes' timestep laws are validated once,
+        where they are made."""
+        if isinstance(timestep, torch.Tensor):
+            return timestep.to(device)
+        values = torch.as_tensor(timestep)
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise ForcelabError(f"CausalDiT: timestep has NaN or infinite values ({values.flatten()[:8].tolist()}); "
                                 f"timesteps are finite numbers in [0, 1000]")
+        return values.to(device)
 
     def embed_context(self, context: torch.Tensor) -> torch.Tensor:
         """[B, L, text_dim] -> [B, text_len, dim]: zero-pad to text_len (Wan), then embed."""
@@ -252,7 +284,7 @@ class CausalDiT(nn.Module):
         emb = timestep_embedding(t.flatten(), self.config.freq_dim).to(self.time_embedding[0].weight.dtype)
         e = self.time_embedding(emb)
         e0 = self.time_projection(e).unflatten(-1, (MODULATION_TERMS, -1))
-        return e.float().view(batch, t.shape[1], -1), e0.float().view(batch, t.shape[1], MODULATION_TERMS, -1)
+        return fp32(e).view(batch, t.shape[1], -1), fp32(e0).view(batch, t.shape[1], MODULATION_TERMS, -1)
 
     # ------------------------------------------------------------------ streaming
     def new_cache(self, batch_size: int, height: int, width: int, *, chunk_frames: int | None = None,
@@ -289,14 +321,14 @@ class CausalDiT(nn.Module):
         a noisy chunk sees the clean copies of earlier chunks and itself (needs chunk_frames).
         With a cache: frames [start_frame, start_frame + F) against it (commit=True writes them)."""
         cfg = self.config
-        timestep = torch.as_tensor(timestep, device=x.device)
+        timestep = self._as_timestep(timestep, x.device)
         self._check_input(x, timestep)
         backend = attention_backend or cfg.attention_backend
         B = x.shape[0]
         tokens = self.patch_embedding(x.to(self.dtype))        # [B, dim, f, h, w]
         f, h, w = tokens.shape[2:]
         S = h * w
-        tokens = rearrange(tokens, "b d f h w -> b f (h w) d")
+        tokens = tokens.flatten(3).permute(0, 2, 3, 1).contiguous()  # [B, f, h * w, dim]
         e, e0 = self.time_embed(timestep, B, f)
 
         if cache is None:
@@ -342,8 +374,10 @@ class CausalDiT(nn.Module):
                 tokens = blk(tokens, e0, ctx_kv[i], rope, layout, backend, **cache_args)
         out = self.head(tokens, e)                               # [B, f, S, C * prod(patch)]
         pt, ph, pw = cfg.patch_size
-        return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)",
-                         h=h, w=w, p=pt, q=ph, r=pw).float().to(x.dtype)
+        # [B, f, (h w), (p q r c)] -> [B, c, (f p), (h q), (w r)]
+        out = out.unflatten(-1, (pt, ph, pw, -1)).unflatten(2, (h, w)).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, -1, f * pt, h * ph, w * pw)
+        return out if out.dtype == x.dtype else fp32(out).to(x.dtype)
 
     def _stream_setup(self, cache: KVCache, context, batch, f, h, w, start, device):
         """Layout, RoPE tables and cross-attention K/V for a pass over frames

@@ -67,6 +67,8 @@ def rope_tables(config: DiTConfig, frame_positions, height: int, width: int,
     frame_positions: n integer temporal positions (any integers);
     height, width: the token grid of one frame. Token order is (frame, row, col).
     The returned tensors are shared (memoised): do not modify them in place."""
-    positions = tuple(int(p) for p in torch.as_tensor(frame_positions).reshape(-1).tolist())
+    if isinstance(frame_positions, torch.Tensor):
+        frame_positions = frame_positions.reshape(-1).tolist()
+    positions = tuple(int(p) for p in frame_positions)
     return _tables(config.rope_axis_dims, float(config.rope_theta), positions, height, width,
                    torch.device(device) if device is not None else torch.device("cpu"))

@@ -12,6 +12,7 @@ import torch
 from forcelab.errors import ForcelabError
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.models.kv_cache import KVCache
+from forcelab.models.plans import Chunkwise
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,12 @@ def raises(match, fn, *args, **kwargs):
 
 @pytest.mark.parametrize("t", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_timesteps_are_refused(model, t):
-    raises("timestep has NaN or infinite values", model, x(), torch.tensor([t]), ctx())
-    per_frame = torch.tensor([[0.0, t]])
-    raises("timestep has NaN or infinite values", model, x(), per_frame, ctx())
+    """Python-number timesteps are checked by the model; a tensor's values are not read there
+    (a device synchronisation per forward on a GPU): the engine's plans check theirs."""
+    raises("timestep has NaN or infinite values", model, x(), t, ctx())
+    raises("timestep has NaN or infinite values", model, x(), [[0.0, t]], ctx())
+    with pytest.raises(ForcelabError, match="strictly decreasing"):
+        Chunkwise(timesteps=[1000.0, t])
 
 
 def test_python_number_and_integer_timesteps_work(model):

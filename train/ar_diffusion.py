@@ -62,7 +62,7 @@ class ARDiffusionRecipe(Recipe):
         noise = ctx.stream("noise").normal(x0.shape[1:])
         context = self.drop_captions(context, ctx, self.opt.uncond_prob)
         v = self.predict(self.run.model(role), add_noise(x0, noise, sigma), sigma, context)
-        return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
+        return flow_matching_loss(v, x0, noise), {"sigma": sigma.detach().mean()}
 
     @classmethod
     def sampling_plan(cls, opt):

@@ -45,8 +45,8 @@ class ToyStream:
         else:
             captions = [self.world.scene(p).caption for p in positions]
             emb, lengths = self.text_encoder.encode(captions)
-            samples = [{"caption": c, "text_emb": emb[i], "text_len": int(lengths[i]), "key": str(p)}
-                       for i, (c, p) in enumerate(zip(captions, positions))]
+            samples = [{"caption": c, "text_emb": emb[i], "text_len": n, "key": str(p)}
+                       for i, (c, p, n) in enumerate(zip(captions, positions, lengths.tolist()))]
         return collate(samples)
 
     def captions(self, n: int) -> list[str]:

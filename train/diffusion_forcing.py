@@ -77,7 +77,7 @@ class DiffusionForcingRecipe(Recipe):
             v = model(torch.cat([x0, x_t], dim=2), both, context, teacher_forcing=True, **kw)[:, :, F:]
         else:
             v = model(x_t, t, context, **kw)
-        return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
+        return flow_matching_loss(v, x0, noise), {"sigma": sigma.detach().mean()}
 
     @classmethod
     def sampling_plan(cls, opt):

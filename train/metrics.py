@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from ..errors import ForcelabError
 from ..fsio import append_text, os_error_message, own_file
@@ -23,6 +24,18 @@ from ..progress import progress_bar
 
 
 TENSORBOARD_DIR = "tensorboard"
+
+
+def read_scalars(total, norm, finite, logs: dict) -> tuple[float, float, float, dict[str, float]]:
+    """Host floats of an update's loss, gradient norm, finite flag and logs (0-d tensors or
+    floats), in ONE device-to-host copy: a float() per value would synchronise a GPU each time."""
+    names = [k for k, v in logs.items() if torch.is_tensor(v)]
+    tensors = [total, norm, finite] + [logs[k] for k in names]
+    device = next((t.device for t in tensors if torch.is_tensor(t)), torch.device("cpu"))
+    stacked = torch.stack([torch.as_tensor(t, device=device).detach().double().reshape(()) for t in tensors])
+    values = stacked.cpu().tolist()
+    read = iter(values[3:])
+    return values[0], values[1], values[2], {k: next(read) if torch.is_tensor(v) else v for k, v in logs.items()}
 
 
 class MetricsLogger:

@@ -7,7 +7,7 @@ batch becomes a loss for each role. The Trainer (train/trainer.py) holds everyth
         data = "latents"                                    # latents | prompts | ode_pairs
         @dataclass
         class Options: guidance: float = 4.0                 # the config's `algo:` section
-        def loss(self, role, batch, ctx): ...               # -> (scalar loss, {name: float})
+        def loss(self, role, batch, ctx): ...               # -> (scalar loss, {name: 0-d tensor})
 
 `ctx` (StepContext, train/step_context.py) gives the step, the micro-step and named random
 streams tied to each sample's global position (`ctx.stream("noise").normal(shape)`), so a
@@ -125,7 +125,10 @@ class Recipe:
     def setup(self) -> None:
         """Called once the models, encoders and data exist (e.g. prepare a teacher's outputs)."""
 
-    def loss(self, role: str, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, role: str, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The loss to minimise and logs: detached 0-d tensors (the trainer reads them with the
+        loss and gradient norm in one host read per update; a float() here would synchronise
+        a GPU once per value)."""
         raise NotImplementedError
 
     @classmethod

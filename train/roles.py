@@ -136,10 +136,19 @@ def config_name(rcfg: RoleConfig, cfg) -> str:
     return rcfg.preset or cfg.model_preset
 
 
+def fused_adam(params) -> bool:
+    """torch's fused AdamW (one kernel for all parameters, step counts kept on the device: no
+    host read per parameter) where it serves the parameters: floating, on CPU or CUDA."""
+    return all(p.is_floating_point() and p.device.type in FUSED_ADAM_DEVICES for p in params)
+
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(role: Role, max_steps: int) -> None:
     r = role.cfg
     role.optimizer = torch.optim.AdamW(role.params, lr=r.lr, betas=tuple(r.betas), eps=r.eps,
-                                       weight_decay=r.weight_decay)
+                                       weight_decay=r.weight_decay, fused=fused_adam(role.params))
     total = -(-max_steps // r.update_every)
     role.scheduler = torch.optim.lr_scheduler.LambdaLR(role.optimizer, lr_factor(r, total))
 

@@ -75,4 +75,4 @@ class Stream:
     def shared_int(self, high: int) -> int:
         """An integer in [0, high) that is the same on every rank (depends on step and micro-step)."""
         g = torch.Generator().manual_seed(stream_seed(self.ctx.seed, self.name, SHARED, self.ctx.step, self.ctx.micro))
-        return int(torch.randint(high, (), generator=g))
+        return torch.randint(high, (), generator=g).tolist()   # a host generator's draw: no device read

@@ -46,7 +46,7 @@ class TeacherRecipe(Recipe):
         context = self.drop_captions(batch["text_emb"], ctx, self.opt.uncond_prob)
         x_t = add_noise(x0, noise, sigma)
         v = self.run.model(role)(x_t, t, context)
-        return flow_matching_loss(v, x0, noise), {"sigma": float(sigma.mean())}
+        return flow_matching_loss(v, x0, noise), {"sigma": sigma.detach().mean()}
 
     @classmethod
     def sampling_plan(cls, opt):

@@ -45,7 +45,7 @@ from ..seeds import mix_seed
 from . import checkpoint as ckpt_io
 from .config import config_dict, config_yaml
 from .data import ShardStream, make_stream, to_device
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, read_scalars
 from .parallel import leave_process_group_at_exit, make_strategy
 from .recipe import StepContext, recipe_class
 from .roles import Role, build_role, ema_copy, make_optimizer, resolve_init, update_ema
@@ -377,7 +377,7 @@ class Trainer:
             if other.trainable:
                 self.parallel.zero_grad(other)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor | float] = {}
         for micro in range(A):
             batch, positions = self.next_batch()
             ctx = StepContext(self.step, micro, self.cfg.seed, positions, self.device, role=role.name)
@@ -387,7 +387,7 @@ class Trainer:
             self.parallel.backward(role, loss / A)
             total += loss.detach().double() / A
             for k, v in extra.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / A
+                logs[k] = logs.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else v) / A
         self._all_reduce_grads(role)
         finite = torch.isfinite(total).float()
         grads = [p.grad for p in role.params if p.grad is not None]
@@ -398,10 +398,12 @@ class Trainer:
             stats = torch.stack([total, finite.double()]).to(self.device)
             torch.distributed.all_reduce(stats)
             total, finite = stats[0] / self.world, stats[1] / self.world
-        out = {f"{role.name}/loss": float(total), f"{role.name}/grad_norm": float(norm),
+        # the update's one host read: the skip decision and every logged value together
+        total, norm, finite, logs = read_scalars(total, norm, finite, logs)
+        out = {f"{role.name}/loss": total, f"{role.name}/grad_norm": norm,
                f"{role.name}/lr": role.scheduler.get_last_lr()[0]}
         out.update({f"{role.name}/{k}": v for k, v in logs.items()})
-        if float(finite) < 1.0:
+        if finite < 1.0:
             self.parallel.zero_grad(role)
             self.nonfinite += 1
             out[f"{role.name}/skipped"] = 1.0
@@ -413,7 +415,7 @@ class Trainer:
                         "no checkpoint with finite weights and loss was written")
                 keep += f" ({'; '.join(bad)})" if bad else ""
                 raise TrainingAborted(f"{self.nonfinite} non-finite updates in a row at step {self.step + 1} "
-                                      f"({role.name} loss {float(total):.4g}); {keep}; lower the learning "
+                                      f"({role.name} loss {total:.4g}); {keep}; lower the learning "
                                       f"rate or check the data, then resume from it")
             return out
         self.nonfinite = 0
