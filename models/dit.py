@@ -55,6 +55,14 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+def init_modulation(terms: int, dim: int) -> torch.Tensor:
+    """A modulation table [1, terms, dim] ~ N(0, 1 / dim) (randn / sqrt(dim), bit for bit).
+    Nothing is drawn on the meta device (loading): there torch's normal_ runs its Python
+    reference, which imports its symbolic-shape machinery (sympy; seconds at start-up)."""
+    table = torch.empty(1, terms, dim)
+    return table if table.is_meta else table.normal_().div_(dim ** 0.5)
+
+
 def fp32(x: torch.Tensor) -> torch.Tensor:
     """x in float32; x itself when it already is (no dispatch for the no-op cast)."""
     return x if x.dtype == torch.float32 else x.float()
@@ -158,7 +166,7 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.modulation = nn.Parameter(torch.randn(1, MODULATION_TERMS, cfg.dim) / cfg.dim ** 0.5)
+        self.modulation = nn.Parameter(init_modulation(MODULATION_TERMS, cfg.dim))
         self.norm1 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(cfg)
         self.norm3 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
@@ -187,7 +195,7 @@ class Block(nn.Module):
 class Head(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.modulation = nn.Parameter(init_modulation(2, cfg.dim))
         self.norm = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
 

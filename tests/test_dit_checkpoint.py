@@ -151,3 +151,28 @@ def test_save_replaces_atomically(tmp_path):
     b.save_pretrained(tmp_path / "ckpt")
     assert torch.equal(outputs(CausalDiT.from_pretrained(tmp_path / "ckpt")), outputs(b))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
+
+
+def test_loading_builds_on_meta_without_torch_symbolic_machinery(toy_dit):
+    """from_pretrained builds the model on the meta device; drawing random numbers there runs
+    torch's Python references, which import sympy and the compiler (seconds at every start).
+    In a fresh process: load, and check neither was imported."""
+    import subprocess
+    import sys
+    code = ("import sys; from forcelab.models import CausalDiT; CausalDiT.from_pretrained(sys.argv[1]); "
+            "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(toy_dit)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_modulation_init_is_randn_over_root_dim():
+    """The tables are drawn as randn / sqrt(dim), what earlier versions drew, bit for bit (seeded
+    models, and the runs trained from them, stay as they were); nothing is drawn on meta."""
+    from forcelab.models.dit import init_modulation
+    dim = DiTConfig.preset("toy").dim
+    torch.manual_seed(0)
+    got = init_modulation(6, dim)
+    torch.manual_seed(0)
+    assert torch.equal(got, torch.randn(1, 6, dim) / dim ** 0.5)
+    with torch.device("meta"):
+        assert init_modulation(6, dim).is_meta
