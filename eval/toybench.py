@@ -14,9 +14,10 @@ of) its best. Every metric is oriented so that higher is better:
   ball colours (count and colours must match the caption).
 - identity: the fraction of frames showing the video's most common set of balls (balls that
   appear, vanish, duplicate or change colour break it).
-- physics: the fraction of (ball, frame) triples whose acceleration, allowing for an elastic
-  reflection at a wall (x = r or W - r, y likewise), is at most PHYSICS_TOL px/frame^2:
-  constant velocity between bounces, bounces only at the walls.
+- physics: the fraction of (ball, frame) pairs whose accelerations at t and t+1 and change of
+  step across t -> t+1 (frames t-1..t+2), allowing for an elastic reflection at a wall
+  (x = r or W - r, y likewise), are at most PHYSICS_TOL px/frame^2: constant velocity between
+  bounces, bounces only at the walls; a ball turning back away from a wall fails at any speed.
 - dynamics: per ball step, how well the speed (median over DYN_WINDOW steps) falls in the
   caption's speed range ("slowly" / "quickly", either when unnamed); 1 inside, exp(-d / DYN_SCALE)
   at log-distance d outside. Catches frozen, slowing and stagnant motion.
@@ -44,7 +45,9 @@ from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
 
 PSNR_CAP = 60.0          # dB; a perfect re-render would be infinite
 STRAY_LEVEL = 32         # a pixel this far (any channel, 0..255) from the re-render is stray
-PHYSICS_TOL = 0.5        # px/frame^2 of acceleration left after allowing for a wall bounce
+PHYSICS_TOL = 0.5        # px/frame^2 left after allowing for a wall bounce: under the change of step of
+                         # the slowest reversal (2 x 0.4 px/frame, the toy world's least speed), above
+                         # the detector's jitter on clean frames (at most 0.11 over 40 clips)
 DYN_WINDOW = 5           # steps in the running median of a ball's speed (bounce steps look slow)
 DYN_MARGIN = 0.15        # relative slack around the caption's speed range
 DYN_SCALE = 0.1          # log-distance outside the range at which the score falls to 1/e
@@ -138,25 +141,51 @@ def _tracks(detections: list[list[Ball]]) -> dict[str, tuple[np.ndarray, np.ndar
     return out
 
 
+# Sums of positions p[t-1], p[t], p[t+1] (, p[t+2]) that vanish on a straight path at constant speed:
+ACCELERATION = ((1.0, -2.0, 1.0),)                                  # frames t-1 .. t+1
+ACCELERATIONS_AND_STEP_CHANGE = ((1.0, -2.0, 1.0, 0.0),             # frames t-1 .. t+2: at t,
+                                 (0.0, 1.0, -2.0, 1.0),             # at t + 1,
+                                 (1.0, -1.0, -1.0, 1.0))            # and their sum: the change of step
+
+
 def _physics(tracks: dict, T: int, size: tuple[int, int]) -> np.ndarray:
-    """Per frame t: the fraction of balls seen at t-1, t, t+1 whose acceleration is lawful."""
+    """Per frame t: the fraction of balls seen at t-1, t, t+1 whose path through t-1 .. t+2 (t+1
+    where t+2 is unseen or past the end) is straight at constant speed within PHYSICS_TOL,
+    after allowing for a wall bounce. The change of step (step t+1 -> t+2 minus step t-1 -> t)
+    is checked besides the accelerations: a velocity change that falls between two frames
+    splits over the accelerations at t and t+1 (a ball of speed v reversing mid-step: |v| at
+    each, under PHYSICS_TOL for the slowest balls) and shows whole in their sum (2 |v|)."""
     lawful = np.zeros(T)
     count = np.zeros(T)
     extent = np.asarray(size, np.float64)
     for _, pos, radius in tracks.values():
-        prev, mid, nxt = pos[:-2], pos[1:-1], pos[2:]                  # [T-2, 2]
-        walls = np.stack([np.full(2, radius), extent - radius])        # [2 (lo, hi), 2 (x, y)]
-        candidates = [nxt - 2 * mid + prev]
-        for w in walls:                                                # reflect one end at a wall
-            candidates.append((2 * w - nxt) - 2 * mid + prev)
-            candidates.append(nxt - 2 * mid + (2 * w - prev))
-        residual = np.abs(np.stack(candidates)).min(0)                 # per axis, [T-2, 2]
-        residual = np.hypot(residual[:, 0], residual[:, 1])
+        walls = (np.full(2, radius), extent - radius)                  # (lo, hi) per axis (x, y)
+        residual = np.fmax(_unlawful(pos, ACCELERATION, walls), _unlawful(pos, ACCELERATIONS_AND_STEP_CHANGE, walls))
         ok = np.isfinite(residual)
-        lawful[1:-1][ok] += residual[ok] <= PHYSICS_TOL
-        count[1:-1][ok] += 1
+        lawful[ok] += residual[ok] <= PHYSICS_TOL
+        count[ok] += 1
     with np.errstate(invalid="ignore"):
         return np.where(count > 0, lawful / np.maximum(count, 1), np.nan)
+
+
+def _unlawful(pos: np.ndarray, stencils: tuple, walls) -> np.ndarray:
+    """How far the path pos [T, 2] is from lawful around each frame t, [T] px (NaN where a
+    position is unseen or the window runs past the clip): per axis, the largest
+    |sum_k stencil[k] p[t - 1 + k]| over the stencils, the least of that over the path as seen
+    and the path unfolded at one wall bounce (the positions from some k on mirrored in a
+    wall, 2 w - p, as a straight path through the wall would have them); then the norm over
+    the axes (each axis bounces on its own)."""
+    T, k = len(pos), len(stencils[0])
+    out = np.full(T, np.nan)
+    if T < k:
+        return out
+    points = [pos[i:T - k + 1 + i] for i in range(k)]                  # k x [T - k + 1, 2]
+    paths = [points] + [[p if i < cut else 2 * w - p for i, p in enumerate(points)]
+                        for w in walls for cut in range(1, k)]
+    per_axis = np.min([np.max([np.abs(sum(c * p for c, p in zip(stencil, path))) for stencil in stencils], 0)
+                       for path in paths], 0)                          # [T - k + 1, 2]
+    out[1:T - k + 2] = np.hypot(per_axis[:, 0], per_axis[:, 1])
+    return out
 
 
 def speed_range(speed: str | None, config: ToyWorldConfig) -> tuple[float, float]:
