@@ -12,8 +12,9 @@ of) its best. Every metric is oriented so that higher is better:
 - clean_pixels: 1 - the fraction of stray pixels (any channel off the re-render by > STRAY_LEVEL).
 - adherence: per frame, |detected & captioned| / |detected | captioned| over the multisets of
   ball colours (count and colours must match the caption).
-- identity: the fraction of frames showing the video's most common set of balls (balls that
-  appear, vanish, duplicate or change colour break it).
+- identity: the fraction of frames showing the set of balls the video starts with, its most
+  common set over the first bucket (balls that appear, vanish, duplicate or change colour break
+  it). Anchored at the start, so that a defect holding most of the frames reads as a loss.
 - physics: the fraction of (ball, frame) pairs whose accelerations at t and t+1 and change of
   step across t -> t+1 (frames t-1..t+2), allowing for an elastic reflection at a wall
   (x = r or W - r, y likewise), are at most PHYSICS_TOL px/frame^2: constant velocity between
@@ -75,7 +76,7 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
     bucket_frames = int(bucket_frames or config.frames)
     if bucket_frames < 1:
         raise ForcelabError(f"bucket_frames must be >= 1, got {bucket_frames}")
-    per_frame = frame_metrics(frames, colors, speed, config, codec)
+    per_frame = frame_metrics(frames, colors, speed, config, codec, reference_frames=bucket_frames)
     out = {m: stats.nanmean(v) for m, v in per_frame.items()}
     if first_frame is not None:
         out["continuation"] = continuation(_as_frames(first_frame[None])[0], frames[0], config)
@@ -88,8 +89,9 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
 
 
 def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
-                  config: ToyWorldConfig, codec=None) -> dict[str, np.ndarray]:
-    """Each metric per frame, float [T] (NaN where it has nothing to measure)."""
+                  config: ToyWorldConfig, codec=None, reference_frames: int | None = None) -> dict[str, np.ndarray]:
+    """Each metric per frame, float [T] (NaN where it has nothing to measure). identity refers
+    to the most common set of balls over the first reference_frames frames (default: all)."""
     T, H, W, _ = frames.shape
     detections = detect_frames(frames, config, order=colors)
     rendered = np.stack([rerender(balls, (H, W), config) for balls in detections])
@@ -106,7 +108,7 @@ def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
     wanted = Counter(colors)
     seen = [Counter(b.color for b in balls) for balls in detections]
     adherence = np.array([_jaccard(s, wanted) for s in seen])
-    mode = Counter(frozenset(s.items()) for s in seen).most_common(1)[0][0]
+    mode = Counter(frozenset(s.items()) for s in seen[:reference_frames]).most_common(1)[0][0]
     identity = np.array([float(frozenset(s.items()) == mode) for s in seen])
     tracks = _tracks(detections)
     return {"fidelity_psnr": psnr, "clean_pixels": clean, "adherence": adherence, "identity": identity,
