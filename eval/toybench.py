@@ -15,8 +15,8 @@ of) its best. Every metric is oriented so that higher is better:
 - identity: the fraction of frames showing the set of balls the video starts with, its most
   common set over the first bucket (balls that appear, vanish, duplicate or change colour break
   it). Anchored at the start, so that a defect holding most of the frames reads as a loss.
-- physics: the fraction of (ball, frame) pairs whose accelerations at t and t+1 and change of
-  step across t -> t+1 (frames t-1..t+2), allowing for an elastic reflection at a wall
+- physics: the fraction of (ball, frame) pairs whose acceleration at t and change of step
+  across t -> t+1 (frames t-1..t+2), allowing for an elastic reflection at a wall
   (x = r or W - r, y likewise), are at most PHYSICS_TOL px/frame^2: constant velocity between
   bounces, bounces only at the walls; a ball turning back away from a wall fails at any speed.
 - dynamics: per ball step, how well the speed (median over DYN_WINDOW steps) falls in the
@@ -145,24 +145,25 @@ def _tracks(detections: list[list[Ball]]) -> dict[str, tuple[np.ndarray, np.ndar
 
 # Sums of positions p[t-1], p[t], p[t+1] (, p[t+2]) that vanish on a straight path at constant speed:
 ACCELERATION = ((1.0, -2.0, 1.0),)                                  # frames t-1 .. t+1
-ACCELERATIONS_AND_STEP_CHANGE = ((1.0, -2.0, 1.0, 0.0),             # frames t-1 .. t+2: at t,
-                                 (0.0, 1.0, -2.0, 1.0),             # at t + 1,
-                                 (1.0, -1.0, -1.0, 1.0))            # and their sum: the change of step
+ACCELERATION_AND_STEP_CHANGE = ((1.0, -2.0, 1.0, 0.0),              # frames t-1 .. t+2: the acceleration at t,
+                                (1.0, -1.0, -1.0, 1.0))             # and its sum with the one at t+1: step
+                                                                    # t+1 -> t+2 minus step t-1 -> t
 
 
 def _physics(tracks: dict, T: int, size: tuple[int, int]) -> np.ndarray:
-    """Per frame t: the fraction of balls seen at t-1, t, t+1 whose path through t-1 .. t+2 (t+1
-    where t+2 is unseen or past the end) is straight at constant speed within PHYSICS_TOL,
-    after allowing for a wall bounce. The change of step (step t+1 -> t+2 minus step t-1 -> t)
-    is checked besides the accelerations: a velocity change that falls between two frames
-    splits over the accelerations at t and t+1 (a ball of speed v reversing mid-step: |v| at
-    each, under PHYSICS_TOL for the slowest balls) and shows whole in their sum (2 |v|)."""
+    """Per frame t: the fraction of balls seen at t-1, t, t+1 whose acceleration at t and (where
+    t+2 is seen) change of step across t -> t+1 are at most PHYSICS_TOL, both for one and the
+    same allowance for a wall bounce. A velocity change that falls between two frames splits
+    over the accelerations at t and t+1 (a ball of speed v turning back mid-step: |v| at each,
+    under PHYSICS_TOL for the slowest balls) and shows whole in their sum, the change of step
+    (2 |v|). The acceleration is checked too: a back-and-forth shake keeps the steps two apart
+    alike."""
     lawful = np.zeros(T)
     count = np.zeros(T)
     extent = np.asarray(size, np.float64)
     for _, pos, radius in tracks.values():
         walls = (np.full(2, radius), extent - radius)                  # (lo, hi) per axis (x, y)
-        residual = np.fmax(_unlawful(pos, ACCELERATION, walls), _unlawful(pos, ACCELERATIONS_AND_STEP_CHANGE, walls))
+        residual = np.fmax(_unlawful(pos, ACCELERATION, walls), _unlawful(pos, ACCELERATION_AND_STEP_CHANGE, walls))
         ok = np.isfinite(residual)
         lawful[ok] += residual[ok] <= PHYSICS_TOL
         count[ok] += 1
