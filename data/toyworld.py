@@ -159,13 +159,21 @@ class ToyWorld:
 
     def trajectory(self, scene: Scene, frames: int, start: int = 0):
         """positions, velocities [F, N, 2] and bounced [F, N] for frames start .. start+frames-1."""
+        t = np.arange(start - 1, start + frames, dtype=np.float64)
+        pos, vel, segment = self._fold(scene, t)
+        bounced = (segment[1:] != segment[:-1]).any(-1)
+        return pos[1:], vel[1:], bounced
+
+    def positions_at(self, scene: Scene, times) -> np.ndarray:
+        """Ball centres [T, N, 2] at any real times [T] (in frames; fractions and reversed or
+        slowed clocks included): the closed form that trajectory samples at whole frames."""
+        return self._fold(scene, np.asarray(times, np.float64).reshape(-1))[0]
+
+    def _fold(self, scene: Scene, t: np.ndarray):
         c = self.config
         r = scene.radius[:, None]
         lo, hi = r * np.ones(2), np.array([c.width, c.height]) - r
-        t = np.arange(start - 1, start + frames, dtype=np.float64)
-        pos, vel, segment = _fold(scene.pos0, scene.vel, lo, hi, t)
-        bounced = (segment[1:] != segment[:-1]).any(-1)
-        return pos[1:], vel[1:], bounced
+        return _fold(scene.pos0, scene.vel, lo, hi, t)
 
     def render(self, scene: Scene, positions: np.ndarray) -> torch.Tensor:
         """uint8 [F, 3, H, W]: antialiased discs (coverage = r + 0.5 - distance) on the background."""
