@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from forcelab.config import DTYPES
+from forcelab.dtypes import DTYPES
 from forcelab.models import CausalDiT, DiTConfig
 
 
