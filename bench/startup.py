@@ -10,7 +10,10 @@ fresh interpreter with PYTHONPATH pointing at that checkout's parent folder:
            --frames 8, CPU), wall time from the process start to its first progress line on stderr
            (printed when the first chunk's frames are done: the time to the first frame);
     run    the same run's wall time to exit (mp4 written).
-Prints min and median over --rounds rounds per checkout and the ratios base / this.
+Each is timed twice: wall clock, and the child's CPU time (user + system; at the first
+progress line read from /proc/PID/stat, in clock ticks), which waiting for a shared machine's
+cores does not inflate. Prints min and median over --rounds rounds per checkout and the
+ratios base / this.
 The children run with OMP_NUM_THREADS=1 (torch's threads, the same for both) in an empty
 working folder: `python -m` puts the working folder first on sys.path, which would otherwise
 shadow PYTHONPATH when run from a checkout's parent.
@@ -32,50 +35,73 @@ TEACHER = Path(__file__).resolve().parents[1] / "configs" / "toy" / "teacher_che
 FRAMES = 8                      # video frames of the timed run: 4 chunks of the toy teacher
 PROGRESS_PREFIX = "generate: "  # generate's progress line (progress.LineProgress) when stderr is no terminal
 MEASURES = ("help", "first", "run")
+CLOCKS = ("wall", "cpu")
+TICK = 1 / os.sysconf("SC_CLK_TCK")     # seconds per /proc CPU-time tick
 
 
 def child_env(parent: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(parent), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def run_child(cmd: list[str], parent: Path, **kwargs):
-    """A child process importing forcelab from `parent`, started in an empty folder."""
-    with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run(cmd, env=child_env(parent), cwd=cwd, **kwargs)
+def run_child(cmd: list[str], parent: Path, cwd: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """A child importing forcelab from `parent`, started in `cwd` (an empty folder)."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=child_env(parent), cwd=cwd)
+
+
+def reap(proc: subprocess.Popen) -> tuple[int, float]:
+    """(exit status, CPU seconds: user + system) of a finished child."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def cpu_so_far(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK     # utime, stime (fields 14, 15 of stat)
 
 
 def where(parent: Path) -> str:
     """The forcelab package a child with this PYTHONPATH imports (a check that it is the right one)."""
-    out = run_child([sys.executable, "-c", "import forcelab; print(forcelab.__file__)"], parent,
-                    capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = run_child([sys.executable, "-c", "import forcelab; print(forcelab.__file__)"], parent, cwd)
+        out = proc.stdout.read().strip()
+        reap(proc)
+    return out
 
 
-def time_help(parent: Path) -> float:
-    t0 = time.perf_counter()
-    run_child([sys.executable, "-m", "forcelab", "generate", "--help"], parent, capture_output=True, check=True)
-    return time.perf_counter() - t0
+def time_help(parent: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of `generate --help`."""
+    with tempfile.TemporaryDirectory() as cwd:
+        t0 = time.perf_counter()
+        proc = run_child([sys.executable, "-m", "forcelab", "generate", "--help"], parent, cwd)
+        proc.stdout.read()
+        status, cpu = reap(proc)
+        wall = time.perf_counter() - t0
+    if status:
+        raise SystemExit(f"generate --help failed under PYTHONPATH={parent}")
+    return wall, cpu
 
 
-def time_generate(parent: Path) -> tuple[float, float]:
-    """(seconds to the first progress line, seconds to exit) of one toy generate run."""
+def time_generate(parent: Path) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((wall, CPU) to the first progress line, (wall, CPU) to exit) of one toy generate run."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "forcelab", "generate", str(TEACHER), "--prompt", "a red ball",
                "--frames", str(FRAMES), "--device", "cpu", "--output", str(Path(tmp) / "videos")]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=child_env(parent), cwd=tmp)
-        first = None
-        lines = []
+        proc = run_child(cmd, parent, tmp, stderr=subprocess.PIPE)
+        first, lines = None, []
         for line in proc.stderr:
             lines.append(line)
             if first is None and line.startswith(PROGRESS_PREFIX):
-                first = time.perf_counter() - t0
-        proc.wait()
-        total = time.perf_counter() - t0
-        if proc.returncode or first is None:
-            raise SystemExit(f"generate failed under PYTHONPATH={parent}:\n{''.join(lines)[-3000:]}")
-        return first, total
+                first = (time.perf_counter() - t0, cpu_so_far(proc.pid))
+        proc.stdout.read()
+        status, cpu = reap(proc)
+        total = (time.perf_counter() - t0, cpu)
+    if status or first is None:
+        raise SystemExit(f"generate failed under PYTHONPATH={parent}:\n{''.join(lines)[-3000:]}")
+    return first, total
 
 
 def main() -> None:
@@ -88,25 +114,25 @@ def main() -> None:
         print(f"{name}: {where(parent)}")
     print(f"python {sys.version.split()[0]}, OMP_NUM_THREADS=1, {args.rounds} interleaved rounds, "
           f"generate: toy teacher, {FRAMES} frames, CPU")
-    times = {name: {m: [] for m in MEASURES} for name in contenders}
+    times = {name: {(m, c): [] for m in MEASURES for c in CLOCKS} for name in contenders}
     for _ in range(args.rounds):
         for name, parent in contenders.items():
-            times[name]["help"].append(time_help(parent))
-            first, total = time_generate(parent)
-            times[name]["first"].append(first)
-            times[name]["run"].append(total)
-    labels = {"help": "generate --help (s)", "first": "to first frame (s)", "run": "whole run (s)"}
-    print(f"{'':22s}" + "".join(f"{name + ' min':>11s}{name + ' median':>14s}" for name in contenders)
+            measured = dict(zip(MEASURES, (time_help(parent), *time_generate(parent))))
+            for m, values in measured.items():
+                for c, value in zip(CLOCKS, values):
+                    times[name][(m, c)].append(value)
+    labels = {"help": "generate --help", "first": "to first frame", "run": "whole run"}
+    print(f"{'seconds':24s}" + "".join(f"{name + ' min':>11s}{name + ' median':>14s}" for name in contenders)
           + ("   base/this min  base/this median" if len(contenders) == 2 else ""))
     for m in MEASURES:
-        row = f"{labels[m]:22s}"
-        for name in contenders:
-            row += f"{min(times[name][m]):11.3f}{statistics.median(times[name][m]):14.3f}"
-        if len(contenders) == 2:
-            b, t = times["base"][m], times["this"][m]
-            row += f"{min(b) / min(t):16.2f}{statistics.median(b) / statistics.median(t):18.2f}"
-        print(row)
-
+        for c in CLOCKS:
+            row = f"{labels[m] + ', ' + c:24s}"
+            for name in contenders:
+                row += f"{min(times[name][(m, c)]):11.3f}{statistics.median(times[name][(m, c)]):14.3f}"
+            if len(contenders) == 2:
+                b, t = times["base"][(m, c)], times["this"][(m, c)]
+                row += f"{min(b) / min(t):16.2f}{statistics.median(b) / statistics.median(t):18.2f}"
+            print(row)
 
 if __name__ == "__main__":
     main()
