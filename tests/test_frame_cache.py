@@ -63,7 +63,7 @@ CASES = {                                   # plan options -> the plain sampler'
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_recompute_is_one_forward_per_pass(model, prompt, case):
     """Chunk k's pass sees its k committed chunks + itself: chunks x steps forwards, no commit pass."""
-    plan_kw, ref_kw = CASES[case]
+    plan_kw, _ = CASES[case]
     plan = Chunkwise(**plan_kw)
     with torch.no_grad(), ForwardCount(model) as count:
         rollout(model, plan, prompt, noise(model), FRAMES, recompute=True)
