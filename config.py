@@ -29,7 +29,6 @@ from typing import Any, Iterable, TypeVar
 
 import re
 
-import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 try:  # omegaconf's own loader (float syntax, duplicate keys, alias limits); it moved in 2.4
@@ -42,10 +41,6 @@ from .errors import ConfigError, ForcelabError
 from .fsio import read_text
 
 T = TypeVar("T")
-# dtype names accepted everywhere (CLI flags, configs, loaders)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-DTYPE_NAMES = (*DTYPES, *_DTYPE_ALIASES)    # what parse_dtype accepts
 BASE_KEY = "_base_"
 PACKAGE_DIR = Path(__file__).resolve().parent   # where ${forcelab:PATH} values point
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -330,12 +325,3 @@ def to_yaml(obj: Any) -> str:
     """A config dataclass as YAML (saved beside checkpoints so a run can be inspected)."""
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
 
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """"bf16" / "fp16" / "fp32" (or the torch names, or a torch.dtype) -> torch.dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPE_ALIASES.get(dtype, dtype)
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from forcelab.config import DTYPES
+from forcelab.dtypes import DTYPES
 from forcelab.kernels import AttentionLayout, attention
 
 WAN_TOKENS_PER_FRAME = 1560   # 30 x 52 latent patches at 480 x 832

@@ -9,12 +9,17 @@ backward pass (torch.autograd.graph.saved_tensors_hooks) per step - the activati
 gradient truncation keeps flat - beside the process's peak-RSS delta.
 
 streaming_long: one training step (generator + critic update, as at every 5th step of the
-LongLive schedule) with the stream at position 10 vs 100 chunks on the toy model (2 layers,
-dim 64, 16 tokens/frame, chunks of 2 frames, each loss call adds one chunk; window 6 frames
-incl. a 2-frame sink). Goal: flat time and peak memory (the window keeps the cache a fixed
+LongLive schedule) with the stream at position 10 vs 100 chunks on the toy preset
+(models/config.py; 16 tokens/frame, chunks of 2 frames, each loss call adds one chunk; window
+6 frames incl. a 2-frame sink). Goal: flat time and peak memory (the window keeps the cache a fixed
 size; the recent-frame buffer is bounded). Each position runs in a FRESH process so one
 measurement's allocator state cannot hide the other's; the stream is first advanced to the
 position with no-grad rollouts, then `--repeats` trainer steps are measured.
+
+Both parts compare two (or more) settings, each in its own child process. The children are
+INTERLEAVED: --rounds rounds, each running every setting once in turn (A B A B ...), so load
+on a shared machine hits all settings alike; the tables give the min and the median over the
+rounds, and the ratios last / first of both.
 
 Memory, said plainly: on CPU torch allocates outside Python's allocator, so tracemalloc sees
 nothing of it. We report (a) the exact bytes of the sequence state that persists across steps
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,35 +123,51 @@ def streaming_long_child(position: int, repeats: int) -> dict:
             "ru_maxrss_kib": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss}
 
 
-def run_children(flag: str, values, repeats: int) -> list[dict]:
-    """One fresh single-threaded process per measurement (`flag value`), its JSON line back."""
-    rows = []
-    for value in values:
-        out = subprocess.run([sys.executable, __file__, flag, str(value), "--repeats", str(repeats)],
-                             capture_output=True, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-        if out.returncode:
-            raise SystemExit(out.stderr[-3000:])
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+def run_children(flag: str, values, repeats: int, rounds: int) -> list[list[dict]]:
+    """One fresh single-threaded process per measurement (`flag value`), its JSON line back;
+    the values take turns within each round. -> per value, its rows of every round."""
+    rows: list[list[dict]] = [[] for _ in values]
+    for _ in range(rounds):
+        for i, value in enumerate(values):
+            out = subprocess.run([sys.executable, __file__, flag, str(value), "--repeats", str(repeats)],
+                                 capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            rows[i].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
 
+def low_mid(rows: list[dict], key: str) -> tuple[float, float]:
+    """(min, median) of one measured quantity over the rounds."""
+    values = [r[key] for r in rows]
+    return min(values), statistics.median(values)
+
+
+def ratio_text(first: list[dict], last: list[dict], key: str) -> str:
+    """last / first of the minima and of the medians."""
+    (a_min, a_mid), (b_min, b_mid) = low_mid(first, key), low_mid(last, key)
+    return f"{b_min / max(a_min, 1e-12):.3f} (min) / {b_mid / max(a_mid, 1e-12):.3f} (median)"
+
+
 def streaming_long_part(args) -> None:
-    rows = run_children("--child-streaming-long", args.positions, args.repeats)
+    runs = run_children("--child-streaming-long", args.positions, args.repeats, args.rounds)
     print(f"streaming_long: toy DiT preset, chunk 2, window 6 incl. 2-frame sink, "
           f"batch 1; one step = generator + critic update (2 chunks); mean of {args.repeats} steps after 1 warm-up; "
-          f"torch {torch.__version__}, 1 thread")
-    print(f"{'position (chunks)':>18} {'step CPU ms':>12} {'step wall ms':>13} {'state KiB':>10} "
+          f"{args.rounds} interleaved rounds (min / median over them); torch {torch.__version__}, 1 thread")
+    print(f"{'position (chunks)':>18} {'step CPU ms':>16} {'step wall ms':>16} {'state KiB':>10} "
           f"{'peak RSS delta MiB':>19} {'RSS before MiB':>15}")
-    for r in rows:
-        print(f"{r['position']:>18} {r['step_cpu_s'] * 1e3:>12.1f} {r['step_wall_s'] * 1e3:>13.1f} "
-              f"{r['state_bytes'] / 2 ** 10:>10.1f} {r['peak_rss_delta'] / 2 ** 20:>19.2f} "
-              f"{r['rss_before'] / 2 ** 20:>15.1f}")
-    if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        print(f"ratio {b['position']}/{a['position']}: step CPU time {b['step_cpu_s'] / a['step_cpu_s']:.3f}, "
-              f"sequence state {b['state_bytes'] / a['state_bytes']:.3f}, peak RSS delta "
-              f"{b['peak_rss_delta'] / max(a['peak_rss_delta'], 1):.3f} (goal: flat)")
+    for rows in runs:
+        cpu, wall = low_mid(rows, "step_cpu_s"), low_mid(rows, "step_wall_s")
+        rss, before = low_mid(rows, "peak_rss_delta"), low_mid(rows, "rss_before")
+        print(f"{rows[0]['position']:>18} {cpu[0] * 1e3:>7.1f} / {cpu[1] * 1e3:>6.1f} "
+              f"{wall[0] * 1e3:>7.1f} / {wall[1] * 1e3:>6.1f} {rows[0]['state_bytes'] / 2 ** 10:>10.1f} "
+              f"{rss[1] / 2 ** 20:>19.2f} {before[1] / 2 ** 20:>15.1f}")
+    if len(runs) >= 2:
+        a, b = runs[0], runs[-1]
+        print(f"ratio {b[0]['position']}/{a[0]['position']}: step CPU time {ratio_text(a, b, 'step_cpu_s')}, "
+              f"sequence state {b[0]['state_bytes'] / a[0]['state_bytes']:.3f}, peak RSS delta (median) "
+              f"{low_mid(b, 'peak_rss_delta')[1] / max(low_mid(a, 'peak_rss_delta')[1], 1):.3f} (goal: flat)")
 
 
 # ---------------------------------------------------------------------- self_forcing
@@ -189,19 +211,23 @@ def self_forcing_child(chunks: int, repeats: int) -> dict:
 
 
 def self_forcing_part(args) -> None:
-    rows = run_children("--child-self-forcing", args.chunks, args.repeats)
+    runs = run_children("--child-self-forcing", args.chunks, args.repeats, args.rounds)
     print(f"self_forcing: toy DiT preset, batch 1, DMD window 7 chunks; one step = generator + critic update "
-          f"(two rollouts); mean of {args.repeats} steps after 1 warm-up; torch {torch.__version__}, 1 thread")
-    print(f"{'chunks per rollout':>18} {'step CPU ms':>12} {'step wall ms':>13} {'saved for backward MiB':>23} "
+          f"(two rollouts); mean of {args.repeats} steps after 1 warm-up; {args.rounds} interleaved rounds "
+          f"(min / median over them); torch {torch.__version__}, 1 thread")
+    print(f"{'chunks per rollout':>18} {'step CPU ms':>16} {'step wall ms':>16} {'saved for backward MiB':>23} "
           f"{'peak RSS delta MiB':>19}")
-    for r in rows:
-        print(f"{r['chunks']:>18} {r['step_cpu_s'] * 1e3:>12.1f} {r['step_wall_s'] * 1e3:>13.1f} "
-              f"{r['saved_for_backward'] / 2 ** 20:>23.2f} {r['peak_rss_delta'] / 2 ** 20:>19.2f}")
-    if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        print(f"ratio {b['chunks']}/{a['chunks']} chunks: step CPU time {b['step_cpu_s'] / a['step_cpu_s']:.2f}, "
-              f"saved for backward {b['saved_for_backward'] / a['saved_for_backward']:.2f} (goal: <= 1.3), "
-              f"peak RSS delta {b['peak_rss_delta'] / max(a['peak_rss_delta'], 1):.2f} (MiB-scale: allocator noise)")
+    for rows in runs:
+        cpu, wall = low_mid(rows, "step_cpu_s"), low_mid(rows, "step_wall_s")
+        saved, rss = low_mid(rows, "saved_for_backward"), low_mid(rows, "peak_rss_delta")
+        print(f"{rows[0]['chunks']:>18} {cpu[0] * 1e3:>7.1f} / {cpu[1] * 1e3:>6.1f} "
+              f"{wall[0] * 1e3:>7.1f} / {wall[1] * 1e3:>6.1f} {saved[1] / 2 ** 20:>23.2f} {rss[1] / 2 ** 20:>19.2f}")
+    if len(runs) >= 2:
+        a, b = runs[0], runs[-1]
+        print(f"ratio {b[0]['chunks']}/{a[0]['chunks']} chunks: step CPU time {ratio_text(a, b, 'step_cpu_s')}, "
+              f"saved for backward {low_mid(b, 'saved_for_backward')[1] / low_mid(a, 'saved_for_backward')[1]:.2f} "
+              f"(goal: <= 1.3), peak RSS delta (median) "
+              f"{low_mid(b, 'peak_rss_delta')[1] / max(low_mid(a, 'peak_rss_delta')[1], 1):.2f} (MiB-scale: allocator noise)")
 
 
 PARTS = {"streaming_long": streaming_long_part, "self_forcing": self_forcing_part}
@@ -211,7 +237,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=sorted(PARTS), action="append", help="run only these parts")
     p.add_argument("--positions", type=int, nargs="+", default=[10, 100], help="stream positions in chunks")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="measured trainer steps per child process")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds: each setting once per round")
     p.add_argument("--chunks", type=int, nargs="+", default=[7, 14], help="self_forcing: chunks per rollout")
     p.add_argument("--child-streaming-long", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-self-forcing", type=int, help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import DTYPES
+from ..dtypes import DTYPES
 from ..errors import ForcelabError
 from ..fsio import check_new_directory
 from ..models.checkpoint import FORMATS

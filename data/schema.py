@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..config import DTYPES
+from ..dtypes import DTYPES
 from ..errors import ForcelabError
 
 SCHEMA_VERSION = 1

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DTYPES
+from ..dtypes import DTYPES
 from ..data.ode_pairs import ODEPairs
 from ..data.toyworld import ToyWorld, ToyWorldConfig
 from ..errors import ConfigError, ForcelabError

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DTYPES
+from ..dtypes import DTYPES
 from ..data.video import DEFAULT_FPS, check_fps
 from ..errors import CheckpointError, ForcelabError
 from ..fsio import check_output_dir, clean_stale
@@ -108,7 +108,7 @@ def generate(model, prompts, *, plan=None, names=None, output=DEFAULT_OUTPUT, se
     switch_mode (recache | flush | keep) with recache_frames and rope_jump. image / video /
     prefix_frames: the frames the video continues (causal plans). vae / text_encoder: "toy"
     or a directory. device: "cpu", "cuda", "cuda:N" (default: cuda if available); dtype: a
-    name of config.DTYPES (default bf16 on cuda, else fp32). overwrite: replace an earlier
+    name of dtypes.DTYPES (default bf16 on cuda, else fp32). overwrite: replace an earlier
     forcelab run's videos of the same names (never another file). vbench: name files
     "{prompt}-{i}.mp4"; vbench_suite: what vbench_suite.select_prompts chose (recorded).
     progress: False for none (default: a bar on a terminal, else a line every 10%). Returns the videos written.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DTYPES
+from ..dtypes import DTYPES
 from ..data.video import DEFAULT_FPS, check_fps
 from ..fsio import check_output_dir
 from ..models.plans import PLANS, SAMPLING_SHIFT, UPDATES

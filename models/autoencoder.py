@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ..config import parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import ForcelabError
 from .checkpoint import require_safetensors
 

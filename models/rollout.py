@@ -67,7 +67,11 @@ class Noise:
 
 class FrameCache:
     """The reference for the KV cache: keeps the committed frames' latents and recomputes the
-    whole block-causal sequence at every pass (cost grows with the video). Frames from 0."""
+    whole block-causal sequence at every pass (cost grows with the video). Frames from 0.
+
+    What a cache-less model does: one forward per denoising pass, over the visible committed
+    frames + the window being denoised. A commit only stores the frames and their timesteps
+    (their keys are recomputed by every later pass), so it runs no forward."""
 
     def __init__(self, chunk_frames: int, window_frames: int | None = None, sink_frames: int = 0):
         self.chunk_frames, self.window_frames, self.sink_frames = chunk_frames, window_frames, sink_frames
@@ -79,18 +83,27 @@ class FrameCache:
     def end_frame(self) -> int:
         return 0 if self.x is None else self.x.shape[2]
 
-    def forward(self, model, x: torch.Tensor, t: torch.Tensor, start: int, commit: bool) -> torch.Tensor:
+    def _with_context(self, x: torch.Tensor, t: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[committed frames before start | x] and their timesteps."""
         if start > self.end_frame:
             raise ForcelabError(f"FrameCache: frames [{self.end_frame}, {start}) were never committed")
         if self.context is None:
             raise ForcelabError("FrameCache: no prompt set")
-        xs, ts = (x, t) if self.x is None else (torch.cat([self.x[:, :, :start], x], 2),
-                                                torch.cat([self.t[:, :start], t], 1))
+        if self.x is None:
+            return x, t
+        return torch.cat([self.x[:, :, :start], x], 2), torch.cat([self.t[:, :start], t], 1)
+
+    def forward(self, model, x: torch.Tensor, t: torch.Tensor, start: int) -> torch.Tensor:
+        """The flow of frames [start, start + n) against the committed frames before them."""
+        xs, ts = self._with_context(x, t, start)
         v = model(xs, ts, self.context, chunk_frames=self.chunk_frames,
                   window_frames=self.window_frames, sink_frames=self.sink_frames)
-        if commit:
-            self.x, self.t = xs.detach(), ts.detach()
         return v[:, :, start:]
+
+    def commit(self, x: torch.Tensor, t: torch.Tensor, start: int) -> None:
+        """Store frames [start, start + n) at timesteps t; stored frames >= start are replaced."""
+        xs, ts = self._with_context(x, t, start)
+        self.x, self.t = xs.detach(), ts.detach()
 
 
 def set_prompt(model, cache, context: torch.Tensor) -> None:
@@ -103,7 +116,8 @@ def set_prompt(model, cache, context: torch.Tensor) -> None:
 
 def _forward(model, x, t, cond, start_frame, chunk_frames, commit=False):
     if isinstance(cond, FrameCache):
-        return cond.forward(model, x, t, cond.end_frame if start_frame is None else start_frame, commit)
+        start = cond.end_frame if start_frame is None else start_frame
+        return cond.commit(x, t, start) if commit else cond.forward(model, x, t, start)
     if isinstance(cond, KVCache):
         return model(x, t, cache=cond, start_frame=start_frame, commit=commit)
     return model(x, t, cond, chunk_frames=chunk_frames)

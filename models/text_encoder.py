@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..config import parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import ForcelabError
 from .checkpoint import require_safetensors
 

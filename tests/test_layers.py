@@ -4,7 +4,7 @@ Imports only go down this order (left is lower):
 
     root modules < kernels < models < data < generate < train < distill < eval < pipelines < cli
 
-root modules are the top-level .py files (errors, validate, fsio, locks, config, progress,
+root modules are the top-level .py files (errors, validate, fsio, locks, dtypes, config, progress,
 run_folder) and the package itself; pipelines are demo.py, pipeline.py and study.py; cli is
 commands/, every cli.py and __main__.py, and the
 `if __name__ == "__main__":` block of any module (it runs only as a script). Every import counts:

@@ -23,7 +23,8 @@ from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
-from ..config import DTYPE_NAMES, holds_settings, load_config
+from ..config import holds_settings, load_config
+from ..dtypes import DTYPE_NAMES
 from ..errors import ConfigError, ForcelabError
 from ..models.config import PRESETS, DiTConfig
 from ..data.shards import ON_DAMAGE

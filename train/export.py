@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import ForcelabError
 from ..models.dit import CausalDiT
 from ..run_folder import recorded_encoders, resolve_weights, write_encoders_record

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import ConfigError, ForcelabError
 from ..models.checkpoint import read_config
 from ..models.config import DiTConfig
