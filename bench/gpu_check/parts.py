@@ -46,7 +46,7 @@ class Settings:
 # Full budgets add up to 8 minutes: the attention and training parts compile kernels (Triton,
 # FlexAttention) in their first calls, and the training part builds three 1.3B models.
 FULL_BUDGETS_S = {"tests": 90, "attention": 150, "streaming": 90, "training": 150}
-SMOKE_BUDGETS_S = {"tests": 60, "attention": 30, "streaming": 30, "training": 30}
+SMOKE_BUDGETS_S = {"tests": 60, "attention": 30, "streaming": 60, "training": 30}   # a shared CPU
 # Wan2.1 in miniature for --smoke: the preset's architecture at test width and depth
 TINY_ARCH = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=32, text_len=16)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
