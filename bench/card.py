@@ -60,6 +60,18 @@ def nvidia_smi() -> dict:
     return dict(zip(fields, (v.strip() for v in lines[0].split(","))))
 
 
+def nvml_driver() -> str | None:
+    """The driver version through NVML (the nvidia-ml-py package), where nvidia-smi is missing."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        pynvml.nvmlShutdown()
+    except Exception:             # no package, no library, no driver: the report says unknown
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
 def describe(device: torch.device) -> dict:
     """Everything a report states about where it ran."""
     info = {"device": device_name(device), "torch": torch.__version__,
@@ -74,8 +86,8 @@ def describe(device: torch.device) -> dict:
         info.update(capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
                     memory_gib=round(props.total_memory / 2 ** 30, 1))
         smi = nvidia_smi()
-        info["driver"] = smi.get("driver_version") or smi.get("error") or "nvidia-smi not found"
-        info["nvidia_smi"] = smi
+        info["driver"] = smi.get("driver_version") or nvml_driver() or smi.get("error") or "unknown"
+        info["nvidia_smi"] = smi or "not found"
         peak, basis = bf16_peak(info["device"])
         info.update(peak_bf16_tflops=peak, peak_basis=basis)
     else:

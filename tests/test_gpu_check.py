@@ -5,6 +5,7 @@ cannot stop the run at import, and the model-FLOP count behind MFU agrees with t
 FLOP counter."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from forcelab.bench.card import bf16_peak
 from forcelab.bench.gpu_check import parts as check_parts
 from forcelab.bench.gpu_check.report import REPORT_JSON, REPORT_MD
 from forcelab.bench.gpu_check.runner import Record, run_check, run_child
@@ -48,7 +50,7 @@ def test_smoke_check_runs_every_part_and_labels_its_numbers(smoke_report):
     assert {name: p["status"] for name, p in report["parts"].items()} == dict.fromkeys(NO_TESTS_PART, "ok")
     env = report["environment"]
     assert env["torch"] == torch.__version__ and env["device"].startswith("CPU")
-    assert Path(env["forcelab"]) == Path(check_parts.__file__).resolve().parents[2] or env["forcelab"]
+    assert Path(env["forcelab"]).resolve() == REPO          # the checkout it measured
 
 
 def test_smoke_attention_counts_visible_pairs_and_checks_against_the_reference(smoke_report):
@@ -126,7 +128,20 @@ def test_the_tests_part_runs_pytest_in_a_child_and_counts(tmp_path):
     assert tests["status"] == "ok" and tests["files"] == check_parts.gpu_test_files()
     expected = "passed" if torch.cuda.is_available() else "skipped"
     assert tests["counts"][expected] == 1 and tests["counts"]["deselected"] >= 1
-    assert "gpu_check: " not in proc.stdout and "[" in proc.stdout     # progress lines with elapsed time
+    files = len(check_parts.gpu_test_files())
+    assert re.search(rf"^\[ *\d+\.\d s\] tests: pytest -m gpu over {files} files$", proc.stdout, re.M)
+    assert proc.stdout.rstrip().endswith(f"- pytest: {tests['summary']} (exit 0; full log gpu_check_pytest.log)")
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0)])
+def test_the_peak_is_the_cards_datasheet_figure(name, peak):
+    tflops, basis = bf16_peak(name)
+    assert tflops == peak and "dense bf16" in basis
+
+
+def test_an_unknown_card_says_its_peak_is_assumed():
+    assert "assumed" in bf16_peak("Some Future GPU")[1]
 
 
 def test_pytest_counts_read_the_summary_line():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .parts import PARTS
+from .report import markdown
 from .runner import OVERALL_BUDGET_S, child_main, run_check
 
 
@@ -25,8 +26,9 @@ def main(argv=None) -> int:
     if args.child:
         return child_main(args.child, args.smoke, args.out, args.t0, args.budget, args.pytest_arg)
     names = [n for n in PARTS if args.parts is None or n in args.parts]
-    run_check(args.out, smoke=args.smoke, budget_s=args.budget, parts=names, in_process=args.in_process,
-              pytest_args=args.pytest_arg)
+    report = run_check(args.out, smoke=args.smoke, budget_s=args.budget, parts=names,
+                       in_process=args.in_process, pytest_args=args.pytest_arg)
+    print("\n" + markdown(report), flush=True)      # the report last: what a truncated log keeps
     return 0
 
 

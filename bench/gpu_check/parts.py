@@ -51,7 +51,7 @@ SMOKE_BUDGETS_S = {"tests": 60, "attention": 30, "streaming": 60, "training": 30
 TINY_ARCH = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=32, text_len=16)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 SMOKE_PIXELS = 64            # 64 x 64 frames -> 8 x 8 latents -> 16 tokens per frame
-SMOKE_STREAM_FRAMES = 6      # two chunks
+SMOKE_STREAM_FRAMES = 3      # one chunk
 SMOKE_TOKENS_PER_FRAME = 8   # attention: 21 frames x 8 tokens
 
 
@@ -97,7 +97,7 @@ def pytest_counts(output: str) -> dict[str, int]:
 
 def tests_part(s: Settings, record, deadline: float, progress) -> None:
     files = gpu_test_files()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfEs",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfEs", "--durations=5",
            *files, *s.pytest_args]
     record.data.update(files=files, command=" ".join(cmd[1:]))
     progress(f"pytest -m gpu over {len(files)} files")
