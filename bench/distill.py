@@ -254,7 +254,7 @@ def wan_self_forcing_step(arch: dict, height: int, width: int, device, warmup: i
                     torch.cuda.synchronize(device)
                 seconds.append(time.perf_counter() - start)
             flops.append(counter.flops)
-            progress(f"step: {seconds[-1]:.2f} s, {counter.passes} DiT passes, {counter.flops / 1e12:.1f} TFLOP")
+            progress(f"step: {seconds[-1]:.2f} s, {counter.passes} DiT passes, {counter.flops / 1e12:.3g} TFLOP")
         trainer.release()
     tflops = sum(flops) / sum(seconds) / 1e12
     out = {"layers": cfg_model.num_layers, "dim": cfg_model.dim, "height": height, "width": width,

@@ -157,7 +157,9 @@ def streaming_part(s: Settings, record, deadline: float, progress) -> None:
     progress(f"{cfg.num_layers} layers, dim {cfg.dim}, {s.height}x{s.width}, {s.stream_latent_frames} latent frames")
     record.data.update(wan_fps(cfg, s.height, s.width, s.stream_latent_frames, s.stream_repeats, dev, dtype,
                                vae_kwargs=s.vae_kwargs))
-    progress(f"DiT alone {record.data['dit_fps']:.1f} FPS; with VAE decode: {record.data['vae']}")
+    vae = record.data["vae"]
+    progress(f"DiT alone {record.data['dit_fps']:.1f} FPS; with VAE decode: "
+             + (f"{vae['fps']:.1f} FPS" if isinstance(vae, dict) else vae))
     record.save()
 
 

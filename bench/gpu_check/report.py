@@ -92,7 +92,7 @@ def _training(p: dict) -> list[str]:
            f"latent frames, chunk {p['chunk_frames']}, {p['mixed_precision']} autocast, gradient checkpointing "
            f"{p['gradient_checkpointing']}; roles updated: {p['roles_updated']}",
            f"- step: {p['step_seconds']:.3f} s (all: {[round(s, 3) for s in p['step_seconds_all']]})",
-           f"- model FLOPs per step: {p['model_flop_per_step'] / 1e12:.2f} TFLOP -> {p['model_tflops']:.3g} TFLOP/s; "
+           f"- model FLOPs per step: {p['model_flop_per_step'] / 1e12:.3g} TFLOP -> {p['model_tflops']:.3g} TFLOP/s; "
            f"MFU {_pct(p.get('mfu'))} of {p.get('peak_tflops', 'n/a')} TFLOP/s",
            f"- FLOP formula: {p['flop_formula']}"]
     if "peak_memory_gib" in p:

@@ -26,7 +26,8 @@ from .report import REPORT_JSON, REPORT_MD, write_report
 
 MIN_PART_S = 10              # a part is not started with less than this left of the overall budget
 OVERALL_BUDGET_S = 480       # 8 minutes
-CHILD_EXIT_GRACE_S = 5       # after its budget a child is killed; this long for it to go
+CHILD_EXIT_GRACE_S = 5       # past its budget a child has this long to save and end, then it is killed
+TUNING_JSON = "attention_tuning.json"
 SMOKE_LABEL = "SMOKE RUN: tiny shapes, a check that every part runs, not a measurement of anything"
 
 
@@ -48,6 +49,18 @@ def forcelab_location() -> str:
     """Where the forcelab package this check imports lives (the checkout it measures)."""
     import forcelab
     return str(Path(forcelab.__file__).parent)
+
+
+def child_env(out: Path) -> dict:
+    """The parts' environment: the attention kernels' autotuning results go to the report folder
+    (which configs won on this card), unless a tuning file is set already."""
+    from forcelab.kernels.dispatch import triton_installed
+
+    env = dict(os.environ)
+    if triton_installed():
+        from forcelab.kernels.triton_configs import TUNING_FILE_ENV
+        env.setdefault(TUNING_FILE_ENV, str(out.resolve() / TUNING_JSON))
+    return env
 
 
 def one_line(e: BaseException) -> str:
@@ -72,11 +85,12 @@ def run_part_here(name: str, settings, record: Record, deadline: float, progress
     return "ok"
 
 
-def run_child(cmd: list[str], result: Path, limit: float, grace: float = CHILD_EXIT_GRACE_S) -> tuple[str, dict]:
+def run_child(cmd: list[str], result: Path, limit: float, grace: float = CHILD_EXIT_GRACE_S,
+              env: dict | None = None) -> tuple[str, dict]:
     """Run `cmd` in a new process group for at most `limit` + `grace` seconds, then kill the
     group: (its status, the record the child saved at `result`)."""
     result.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, start_new_session=True)    # its own group: killed with its children
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)    # its own group: killed with its children
     status = None
     try:
         code = proc.wait(timeout=limit + grace)
@@ -99,7 +113,7 @@ def run_part_child(name: str, smoke: bool, out: Path, limit: float, t0: float, p
     if smoke:
         cmd.append("--smoke")
     cmd += [f"--pytest-arg={a}" for a in pytest_args]
-    return run_child(cmd, out / f".part_{name}.json", limit)
+    return run_child(cmd, out / f".part_{name}.json", limit, env=child_env(out))
 
 
 def child_main(name: str, smoke: bool, out: Path, t0: float, budget: float, pytest_args) -> int:
