@@ -1,7 +1,7 @@
 """One command that measures forcelab on one GPU within a time budget, and writes it all down.
 
     python -m forcelab.bench.gpu_check --out gpu_check_out            # on a GPU: about 8 minutes
-    python -m forcelab.bench.gpu_check --out /tmp/smoke --smoke       # tiny shapes, CPU or GPU, < 1 min
+    python -m forcelab.bench.gpu_check --out smoke_out --smoke        # tiny shapes, CPU or GPU, < 1 min
     make gpu-check                                                    # the first, on a bare GPU machine
 
 Parts (parts.py), in this order, each in its own process with its own time budget (runner.py):

@@ -172,7 +172,7 @@ def run_check(out: Path, smoke: bool = False, budget_s: float = OVERALL_BUDGET_S
         seconds = time.monotonic() - part_start
         report["parts"][name] = {"status": status, "seconds": round(seconds, 1), "budget_s": limit, **data}
         main_progress(f"{name}: {status} in {seconds:.1f} s")
-        write_report(report, out)         # after every part: a lease cut short keeps the parts done
+        write_report(report, out)         # after every part: a run cut short keeps the parts done
     report["elapsed_s"] = round(time.monotonic() - start, 1)
     write_report(report, out)
     main_progress(f"done in {report['elapsed_s']} s: {out / REPORT_JSON}, {out / REPORT_MD}")
