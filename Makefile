@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch>=2.4,<2.14
 # ZeRO tests skip without it (make install EXTRAS=dev,wan,decord,lora).
 EXTRAS ?= dev,wan,decord,lora,deepspeed
 
-.PHONY: install test test-gpu demo bench clean vbench-env test-vbench mutations
+.PHONY: install test test-gpu gpu-wheels gpu-check demo bench clean vbench-env test-vbench mutations
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,42 @@ mutations: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
+
+# The GPU check (bench/gpu_check): the gpu tests, attention kernels, streaming FPS and a Wan-1.3B
+# Self-Forcing step on one GPU, each part within its own budget (8 minutes in all), reported in
+# $(GPU_CHECK_OUT)/gpu_check.json and .md. For a GPU machine without network access whose Python
+# already has CUDA torch and triton: run `make gpu-wheels` first where pip works, copy the
+# checkout (with .whl/) over, then `make gpu-check` there. It uses that Python as it is (no venv,
+# no `pip install -e`): the wheels go into $(GPU_SITE)/lib, and $(GPU_SITE)/path/forcelab links to
+# this checkout (the repository root is the package), both put on PYTHONPATH.
+# gpu-wheels: the pure-Python packages forcelab imports that such a machine lacks (a CUDA image
+# usually has torch, accelerate, einops, safetensors, numpy, tqdm, pytest): omegaconf (configs),
+# webdataset + braceexpand (the data modules the trainer imports), diffusers + importlib_metadata
+# (the Wan VAE of the streaming part). av and wandb are not needed by the check; the parts that
+# need a missing package record it and the others run.
+GPU_PYTHON ?= python3
+GPU_WHEELS_DIR ?= .whl
+GPU_SITE ?= /tmp/forcelab-gpu-site
+GPU_CHECK_OUT ?= gpu_check_out
+GPU_CHECK_ARGS ?=                  # e.g. --smoke, --budget 300, --parts attention training
+GPU_WHEELS = omegaconf==2.4.0 webdataset==1.0.2 braceexpand==0.1.7 diffusers==0.42.1 importlib_metadata==8.7.0
+GPU_WHEEL_PLATFORM = --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS_DIR)
+	$(PYTHON) -m pip download --no-deps $(GPU_WHEEL_PLATFORM) -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+	du -sh $(GPU_WHEELS_DIR)
+
+gpu-check:
+	rm -rf $(GPU_SITE)
+	mkdir -p $(GPU_SITE)/path $(GPU_SITE)/lib
+	ln -s "$(CURDIR)" $(GPU_SITE)/path/forcelab
+	if ls $(GPU_WHEELS_DIR)/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps \
+		--no-compile --no-cache-dir --target $(GPU_SITE)/lib $(GPU_WHEELS_DIR)/*.whl; fi
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(GPU_SITE)/path:$(GPU_SITE)/lib $(GPU_PYTHON) -m forcelab.bench.gpu_check \
+		--out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 # VBench's own environment (VBench pins torch, numpy<2 and transformers==4.33.2, which cannot share
 # forcelab's; `forcelab eval vbench --vbench-python $(VBENCH_ENV)/bin/python` runs it as a subprocess).

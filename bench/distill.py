@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from forcelab.bench.train import save_random_dit
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -82,16 +84,13 @@ class PeakRSS:
 def streaming_long_child(position: int, repeats: int) -> dict:
     """In this (fresh) process: advance a toy stream to `position` chunks, time trainer steps."""
     from forcelab.models.config import DiTConfig
-    from forcelab.models.dit import CausalDiT
     from forcelab.train.config import load_train_config
     from forcelab.train.recipe import StepContext
     from forcelab.train.trainer import Trainer
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        teacher = Path(tmp) / "teacher"
-        CausalDiT(DiTConfig.preset("toy")).save_pretrained(teacher)
+        teacher = save_random_dit(DiTConfig.preset("toy"), Path(tmp) / "teacher", "cpu", torch.float32)
         cfg = load_train_config([], [
             "recipe=streaming_long", f"roles.teacher.init={teacher}", "data.batch_size=1", "threads=1",
             "algo.frames=4", "algo.new_frames=2", f"algo.max_frames={4 * (position + repeats * 2 + 8)}",
@@ -176,15 +175,12 @@ def self_forcing_child(chunks: int, repeats: int) -> dict:
     the DMD window (the teacher's horizon) stays 7 chunks, so longer rollouts add only no-grad
     passes and cache."""
     from forcelab.models.config import DiTConfig
-    from forcelab.models.dit import CausalDiT
     from forcelab.train.config import load_train_config
     from forcelab.train.trainer import Trainer
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        teacher = Path(tmp) / "teacher"
-        CausalDiT(DiTConfig.preset("toy")).save_pretrained(teacher)
+        teacher = save_random_dit(DiTConfig.preset("toy"), Path(tmp) / "teacher", "cpu", torch.float32)
         chunk = DiTConfig.preset("toy").chunk_frames
         cfg = load_train_config([], [
             "recipe=self_forcing", f"roles.teacher.init={teacher}", "data.batch_size=1", "threads=1",
@@ -228,6 +224,78 @@ def self_forcing_part(args) -> None:
               f"saved for backward {low_mid(b, 'saved_for_backward')[1] / low_mid(a, 'saved_for_backward')[1]:.2f} "
               f"(goal: <= 1.3), peak RSS delta (median) "
               f"{low_mid(b, 'peak_rss_delta')[1] / max(low_mid(a, 'peak_rss_delta')[1], 1):.2f} (MiB-scale: allocator noise)")
+
+
+# ---------------------------------------------------------------------- a Wan-sized Self-Forcing step
+SELF_FORCING_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "recipes" / "self_forcing.yaml"
+ROLES = ("teacher", "generator", "critic")
+
+
+def wan_self_forcing_step(arch: dict, height: int, width: int, device, warmup: int = 1, steps: int = 1,
+                          peak_tflops: float | None = None, progress=print) -> dict:
+    """Self-Forcing training steps of configs/recipes/self_forcing.yaml as written (bf16 autocast,
+    gradient checkpointing, chunks of 3, 21-frame rollouts, 4-step list, generator + critic
+    updates) on a random Wan2.1-T2V-1.3B (`arch`: preset overrides, {} for the real size) for
+    all three roles, a prompt stream of toy-world captions through a toy text encoder of
+    umT5's width, and a toy codec of the Wan VAE's latent shape (16 channels, 8x spatial,
+    4x temporal). Each measured step is a step where both roles update (a multiple of the
+    generator's update_every). Returns seconds per step, model FLOPs per step (train.DiTFlops:
+    every DiT pass of the step), MFU against `peak_tflops` and, on a GPU, peak memory."""
+    from forcelab.models.config import DiTConfig
+    from forcelab.train.config import load_train_config
+    from forcelab.train.trainer import Trainer
+
+    from forcelab.bench.train import DiTFlops, save_random_dit
+
+    device = torch.device(device)
+    cfg_model = DiTConfig.preset("wan2.1-t2v-1.3b", **arch)
+    with tempfile.TemporaryDirectory(prefix="forcelab-gpu-check-") as tmp:
+        weights = save_random_dit(cfg_model, Path(tmp) / "dit", device, torch.bfloat16)
+        progress(f"random weights saved ({sum(f.stat().st_size for f in weights.rglob('*')) / 2 ** 30:.2f} GiB)")
+        cfg = load_train_config([SELF_FORCING_RECIPE], [
+            *(f"model_overrides.{k}={v}" for k, v in arch.items()),
+            *(f"roles.{role}.init={weights}" for role in ROLES),
+            f"vae=toy:{cfg_model.in_channels}:8:4", f"text_encoder=toy:{cfg_model.text_dim}",
+            "data.source=toyworld", f"data.height={height}", f"data.width={width}",
+            "logging.wandb=disabled", "logging.progress=false", "logging.sample_every=0",
+            "checkpoint.every=0", f"output_dir={Path(tmp) / 'run'}"])
+        trainer = Trainer(cfg)
+        every = trainer.roles["generator"].cfg.update_every
+        modules = [role.module for role in trainer.roles.values()]
+        progress(f"trainer built on {trainer.device}; warm-up step(s)")
+        for i in range(warmup):
+            trainer.step = i * every
+            trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, flops = [], []
+        for i in range(warmup, warmup + steps):
+            trainer.step = i * every
+            with DiTFlops(modules) as counter:
+                start = time.perf_counter()
+                metrics = trainer.train_step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds.append(time.perf_counter() - start)
+            flops.append(counter.flops)
+            progress(f"step: {seconds[-1]:.2f} s, {counter.passes} DiT passes, {counter.flops / 1e12:.3g} TFLOP")
+        trainer.release()
+    tflops = sum(flops) / sum(seconds) / 1e12
+    out = {"layers": cfg_model.num_layers, "dim": cfg_model.dim, "height": height, "width": width,
+           "latent_frames": cfg.algo.frames, "chunk_frames": cfg.model_overrides.get("chunk_frames"),
+           "gradient_checkpointing": {r: bool(trainer.roles[r].module.gradient_checkpointing) for r in ROLES},
+           "mixed_precision": cfg.mixed_precision, "roles_updated": sorted(k.split("/")[0] for k in metrics
+                                                                           if k.endswith("/loss")),
+           "step_seconds": statistics.median(seconds), "step_seconds_all": seconds,
+           "model_flop_per_step": statistics.median(flops), "model_tflops": tflops,
+           "flop_formula": "sum over the step's DiT passes of bench/train.py dit_pass_flops "
+                           "(x3 for passes with gradients), recomputation not counted"}
+    if peak_tflops:
+        out["mfu"] = tflops / peak_tflops
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
 
 
 PARTS = {"streaming_long": streaming_long_part, "self_forcing": self_forcing_part}

@@ -108,50 +108,90 @@ def toy_part(args, device):
     return ratios, speedup
 
 
-def wan_part(args, device):
-    """FPS of the Wan-1.3B shape; needs a GPU for meaningful numbers."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = DiTConfig.preset("wan2.1-t2v-1.3b", chunk_frames=3, num_layers=args.wan_layers)
-    torch.manual_seed(0)
-    model = CausalDiT(cfg).to(device).set_dtype(dtype).eval()
-    lat_h, lat_w = args.height // 8, args.width // 8
-    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
-    noise = Noise([0], cfg.in_channels, lat_h, lat_w, device=device)
-    plan = Chunkwise(timesteps=default_timesteps(4, 5.0), chunk_frames=3, window_frames=0)
-    latent = args.wan_frames
-    video_frames = 1 + (latent - 1) * 4
+WAN_STEPS, WAN_SHIFT = 4, 5.0          # the distilled student's 4-step list, shift 5
+VIDEO_FRAMES_PER_LATENT = 4            # Wan VAE: 4 video frames per latent frame (1 for the first)
+DIFFUSERS_MISSING = "skipped: diffusers missing"
 
-    vae = None
-    if not args.no_vae:
+
+def video_frames(latent_frames: int) -> int:
+    return 1 + (latent_frames - 1) * VIDEO_FRAMES_PER_LATENT
+
+
+def wan_vae(device, dtype, vae_kwargs: dict | None = None):
+    """A random AutoencoderKLWan (Wan2.1's shape unless `vae_kwargs`) wrapped as forcelab's
+    WanVAE, or None when diffusers is not installed."""
+    try:
         from diffusers import AutoencoderKLWan
         from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        return None
+    from forcelab.models.autoencoder import WanVAE
+    diffusers_logging.set_verbosity_error()            # the bf16 cast warning is expected here
+    return WanVAE(AutoencoderKLWan(**(vae_kwargs or {})).to(device=device, dtype=dtype).eval())
 
-        from forcelab.models.autoencoder import WanVAE
-        diffusers_logging.set_verbosity_error()        # the bf16 cast warning is expected here
-        vae = WanVAE(AutoencoderKLWan().to(device=device, dtype=dtype).eval())
+
+def wan_fps(cfg: DiTConfig, height: int, width: int, latent_frames: int, repeats: int, device,
+            dtype, with_vae: bool = True, vae_kwargs: dict | None = None) -> dict:
+    """Frames per second of chunk-wise streaming (4 steps, full cache over `latent_frames`)
+    with random weights of `cfg`, the DiT alone and with streaming VAE decode; seconds are the
+    minimum over `repeats` runs after one warm-up. The VAE entry says why it was skipped."""
+    torch.manual_seed(0)
+    with torch.device(device):                          # random init on the device: fast on a GPU
+        model = CausalDiT(cfg)
+    model = model.set_dtype(dtype).eval()
+    stride = 8                                          # Wan VAE: 8x spatial compression
+    lat_h, lat_w = height // stride, width // stride
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
+    noise = Noise([0], cfg.in_channels, lat_h, lat_w, device=device)
+    plan = Chunkwise(timesteps=default_timesteps(WAN_STEPS, WAN_SHIFT), chunk_frames=cfg.chunk_frames,
+                     window_frames=0)
+    frames = video_frames(latent_frames)
+    vae = wan_vae(device, dtype, vae_kwargs) if with_vae else None
 
     def run(decode: bool) -> float:
-        cache = make_cache(model, plan, 1, lat_h, lat_w, latent)
+        cache = make_cache(model, plan, 1, lat_h, lat_w, latent_frames)
         decoder = vae.decode_stream() if decode else None
         sync(device)
         t = time.perf_counter()
-        for chunk in stream(model, plan, context, noise, latent, cache=cache):
+        for chunk in stream(model, plan, context, noise, latent_frames, cache=cache):
             if decoder is not None:
                 decoder.push(chunk.x.to(dtype))
         sync(device)
         return time.perf_counter() - t
 
+    out = {"layers": cfg.num_layers, "dim": cfg.dim, "height": height, "width": width,
+           "latent": [lat_h, lat_w], "latent_frames": latent_frames, "video_frames": frames,
+           "chunk_frames": cfg.chunk_frames, "steps": WAN_STEPS, "dtype": str(dtype).replace("torch.", ""),
+           "weights": "random"}
     with torch.no_grad():
         run(False)                                      # warm-up (allocations, kernels)
-        dit = min(run(False) for _ in range(args.repeats))
-        both = min(run(True) for _ in range(args.repeats)) if vae is not None else None
+        dit = min(run(False) for _ in range(repeats))
+        out.update(dit_seconds=dit, dit_fps=frames / dit)
+        if not with_vae:
+            out["vae"] = "skipped: not asked"
+        elif vae is None:
+            out["vae"] = DIFFUSERS_MISSING
+        else:
+            run(True)                                   # the decoder's warm-up
+            both = min(run(True) for _ in range(repeats))
+            out["vae"] = {"seconds": both, "fps": frames / both}
+    return out
+
+
+def wan_part(args, device):
+    """FPS of the Wan-1.3B shape; needs a GPU for meaningful numbers."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = DiTConfig.preset("wan2.1-t2v-1.3b", chunk_frames=3, num_layers=args.wan_layers)
+    r = wan_fps(cfg, args.height, args.width, args.wan_frames, args.repeats, device, dtype,
+                with_vae=not args.no_vae)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\n3. Wan2.1-1.3B shape ({cfg.num_layers} layers, {args.height}x{args.width} -> {lat_h}x{lat_w} "
-          f"latents, chunk 3, 4 steps, {latent} latent = {video_frames} video frames, {str(dtype)[6:]}, "
-          f"random weights) on {name}:")
-    print(f"   DiT alone: {dit:.2f} s -> {video_frames / dit:.1f} FPS")
-    if both is not None:
-        print(f"   DiT + VAE decode: {both:.2f} s -> {video_frames / both:.1f} FPS")
+    print(f"\n3. Wan2.1-1.3B shape ({cfg.num_layers} layers, {args.height}x{args.width} -> "
+          f"{r['latent'][0]}x{r['latent'][1]} latents, chunk 3, 4 steps, {args.wan_frames} latent = "
+          f"{r['video_frames']} video frames, {r['dtype']}, random weights) on {name}:")
+    print(f"   DiT alone: {r['dit_seconds']:.2f} s -> {r['dit_fps']:.1f} FPS")
+    vae = r["vae"]
+    print(f"   DiT + VAE decode: {vae['seconds']:.2f} s -> {vae['fps']:.1f} FPS" if isinstance(vae, dict)
+          else f"   DiT + VAE decode: {vae}")
     print("   published (H100): Self-Forcing 17 FPS, LongLive 20.7 FPS; goal >= 30 FPS")
 
 

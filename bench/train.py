@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from forcelab.bench.card import bf16_peak, device_name
+
 ROOT = Path(__file__).resolve().parent.parent
 LARGER_TOY = ["model_overrides.dim=256", "model_overrides.ffn_dim=1024", "model_overrides.num_layers=8",
               "model_overrides.num_heads=4", "data.frames=16", "data.batch_size=8"]
@@ -36,10 +40,7 @@ def _status_kib(field: str) -> int:
 
 def measure(recipe: str, overrides: list[str], steps: int, warmup: int, device: str) -> dict:
     """One run in this process -> {steps_per_s, peak_mib, above_start_mib}."""
-    import torch
-
     from forcelab.models.config import DiTConfig
-    from forcelab.models.dit import CausalDiT
     from forcelab.train.config import load_train_config
     from forcelab.train.trainer import Trainer
 
@@ -53,7 +54,7 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int, device: 
         preset = load_train_config([base], overrides + extra).model_preset
         arch = {k.split(".", 1)[1]: int(v) for k, v in (o.split("=") for o in overrides)
                 if k.startswith("model_overrides.")}
-        CausalDiT(DiTConfig.preset(preset, **arch)).save_pretrained(tmp / "teacher")
+        save_random_dit(DiTConfig.preset(preset, **arch), tmp / "teacher", "cpu", torch.float32)
         extra.append(f"roles.teacher.init={tmp / 'teacher'}")
     cfg = load_train_config([base], overrides + extra)
     trainer = Trainer(cfg)
@@ -79,13 +80,86 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int, device: 
     return out
 
 
+def dit_pass_flops(cfg, batch: int, query_tokens: int, visible_pairs: int) -> float:
+    """Forward model FLOPs of one DiT pass over `query_tokens` tokens per sample whose self-
+    attention sees `visible_pairs` (query, key) token pairs per sample (the layout's count, the
+    KV cache's keys included), per layer:
+        linear layers  2 x tokens x (4 dim^2 [self q, k, v, o] + 2 dim^2 [cross q, o] + 2 dim ffn_dim)
+        self-attention 4 x visible pairs x dim        (QK^T and PV)
+        cross-attention 4 x tokens x text_len x dim
+    times the layers and the batch. Left out (under 2% at the Wan-1.3B shape): the cross-
+    attention K/V of the prompt, the patch embedding, the head, the time modulation and the norms."""
+    d, layers = cfg.dim, cfg.num_layers
+    per_token_linear = 2 * (6 * d * d + 2 * d * cfg.ffn_dim)
+    per_layer = (query_tokens * per_token_linear + 4 * visible_pairs * d
+                 + 4 * query_tokens * cfg.text_len * d)
+    return float(batch * layers * per_layer)
+
+
+BACKWARD_PASS_FACTOR = 2      # backward of a pass = 2x its forward (input and weight gradients)
+
+
+class DiTFlops:
+    """Model FLOPs of every pass of the given CausalDiTs while the block is active:
+    `dit_pass_flops` of the pass's own layout, times 3 when its output carries gradients
+    (forward + backward), times 1 otherwise. Gradient checkpointing's recomputation is not
+    counted (model FLOPs, not hardware FLOPs). Reads each pass's layout from its first block's
+    self-attention (the same layout serves every layer)."""
+
+    def __init__(self, modules):
+        self.modules, self.flops, self.passes, self._handles = list(modules), 0.0, 0, []
+
+    def __enter__(self) -> "DiTFlops":
+        for module in self.modules:
+            state = {}
+
+            def start(mod, args, state=state):
+                state["layout"] = None
+
+            def read_layout(mod, args, state=state):
+                if state.get("layout", False) is None:      # first block call of this pass only
+                    x, _, layout = args[:3]
+                    state["layout"], state["batch"], state["tokens"] = layout, x.shape[0], x.shape[1]
+
+            def finish(mod, args, out, state=state):
+                layout = state.pop("layout", None)
+                if layout is None:
+                    return
+                grad = isinstance(out, torch.Tensor) and out.requires_grad
+                self.flops += (1 + BACKWARD_PASS_FACTOR * grad) * dit_pass_flops(
+                    mod.config, state["batch"], state["tokens"], layout.visible_pairs())
+                self.passes += 1
+
+            self._handles += [module.register_forward_pre_hook(start),
+                              module.blocks[0].self_attn.register_forward_pre_hook(read_layout),
+                              module.register_forward_hook(finish)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def save_random_dit(cfg, path: Path, device, dtype, seed: int = 0) -> Path:
+    """A randomly initialised CausalDiT of `cfg` saved at `path` (initialised on `device`: a
+    1.3B model takes seconds on a GPU and far longer on a CPU), stored in `dtype`."""
+    from forcelab.models.dit import CausalDiT
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CausalDiT(cfg)
+    model.set_dtype(dtype).to("cpu").save_pretrained(path)
+    del model
+    return path
+
+
 def wan_step(args) -> None:
     """One Wan-1.3B training step (forward + backward + AdamW, bf16 autocast, gradient
     checkpointing on request) at the 480p training shape: time, model FLOPs utilisation and
-    peak memory. FLOPs: 6 x parameters x tokens for the matmuls plus 3 x 4 x L^2 x dim per
-    layer for self-attention (forward 1x, backward 2x), cross-attention over the text."""
-    import torch
-
+    peak memory. FLOPs: 3 x dit_pass_flops over the block-causal layout (forward 1x,
+    backward 2x)."""
+    from forcelab.kernels import AttentionLayout
     from forcelab.models.config import DiTConfig
     from forcelab.models.dit import CausalDiT
 
@@ -98,10 +172,11 @@ def wan_step(args) -> None:
     x = torch.randn(1, cfg.in_channels, F, H, W, device=device)
     t = torch.full((1,), 500.0, device=device)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    tokens = F * cfg.tokens_per_frame(H, W)
-    params = sum(p.numel() for p in model.parameters())
-    flops = 6 * params * tokens + 3 * cfg.num_layers * (4 * tokens ** 2 * cfg.dim + 4 * tokens * cfg.text_len * cfg.dim)
-
+    per_frame = cfg.tokens_per_frame(H, W)
+    tokens = F * per_frame
+    layout = AttentionLayout.block_causal(F, per_frame, args.chunk)
+    flops = (1 + BACKWARD_PASS_FACTOR) * dit_pass_flops(cfg, 1, tokens, layout.visible_pairs())
+    peak = args.peak_tflops or (bf16_peak(device_name(device))[0] if device.type == "cuda" else None)
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(x, t, ctx, chunk_frames=args.chunk).float().pow(2).mean()
@@ -122,8 +197,8 @@ def wan_step(args) -> None:
     seconds = (time.perf_counter() - t0) / args.steps
     print(f"Wan-1.3B step ({cfg.num_layers} layers, {F}x{H}x{W} latents = {tokens} tokens, chunk {args.chunk}, "
           f"checkpointing {'on' if args.checkpointing else 'off'}): {seconds * 1e3:.1f} ms, "
-          f"{flops / seconds / 1e12:.1f} TFLOP/s model FLOPs, MFU {flops / seconds / 1e12 / args.peak_tflops:.1%} "
-          f"of {args.peak_tflops} TFLOP/s")
+          f"{flops / seconds / 1e12:.1f} TFLOP/s model FLOPs"
+          + (f", MFU {flops / seconds / 1e12 / peak:.1%} of {peak} TFLOP/s" if peak else ""))
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB on {torch.cuda.get_device_name()}")
 
@@ -152,17 +227,16 @@ def main() -> None:
     p.add_argument("--latent-width", type=int, default=104)
     p.add_argument("--chunk", type=int, default=3, help="--wan: block-causal chunk (the causal student)")
     p.add_argument("--checkpointing", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the card (H100/H200 SXM: 989)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 dense peak of the card (default: its datasheet figure, bench/card.py)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.wan:
-        import torch
         torch.set_num_threads(args.threads)
         wan_step(args)
         return
     if args.child:
-        import torch
         torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.child, args.overrides, args.steps, args.warmup, args.device)))
         return

@@ -28,6 +28,7 @@ from .checkpoint import require_safetensors
 TOY_VOCAB = ("a an and one two three ball balls red green blue yellow magenta cyan orange "
              "white purple pink moving bouncing slowly quickly fast slow").split()
 TOY_HASH_ROWS = 64
+TOY_DIM, TOY_MAX_LENGTH = 32, 16      # the toy encoder's width and tokens (the toy DiT's text_dim, text_len)
 
 
 @runtime_checkable
@@ -111,7 +112,7 @@ class ToyTextEncoder(_CachedEncoder):
     encoder is the same in every process and run. One token per word, no end token.
     """
 
-    def __init__(self, dim: int = 32, max_length: int = 16, seed: int = 0, cache_size: int = 4096, device=None):
+    def __init__(self, dim: int = TOY_DIM, max_length: int = TOY_MAX_LENGTH, seed: int = 0, cache_size: int = 4096, device=None):
         self.dim, self.max_length, self.seed = dim, max_length, seed
         self.name = f"toy-text-d{dim}-l{max_length}-s{seed}"
         g = torch.Generator().manual_seed(seed)
@@ -169,7 +170,9 @@ class UMT5TextEncoder(_CachedEncoder):
 
 
 def load_text_encoder(spec: str, dtype=None, device=None, max_length: int | None = None) -> TextEncoder:
-    """"toy" -> ToyTextEncoder(32, 16); a local directory -> UMT5TextEncoder.
+    """"toy" -> ToyTextEncoder(32, 16) ("toy:DIM" or "toy:DIM:LENGTH" for other sizes, e.g.
+    "toy:4096" for umT5's width in benchmarks of Wan-sized models); a local directory ->
+    UMT5TextEncoder.
 
     The directory holds a transformers UMT5EncoderModel (config.json + weights) and its tokenizer,
     either together or as a pipeline folder with text_encoder/ and tokenizer/ subfolders
@@ -177,8 +180,17 @@ def load_text_encoder(spec: str, dtype=None, device=None, max_length: int | None
     """
 
     spec = str(spec)
-    if spec == "toy":
-        return ToyTextEncoder(max_length=max_length or 16, device=device)
+    if spec == "toy" or spec.startswith("toy:"):
+        try:
+            sizes = [int(v) for v in spec.split(":")[1:]]
+            if len(sizes) > 2 or min(sizes, default=1) < 1:
+                raise ValueError(spec)
+        except ValueError:
+            raise ForcelabError(f"text encoder {spec!r}: write toy, toy:DIM or toy:DIM:LENGTH "
+                                f"(positive integers)") from None
+        dim = sizes[0] if sizes else TOY_DIM
+        length = sizes[1] if len(sizes) > 1 else TOY_MAX_LENGTH
+        return ToyTextEncoder(dim, max_length=max_length or length, device=device)
     root = Path(spec).expanduser()
     model_dir = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
     tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else model_dir

@@ -150,6 +150,20 @@ def test_toy_text_encoder_is_deterministic_and_zero_padded():
     assert "a red ball" in a.cache.items or "ball red a" in a.cache.items
 
 
+@pytest.mark.parametrize("spec, size", [("toy:64", (64, 16)), ("toy:4096:8", (4096, 8))])
+def test_toy_text_encoder_sizes_from_the_spec(spec, size):
+    te = load_text_encoder(spec)
+    emb, lengths = te.encode(["a red ball"])
+    assert (te.dim, te.max_length) == size and emb.shape == (1, size[1], size[0])
+    assert lengths.tolist() == [3]
+
+
+@pytest.mark.parametrize("spec", ["toy:", "toy:0", "toy:32:16:1", "toy:wide"])
+def test_toy_text_encoder_bad_spec_names_the_forms(spec):
+    with pytest.raises(ForcelabError, match="toy:DIM:LENGTH"):
+        load_text_encoder(spec)
+
+
 def test_umt5_text_encoder_from_a_local_directory(umt5_dir, tmp_path):
     te = load_text_encoder(str(umt5_dir), max_length=24)
     assert isinstance(te, UMT5TextEncoder) and te.dim == 32 and te.max_length == 24
