@@ -183,7 +183,7 @@ def test_group_counts_follow_the_chunks():
 
 def test_one_key_run_is_a_view_of_k():
     layout = AttentionLayout.block_causal(4, 2, chunk_frames=2)
-    k = torch.randn(1, layout.num_keys, 1, 4)
+    k = torch.randn(1, 1, layout.num_keys, 4)
     run = query_groups(layout)[0].keys
     assert grouped._visible(k, run).data_ptr() == k.data_ptr()
 
@@ -220,27 +220,32 @@ def test_no_visible_key_at_all():
 
 
 def test_the_rule_picks_groups_where_they_pay():
-    """One group always; tiny layouts and small groups keep the dense mask; the toy DiT's
-    training shape (16 tokens per frame, chunks of 2, batch 16, 3 heads of 32) and Wan's
-    take groups."""
-    q_of = lambda layout, batch, heads, head_dim: torch.empty(  # noqa: E731
-        batch, layout.num_queries, heads, head_dim)
-    one = LAYOUTS["cached_empty_slots"]
-    assert use_groups(one, q_of(one, 1, 1, 8))
+    """One group with one key run always; tiny layouts, many small groups and small copied
+    gains keep the dense mask; teacher forcing at the toy DiT's head layout (16 tokens per
+    frame, chunks of 2, batch 16, 3 heads of 32) and Wan's block-causal training take groups."""
+    def q_of(layout, batch, heads, head_dim):
+        return torch.empty(1, 1, 1, 1).expand(batch, layout.num_queries, heads, head_dim)
+    one_run = L([4, 5], [-1, 1, 2, 3, 4, 5], 3, chunk_frames=2)    # a slice: nothing extra
+    assert len(query_groups(one_run)) == 1 and use_groups(one_run, q_of(one_run, 1, 1, 8))
+    three_runs = LAYOUTS["cached_empty_slots"]                    # copies for 2 skipped keys
+    assert len(query_groups(three_runs)[0].keys) == 3
+    assert not use_groups(three_runs, q_of(three_runs, 1, 1, 8))
     tiny = LAYOUTS["teacher_window_sink"]
     assert not use_groups(tiny, q_of(tiny, 2, 3, 8))
     frame_causal = AttentionLayout.block_causal(12, 16, chunk_frames=1)  # 16-token groups
     assert not use_groups(frame_causal, q_of(frame_causal, 16, 12, 128))
-    toy = AttentionLayout.block_causal(8, 16, chunk_frames=2)
-    assert use_groups(toy, q_of(toy, 16, 3, 32))
-    assert not use_groups(toy, q_of(toy, 1, 3, 32))
+    toy = AttentionLayout.teacher_forcing(8, 16, chunk_frames=2)
+    assert use_groups(toy, q_of(toy, 16, 3, 32)) and not use_groups(toy, q_of(toy, 1, 3, 32))
     wan = AttentionLayout.block_causal(21, 1560, chunk_frames=3)
-    assert use_groups(wan, torch.empty(1, 1, 12, 128).expand(1, wan.num_queries, 12, 128))
+    assert use_groups(wan, q_of(wan, 1, 12, 128))
+    cpu_only = AttentionLayout.block_causal(21, 16, chunk_frames=3)     # GPU calls cost more
+    assert use_groups(cpu_only, q_of(cpu_only, 16, 3, 32))
+    other_device = torch.empty(16, cpu_only.num_queries, 3, 32, device="meta")  # the GPU's
+    assert not use_groups(cpu_only, other_device)
 
 
 def test_dispatch_torch_backend_is_exact_on_both_branches():
-    cases = [(AttentionLayout.block_causal(4, 16, chunk_frames=2, window_frames=2,
-                                           sink_frames=1), 4),     # groups
+    cases = [(AttentionLayout.teacher_forcing(4, 16, chunk_frames=2), 8),  # groups
              (LAYOUTS["teacher_window_sink"], 1)]                  # dense mask
     for (layout, batch), expect_groups in zip(cases, (True, False)):
         q, k, v, d_out = inputs(layout, torch.float32, "cpu", batch=batch, head_dim=32)
