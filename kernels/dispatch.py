@@ -1,7 +1,10 @@
 """The one attention entry point: picks a backend for a layout.
 
 Backends:
-- "torch": `attention_reference` (SDPA with the layout's boolean mask); runs anywhere.
+- "torch": SDPA; runs anywhere. A masked layout runs as one unmasked SDPA call per group of
+  query frames that see the same keys (`grouped.attention_grouped`: no [Lq, Lk] mask) when
+  `grouped.use_groups` says that is faster, else as one call with the layout's dense boolean
+  mask (`attention_reference`, also the reference the kernels are tested against).
 - "triton": the block-sparse kernels of `triton_attention.py`. On CUDA tensors they are
   compiled; on CPU tensors they need Triton's interpreter, i.e. TRITON_INTERPRET=1 in the
   environment before the Triton modules are first imported. Those modules are imported
@@ -25,6 +28,7 @@ import importlib.util
 
 import torch
 
+from .grouped import attention_grouped, use_groups
 from .layout import AttentionLayout
 from .reference import attention_reference
 from .triton_limits import TRITON_AUTO_DTYPES, TRITON_HEAD_DIMS
@@ -99,4 +103,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attenti
     supported = q.dtype in TRITON_AUTO_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
     if resolve_backend(backend, q, "attention", supported) == "triton":
         return triton_backend().triton_attention(q, k, v, layout)
+    if use_groups(layout, q):
+        return attention_grouped(q, k, v, layout)
     return attention_reference(q, k, v, layout)

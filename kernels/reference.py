@@ -1,6 +1,8 @@
 """Torch reference attention: SDPA with the layout's boolean mask (no mask when dense).
 
-This is the CPU backend and the reference every kernel is tested against.
+The reference every kernel is tested against, and the torch backend's choice for layouts
+too small for `grouped.attention_grouped` to pay (see `grouped.use_groups`). It builds the
+[Lq, Lk] token mask (memoised per layout and device).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ TIMESTEPS = RULES + ("tests/test_timesteps.py",)
 TRAINER = RULES + ("tests/test_train_trainer.py",)
 ENGINE = ("tests/test_rollout_plans.py", "tests/test_rollout_engine.py", "tests/test_dit_streaming.py",
           "tests/test_cache_recompute.py", "tests/test_generate_prefix.py")
-KERNELS = ("tests/test_kernels_attention.py",)
+KERNELS = ("tests/test_kernels_grouped.py", "tests/test_kernels_attention.py")
 DISTILL = SF + CAUSVID + ROLLING + SFPP + LONG
 EVERY_DMD = DMD + DISTILL
 # Left out of the per-mutation runs (not --full): multi-process launches, kill -9 and CLI round trips
