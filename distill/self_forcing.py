@@ -25,6 +25,7 @@ import torch
 
 from ..models.rollout import Training
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
+from ..train.workload import DMDWorkload, cache_capacity, rollout_passes
 from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, student_chunk
 
 
@@ -60,6 +61,15 @@ class SelfForcingRecipe(DMDRecipe):
         o, c = self.opt, self.chunk       # checked by o.check(c)
         self.min_chunks = o.min_chunks or o.frames // c
         self.max_chunks = o.max_chunks or max(self.min_chunks, o.frames // c)
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """The longest rollout (max_chunks) after the prefix; the window's chunks carry gradients."""
+        low = opt.min_chunks or opt.frames // chunk
+        total = opt.prefix_frames + chunk * (opt.max_chunks or max(low, opt.frames // chunk))
+        window = min(opt.frames, total)
+        passes = rollout_passes("generator", total, chunk, len(opt.steps), total - window)
+        return DMDWorkload(passes, window, cache_capacity(total, chunk, None, 0)).updates()
 
     def draw_rollout(self, ctx) -> tuple[int, int]:
         """(frames to generate, exit step): the same on every rank."""
