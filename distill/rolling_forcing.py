@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from ..models.plans import Chunkwise, Rolling
 from ..validate import non_negative_int, optional, setting, unit_interval
-from ..train.workload import DMDWorkload, ModelPass, cache_capacity
+from ..train.workload import DMDWorkload, ModelPass, cache_capacity, chunk_keys
 from .dmd_recipe import check_cache
 from .self_forcing import SelfForcingOptions, SelfForcingRecipe
 
@@ -78,17 +78,18 @@ class RollingForcingRecipe(SelfForcingRecipe):
 
     @classmethod
     def workload(cls, opt, frames, chunk):
-        """The longest rollout with the rolling plan: each gradient pass denoises a window of
-        len(steps) chunks against the cache; the passes touching the DMD window carry gradients.
-        (A window or sink left to the generator's config counts as none here.)"""
+        """The longest rollout with the rolling plan: a pass denoises up to len(steps) chunks
+        jointly against the cache; the gradient pass reaching the DMD window's start carries
+        the window and the chunks in flight before it (one pass: the largest case). A window
+        or sink left to the generator's config counts as none here."""
         low = opt.min_chunks or opt.frames // chunk
         total = chunk * (opt.max_chunks or max(low, opt.frames // chunk)) + opt.prefix_frames
-        span = chunk * len(opt.steps)                       # frames in flight per pass
+        span = min(total, chunk * len(opt.steps))           # frames in flight per pass
         window, sink = opt.window_frames or None, opt.sink_frames or 0
-        keys = min(total, (window or total) + sink + span - chunk)
-        grads = min(-(-total // span), -(-min(opt.frames, total) // span) + 1)
+        grad_frames = min(total, opt.frames + span - chunk)
+        keys = chunk_keys(total - grad_frames, grad_frames, window, sink) if window else total
         passes = [ModelPass("generator", span, keys, grad=False, cached=True, count=total // chunk + len(opt.steps)),
-                  ModelPass("generator", span, keys, grad=True, cached=True, count=grads)]
+                  ModelPass("generator", grad_frames, keys, grad=True, cached=True)]
         return DMDWorkload(passes, min(opt.frames, total), cache_capacity(total, chunk, window, sink)).updates()
 
     def _plan_args(self) -> dict:

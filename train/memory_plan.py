@@ -55,9 +55,12 @@ NORMS_PER_BLOCK = 3             # LayerNorms (mean and rstd per token)
 RMS_PER_BLOCK = 3               # RMSNorms (rstd per token)
 ATTENTIONS_PER_BLOCK = 2        # self and cross attention (log-sum-exp per token and head)
 HEAD_HIGH, HEAD_LOW = 2, 1      # the output head: norm input and output fp32, linear input
-# the working set of one block beyond its saved tensors (outputs being built, gradients of
-# activations in backward): [L, dim] and [L, ffn] tensors in fp32
-WORK_DIM, WORK_FFN = 6, 2
+HEAD_LATENTS = 3                # latent-sized fp32 tensors per token: the patch input, the output, the loss target
+# the working set beyond the saved tensors, per token, in fp32 (measured: tests/test_memory_plan.py):
+# a pass without gradients holds a block's intermediates ([L, dim] and [L, ffn] tensors) and
+# every layer's prompt K/V; a backward the gradients of a block's activations
+WORK_DIM, WORK_FFN = 7, 2
+WORK_BACKWARD_DIM = 3
 DDP_BUCKET = 25 * 2 ** 20       # train/trainer.py's flat all-reduce bucket (bytes)
 ZERO_REDUCE_BUCKET = 500_000_000    # DeepSpeed's default reduce_bucket_size (elements)
 ZERO3_PREFETCH = 50_000_000     # DeepSpeed's default stage3_prefetch_bucket_size (elements)
@@ -83,15 +86,38 @@ class RoleModel:
     gradient_checkpointing: bool = False
 
 
+# components of a role update (update_activations) besides the role's gradients
+SAVED, RECOMPUTED, CACHE, CASTS = "activations", "recomputed block", "kv cache", "bf16 weight copies"
+FORWARD_WORK, BACKWARD_WORK, GRADIENTS = "forward working set", "backward working set", "gradients"
+
+
+def peak_bytes(update: dict[str, int]) -> int:
+    """The peak of a role update from its components (name -> bytes; the gradients' name may
+    carry the role). Two moments compete: the end of the forward (saved activations, the KV
+    cache, the largest pass's working set) and the backward, where the saved activations and
+    the gradients count as the larger of the two, not their sum (the backward frees each
+    block's saved tensors as it makes that block's weight gradients), with the recomputed
+    block of a checkpointed pass and the gradients of one block's activations on top."""
+    get = lambda key: sum(v for k, v in update.items() if k.startswith(key))   # noqa: E731
+    forward = get(SAVED) + get(FORWARD_WORK)
+    backward = max(get(SAVED), get(GRADIENTS)) + get(RECOMPUTED) + get(BACKWARD_WORK)
+    return get(CACHE) + get(CASTS) + max(forward, backward)
+
+
 @dataclass
 class StrategyPlan:
     name: str
-    components: dict[str, int]  # name -> bytes per GPU
+    static: dict[str, int]      # weights, AdamW states, EMA, frozen roles, gathered units (bytes per GPU)
+    update: dict[str, int]      # the largest role update's components (see peak_bytes)
     peak_role: str              # the update that sets the peak
 
     @property
     def total(self) -> int:
-        return sum(self.components.values())
+        return sum(self.static.values()) + peak_bytes(self.update)
+
+    @property
+    def components(self) -> dict[str, int]:
+        return {**self.static, **self.update}
 
 
 @dataclass
@@ -201,17 +227,25 @@ def saved_bytes(p: ModelPass, model: RoleModel, batch: int, tokens: int, low: in
     every block's saved tensors, or with gradient checkpointing each block's fp32 input."""
     c = model.config
     L = _sizes(p, c, batch, tokens)[0]
-    head = L * c.dim * (HEAD_HIGH * FP32 + HEAD_LOW * low)
+    head = L * c.dim * (HEAD_HIGH * FP32 + HEAD_LOW * low) + L * latent_numbers(c) * HEAD_LATENTS * FP32
     if model.gradient_checkpointing:
         return c.num_layers * L * c.dim * FP32 + head
     return c.num_layers * block_bytes(p, c, batch, tokens, low, mask_layouts) + head
 
 
-def working_bytes(p: ModelPass, c: DiTConfig, batch: int, tokens: int) -> int:
-    """What one block builds beyond the saved tensors (fp32): its outputs, or in backward the
-    gradients of its activations."""
-    L = _sizes(p, c, batch, tokens)[0]
-    return L * (WORK_DIM * c.dim + WORK_FFN * c.ffn_dim) * FP32
+def latent_numbers(c: DiTConfig) -> int:
+    """Latent numbers per token (in_channels x the patch)."""
+    return c.in_channels * math.prod(c.patch_size)
+
+
+def working_bytes(p: ModelPass, c: DiTConfig, batch: int, tokens: int) -> int:  # noqa: D401
+    """What a pass holds beyond the saved tensors (fp32): without gradients one block's
+    intermediates and every layer's prompt K/V; with gradients, in its backward, the
+    gradients of one block's activations."""
+    L, _, T = _sizes(p, c, batch, tokens)
+    if p.grad:
+        return L * WORK_BACKWARD_DIM * c.dim * FP32
+    return L * (WORK_DIM * c.dim + WORK_FFN * c.ffn_dim) * FP32 + c.num_layers * 2 * T * c.dim * FP32
 
 
 def cache_bytes(w: Workload, model: RoleModel, batch: int, tokens: int) -> int:
@@ -233,11 +267,13 @@ def update_activations(w: Workload, roles: dict[str, RoleModel], batch: int, tok
     saved = sum(p.count * saved_bytes(p, roles[p.role], batch, tokens, low, mask_layouts) for p in grad)
     recompute = max((block_bytes(p, roles[p.role].config, batch, tokens, low, mask_layouts)
                      for p in grad if roles[p.role].gradient_checkpointing), default=0)
-    work = max((working_bytes(p, roles[p.role].config, batch, tokens) for p in w.passes), default=0)
+    forward = max((working_bytes(p, roles[p.role].config, batch, tokens) for p in w.passes if not p.grad), default=0)
+    backward = max((working_bytes(p, roles[p.role].config, batch, tokens) for p in grad), default=0)
     used = {p.role for p in w.passes}
     casts = sum(roles[r].cast_params * BF16 for r in used if roles[r].trainable) if bf16 else 0
     cache = cache_bytes(w, roles[w.cache_role], batch, tokens) if w.cache_role in roles else 0
-    return {"activations": saved + recompute, "kv cache": cache, "bf16 weight copies": casts, "working set": work}
+    return {SAVED: saved, RECOMPUTED: recompute, CACHE: cache, CASTS: casts, FORWARD_WORK: forward,
+            BACKWARD_WORK: backward}
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -335,12 +371,13 @@ def plan_memory(cfg, gpus: int, gpu_memory: int = 80 * GiB, global_batch: int | 
                 continue
             parts = update_activations(w, roles, micro, tokens, bf16, mask_layouts)
             plan.activations[name] = parts["activations"]
-            parts = {f"gradients ({name})": gradient_bytes(roles[name], strategy, gpus), **parts}
-            if sum(parts.values()) > best_total:
-                best, best_total = (name, parts), sum(parts.values())
+            parts = {f"{GRADIENTS} ({name})": gradient_bytes(roles[name], strategy, gpus), **parts}
+            total = peak_bytes(parts)
+            if total > best_total:
+                best, best_total = (name, parts), total
         if best is None:
             raise ConfigError(f"recipe {cfg.recipe}: no trainable role to plan (every role is frozen)")
-        plan.strategies[strategy] = StrategyPlan(strategy, {**static, **best[1]}, best[0])
+        plan.strategies[strategy] = StrategyPlan(strategy, static, best[1], best[0])
     return plan
 
 
@@ -357,8 +394,11 @@ def format_plan(plan: MemoryPlan) -> str:
             if v:
                 lines.append(f"  {k:28s}{gib(v)} GiB")
         verdict = "fits" if plan.fits(s.name) else "does NOT fit"
-        lines.append(f"  {'total':28s}{gib(s.total)} GiB   {verdict}")
+        lines.append(f"  {'total (peak)':28s}{gib(s.total)} GiB   {verdict}")
     lines.append("")
+    lines.append("peak = the components above, except that the end of the forward (activations + forward working "
+                 "set) and the backward (the larger of activations and gradients + recomputed block + backward "
+                 "working set) do not overlap")
     lines.append(f"global batch {plan.global_batch} = micro-batch {plan.micro_batch} per GPU x {plan.gpus} GPU(s) x "
                  f"{plan.accumulation} accumulation step(s) (accumulation = ceil(global / (micro x GPUs)); "
                  f"it adds no memory: gradients accumulate in place)")

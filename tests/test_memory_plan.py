@@ -1,0 +1,194 @@
+"""The memory planner (train/memory_plan.py) against measured peaks of real training steps.
+
+The measurement is independent of the planner: a TorchDispatchMode sees every tensor an op
+returns and counts its storage once, until the storage is freed (a weakref finalizer on it),
+like cuda max_memory_allocated on a GPU; the roles' state at the step's start (weights,
+gradients, AdamW states, EMA) is counted the same way. Each toy recipe runs one warm step
+(the optimizer states exist afterwards), then the measured step, with every role updated in
+it; the planner's single-process estimate must be within PLAN_TOLERANCE of the step's peak,
+with and without gradient checkpointing.
+"""
+
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from forcelab.cli import main
+from forcelab.errors import ConfigError
+from forcelab.models import CausalDiT, DiTConfig
+from forcelab.train.config import load_train_config
+from forcelab.train.memory_plan import (FP32, GiB, accumulation_steps, parse_memory, plan_memory, role_models,
+                                        static_bytes)
+from forcelab.train.recipe import recipe_class
+from forcelab.train.trainer import Trainer
+
+PLAN_TOLERANCE = 0.15           # |planned / measured - 1| for every toy recipe
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TOY = CONFIGS / "toy"
+QUIET = ["logging.wandb=disabled", "logging.progress=false", "data.batch_size=2", "data.frames=8"]
+TINY_MODEL = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_heads=2",
+              "model_overrides.num_layers=2"]
+DMD = ["roles.generator.update_every=1", "roles.generator.ema_start=0", "algo.frames=4"]
+# recipe -> (overrides, steps before the measured one). Every role updates in the measured
+# step; streaming_long's sequences are one step long, so the step is the largest (a sequence start)
+CASES = {
+    "teacher": (TINY_MODEL + ["roles.generator.ema_start=0"], 1),
+    "diffusion_forcing": (TINY_MODEL + ["roles.generator.ema_start=0"], 1),
+    "ar_diffusion": (TINY_MODEL + ["roles.generator.ema_start=0"], 1),
+    "ode_init": (["roles.generator.ema_start=0", "algo.num_pairs=4", "algo.pairs_per_shard=2",
+                  "algo.teacher_steps=4", "algo.stored_steps=[0,2,-1]"], 1),
+    "causvid": (DMD, 1),
+    "self_forcing": (DMD, 1),
+    "rolling_forcing": (DMD + ["algo.min_chunks=2", "algo.max_chunks=2"], 1),
+    "self_forcing_pp": (DMD + ["algo.rollout_frames=8", "algo.window_frames=4"], 1),
+    "streaming_long": (DMD + ["algo.new_frames=2", "algo.max_frames=4", "algo.window_frames=4",
+                              "algo.sink_frames=2", "algo.switch=false"], 1),
+}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages: `now`, and `peak` since the last reset."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def add(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.now += storage.nbytes()
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.add(t)
+        return out
+
+
+def role_state(trainer):
+    """Every tensor of the roles' state: weights, gradients, buffers, AdamW states, EMA."""
+    for role in trainer.roles.values():
+        for p in role.module.parameters():
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        yield from role.module.buffers()
+        if role.optimizer is not None:
+            for state in role.optimizer.state.values():
+                yield from (v for v in state.values() if torch.is_tensor(v))
+        yield from (role.ema or {}).values()
+
+
+def measured_peak(trainer, warm_steps: int) -> int:
+    trainer.run(stop_at=warm_steps)
+    meter = LiveBytes()
+    for t in role_state(trainer):
+        meter.add(t)
+    with meter:
+        trainer.train_step()
+    return meter.peak
+
+
+def test_live_bytes_counts_storages_once_and_frees_them():
+    meter = LiveBytes()
+    with meter:
+        a = torch.zeros(1000)                       # 4000 bytes
+        view = a[10:20]                             # the same storage
+        b = torch.ones(250, dtype=torch.float64)    # 2000 bytes
+        assert meter.now == 6000 and view.numel() == 10
+        del b
+        assert meter.now == 4000
+        c = a * 2                                   # a new storage
+        del a, view
+        assert meter.now == 4000 and meter.peak == 8000   # a and c together
+        del c
+    assert meter.now == 0
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_teacher):
+    return tiny_teacher(layers=2)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+@pytest.mark.parametrize("recipe", sorted(CASES))
+def test_plan_is_within_tolerance_of_the_measured_peak(recipe, checkpointing, teacher_dir, tmp_path):
+    overrides, warm = CASES[recipe]
+    roles = recipe_class(recipe).roles
+    extra = [f"output_dir={tmp_path / 'run'}"]
+    if "teacher" in roles:
+        extra.append(f"roles.teacher.init={teacher_dir}")
+    if checkpointing:
+        extra += [f"roles.{name}.gradient_checkpointing=true" for name, spec in roles.items() if spec.trainable]
+    cfg = load_train_config([TOY / f"{recipe}.yaml"], QUIET + overrides + extra)
+    # ODE init reads its pairs from the run folder (a data stage the dry run skips)
+    trainer = Trainer(cfg, dry_run=recipe != "ode_init")
+    try:
+        measured = measured_peak(trainer, warm)
+    finally:
+        trainer.release()
+    planned = plan_memory(cfg, gpus=1, strategies=("ddp",), device="cpu").strategies["ddp"].total
+    assert abs(planned / measured - 1) <= PLAN_TOLERANCE, (recipe, planned, measured)
+
+
+# ---------------------------------------------------------------------------- strategies and flags
+def test_sharding_divides_what_each_strategy_shards():
+    cfg = load_train_config([TOY / "teacher.yaml"], QUIET)     # one trainable role with EMA
+    roles = role_models(cfg)
+    with torch.device("meta"):
+        P = sum(p.numel() for p in CausalDiT(DiTConfig.preset("toy")).parameters())
+    N = 8
+    ddp, fsdp = static_bytes(roles, "ddp", N), static_bytes(roles, "fsdp", N)
+    zero2, zero3 = static_bytes(roles, "zero2", N), static_bytes(roles, "zero3", N)
+    assert ddp["weights (trainable)"] == 4 * P and ddp["AdamW states"] == 8 * P and ddp["EMA"] == 4 * P
+    assert fsdp["weights (trainable)"] == 4 * P // N and fsdp["AdamW states"] == 8 * P // N
+    assert zero2["weights (trainable)"] == 4 * P and zero2["master weights"] == 4 * P // N
+    assert zero3["weights (trainable)"] == 4 * P // N and zero3["AdamW states"] == 8 * P // N
+    assert FP32 == 4
+
+
+def test_accumulation_reaches_the_global_batch():
+    assert accumulation_steps(64, 1, 8) == 8
+    assert accumulation_steps(64, 3, 8) == 3        # 72 >= 64: the smallest that reaches it
+    cfg = load_train_config([CONFIGS / "recipes" / "self_forcing.yaml"], [])
+    plan = plan_memory(cfg, gpus=8, global_batch=64)
+    assert (plan.accumulation, plan.global_batch, plan.tokens_per_frame) == (8, 64, 1560)
+
+
+@pytest.mark.parametrize("text, value", [("80GB", 80 * GiB), ("141gib", 141 * GiB), ("96000MB", 96000 * 2 ** 20)])
+def test_memory_sizes(text, value):
+    assert parse_memory(text) == value
+
+
+@pytest.mark.parametrize("text", ["80XB", "80", "-1GB", "GB", "nanGB"])
+def test_bad_memory_sizes_are_refused(text):
+    with pytest.raises(ConfigError, match="not a memory size"):
+        parse_memory(text)
+
+
+def test_cli_prints_every_strategy(capsys):
+    assert main(["plan", str(TOY / "self_forcing.yaml"), "--gpus", "8", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ddp", "fsdp", "zero2", "zero3", "fits", "global batch"):
+        assert name in out
+
+
+def test_cli_bad_flag_is_one_line(capsys):
+    assert main(["plan", str(TOY / "self_forcing.yaml"), "--gpu-memory", "80XB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gpu-memory" in err and "80XB" in err
