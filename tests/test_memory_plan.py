@@ -6,7 +6,8 @@ like cuda max_memory_allocated on a GPU; the roles' state at the step's start (w
 gradients, AdamW states, EMA) is counted the same way. Each toy recipe runs one warm step
 (the optimizer states exist afterwards), then the measured step, with every role updated in
 it; the planner's single-process estimate must be within PLAN_TOLERANCE of the step's peak,
-with and without gradient checkpointing.
+with and without gradient checkpointing, in fp32 and under bf16 autocast (on the CPU every
+layout runs on the torch backend: the plan is asked for device "cpu").
 """
 
 import weakref
@@ -125,12 +126,13 @@ def teacher_dir(tiny_teacher):
     return tiny_teacher(layers=2)
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
 @pytest.mark.parametrize("recipe", sorted(CASES))
-def test_plan_is_within_tolerance_of_the_measured_peak(recipe, checkpointing, teacher_dir, tmp_path):
+def test_plan_is_within_tolerance_of_the_measured_peak(recipe, checkpointing, precision, teacher_dir, tmp_path):
     overrides, warm = CASES[recipe]
     roles = recipe_class(recipe).roles
-    extra = [f"output_dir={tmp_path / 'run'}"]
+    extra = [f"output_dir={tmp_path / 'run'}", f"mixed_precision={precision}"]
     if "teacher" in roles:
         extra.append(f"roles.teacher.init={teacher_dir}")
     if checkpointing:
