@@ -34,20 +34,21 @@ QUIET = ["logging.wandb=disabled", "logging.progress=false", "data.batch_size=2"
 TINY_MODEL = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_heads=2",
               "model_overrides.num_layers=2"]
 DMD = ["roles.generator.update_every=1", "roles.generator.ema_start=0", "algo.frames=4"]
-# recipe -> (overrides, steps before the measured one). Every role updates in the measured
+# case -> (recipe, overrides, steps before the measured one). Every role updates in the measured
 # step; streaming_long's sequences are one step long, so the step is the largest (a sequence start)
 CASES = {
-    "teacher": (TINY_MODEL + ["roles.generator.ema_start=0"], 1),
-    "diffusion_forcing": (TINY_MODEL + ["roles.generator.ema_start=0"], 1),
-    "ar_diffusion": (TINY_MODEL + ["roles.generator.ema_start=0"], 1),
-    "ode_init": (["roles.generator.ema_start=0", "algo.num_pairs=4", "algo.pairs_per_shard=2",
-                  "algo.teacher_steps=4", "algo.stored_steps=[0,2,-1]"], 1),
-    "causvid": (DMD, 1),
-    "self_forcing": (DMD, 1),
-    "rolling_forcing": (DMD + ["algo.min_chunks=2", "algo.max_chunks=2"], 1),
-    "self_forcing_pp": (DMD + ["algo.rollout_frames=8", "algo.window_frames=4"], 1),
-    "streaming_long": (DMD + ["algo.new_frames=2", "algo.max_frames=4", "algo.window_frames=4",
-                              "algo.sink_frames=2", "algo.switch=false"], 1),
+    "teacher": ("teacher", TINY_MODEL + ["roles.generator.ema_start=0"], 1),
+    "diffusion_forcing": ("diffusion_forcing", TINY_MODEL + ["roles.generator.ema_start=0"], 1),
+    "ar_diffusion": ("ar_diffusion", TINY_MODEL + ["roles.generator.ema_start=0"], 1),
+    "ode_init": ("ode_init", ["roles.generator.ema_start=0", "algo.num_pairs=4", "algo.pairs_per_shard=2",
+                              "algo.teacher_steps=4", "algo.stored_steps=[0,2,-1]"], 1),
+    "causvid": ("causvid", DMD, 1),
+    "self_forcing": ("self_forcing", DMD, 1),
+    "self_forcing-bf16_teacher": ("self_forcing", DMD + ["roles.teacher.dtype=bf16"], 1),   # Wan's setting
+    "rolling_forcing": ("rolling_forcing", DMD + ["algo.min_chunks=2", "algo.max_chunks=2"], 1),
+    "self_forcing_pp": ("self_forcing_pp", DMD + ["algo.rollout_frames=8", "algo.window_frames=4"], 1),
+    "streaming_long": ("streaming_long", DMD + ["algo.new_frames=2", "algo.max_frames=4", "algo.window_frames=4",
+                                                "algo.sink_frames=2", "algo.switch=false"], 1),
 }
 
 
@@ -128,9 +129,9 @@ def teacher_dir(tiny_teacher):
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
-@pytest.mark.parametrize("recipe", sorted(CASES))
-def test_plan_is_within_tolerance_of_the_measured_peak(recipe, checkpointing, precision, teacher_dir, tmp_path):
-    overrides, warm = CASES[recipe]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_is_within_tolerance_of_the_measured_peak(case, checkpointing, precision, teacher_dir, tmp_path):
+    recipe, overrides, warm = CASES[case]
     roles = recipe_class(recipe).roles
     extra = [f"output_dir={tmp_path / 'run'}", f"mixed_precision={precision}"]
     if "teacher" in roles:

@@ -56,10 +56,13 @@ RMS_PER_BLOCK = 3               # RMSNorms (rstd per token)
 ATTENTIONS_PER_BLOCK = 2        # self and cross attention (log-sum-exp per token and head)
 HEAD_HIGH, HEAD_LOW = 2, 1      # the output head: norm input and output fp32, linear input
 HEAD_LATENTS = 3                # latent-sized fp32 tensors per token: the patch input, the output, the loss target
-# the working set beyond the saved tensors, per token, in fp32 (measured: tests/test_memory_plan.py):
-# a pass without gradients holds a block's intermediates ([L, dim] and [L, ffn] tensors) and
-# every layer's prompt K/V; a backward the gradients of a block's activations
-WORK_DIM, WORK_FFN = 7, 2
+# the working set beyond the saved tensors, per token (measured: tests/test_memory_plan.py):
+# a pass without gradients holds a block's intermediates - WORK_DIM [L, dim] fp32 tensors (the
+# norm and modulation path stays fp32) and, per FFN unit, WORK_FFN_BYTES (fp32: the hidden
+# before and after GELU; bf16: the fp32 norm path sets the peak, the hidden adds little) -
+# and every layer's prompt K/V; a backward the gradients of a block's activations (fp32)
+WORK_DIM = 7
+WORK_FFN_BYTES = {FP32: 8, BF16: 1}
 WORK_BACKWARD_DIM = 3
 DDP_BUCKET = 25 * 2 ** 20       # train/trainer.py's flat all-reduce bucket (bytes)
 ZERO_REDUCE_BUCKET = 500_000_000    # DeepSpeed's default reduce_bucket_size (elements)
@@ -238,14 +241,14 @@ def latent_numbers(c: DiTConfig) -> int:
     return c.in_channels * math.prod(c.patch_size)
 
 
-def working_bytes(p: ModelPass, c: DiTConfig, batch: int, tokens: int) -> int:  # noqa: D401
-    """What a pass holds beyond the saved tensors (fp32): without gradients one block's
+def working_bytes(p: ModelPass, c: DiTConfig, batch: int, tokens: int, low: int) -> int:
+    """What a pass holds beyond the saved tensors: without gradients one block's
     intermediates and every layer's prompt K/V; with gradients, in its backward, the
-    gradients of one block's activations."""
+    gradients of one block's activations. low: bytes of the pass's compute dtype."""
     L, _, T = _sizes(p, c, batch, tokens)
     if p.grad:
         return L * WORK_BACKWARD_DIM * c.dim * FP32
-    return L * (WORK_DIM * c.dim + WORK_FFN * c.ffn_dim) * FP32 + c.num_layers * 2 * T * c.dim * FP32
+    return L * (WORK_DIM * c.dim * FP32 + WORK_FFN_BYTES[low] * c.ffn_dim) + c.num_layers * 2 * T * c.dim * low
 
 
 def cache_bytes(w: Workload, model: RoleModel, batch: int, tokens: int) -> int:
@@ -267,8 +270,12 @@ def update_activations(w: Workload, roles: dict[str, RoleModel], batch: int, tok
     saved = sum(p.count * saved_bytes(p, roles[p.role], batch, tokens, low, mask_layouts) for p in grad)
     recompute = max((block_bytes(p, roles[p.role].config, batch, tokens, low, mask_layouts)
                      for p in grad if roles[p.role].gradient_checkpointing), default=0)
-    forward = max((working_bytes(p, roles[p.role].config, batch, tokens) for p in w.passes if not p.grad), default=0)
-    backward = max((working_bytes(p, roles[p.role].config, batch, tokens) for p in grad), default=0)
+    def compute(role: RoleModel) -> int:     # a bf16 frozen role computes in bf16 even without autocast
+        return BF16 if bf16 or role.weight_bytes < role.params * FP32 else FP32
+
+    forward = max((working_bytes(p, roles[p.role].config, batch, tokens, compute(roles[p.role]))
+                   for p in w.passes if not p.grad), default=0)
+    backward = max((working_bytes(p, roles[p.role].config, batch, tokens, low) for p in grad), default=0)
     used = {p.role for p in w.passes}
     casts = sum(roles[r].cast_params * BF16 for r in used if roles[r].trainable) if bf16 else 0
     cache = cache_bytes(w, roles[w.cache_role], batch, tokens) if w.cache_role in roles else 0
