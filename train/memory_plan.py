@@ -257,9 +257,15 @@ def cache_bytes(w: Workload, model: RoleModel, batch: int, tokens: int) -> int:
     if not w.cache_frames:
         return 0
     c = model.config
-    size = FP32 if model.trainable else model.weight_bytes // max(model.params, 1)
+    size = compute_bytes(model, bf16=False)       # the cache takes the model's dtype
     keys = batch * w.cache_frames * tokens + batch * c.text_len
     return c.num_layers * 2 * keys * c.dim * size
+
+
+def compute_bytes(role: RoleModel, bf16: bool) -> int:
+    """Bytes per element a role computes in: bf16 under autocast or with 16-bit weights (a
+    frozen role's dtype; its few fp32 parameters aside), else fp32."""
+    return BF16 if bf16 or role.weight_bytes < role.params * FP32 else FP32
 
 
 def update_activations(w: Workload, roles: dict[str, RoleModel], batch: int, tokens: int, bf16: bool,
@@ -270,10 +276,7 @@ def update_activations(w: Workload, roles: dict[str, RoleModel], batch: int, tok
     saved = sum(p.count * saved_bytes(p, roles[p.role], batch, tokens, low, mask_layouts) for p in grad)
     recompute = max((block_bytes(p, roles[p.role].config, batch, tokens, low, mask_layouts)
                      for p in grad if roles[p.role].gradient_checkpointing), default=0)
-    def compute(role: RoleModel) -> int:     # a bf16 frozen role computes in bf16 even without autocast
-        return BF16 if bf16 or role.weight_bytes < role.params * FP32 else FP32
-
-    forward = max((working_bytes(p, roles[p.role].config, batch, tokens, compute(roles[p.role]))
+    forward = max((working_bytes(p, roles[p.role].config, batch, tokens, compute_bytes(roles[p.role], bf16))
                    for p in w.passes if not p.grad), default=0)
     backward = max((working_bytes(p, roles[p.role].config, batch, tokens, low) for p in grad), default=0)
     used = {p.role for p in w.passes}
@@ -335,8 +338,9 @@ def parse_memory(text: str, name: str | None = None) -> int:
     except ValueError:
         value = math.nan
     if unit not in units or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name + ' ' if name else ''}{text!r}: not a memory size; write a positive size with a unit, e.g. 80GB, 141GB, "
-                          f"96000MB (units: {', '.join(sorted(units))}, case-insensitive)")
+        what = f"{name} " if name else ""
+        raise ConfigError(f"{what}{text!r}: not a memory size; write a positive size with a unit, e.g. 80GB, "
+                          f"141GB, 96000MB (units: {', '.join(sorted(units))}, case-insensitive)")
     return int(value * units[unit])
 
 
