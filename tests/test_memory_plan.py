@@ -195,3 +195,13 @@ def test_cli_bad_flag_is_one_line(capsys):
     assert main(["plan", str(TOY / "self_forcing.yaml"), "--gpu-memory", "80XB"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--gpu-memory" in err and "80XB" in err
+
+
+@pytest.mark.parametrize("config", sorted((CONFIGS / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_wan_recipe_plans_and_sharding_only_lowers_it(config):
+    """Every published recipe plans without its weights (presets stand in for them); FSDP,
+    which shards everything, never needs more per GPU than replicating everything (DDP)."""
+    plan = plan_memory(load_train_config([config], []), gpus=8)
+    totals = {name: s.total for name, s in plan.strategies.items()}
+    assert set(totals) == {"ddp", "fsdp", "zero2", "zero3"} and all(v > 0 for v in totals.values())
+    assert totals["fsdp"] < totals["zero3"] < totals["zero2"] < totals["ddp"]

@@ -198,11 +198,16 @@ def _strides(vae: str) -> tuple[int, int]:
 
 
 def clip_shape(cfg, student: DiTConfig) -> tuple[int, int]:
-    """(latent frames of a data clip, tokens per latent frame) from data.frames/height/width."""
+    """(latent frames of a data clip, tokens per latent frame) from data.frames/height/width.
+    Clips of shard sources without data.frames: forcelab preprocess's default length (set
+    data.frames to plan other clips)."""
+    from ..data.preprocess import DEFAULT_CLIP_FRAMES
     from ..data.toyworld import ToyWorldConfig
+    from .data import TOYWORLD
 
     spatial, temporal = _strides(cfg.vae)
-    pixel_frames = cfg.data.frames or ToyWorldConfig.frames
+    default = ToyWorldConfig.frames if cfg.data.source == TOYWORLD else DEFAULT_CLIP_FRAMES
+    pixel_frames = cfg.data.frames or default
     frames = 1 + (pixel_frames - 1) // temporal
     return frames, student.tokens_per_frame(cfg.data.height // spatial, cfg.data.width // spatial)
 
