@@ -111,16 +111,25 @@ def peak_bytes(update: dict[str, int]) -> int:
 class StrategyPlan:
     name: str
     static: dict[str, int]      # weights, AdamW states, EMA, frozen roles, gathered units (bytes per GPU)
-    update: dict[str, int]      # the largest role update's components (see peak_bytes)
-    peak_role: str              # the update that sets the peak
+    updates: dict[str, dict[str, int]]   # role -> the components of its update (see peak_bytes)
+
+    def role_total(self, role: str) -> int:
+        """The peak per GPU during `role`'s update."""
+        return sum(self.static.values()) + peak_bytes(self.updates[role])
+
+    @property
+    def peak_role(self) -> str:
+        """The update that sets the peak."""
+        return max(self.updates, key=self.role_total)
 
     @property
     def total(self) -> int:
-        return sum(self.static.values()) + peak_bytes(self.update)
+        return self.role_total(self.peak_role)
 
     @property
     def components(self) -> dict[str, int]:
-        return {**self.static, **self.update}
+        """The static components and the peak update's."""
+        return {**self.static, **self.updates[self.peak_role]}
 
 
 @dataclass
@@ -381,19 +390,16 @@ def plan_memory(cfg, gpus: int, gpu_memory: int = 80 * GiB, global_batch: int | 
     for strategy in strategies:
         roles = role_models(cfg, torch.bfloat16) if strategy == "fsdp" else base
         static = static_bytes(roles, strategy, gpus)
-        best, best_total = None, -1
+        updates = {}
         for name, w in workloads.items():
             if name not in roles or not roles[name].trainable:
                 continue
             parts = update_activations(w, roles, micro, tokens, bf16, mask_layouts)
-            plan.activations[name] = parts["activations"]
-            parts = {f"{GRADIENTS} ({name})": gradient_bytes(roles[name], strategy, gpus), **parts}
-            total = peak_bytes(parts)
-            if total > best_total:
-                best, best_total = (name, parts), total
-        if best is None:
+            plan.activations[name] = parts[SAVED]
+            updates[name] = {f"{GRADIENTS} ({name})": gradient_bytes(roles[name], strategy, gpus), **parts}
+        if not updates:
             raise ConfigError(f"recipe {cfg.recipe}: no trainable role to plan (every role is frozen)")
-        plan.strategies[strategy] = StrategyPlan(strategy, static, best[1], best[0])
+        plan.strategies[strategy] = StrategyPlan(strategy, static, updates)
     return plan
 
 
