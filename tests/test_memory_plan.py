@@ -23,7 +23,7 @@ from forcelab.cli import main
 from forcelab.errors import ConfigError
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.train.config import load_train_config
-from forcelab.train.memory_plan import (FP32, GiB, accumulation_steps, parse_memory, plan_memory, role_models,
+from forcelab.train.memory_plan import (FP32, SAVED, GiB, accumulation_steps, parse_memory, plan_memory, role_models,
                                         static_bytes)
 from forcelab.train.recipe import recipe_class
 from forcelab.train.trainer import Trainer
@@ -104,22 +104,32 @@ def role_state(trainer):
         yield from (role.ema or {}).values()
 
 
-def measured_peaks(trainer, warm_steps: int) -> dict[str, int]:
+def measured_peaks(trainer, warm_steps: int) -> tuple[dict[str, int], dict[str, int]]:
     """Role -> the peak of live bytes during its update in one training step (from the start
-    of its loss to the next role's)."""
+    of its loss to the next role's), and role -> bytes of the storages autograd saved for its
+    backward (created in the step: not the weights)."""
     trainer.run(stop_at=warm_steps)
     meter = LiveBytes()
     for t in role_state(trainer):
         meter.add(t)
+    before = set(meter.live)
+    saved: dict[str, dict[int, int]] = {}
     loss = trainer.recipe.loss
 
     def tracked_loss(role, batch, ctx):
         meter.enter(role)
         return loss(role, batch, ctx)
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in before:
+            saved.setdefault(meter.phase, {})[storage._cdata] = storage.nbytes()
+        return t
     trainer.recipe.loss = tracked_loss
-    with meter:
+    with meter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.train_step()
-    return {role: peak for role, peak in meter.peaks.items() if role is not None}
+    peaks = {role: peak for role, peak in meter.peaks.items() if role is not None}
+    return peaks, {role: sum(kept.values()) for role, kept in saved.items()}
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
@@ -158,13 +168,16 @@ def test_plan_is_within_tolerance_of_the_measured_peak(case, checkpointing, prec
     # ODE init reads its pairs from the run folder (a data stage the dry run skips)
     trainer = Trainer(cfg, dry_run=recipe != "ode_init")
     try:
-        measured = measured_peaks(trainer, warm)
+        measured, saved = measured_peaks(trainer, warm)
     finally:
         trainer.release()
     plan = plan_memory(cfg, gpus=1, strategies=("ddp",), device="cpu").strategies["ddp"]
     assert set(measured) == set(plan.updates)       # every trainable role updated in the step
     for role, peak in measured.items():
         assert abs(plan.role_total(role) / peak - 1) <= PLAN_TOLERANCE, (role, plan.role_total(role), peak)
+        if not checkpointing and precision == "no":     # the per-block counts alone (fp32: no weight casts)
+            planned = plan.updates[role][SAVED]
+            assert abs(planned / saved[role] - 1) <= PLAN_TOLERANCE, (role, planned, saved[role])
 
 
 # ---------------------------------------------------------------------------- strategies and flags
