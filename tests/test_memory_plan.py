@@ -23,10 +23,11 @@ from forcelab.cli import main
 from forcelab.errors import ConfigError
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.train.config import load_train_config
-from forcelab.train.memory_plan import (FP32, SAVED, GiB, accumulation_steps, parse_memory, plan_memory, role_models,
+from forcelab.train.memory_plan import (FP32, SAVED, GiB, block_bytes, accumulation_steps, parse_memory, plan_memory, role_models,
                                         static_bytes)
 from forcelab.train.recipe import recipe_class
 from forcelab.train.trainer import Trainer
+from forcelab.train.workload import ModelPass
 
 PLAN_TOLERANCE = 0.15           # |planned / measured - 1| for every toy recipe
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -146,6 +147,49 @@ def test_live_bytes_counts_storages_once_and_frees_them():
         assert meter.now == 4000 and meter.peak == 8000   # a and c together
         del c
     assert meter.now == 0
+
+
+BLOCK_TOLERANCE = 0.05          # |planned / measured - 1| of one block's saved bytes
+
+
+def block_saved(config: DiTConfig, masked: bool, bf16: bool, batch=2, frames=4, hw=8) -> int:
+    """Bytes autograd saves for one block: a forward of a 2-block DiT minus a 1-block one."""
+    def saved(layers):
+        torch.manual_seed(0)
+        model = CausalDiT(config.replace(num_layers=layers))
+        x, t = torch.randn(batch, config.in_channels, frames, hw, hw), torch.rand(batch, frames) * 1000
+        context = torch.randn(batch, config.text_len, config.text_dim)
+        weights = {p.untyped_storage()._cdata for p in model.parameters()}
+        kept = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage._cdata not in weights:
+                kept[storage._cdata] = storage.nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, context, chunk_frames=config.chunk_frames if masked else None)
+        del out
+        return sum(kept.values())
+    return saved(2) - saved(1)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["bidirectional", "block_causal"])
+@pytest.mark.parametrize("dim, ffn", [(64, 256), (128, 256), (64, 512)])
+def test_block_saved_bytes_match_autograd(dim, ffn, masked, bf16):
+    """The per-block counts (BLOCK_HIGH, BLOCK_LOW, BLOCK_KEYS, BLOCK_FFN, the prompt K/V, the
+    per-token statistics, the mask) against what autograd keeps, at three widths."""
+    config = DiTConfig.preset("toy", dim=dim, ffn_dim=ffn, num_heads=2, chunk_frames=2)
+    tokens, batch, frames = config.tokens_per_frame(8, 8), 2, 4
+    planned = block_bytes(ModelPass("generator", frames, frames, grad=True, masked=masked), config, batch, tokens,
+                          2 if bf16 else FP32, mask_layouts=True)
+    if bf16:    # autocast's bf16 copies of the block's Linear weights (the plan's "bf16 weight copies")
+        linears = [m for m in CausalDiT(config).blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+        planned += sum(p.numel() for m in linears for p in m.parameters()) * 2
+    measured = block_saved(config, masked, bf16, batch, frames)
+    assert abs(planned / measured - 1) <= BLOCK_TOLERANCE, (planned, measured)
 
 
 @pytest.fixture(scope="module")
