@@ -23,7 +23,7 @@ from forcelab.cli import main
 from forcelab.errors import ConfigError
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.train.config import load_train_config
-from forcelab.train.memory_plan import (FP32, SAVED, GiB, block_bytes, accumulation_steps, parse_memory, plan_memory, role_models,
+from forcelab.train.memory_plan import (FP32, SAVED, GiB, block_bytes, working_bytes, accumulation_steps, parse_memory, plan_memory, role_models,
                                         static_bytes)
 from forcelab.train.recipe import recipe_class
 from forcelab.train.trainer import Trainer
@@ -190,6 +190,29 @@ def test_block_saved_bytes_match_autograd(dim, ffn, masked, bf16):
         planned += sum(p.numel() for m in linears for p in m.parameters()) * 2
     measured = block_saved(config, masked, bf16, batch, frames)
     assert abs(planned / measured - 1) <= BLOCK_TOLERANCE, (planned, measured)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dim, ffn", [(128, 512), (256, 512), (128, 1024), (256, 1024)])
+def test_working_set_of_a_pass_without_gradients(dim, ffn, bf16):
+    """A frozen model's forward (a teacher's score): the peak above its inputs and weights
+    against working_bytes, where the attention side (wide models) or the FFN side sets it."""
+    config = DiTConfig.preset("toy", dim=dim, ffn_dim=ffn, num_heads=2, num_layers=2)
+    model = CausalDiT(config).requires_grad_(False)
+    if bf16:
+        model.set_dtype(torch.bfloat16)
+    batch, frames = 2, 4
+    x, t = torch.randn(batch, config.in_channels, frames, 8, 8), torch.rand(batch, frames) * 1000
+    context = torch.randn(batch, config.text_len, config.text_dim)
+    meter = LiveBytes()
+    for tensor in (*model.parameters(), x, t, context):
+        meter.add(tensor)
+    start = meter.now
+    with meter, torch.no_grad():
+        model(x, t, context)
+    planned = working_bytes(ModelPass("teacher", frames, frames, grad=False), config, batch,
+                            config.tokens_per_frame(8, 8), 2 if bf16 else FP32)
+    assert abs(planned / (meter.peak - start) - 1) <= BLOCK_TOLERANCE, (planned, meter.peak - start)
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,14 @@ RMS_PER_BLOCK = 3               # RMSNorms (rstd per token)
 ATTENTIONS_PER_BLOCK = 2        # self and cross attention (log-sum-exp per token and head)
 HEAD_HIGH, HEAD_LOW = 2, 1      # the output head: norm input and output fp32, linear input
 HEAD_LATENTS = 3                # latent-sized fp32 tensors per token: the patch input, the output, the loss target
-# the working set beyond the saved tensors, per token (measured: tests/test_memory_plan.py):
-# a pass without gradients holds a block's intermediates - WORK_DIM [L, dim] fp32 tensors (the
-# norm and modulation path stays fp32) and, per FFN unit, WORK_FFN_BYTES (fp32: the hidden
-# before and after GELU; bf16: the fp32 norm path sets the peak, the hidden adds little) -
-# and every layer's prompt K/V; a backward the gradients of a block's activations (fp32)
-WORK_DIM = 7
-WORK_FFN_BYTES = {FP32: 8, BF16: 1}
+# the working set beyond the saved tensors, per token (measured: tests/test_memory_plan.py). A
+# pass without gradients holds a block's intermediates at one of two moments, whichever is
+# larger: attention (bytes per unit of dim: the residual and the fp32 norm/modulation path with
+# q, k, v) or the FFN (bytes per unit of dim and per unit of ffn: its hidden before and after
+# GELU), by compute dtype; plus every layer's prompt K/V. A backward holds the gradients of a
+# block's activations (fp32, per unit of dim).
+WORK_ATTENTION_BYTES = {FP32: 28, BF16: 26}
+WORK_FFN_SIDE_BYTES = {FP32: (20, 8), BF16: (12, 4)}
 WORK_BACKWARD_DIM = 3
 DDP_BUCKET = 25 * 2 ** 20       # train/trainer.py's flat all-reduce bucket (bytes)
 ZERO_REDUCE_BUCKET = 500_000_000    # DeepSpeed's default reduce_bucket_size (elements)
@@ -262,7 +263,9 @@ def working_bytes(p: ModelPass, c: DiTConfig, batch: int, tokens: int, low: int)
     L, _, T = _sizes(p, c, batch, tokens)
     if p.grad:
         return L * WORK_BACKWARD_DIM * c.dim * FP32
-    return L * (WORK_DIM * c.dim * FP32 + WORK_FFN_BYTES[low] * c.ffn_dim) + c.num_layers * 2 * T * c.dim * low
+    per_dim, per_ffn = WORK_FFN_SIDE_BYTES[low]
+    block = max(WORK_ATTENTION_BYTES[low] * c.dim, per_dim * c.dim + per_ffn * c.ffn_dim)
+    return L * block + c.num_layers * 2 * T * c.dim * low
 
 
 def cache_bytes(w: Workload, model: RoleModel, batch: int, tokens: int) -> int:
