@@ -91,21 +91,27 @@ class RoleModel:
 
 
 # components of a role update (update_activations) besides the role's gradients
-SAVED, RECOMPUTED, CACHE, CASTS = "activations", "recomputed block", "kv cache", "bf16 weight copies"
+SAVED, RECOMPUTED = "activations", "recomputed block"
+CACHE, CACHE_FORWARD = "kv cache", "kv cache (forward only)"
+CASTS, CASTS_FORWARD = "bf16 weight copies", "bf16 weight copies (forward only)"
 FORWARD_WORK, BACKWARD_WORK, GRADIENTS = "forward working set", "backward working set", "gradients"
 
 
 def peak_bytes(update: dict[str, int]) -> int:
     """The peak of a role update from its components (name -> bytes; the gradients' name may
-    carry the role). Two moments compete: the end of the forward (saved activations, the KV
-    cache, the largest pass's working set) and the backward, where the saved activations and
-    the gradients count as the larger of the two, not their sum (the backward frees each
-    block's saved tensors as it makes that block's weight gradients), with the recomputed
-    block of a checkpointed pass and the gradients of one block's activations on top."""
-    get = lambda key: sum(v for k, v in update.items() if k.startswith(key))   # noqa: E731
-    forward = get(SAVED) + get(FORWARD_WORK)
-    backward = max(get(SAVED), get(GRADIENTS)) + get(RECOMPUTED) + get(BACKWARD_WORK)
-    return get(CACHE) + get(CASTS) + max(forward, backward)
+    carry the role). Two moments compete: the end of the forward (saved activations, the
+    largest pass's working set) and the backward, where the saved activations and the
+    gradients count as the larger of the two, not their sum (the backward frees each block's
+    saved tensors as it makes that block's weight gradients), with the recomputed block of a
+    checkpointed pass and the gradients of one block's activations on top. The KV cache and
+    autocast's bf16 weight copies live through both, or, when no gradient pass needs them
+    (a critic's update: the student's rollout and its weights run without gradients), only
+    through the forward."""
+    get = update.get
+    forward = get(SAVED, 0) + get(FORWARD_WORK, 0) + get(CACHE_FORWARD, 0) + get(CASTS_FORWARD, 0)
+    backward = (max(get(SAVED, 0), sum(v for k, v in update.items() if k.startswith(GRADIENTS)))
+                + get(RECOMPUTED, 0) + get(BACKWARD_WORK, 0))
+    return get(CACHE, 0) + get(CASTS, 0) + max(forward, backward)
 
 
 @dataclass
@@ -296,11 +302,18 @@ def update_activations(w: Workload, roles: dict[str, RoleModel], batch: int, tok
     forward = max((working_bytes(p, roles[p.role].config, batch, tokens, compute_bytes(roles[p.role], bf16))
                    for p in w.passes if not p.grad), default=0)
     backward = max((working_bytes(p, roles[p.role].config, batch, tokens, low) for p in grad), default=0)
-    used = {p.role for p in w.passes}
-    casts = sum(roles[r].cast_params * BF16 for r in used if roles[r].trainable) if bf16 else 0
+    # autocast keeps a bf16 copy of every weight that requires gradients for the micro-step; a
+    # gradient pass's copies stay saved through the backward
+    trained = {r for r in {p.role for p in w.passes} if roles[r].trainable}
+    with_grad = {p.role for p in grad}
+    casts = {r: roles[r].cast_params * BF16 if bf16 else 0 for r in trained}
     cache = cache_bytes(w, roles[w.cache_role], batch, tokens) if w.cache_role in roles else 0
-    return {SAVED: saved, RECOMPUTED: recompute, CACHE: cache, CASTS: casts, FORWARD_WORK: forward,
-            BACKWARD_WORK: backward}
+    cache_in_backward = any(p.cached for p in grad)
+    return {SAVED: saved, RECOMPUTED: recompute,
+            CACHE if cache_in_backward else CACHE_FORWARD: cache,
+            CASTS: sum(v for r, v in casts.items() if r in with_grad),
+            CASTS_FORWARD: sum(v for r, v in casts.items() if r not in with_grad),
+            FORWARD_WORK: forward, BACKWARD_WORK: backward}
 
 
 # ---------------------------------------------------------------------------- strategies
