@@ -430,13 +430,13 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"{s.name}  (peak in the {s.peak_role} update)")
         for k, v in s.components.items():
             if v:
-                lines.append(f"  {k:28s}{gib(v)} GiB")
+                lines.append(f"  {k:36s}{gib(v)} GiB")
         verdict = "fits" if plan.fits(s.name) else "does NOT fit"
-        lines.append(f"  {'total (peak)':28s}{gib(s.total)} GiB   {verdict}")
+        lines.append(f"  {'total (peak)':36s}{gib(s.total)} GiB   {verdict}")
     lines.append("")
     lines.append("peak = the components above, except that the end of the forward (activations + forward working "
-                 "set) and the backward (the larger of activations and gradients + recomputed block + backward "
-                 "working set) do not overlap")
+                 "set + the forward-only items) and the backward (the larger of activations and gradients + "
+                 "recomputed block + backward working set) do not overlap")
     lines.append(f"global batch {plan.global_batch} = micro-batch {plan.micro_batch} per GPU x {plan.gpus} GPU(s) x "
                  f"{plan.accumulation} accumulation step(s) (accumulation = ceil(global / (micro x GPUs)); "
                  f"it adds no memory: gradients accumulate in place)")
