@@ -82,8 +82,7 @@ class RollingForcingRecipe(SelfForcingRecipe):
         jointly against the cache; the gradient pass reaching the DMD window's start carries
         the window and the chunks in flight before it (one pass: the largest case). A window
         or sink left to the generator's config counts as none here."""
-        low = opt.min_chunks or opt.frames // chunk
-        total = chunk * (opt.max_chunks or max(low, opt.frames // chunk)) + opt.prefix_frames
+        total = opt.prefix_frames + chunk * opt.chunk_range(chunk)[1]
         span = min(total, chunk * len(opt.steps))           # frames in flight per pass
         window, sink = opt.window_frames or None, opt.sink_frames or 0
         grad_frames = min(total, opt.frames + span - chunk)
