@@ -7,7 +7,8 @@ The estimate adds what lives through the whole run (each role's weights; a train
 AdamW states, 2 x fp32, and EMA copy, fp32) to the peak of the largest role update: that
 role's gradients, the activations autograd saves for the recipe's gradient passes
 (Recipe.workload, train/workload.py), the KV cache of its rollout, bf16 weight copies under
-autocast and the working set of the largest pass. Sharding (train/parallel.py) divides the
+autocast and the working set of the largest pass, with the end of the forward and the
+backward counted apart (peak_bytes). Sharding (train/parallel.py) divides the
 first group and the gradients by the world size as each strategy does:
 
     ddp    weights, gradients, AdamW, EMA replicated; a 25 MiB flat all-reduce bucket
@@ -26,7 +27,10 @@ inputs and attention operands in the compute dtype (bf16 under autocast); BLOCK_
 (the FFN's hidden before and after GELU); the cross-attention's prompt K/V; per-token
 statistics (norms, attention log-sum-exp); a masked layout's additive mask. With gradient
 checkpointing only each block's input stays, and one block is recomputed at a time.
-tests/test_memory_plan.py holds these counts against measured peaks of every toy recipe.
+tests/test_memory_plan.py holds these counts against autograd block by block and the plan
+against measured peaks of every toy recipe's updates, on the CPU. On CUDA, masked layouts in
+bf16 run the Triton kernels, which build no mask and are taken to save what the torch
+backend's attention saves (q, k, v, the output and the log-sum-exp); that is not measured.
 """
 
 from __future__ import annotations
