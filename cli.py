@@ -18,6 +18,7 @@ from .errors import ForcelabError
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("forcelab.commands.convert", "convert a DiT checkpoint between Wan and diffusers formats"),
     "info": ("forcelab.commands.info", "show a model preset or checkpoint: shapes and parameter counts"),
+    "plan": ("forcelab.commands.plan", "per-GPU memory of a training config under DDP, FSDP, ZeRO-2/3, before launching it"),
     "generate": ("forcelab.generate.cli", "generate videos from prompts with any plan (mp4 + JSON sidecar)"),
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
     "train": ("forcelab.train.cli", "train with a recipe config (teacher, diffusion forcing, AR-diffusion, ...)"),

@@ -55,6 +55,7 @@ from .video import DEFAULT_FPS, VideoError, check_fps, read_video
 
 SETTINGS_FILE, MANIFEST_FILE, INPUTS_FILE = "preprocess.json", "manifest.json", "inputs.json"
 PREPROCESS_KIND = "preprocess"   # what its output folder's marker records
+DEFAULT_CLIP_FRAMES = 81         # frames per clip (Wan2.1's 5 s at 16 fps: 21 latent frames)
 WORKERS_PER_CPU = 4  # decoding processes beyond this many per core only add memory and start-up time
 DECODED_BYTES = 4 + 1  # per pixel value of a clip in flight: float32 for the encoder + the uint8 decode
 _LISTED_CHANGES = 3  # inputs named in a refused resume's message, per kind of change
@@ -433,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", help="video autoencoder: a local Wan VAE (diffusers) directory, or toy")
     parser.add_argument("--text-encoder", required=True, help="text encoder: a local umT5 directory, or toy")
     parser.add_argument("--size", default="480x832", help="HxW, or comma-separated buckets (closest aspect wins)")
-    parser.add_argument("--frames", type=arg(positive_int), default=81, help="frames per clip (4k+1 for the Wan VAE)")
+    parser.add_argument("--frames", type=arg(positive_int), default=DEFAULT_CLIP_FRAMES, help="frames per clip (4k+1 for the Wan VAE)")
     parser.add_argument("--fps", type=arg(check_fps), default=DEFAULT_FPS, help="frame rate the clip is sampled at")
     parser.add_argument("--start", type=arg(non_negative_float), default=0.0, help="clip start in seconds")
     parser.add_argument("--batch-size", type=arg(positive_int), default=4, help="videos (or prompts) encoded together")

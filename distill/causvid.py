@@ -33,6 +33,7 @@ from ..models.rollout import denoise_window
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..train.timesteps import choose_levels
 from ..validate import multiple_of, optional, setting
+from ..train.workload import DMDWorkload, ModelPass
 from .dmd_recipe import CHUNK, TIMESTEPS, DMDOptions, DMDRecipe, Generated, student_chunk
 
 
@@ -56,6 +57,12 @@ class CausVidRecipe(DMDRecipe):
     name = "causvid"
     Options = CausVidOptions
     data = "latents"
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """One block-causal pass of the student over algo.frames (no rollout, no cache)."""
+        return DMDWorkload([ModelPass("generator", opt.frames, opt.frames, grad=True, masked=True)],
+                           opt.frames).updates()
 
     def setup(self) -> None:
         super().setup()

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from ..models.plans import Chunkwise, Rolling
 from ..validate import non_negative_int, optional, setting, unit_interval
+from ..train.workload import DMDWorkload, ModelPass, cache_capacity, chunk_keys
 from .dmd_recipe import check_cache
 from .self_forcing import SelfForcingOptions, SelfForcingRecipe
 
@@ -74,6 +75,21 @@ class RollingForcingOptions(SelfForcingOptions):
 class RollingForcingRecipe(SelfForcingRecipe):
     name = "rolling_forcing"
     Options = RollingForcingOptions
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """The longest rollout with the rolling plan: a pass denoises up to len(steps) chunks
+        jointly against the cache; the gradient pass reaching the DMD window's start carries
+        the window and the chunks in flight before it (one pass: the largest case). A window
+        or sink left to the generator's config counts as none here."""
+        total = opt.prefix_frames + chunk * opt.chunk_range(chunk)[1]
+        span = min(total, chunk * len(opt.steps))           # frames in flight per pass
+        window, sink = opt.window_frames or None, opt.sink_frames or 0
+        grad_frames = min(total, opt.frames + span - chunk)
+        keys = chunk_keys(total - grad_frames, grad_frames, window, sink) if window else total
+        passes = [ModelPass("generator", span, keys, grad=False, cached=True, count=total // chunk + len(opt.steps)),
+                  ModelPass("generator", grad_frames, keys, grad=True, cached=True)]
+        return DMDWorkload(passes, min(opt.frames, total), cache_capacity(total, chunk, window, sink)).updates()
 
     def _plan_args(self) -> dict:
         return self.opt.plan_args(self.timesteps)

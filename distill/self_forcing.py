@@ -25,6 +25,7 @@ import torch
 
 from ..models.rollout import Training
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
+from ..train.workload import DMDWorkload, cache_capacity, rollout_passes
 from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, student_chunk
 
 
@@ -46,6 +47,11 @@ class SelfForcingOptions(DMDOptions):
             in_range(self.max_chunks, "algo.max_chunks", low, None, integer=True,
                      why="algo.min_chunks" if self.min_chunks else "algo.frames / chunk_frames")
 
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """(fewest, most) chunks per rollout for the student's chunk_frames (unset: frames / chunk)."""
+        low = self.min_chunks or self.frames // chunk
+        return low, self.max_chunks or max(low, self.frames // chunk)
+
 
 class SelfForcingRecipe(DMDRecipe):
     name = "self_forcing"
@@ -57,9 +63,15 @@ class SelfForcingRecipe(DMDRecipe):
 
     def setup(self) -> None:
         super().setup()
-        o, c = self.opt, self.chunk       # checked by o.check(c)
-        self.min_chunks = o.min_chunks or o.frames // c
-        self.max_chunks = o.max_chunks or max(self.min_chunks, o.frames // c)
+        self.min_chunks, self.max_chunks = self.opt.chunk_range(self.chunk)   # checked by opt.check
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """The longest rollout (max_chunks) after the prefix; the window's chunks carry gradients."""
+        total = opt.prefix_frames + chunk * opt.chunk_range(chunk)[1]
+        window = min(opt.frames, total)
+        passes = rollout_passes("generator", total, chunk, len(opt.steps), total - window)
+        return DMDWorkload(passes, window, cache_capacity(total, chunk, None, 0)).updates()
 
     def draw_rollout(self, ctx) -> tuple[int, int]:
         """(frames to generate, exit step): the same on every rank."""

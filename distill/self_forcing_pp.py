@@ -52,6 +52,7 @@ from ..models.plans import Chunkwise
 from ..models.rollout import INITIAL, Noise, Training, default_cache, rollout
 from ..models.schedule import add_noise, timestep_to_sigma
 from ..validate import in_range, multiple_of, non_negative_int, optional, positive_int, setting
+from ..train.workload import DMDWorkload, ModelPass, cache_capacity, chunk_keys
 from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, check_cache, student_chunk
 
 DEFAULT_ROLLOUT_FACTOR = 4      # rollout_frames unset: this many teacher horizons
@@ -130,6 +131,20 @@ class SelfForcingPPRecipe(DMDRecipe):
     def plan(self, timesteps: list[float] | None = None) -> Chunkwise:
         """The student's chunk-wise plan with the rolling cache (over `timesteps`: a tail of its list)."""
         return self.opt.rolling_plan(timesteps or self.timesteps)
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """The window of algo.frames re-generated against a full rolling cache (a copy of it
+        lives during the clean pass), every chunk's first pass with gradients."""
+        window, sink, T = opt.attention_window() or None, opt.sink_frames, opt.frames
+        start = opt.long_frames() - T                       # the latest window: a full cache
+        passes = []
+        for s in range(start, start + T, chunk):
+            keys = chunk_keys(s, chunk, window, sink)
+            passes += [ModelPass("generator", chunk, keys, grad=False, cached=True, count=2 * len(opt.steps)),
+                       ModelPass("generator", chunk, keys, grad=True, cached=True)]
+        caches = 2 * cache_capacity(opt.long_frames(), chunk, window, sink)
+        return DMDWorkload(passes, T, caches).updates()
 
     def draw_window(self, ctx) -> tuple[int, int]:
         """(window start frame, entry step): the same on every rank."""

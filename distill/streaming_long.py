@@ -64,6 +64,7 @@ from ..train.roles import resolve_init
 from . import lora
 from ..validate import (choice, each, in_range, multiple_of, non_negative_int, optional, positive_float,
                         positive_int, setting)
+from ..train.workload import DMDWorkload, cache_capacity, rollout_passes
 from .dmd_recipe import CHUNK, DMDOptions, DMDRecipe, Generated, check_cache, student_chunk
 
 
@@ -161,6 +162,15 @@ class StreamingLongRecipe(DMDRecipe):
                               f"remove it or set algo.lora_rank=0")
         alpha = o.lora_rank if o.lora_alpha is None else o.lora_alpha
         role.params = lora.add_lora(role.module, o.lora_rank, alpha, cfg.seed, role.name)
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """A sequence's first step (its `frames` frames all new, with gradients: the largest
+        step) against the sink + window cache (a window or sink left to the generator's config
+        counts as none here). LoRA adapters are not modelled: full fine-tuning."""
+        window, sink = opt.window_frames or None, opt.sink_frames or 0
+        passes = rollout_passes("generator", opt.frames, chunk, len(opt.steps), 0, window, sink)
+        return DMDWorkload(passes, opt.frames, cache_capacity(opt.max_frames, chunk, window, sink)).updates()
 
     def make_stream(self):
         self.prompt_source = PromptsOnDemand(self.run.data_stream("prompts"))

@@ -22,6 +22,7 @@ from ..validate import (choice, in_range, non_negative_int, optional, positive_f
 from .flow_matching import flow_matching_loss
 from .recipe import Recipe, RoleSpec
 from .timesteps import FLOW_DISTRIBUTIONS, sample_flow_timesteps
+from .workload import ModelPass, Workload
 
 SAMPLE_PLANS = ("chunkwise", "step_matrix")
 
@@ -53,6 +54,12 @@ class DiffusionForcingRecipe(Recipe):
 
     def setup(self):
         self.chunk = self.run.module("generator").config.chunk_frames
+
+    @classmethod
+    def workload(cls, opt, frames, chunk):
+        """One block-causal gradient pass; with teacher forcing over [clean | noisy] copies."""
+        n = 2 * frames if opt.teacher_forcing else frames
+        return {"generator": Workload([ModelPass("generator", n, n, grad=True, masked=True)])}
 
     def chunk_timesteps(self, ctx, frames: int) -> torch.Tensor:
         """[B, frames]: one timestep per chunk, repeated over its frames."""

@@ -31,6 +31,7 @@ import torch
 from ..errors import ConfigError
 from .run_context import RunContext
 from .step_context import StepContext
+from .workload import ModelPass, Workload
 
 DATA_KINDS = ("latents", "prompts", "ode_pairs")
 RECIPE_PACKAGES = ("train", "distill")     # sub-packages of forcelab whose modules may define recipes
@@ -116,6 +117,15 @@ class Recipe:
         the default one built from cfg.data for data_kind(); `self.run.data_stream(kind)` builds
         one of those for another kind. Called after the roles exist."""
         return None
+
+    @classmethod
+    def workload(cls, opt, frames: int, chunk: int) -> dict[str, Workload]:
+        """The DiT passes of one micro-step per trainable role, for the memory planner
+        (train/workload.py). opt: the recipe's options; frames: latent frames of a data clip;
+        chunk: the student's chunk_frames. Default: one gradient pass of the generator over
+        the clip (block-causal for a causal generator)."""
+        masked = cls.roles["generator"].causal
+        return {"generator": Workload([ModelPass("generator", frames, frames, grad=True, masked=masked)])}
 
     @classmethod
     def prepare_role(cls, cfg, role) -> None:
