@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import ConfigError
 from ..models.config import DiTConfig
 from .workload import ModelPass, Workload
