@@ -1,6 +1,6 @@
 """Start-up time of the console script: this checkout against another one, interleaved.
 
-    python bench/startup.py --base OTHER_PARENT_DIR     # OTHER_PARENT_DIR/forcelab is the other checkout
+    python bench/startup.py --base OTHER_CHECKOUT       # another checkout (or the folder holding one)
     python bench/startup.py                             # this checkout alone
 
 Each round runs, for each checkout in turn (A B A B ...: machine load hits both alike), in a
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-THIS_PARENT = Path(__file__).resolve().parents[2]      # the folder holding this checkout (package forcelab)
+THIS = Path(__file__).resolve().parents[1]             # this checkout (the package folder)
 TEACHER = Path(__file__).resolve().parents[1] / "configs" / "toy" / "teacher_checkpoint"
 FRAMES = 8                      # video frames of the timed run: 4 chunks of the toy teacher
 PROGRESS_PREFIX = "generate: "  # generate's progress line (progress.LineProgress) when stderr is no terminal
@@ -106,10 +106,13 @@ def time_generate(parent: Path) -> tuple[tuple[float, float], tuple[float, float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=None, help="parent folder of another forcelab checkout")
+    p.add_argument("--base", type=Path, default=None, help="another forcelab checkout (or the folder holding one)")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    contenders = {"this": THIS_PARENT} if args.base is None else {"base": args.base.resolve(), "this": THIS_PARENT}
+    from forcelab.bench.versus import package_parent   # a folder to put on PYTHONPATH for a checkout
+    links = Path(tempfile.mkdtemp(prefix="startup-"))
+    this = package_parent(THIS, links)
+    contenders = {"this": this} if args.base is None else {"base": package_parent(args.base, links), "this": this}
     for name, parent in contenders.items():
         print(f"{name}: {where(parent)}")
     print(f"python {sys.version.split()[0]}, OMP_NUM_THREADS=1, {args.rounds} interleaved rounds, "
