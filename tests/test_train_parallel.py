@@ -256,15 +256,21 @@ def test_accelerate_launch_with_a_sharding_config_shards_on_cpu(name, tmp_path, 
 
 GUARD_SCRIPT = """
 import sys
+import torch
 from forcelab.train.config import load_train_config
 from forcelab.train.teacher import TeacherRecipe
 from forcelab.train.trainer import Trainer
 real = TeacherRecipe.loss
+base, poison, modes, args = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
 def poisoned(self, role, batch, ctx):
     loss, logs = real(self, role, batch, ctx)
-    return (loss * float("nan") if ctx.step == 1 else loss), logs
+    if ctx.step != 1:
+        return loss, logs
+    if poison == "loss":
+        return loss * float("nan"), logs
+    # the same finite loss, an infinite gradient: d sqrt(u) / du at u = 0
+    return loss + torch.sqrt(loss - loss.detach()), logs
 TeacherRecipe.loss = poisoned
-base, modes, args = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
 for mode in modes:
     trainer = Trainer(load_train_config([], args + [f"parallel={mode}", f"output_dir={base}/{mode}"]))
     trainer.run()
@@ -274,14 +280,33 @@ exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """
 
 
+def check_guard(tmp_path: Path, modes: list[str]) -> None:
+    """Every mode skipped step 2's update alone, and its weights and EMA equal the first mode's."""
+    ref = {role: weights(tmp_path / modes[0], 4, role) for role in ("generator", "generator_ema")}
+    assert all(torch.isfinite(v).all() for v in ref["generator"].values())
+    for mode in modes:
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("generator/skipped", 0.0) for r in rows] == [0.0, 1.0, 0.0, 0.0], mode
+        for role, w in ref.items():
+            assert max_rel_diff(weights(tmp_path / mode, 4, role), w) < 1e-5, (mode, role)
+
+
+GUARD_ARGS = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every=", "roles.generator.ema_start="))] \
+    + ["max_steps=4", "roles.generator.ema_start=0"]   # the EMA runs through the skipped step
+
+
 def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):
     """A NaN loss at step 2 skips that update under every strategy; the runs stay equal."""
     modes = ["ddp", "fsdp"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
-    args = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every="))] + ["max_steps=4"]
-    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
-    ref = weights(tmp_path / "ddp", 4)
-    assert all(torch.isfinite(v).all() for v in ref.values())
-    for mode in modes[1:]:
-        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
-        assert [r.get("generator/skipped", 0.0) for r in rows] == [0.0, 1.0, 0.0, 0.0], mode
-        assert max_rel_diff(weights(tmp_path / mode, 4), ref) < 1e-5, mode
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), "loss", ",".join(modes), *GUARD_ARGS)
+    check_guard(tmp_path, modes)
+
+
+@needs_deepspeed
+def test_deepspeed_skipped_step_counts_as_skipped(tmp_path):
+    """A finite loss whose gradient is infinite at step 2: the trainer's guard sees the norm (ddp),
+    DeepSpeed's own check inside engine.step sees it under ZeRO; either way the update is
+    skipped, logged, not counted (3 updates of 4) and moves neither the LR schedule nor the EMA."""
+    modes = ["ddp", "zero2", "zero3"]
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), "gradient", ",".join(modes), *GUARD_ARGS)
+    check_guard(tmp_path, modes)

@@ -36,10 +36,13 @@ reduce-scatters them in the last micro-batch's backward (gradient sync is off fo
 others); DeepSpeed reduces them in the last micro-batch's backward too (the trainer sets the
 engine's accumulation boundary) and clips and applies them in engine.step.
 
-Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them); under
-ZeRO the trainer's guard sees the loss (a non-finite loss skips the update, as elsewhere),
-while a non-finite gradient behind a finite loss is skipped by DeepSpeed's own check inside
-engine.step and still counted as an update by the trainer.
+Non-finite updates: under ZeRO the trainer's guard sees the loss (a non-finite loss skips the
+update, as elsewhere); a non-finite gradient behind a finite loss is caught by DeepSpeed's own
+check inside engine.step, which step() reports (engine.was_step_applied) so that the trainer
+treats it as its own skip: logged, counted toward max_nonfinite_steps, no schedule, EMA or
+update count advance.
+
+Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them).
 """
 
 from __future__ import annotations
@@ -203,10 +206,11 @@ class DataParallel:
         gathers them; elsewhere they do, or are DTensors whose shards the EMA follows)."""
         return contextlib.nullcontext()
 
-    def step(self, role: Role) -> float | None:
-        """Apply the update; a gradient norm measured while stepping (else None)."""
+    def step(self, role: Role) -> tuple[bool, float | None]:
+        """Apply the update: (whether it was applied, a gradient norm measured while stepping or
+        None). Not applied: the strategy's own check found a non-finite gradient (DeepSpeed)."""
         role.optimizer.step()
-        return None
+        return True, None
 
     def zero_grad(self, role: Role) -> None:
         role.optimizer.zero_grad(set_to_none=True)
@@ -407,11 +411,12 @@ class ZeRO(DataParallel):
         measured is reported by step()."""
         return torch.zeros(())
 
-    def step(self, role: Role) -> float | None:
+    def step(self, role: Role) -> tuple[bool, float | None]:
         engine = self.engines[role.name]
         engine.step()
         norm = engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        # False when DeepSpeed's overflow check (agreed over all ranks) dropped the update
+        return engine.was_step_applied(), None if norm is None else float(norm)
 
     def zero_grad(self, role: Role) -> None:
         self.engines[role.name].optimizer.zero_grad(set_to_none=True)
