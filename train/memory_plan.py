@@ -16,8 +16,8 @@ first group and the gradients by the world size as each strategy does:
            two blocks and the root unit gathered at a time
     zero2  fp32 weights replicated; fp32 master, AdamW, gradients partitioned / N; DeepSpeed's
            reduce bucket; frozen roles and the EMA replicated
-    zero3  weights, master, AdamW, gradients partitioned / N; prefetched parameters; the EMA
-           (gathered for its update) and frozen roles replicated
+    zero3  weights, master, AdamW, gradients, EMA partitioned / N; prefetched parameters;
+           frozen roles replicated
 
 Activations per DiT block (models/dit.py), counted from what autograd saves in its forward
 on the torch backend (L query tokens, K key tokens, T text tokens, all times the batch):
@@ -335,7 +335,7 @@ def static_bytes(roles: dict[str, RoleModel], strategy: str, world: int) -> dict
         out["weights (trainable)"] += P * FP32 // (n if strategy in ("fsdp", "zero3") else 1)
         out["master weights"] += P * FP32 // n if strategy in ("zero2", "zero3") else 0
         out["AdamW states"] += ADAM_STATES * P * FP32 // (n if shard else 1)
-        out["EMA"] += (P * FP32 // (n if strategy == "fsdp" else 1)) if r.ema else 0
+        out["EMA"] += (P * FP32 // (n if strategy in ("fsdp", "zero3") else 1)) if r.ema else 0
     sharded = [r for r in roles.values() if strategy == "fsdp" or (strategy == "zero3" and r.trainable)]
     if sharded and n > 1:
         big = max(sharded, key=lambda r: r.block_params)

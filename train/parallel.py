@@ -28,6 +28,11 @@ and init read a sharded run unchanged), the EMA as full weights, and the optimiz
     zero*  optim-ROLE.pt holds the LR schedule and update count; each rank's DeepSpeed
            optimizer partition travels with that rank's state (rng-rankR.pt, key `zero`)
 
+The EMA lives where the weights do: each process keeps the EMA of the part it holds (FSDP: the
+DTensor shards; ZeRO-3: the rank's partition; ddp, ZeRO-2: all of it), updates it without
+gathering (ema_source) and gathers it only to write a checkpoint or sample (snapshot,
+full_module).
+
 Resume is exact for the same strategy and number of processes (the trainer already requires
 the same number of processes for its per-rank RNG states).
 
@@ -203,8 +208,14 @@ class DataParallel:
 
     def full_params(self, role: Role):
         """A context in which role.module's parameters hold their full values (ZeRO-3
-        gathers them; elsewhere they do, or are DTensors whose shards the EMA follows)."""
+        gathers them; elsewhere they do, or are DTensors)."""
         return contextlib.nullcontext()
+
+    def ema_source(self, role: Role) -> dict[str, torch.Tensor]:
+        """The tensors the role's EMA follows, by parameter name: the part of each parameter
+        this process holds (all of it; FSDP: the DTensor, whose shard the EMA keeps; ZeRO-3:
+        this rank's partition). The EMA is gathered only to be saved or sampled."""
+        return dict(role.module.named_parameters())
 
     def step(self, role: Role) -> tuple[bool, float | None]:
         """Apply the update: (whether it was applied, a gradient norm measured while stepping or
@@ -465,11 +476,46 @@ class ZeRO(DataParallel):
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(role.module.parameters()))
 
+    def ema_source(self, role: Role) -> dict[str, torch.Tensor]:
+        if self.stage != 3 or role.name not in self.engines:
+            return super().ema_source(role)
+        return {k: p.ds_tensor[:self._partition(p)[1]] for k, p in role.module.named_parameters()}
+
+    def _partition(self, p) -> tuple[int, int]:
+        """(offset in the flat parameter, real elements) of this rank's ZeRO-3 partition of p
+        (p.ds_tensor): rank r holds elements [r * size, (r + 1) * size), those past the
+        parameter's end padding."""
+        size = p.ds_tensor.numel()
+        start = torch.distributed.get_rank(p.ds_process_group) * size
+        return start, max(0, min(size, p.ds_numel - start))
+
+    def _full_ema(self, role: Role) -> dict[str, torch.Tensor] | None:
+        """The whole EMA on rank 0 (collective); ZeRO-3 gathers its partitions one tensor at a time."""
+        if role.ema is None or self.stage != 3:
+            return role.ema if self.acc.is_main_process else None
+        full = {}
+        for k, p in role.module.named_parameters():
+            part = p.ds_tensor.new_zeros(p.ds_tensor.numel(), dtype=torch.float32)
+            part[:role.ema[k].numel()] = role.ema[k]
+            parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(p.ds_process_group))]
+            torch.distributed.all_gather(parts, part, group=p.ds_process_group)
+            if self.acc.is_main_process:
+                full[k] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+        return full if self.acc.is_main_process else None
+
+    def load_ema(self, role: Role, full: dict[str, torch.Tensor]) -> None:
+        if self.stage != 3 or role.name not in self.engines:
+            return super().load_ema(role, full)
+        role.ema = {}
+        for k, p in role.module.named_parameters():
+            start, length = self._partition(p)
+            role.ema[k] = full[k].reshape(-1)[start:start + length].to(p.ds_tensor.device, torch.float32).clone()
+
     def snapshot(self, role: Role) -> Snapshot:
         with self.full_params(role):
             state = {k: v.detach().cpu().clone() for k, v in role.module.state_dict().items()} \
                 if self.acc.is_main_process else None
-        ema = role.ema if self.acc.is_main_process else None
+        ema = self._full_ema(role)
         if not self.acc.is_main_process:
             return Snapshot(None, None, None)
         config = role.module.config

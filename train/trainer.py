@@ -326,8 +326,7 @@ class Trainer:
                 self.step += 1
                 for role in self.roles.values():
                     if role.trainable and f"{role.name}/loss" in metrics and f"{role.name}/skipped" not in metrics:
-                        with self.parallel.full_params(role):   # ZeRO-3: gathered for the EMA
-                            update_ema(role, self.step)
+                        update_ema(role, self.step, self.parallel.ema_source(role))
                 last = metrics
                 if self.dry_run:
                     return self._report_dry_run(metrics, time.perf_counter() - t0)
