@@ -299,7 +299,8 @@ class CausalDiT(nn.Module):
                   window_frames: int | None = ..., sink_frames: int | None = None,
                   max_frames: int | None = None, sink_rope: str | None = None,
                   dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """A KV cache for latents of height x width; unset options come from the config."""
+        """A KV cache for latents of height x width; unset options come from the config, an
+        unset dtype from cache_dtype."""
         cfg = self.config
         height, width = positive_int(height, "new_cache: height"), positive_int(width, "new_cache: width")
         return KVCache(
@@ -309,7 +310,16 @@ class CausalDiT(nn.Module):
             window_frames=cfg.window_frames if window_frames is ... else window_frames,
             sink_frames=cfg.sink_frames if sink_frames is None else sink_frames,
             max_frames=max_frames, sink_rope=sink_rope or cfg.sink_rope,
-            dtype=dtype or self.dtype, device=device or self.device)
+            dtype=dtype or self.cache_dtype(device), device=device or self.device)
+
+    def cache_dtype(self, device=None) -> torch.dtype:
+        """The dtype of the keys and values a pass produces, which a cache stores: autocast's
+        when autocast is on for the device (mixed precision keeps the weights fp32 and would
+        double an fp32 cache), else the weights'."""
+        kind = torch.device(device or self.device).type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return self.dtype
 
     def set_prompt(self, cache: KVCache, context: torch.Tensor) -> None:
         """Compute the prompt's cross-attention K/V once and keep them in the cache."""

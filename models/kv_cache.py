@@ -220,6 +220,9 @@ class KVCache:
         gradient and fits (no copy of the cache), else a concatenation."""
         n = k_new.shape[1]
         kb, vb = self.k[layer], self.v[layer]
+        # in the cache's dtype, as the cached part (under autocast v comes out in the autocast
+        # dtype while the fp32 norm/RoPE tables promote k)
+        k_new, v_new = k_new.to(kb.dtype), v_new.to(vb.dtype)
         if (past is None and not (k_new.requires_grad or v_new.requires_grad)
                 and read + n <= kb.shape[1]):
             sink = self._rotated_sink(layer, read, sink_rope)

@@ -400,7 +400,9 @@ MUTATIONS: list[Mutation] = [
       "for name, role in reversed(list(self.roles.items())):\n            if role.trainable and self.step",
       TRAINER + SF),
     M("ema_every_step", "every recipe with EMA", "EMA: updated after the role's own updates only",
-      "train/trainer.py", "if role.trainable and f\"{role.name}/loss\" in metrics:", "if role.trainable:",
+      "train/trainer.py",
+      "if role.trainable and f\"{role.name}/loss\" in metrics and f\"{role.name}/skipped\" not in metrics:",
+      "if role.trainable:",
       TRAINER + SF),
     M("accumulation_not_averaged", "every recipe", "gradient accumulation: the mean over micro-batches (equals "
       "the larger batch)", "train/trainer.py", "self.parallel.backward(role, loss / A)",

@@ -260,6 +260,7 @@ def test_sharding_divides_what_each_strategy_shards():
     assert fsdp["weights (trainable)"] == 4 * P // N and fsdp["AdamW states"] == 8 * P // N
     assert zero2["weights (trainable)"] == 4 * P and zero2["master weights"] == 4 * P // N
     assert zero3["weights (trainable)"] == 4 * P // N and zero3["AdamW states"] == 8 * P // N
+    assert fsdp["EMA"] == zero3["EMA"] == 4 * P // N and zero2["EMA"] == 4 * P   # ZeRO-2 keeps it whole
     assert FP32 == 4
 
 

@@ -75,6 +75,51 @@ def test_cache_equals_recompute(model, prompts, name):
     assert (cached.x0 - recomputed.x0).abs().max() < TOL
 
 
+# ---------------------------------------------------------------------- the cache's dtype
+# bf16 keeps 8 significant bits (a relative rounding of 2^-9 per value): 2% of the largest
+# output bounds a few chunks of it. (On the torch backend autocast runs attention in bf16 and
+# rounds an fp32 cache's K/V as the bf16 cache stores them: there the outputs are equal.)
+BF16_TOL = 2e-2
+
+
+@pytest.mark.parametrize("name", ["chunkwise-window-sink", "rolling-window-sink", "step-matrix-sync"])
+def test_cache_takes_the_autocast_dtype(model, prompts, name):
+    """Under bf16 autocast (weights fp32) the rollout's cache holds bf16 K/V, as the passes
+    produce them, and its output matches the same rollout on an fp32 cache within bf16's
+    precision, in inference and in a training rollout with gradients; without autocast the
+    cache keeps the weights' dtype and the output is bit for bit that of an fp32 cache."""
+    plan, frames = PLANS[name], 8
+
+    def run(cache=None, training=None):
+        return rollout(model, plan, prompts[0], noise(), frames, cache=cache, training=training)
+
+    fp32_cache = lambda: make_cache(model, plan, 1, H, W, frames)   # noqa: E731  (outside autocast)
+    plain = run()
+    assert {t.dtype for t in plain.cache.k + plain.cache.v + plain.cache.sink_k} == {torch.float32}
+    assert torch.equal(plain.x0, run(fp32_cache()).x0)
+    with torch.enable_grad():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        try:
+            for training in (None, Training(exit_step=1)):
+                caches = [fp32_cache(), None]
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    high, low = (run(cache, training) for cache in caches)
+                stored = low.cache.k + low.cache.v + low.cache.sink_k
+                assert stored and {t.dtype for t in stored} == {torch.bfloat16}
+                assert {t.dtype for t in high.cache.k} == {torch.float32}
+                low_x0, high_x0 = low.x0.detach().float(), high.x0.detach().float()
+                err = float((low_x0 - high_x0).abs().max() / high_x0.abs().max())
+                assert err < BF16_TOL, (training, err)
+                if training is not None:
+                    low.x0.float().square().mean().backward()
+                    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+
+
 def test_context_matters(model, prompts):
     """The equality above is not vacuous: later chunks depend on the committed context."""
     full = rollout(model, Chunkwise(), prompts[0], noise(), 8)

@@ -16,25 +16,44 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from forcelab.models.checkpoint import diffusers_to_wan
 from forcelab.models.config import DiTConfig
 from forcelab.models.dit import CausalDiT
 
+EMA_DECAY, EMA_START = 0.9, 2
 TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_layers=2",
         "model_overrides.num_heads=2", "data.frames=4", "data.batch_size=2", "logging.wandb=disabled",
         "logging.progress=false", "logging.every=100", "roles.generator.lr=1e-3",
-        "roles.generator.ema_decay=0.9", "roles.generator.ema_start=2", "roles.generator.grad_clip=1.0",
-        "roles.generator.lr_schedule=cosine", "roles.generator.warmup_steps=2", "recipe=teacher",
-        "max_steps=6", "checkpoint.every=3", "gradient_accumulation_steps=2"]
+        f"roles.generator.ema_decay={EMA_DECAY}", f"roles.generator.ema_start={EMA_START}",
+        "roles.generator.grad_clip=1.0", "roles.generator.lr_schedule=cosine", "roles.generator.warmup_steps=2",
+        "recipe=teacher", "max_steps=6", "checkpoint.every=3", "gradient_accumulation_steps=2"]
 
 RUNS_SCRIPT = """
+import json
 import sys
+import torch
 from forcelab.train.config import load_train_config
 from forcelab.train.trainer import Trainer
 base, mode, reference, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 cfg = lambda name, parallel: load_train_config([], args + [f"parallel={parallel}", f"output_dir={base}/{name}"])
 straight = Trainer(cfg("straight", mode))
 assert straight.parallel.name == mode, straight.parallel.name
+role, train_step, recorded = straight.roles["generator"], straight.train_step, {}
+def recording_step():   # the full weights after each step (collective), for the test's EMA reference
+    out = train_step()
+    full = straight.parallel.full_module(role, use_ema=False)
+    if full is not None:
+        recorded[straight.step + 1] = {k: p.detach().clone() for k, p in full.named_parameters()}
+    return out
+straight.train_step = recording_step
 straight.run()
+if straight.is_main:
+    torch.save(recorded, f"{base}/straight-weights.pt")
+local = lambda t: t.to_local().numel() if hasattr(t, "to_local") else t.numel()   # FSDP: the DTensor's shard
+held = {"ema": sum(local(e) for e in role.ema.values()), "tensors": len(role.ema),
+        "params": sum(local(getattr(p, "ds_tensor", p)) for p in role.module.parameters())}   # ZeRO-3: the partition
+with open(f"{base}/held-rank{straight.rank}.json", "w") as f:
+    json.dump(held, f)
 Trainer(cfg("split", mode)).run(stop_at=3)
 Trainer(cfg("split", mode), resume="latest").run()
 if reference != "none":
@@ -82,6 +101,21 @@ def check_save_resume(tmp_path: Path, mode: str) -> dict:
     for role in ("generator", "generator_ema"):
         a, b = weights(straight, 6, role), weights(split, 6, role)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+    # each rank's EMA is the part of the weights that rank holds (a ZeRO-3 partition's padding
+    # aside: under one element per process and tensor)
+    for rank in range(2):
+        held = json.loads((tmp_path / f"held-rank{rank}.json").read_text())
+        print(f"{mode}: rank {rank} holds {held['ema']:,} EMA elements next to {held['params']:,} parameter elements")
+        assert 0 <= held["params"] - held["ema"] < 2 * held["tensors"], held
+    # the EMA against a float64 EMA of the full weights each step left (ema_start 2, decay 0.9)
+    recorded = torch.load(tmp_path / "straight-weights.pt", weights_only=True)
+    expected = None
+    for step in range(EMA_START, 7):
+        w = {k: v.double() for k, v in recorded[step].items()}
+        expected = w if expected is None else {k: EMA_DECAY * expected[k] + (1 - EMA_DECAY) * w[k] for k in w}
+    ema = {diffusers_to_wan(k): v for k, v in weights(straight, 6, "generator_ema").items()}
+    assert ema.keys() == expected.keys()
+    assert max_rel_diff(ema, {k: v.float() for k, v in expected.items()}) < 1e-6
     w3, w6 = weights(straight, 3), weights(straight, 6)
     assert any(not torch.equal(w3[k], w6[k]) for k in w6)          # it trained
     # against plain data-parallel: the same arithmetic up to fp32 summation order
@@ -256,15 +290,21 @@ def test_accelerate_launch_with_a_sharding_config_shards_on_cpu(name, tmp_path, 
 
 GUARD_SCRIPT = """
 import sys
+import torch
 from forcelab.train.config import load_train_config
 from forcelab.train.teacher import TeacherRecipe
 from forcelab.train.trainer import Trainer
 real = TeacherRecipe.loss
+base, poison, modes, args = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
 def poisoned(self, role, batch, ctx):
     loss, logs = real(self, role, batch, ctx)
-    return (loss * float("nan") if ctx.step == 1 else loss), logs
+    if ctx.step != 1:
+        return loss, logs
+    if poison == "loss":
+        return loss * float("nan"), logs
+    # the same finite loss, an infinite gradient: d sqrt(u) / du at u = 0
+    return loss + torch.sqrt(loss - loss.detach()), logs
 TeacherRecipe.loss = poisoned
-base, modes, args = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
 for mode in modes:
     trainer = Trainer(load_train_config([], args + [f"parallel={mode}", f"output_dir={base}/{mode}"]))
     trainer.run()
@@ -274,14 +314,33 @@ exit_processes()   # as the CLI ends a multi-process run (train/parallel.py)
 """
 
 
+def check_guard(tmp_path: Path, modes: list[str]) -> None:
+    """Every mode skipped step 2's update alone, and its weights and EMA equal the first mode's."""
+    ref = {role: weights(tmp_path / modes[0], 4, role) for role in ("generator", "generator_ema")}
+    assert all(torch.isfinite(v).all() for v in ref["generator"].values())
+    for mode in modes:
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("generator/skipped", 0.0) for r in rows] == [0.0, 1.0, 0.0, 0.0], mode
+        for role, w in ref.items():
+            assert max_rel_diff(weights(tmp_path / mode, 4, role), w) < 1e-5, (mode, role)
+
+
+GUARD_ARGS = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every=", "roles.generator.ema_start="))] \
+    + ["max_steps=4", "roles.generator.ema_start=0"]   # the EMA runs through the skipped step
+
+
 def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):
     """A NaN loss at step 2 skips that update under every strategy; the runs stay equal."""
     modes = ["ddp", "fsdp"] + (["zero2"] if importlib.util.find_spec("deepspeed") else [])
-    args = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every="))] + ["max_steps=4"]
-    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), ",".join(modes), *args)
-    ref = weights(tmp_path / "ddp", 4)
-    assert all(torch.isfinite(v).all() for v in ref.values())
-    for mode in modes[1:]:
-        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
-        assert [r.get("generator/skipped", 0.0) for r in rows] == [0.0, 1.0, 0.0, 0.0], mode
-        assert max_rel_diff(weights(tmp_path / mode, 4), ref) < 1e-5, mode
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), "loss", ",".join(modes), *GUARD_ARGS)
+    check_guard(tmp_path, modes)
+
+
+@needs_deepspeed
+def test_deepspeed_skipped_step_counts_as_skipped(tmp_path):
+    """A finite loss whose gradient is infinite at step 2: the trainer's guard sees the norm (ddp),
+    DeepSpeed's own check inside engine.step sees it under ZeRO; either way the update is
+    skipped, logged, not counted (3 updates of 4) and moves neither the LR schedule nor the EMA."""
+    modes = ["ddp", "zero2", "zero3"]
+    launch(tmp_path, GUARD_SCRIPT, str(tmp_path), "gradient", ",".join(modes), *GUARD_ARGS)
+    check_guard(tmp_path, modes)

@@ -112,10 +112,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
 def test_nonfinite_guard_skips_then_aborts_keeping_the_last_checkpoint(tmp_path, monkeypatch):
     from forcelab.train.teacher import TeacherRecipe
 
-    cfg = config(tmp_path, "teacher", "max_steps=8", "checkpoint.every=2", "max_nonfinite_steps=3")
+    cfg = config(tmp_path, "teacher", "max_steps=8", "checkpoint.every=2", "max_nonfinite_steps=3",
+                 "roles.generator.ema_start=1")   # the EMA (of steps 1 and 2) differs from the weights
     trainer = Trainer(cfg)
     trainer.run(stop_at=2)
     before = weights(tmp_path / "run", 2)
+    ema_before = {k: e.clone() for k, e in trainer.roles["generator"].ema.items()}
+    schedule_before = trainer.roles["generator"].scheduler.last_epoch
     real = TeacherRecipe.loss
 
     def poisoned(self, role, batch, ctx):
@@ -129,6 +132,11 @@ def test_nonfinite_guard_skips_then_aborts_keeping_the_last_checkpoint(tmp_path,
     from forcelab.models.checkpoint import diffusers_to_wan
     after = trainer.module("generator").state_dict()
     assert all(torch.equal(v, after[diffusers_to_wan(k)]) for k, v in before.items())
+    # a skipped update moves neither the EMA nor the LR schedule, nor counts as an update
+    ema = trainer.roles["generator"].ema
+    assert all(torch.equal(e, ema[k]) for k, e in ema_before.items())
+    assert trainer.roles["generator"].scheduler.last_epoch == schedule_before
+    assert trainer.roles["generator"].updates == 2
     assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint-*"))] == ["checkpoint-000002"]
 
 

@@ -16,8 +16,8 @@ first group and the gradients by the world size as each strategy does:
            two blocks and the root unit gathered at a time
     zero2  fp32 weights replicated; fp32 master, AdamW, gradients partitioned / N; DeepSpeed's
            reduce bucket; frozen roles and the EMA replicated
-    zero3  weights, master, AdamW, gradients partitioned / N; prefetched parameters; the EMA
-           (gathered for its update) and frozen roles replicated
+    zero3  weights, master, AdamW, gradients, EMA partitioned / N; prefetched parameters;
+           frozen roles replicated
 
 Activations per DiT block (models/dit.py), counted from what autograd saves in its forward
 on the torch backend (L query tokens, K key tokens, T text tokens, all times the batch):
@@ -278,15 +278,17 @@ def working_bytes(p: ModelPass, c: DiTConfig, batch: int, tokens: int, low: int)
     return L * block + c.num_layers * 2 * T * c.dim * low
 
 
-def cache_bytes(w: Workload, model: RoleModel, batch: int, tokens: int) -> int:
-    """The rollout's KV cache: layers x (K, V) x tokens x dim in the model's dtype (fp32 for a
-    trainable student, whatever the autocast), and the prompt's cross-attention K/V."""
+def cache_bytes(w: Workload, model: RoleModel, batch: int, tokens: int, bf16: bool) -> int:
+    """The rollout's KV cache: layers x (K, V) x tokens x dim in the dtype the passes compute in
+    (CausalDiT.cache_dtype: bf16 under autocast, else the model's), and the prompt's
+    cross-attention K/V (V in the compute dtype, K in the model's: its RMSNorm weight promotes it)."""
     if not w.cache_frames:
         return 0
     c = model.config
-    size = compute_bytes(model, bf16=False)       # the cache takes the model's dtype
-    keys = batch * w.cache_frames * tokens + batch * c.text_len
-    return c.num_layers * 2 * keys * c.dim * size
+    low, high = compute_bytes(model, bf16), compute_bytes(model, bf16=False)
+    frames = batch * w.cache_frames * tokens * 2 * low
+    prompt = batch * c.text_len * ((high if c.qk_norm else low) + low)
+    return c.num_layers * (frames + prompt) * c.dim
 
 
 def compute_bytes(role: RoleModel, bf16: bool) -> int:
@@ -311,7 +313,7 @@ def update_activations(w: Workload, roles: dict[str, RoleModel], batch: int, tok
     trained = {r for r in {p.role for p in w.passes} if roles[r].trainable}
     with_grad = {p.role for p in grad}
     casts = {r: roles[r].cast_params * BF16 if bf16 else 0 for r in trained}
-    cache = cache_bytes(w, roles[w.cache_role], batch, tokens) if w.cache_role in roles else 0
+    cache = cache_bytes(w, roles[w.cache_role], batch, tokens, bf16) if w.cache_role in roles else 0
     cache_in_backward = any(p.cached for p in grad)
     return {SAVED: saved, RECOMPUTED: recompute,
             CACHE if cache_in_backward else CACHE_FORWARD: cache,
@@ -335,7 +337,7 @@ def static_bytes(roles: dict[str, RoleModel], strategy: str, world: int) -> dict
         out["weights (trainable)"] += P * FP32 // (n if strategy in ("fsdp", "zero3") else 1)
         out["master weights"] += P * FP32 // n if strategy in ("zero2", "zero3") else 0
         out["AdamW states"] += ADAM_STATES * P * FP32 // (n if shard else 1)
-        out["EMA"] += (P * FP32 // (n if strategy == "fsdp" else 1)) if r.ema else 0
+        out["EMA"] += (P * FP32 // (n if strategy in ("fsdp", "zero3") else 1)) if r.ema else 0
     sharded = [r for r in roles.values() if strategy == "fsdp" or (strategy == "zero3" and r.trainable)]
     if sharded and n > 1:
         big = max(sharded, key=lambda r: r.block_params)

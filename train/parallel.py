@@ -28,6 +28,11 @@ and init read a sharded run unchanged), the EMA as full weights, and the optimiz
     zero*  optim-ROLE.pt holds the LR schedule and update count; each rank's DeepSpeed
            optimizer partition travels with that rank's state (rng-rankR.pt, key `zero`)
 
+The EMA lives where the weights do: each process keeps the EMA of the part it holds (FSDP: the
+DTensor shards; ZeRO-3: the rank's partition; ddp, ZeRO-2: all of it), updates it without
+gathering (ema_source) and gathers it only to write a checkpoint or sample (snapshot,
+full_module).
+
 Resume is exact for the same strategy and number of processes (the trainer already requires
 the same number of processes for its per-rank RNG states).
 
@@ -36,10 +41,13 @@ reduce-scatters them in the last micro-batch's backward (gradient sync is off fo
 others); DeepSpeed reduces them in the last micro-batch's backward too (the trainer sets the
 engine's accumulation boundary) and clips and applies them in engine.step.
 
-Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them); under
-ZeRO the trainer's guard sees the loss (a non-finite loss skips the update, as elsewhere),
-while a non-finite gradient behind a finite loss is skipped by DeepSpeed's own check inside
-engine.step and still counted as an update by the trainer.
+Non-finite updates: under ZeRO the trainer's guard sees the loss (a non-finite loss skips the
+update, as elsewhere); a non-finite gradient behind a finite loss is caught by DeepSpeed's own
+check inside engine.step, which step() reports (engine.was_step_applied) so that the trainer
+treats it as its own skip: logged, counted toward max_nonfinite_steps, no schedule, EMA or
+update count advance.
+
+Left to later: frozen roles under ZeRO stay whole on every process (FSDP shards them).
 """
 
 from __future__ import annotations
@@ -200,13 +208,20 @@ class DataParallel:
 
     def full_params(self, role: Role):
         """A context in which role.module's parameters hold their full values (ZeRO-3
-        gathers them; elsewhere they do, or are DTensors whose shards the EMA follows)."""
+        gathers them; elsewhere they do, or are DTensors)."""
         return contextlib.nullcontext()
 
-    def step(self, role: Role) -> float | None:
-        """Apply the update; a gradient norm measured while stepping (else None)."""
+    def ema_source(self, role: Role) -> dict[str, torch.Tensor]:
+        """The tensors the role's EMA follows, by parameter name: the part of each parameter
+        this process holds (all of it; FSDP: the DTensor, whose shard the EMA keeps; ZeRO-3:
+        this rank's partition). The EMA is gathered only to be saved or sampled."""
+        return dict(role.module.named_parameters())
+
+    def step(self, role: Role) -> tuple[bool, float | None]:
+        """Apply the update: (whether it was applied, a gradient norm measured while stepping or
+        None). Not applied: the strategy's own check found a non-finite gradient (DeepSpeed)."""
         role.optimizer.step()
-        return None
+        return True, None
 
     def zero_grad(self, role: Role) -> None:
         role.optimizer.zero_grad(set_to_none=True)
@@ -407,11 +422,12 @@ class ZeRO(DataParallel):
         measured is reported by step()."""
         return torch.zeros(())
 
-    def step(self, role: Role) -> float | None:
+    def step(self, role: Role) -> tuple[bool, float | None]:
         engine = self.engines[role.name]
         engine.step()
         norm = engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        # False when DeepSpeed's overflow check (agreed over all ranks) dropped the update
+        return engine.was_step_applied(), None if norm is None else float(norm)
 
     def zero_grad(self, role: Role) -> None:
         self.engines[role.name].optimizer.zero_grad(set_to_none=True)
@@ -460,11 +476,46 @@ class ZeRO(DataParallel):
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(role.module.parameters()))
 
+    def ema_source(self, role: Role) -> dict[str, torch.Tensor]:
+        if self.stage != 3 or role.name not in self.engines:
+            return super().ema_source(role)
+        return {k: p.ds_tensor[:self._partition(p)[1]] for k, p in role.module.named_parameters()}
+
+    def _partition(self, p) -> tuple[int, int]:
+        """(offset in the flat parameter, real elements) of this rank's ZeRO-3 partition of p
+        (p.ds_tensor): rank r holds elements [r * size, (r + 1) * size), those past the
+        parameter's end padding."""
+        size = p.ds_tensor.numel()
+        start = torch.distributed.get_rank(p.ds_process_group) * size
+        return start, max(0, min(size, p.ds_numel - start))
+
+    def _full_ema(self, role: Role) -> dict[str, torch.Tensor] | None:
+        """The whole EMA on rank 0 (collective); ZeRO-3 gathers its partitions one tensor at a time."""
+        if role.ema is None or self.stage != 3:
+            return role.ema if self.acc.is_main_process else None
+        full = {}
+        for k, p in role.module.named_parameters():
+            part = p.ds_tensor.new_zeros(p.ds_tensor.numel(), dtype=torch.float32)
+            part[:role.ema[k].numel()] = role.ema[k]
+            parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(p.ds_process_group))]
+            torch.distributed.all_gather(parts, part, group=p.ds_process_group)
+            if self.acc.is_main_process:
+                full[k] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+        return full if self.acc.is_main_process else None
+
+    def load_ema(self, role: Role, full: dict[str, torch.Tensor]) -> None:
+        if self.stage != 3 or role.name not in self.engines:
+            return super().load_ema(role, full)
+        role.ema = {}
+        for k, p in role.module.named_parameters():
+            start, length = self._partition(p)
+            role.ema[k] = full[k].reshape(-1)[start:start + length].to(p.ds_tensor.device, torch.float32).clone()
+
     def snapshot(self, role: Role) -> Snapshot:
         with self.full_params(role):
             state = {k: v.detach().cpu().clone() for k, v in role.module.state_dict().items()} \
                 if self.acc.is_main_process else None
-        ema = role.ema if self.acc.is_main_process else None
+        ema = self._full_ema(role)
         if not self.acc.is_main_process:
             return Snapshot(None, None, None)
         config = role.module.config

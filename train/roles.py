@@ -154,12 +154,14 @@ def make_optimizer(role: Role, max_steps: int) -> None:
 
 
 @torch.no_grad()
-def update_ema(role: Role, step: int) -> None:
-    """EMA of the weights from step ema_start on (initialised to the weights at that step)."""
+def update_ema(role: Role, step: int, params: dict[str, torch.Tensor] | None = None) -> None:
+    """EMA of the weights from step ema_start on (initialised to the weights at that step).
+    `params`: the tensors the EMA follows, by parameter name (default: the module's parameters;
+    a sharded strategy hands the part of each that this process holds, and the EMA is that part)."""
     decay = role.cfg.ema_decay
     if decay is None or step < role.cfg.ema_start:
         return
-    params = dict(role.module.named_parameters())
+    params = dict(role.module.named_parameters()) if params is None else params
     if role.ema is None:
         role.ema = {k: p.detach().float().clone() for k, p in params.items()}
         return

@@ -325,9 +325,8 @@ class Trainer:
                 metrics = self.train_step()
                 self.step += 1
                 for role in self.roles.values():
-                    if role.trainable and f"{role.name}/loss" in metrics:
-                        with self.parallel.full_params(role):   # ZeRO-3: gathered for the EMA
-                            update_ema(role, self.step)
+                    if role.trainable and f"{role.name}/loss" in metrics and f"{role.name}/skipped" not in metrics:
+                        update_ema(role, self.step, self.parallel.ema_source(role))
                 last = metrics
                 if self.dry_run:
                     return self._report_dry_run(metrics, time.perf_counter() - t0)
@@ -404,27 +403,34 @@ class Trainer:
                f"{role.name}/lr": role.scheduler.get_last_lr()[0]}
         out.update({f"{role.name}/{k}": v for k, v in logs.items()})
         if finite < 1.0:
-            self.parallel.zero_grad(role)
-            self.nonfinite += 1
-            out[f"{role.name}/skipped"] = 1.0
-            self.log.write(f"step {self.step + 1}: non-finite {role.name} loss or gradient - update skipped "
-                           f"({self.nonfinite} in a row)")
-            if self.nonfinite >= self.cfg.max_nonfinite_steps:
-                good, bad = (None, []) if self.dry_run else ckpt_io.last_good_checkpoint(self.run_dir, self.step + 1)
-                keep = (f"the last good checkpoint (finite weights and loss) is {good}" if good else
-                        "no checkpoint with finite weights and loss was written")
-                keep += f" ({'; '.join(bad)})" if bad else ""
-                raise TrainingAborted(f"{self.nonfinite} non-finite updates in a row at step {self.step + 1} "
-                                      f"({role.name} loss {total:.4g}); {keep}; lower the learning "
-                                      f"rate or check the data, then resume from it")
-            return out
-        self.nonfinite = 0
-        stepped_norm = self.parallel.step(role)   # DeepSpeed measures (and clips) inside its step
+            return self._skip(role, out, total)
+        applied, stepped_norm = self.parallel.step(role)   # DeepSpeed measures (and clips) inside its step
         if stepped_norm is not None:
             out[f"{role.name}/grad_norm"] = stepped_norm
+        if not applied:   # DeepSpeed's own check: a non-finite gradient behind a finite loss
+            return self._skip(role, out, total)
+        self.nonfinite = 0
         role.scheduler.step()
         self.parallel.zero_grad(role)
         role.updates += 1
+        return out
+
+    def _skip(self, role: Role, out: dict, loss: float) -> dict:
+        """A non-finite update not taken: the weights, LR schedule, EMA and update count stay;
+        max_nonfinite_steps of them in a row end the run."""
+        self.parallel.zero_grad(role)
+        self.nonfinite += 1
+        out[f"{role.name}/skipped"] = 1.0
+        self.log.write(f"step {self.step + 1}: non-finite {role.name} loss or gradient - update skipped "
+                       f"({self.nonfinite} in a row)")
+        if self.nonfinite >= self.cfg.max_nonfinite_steps:
+            good, bad = (None, []) if self.dry_run else ckpt_io.last_good_checkpoint(self.run_dir, self.step + 1)
+            keep = (f"the last good checkpoint (finite weights and loss) is {good}" if good else
+                    "no checkpoint with finite weights and loss was written")
+            keep += f" ({'; '.join(bad)})" if bad else ""
+            raise TrainingAborted(f"{self.nonfinite} non-finite updates in a row at step {self.step + 1} "
+                                  f"({role.name} loss {loss:.4g}); {keep}; lower the learning "
+                                  f"rate or check the data, then resume from it")
         return out
 
     def _all_reduce_grads(self, role: Role) -> None:
