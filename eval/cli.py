@@ -134,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
                               window_frames=args.window, sink_frames=args.sink,
                               first_scene=HELD_OUT_SCENES if args.first_scene is None else args.first_scene,
                               batch=args.batch, device=args.device)
-        for m, g in result["gap"].items():
-            lo, hi = g["slope_ci95"]
-            print(f"{m}: gap at k=K {g['per_chunk'][-1]:+.4g}, slope {g['slope']:+.4g}/chunk [{lo:+.4g}, {hi:+.4g}]")
+        for m, g in result["gap"].items():      # self-conditioned - teacher-forced over chunks k >= 2
+            (mlo, mhi), (lo, hi) = g["mean_ci95"], g["slope_ci95"]
+            print(f"{m}: gap {g['mean']:+.4g} [{mlo:+.4g}, {mhi:+.4g}], slope {g['slope']:+.4g}/chunk "
+                  f"[{lo:+.4g}, {hi:+.4g}]")
         print(f"wrote {args.out}/{EXPOSURE_RESULT} and exposure.md")
     else:
         from .report import write_report

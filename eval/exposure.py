@@ -31,9 +31,10 @@ Scores of chunk k in each mode (higher is better):
   acceleration and change of step, and the chunk's first frame's acceleration).
 
 Per metric: gap[k] = self-conditioned - teacher-forced per scene; its mean over scenes per k
-with a bootstrap 95% interval over scenes, and the least-squares slope of the gap over k
-(per chunk; per scene, then its mean and bootstrap interval). Exposure bias shows as a gap
-that is negative and grows more negative with k (negative slope).
+with a bootstrap 95% interval over scenes; its level (mean over k) and its least-squares slope
+over k (per chunk), each per scene, then the mean and a bootstrap interval; both over the
+chunks with context (k >= 2). Exposure bias shows as a negative gap; compounding errors as a gap that grows more
+negative with k (negative slope).
 
 The toy codec only (temporal stride 1: a latent frame is a video frame) and the chunk-wise
 plan (chunk k is finished before chunk k + 1 starts, so "the context of chunk k" is defined).
@@ -224,8 +225,8 @@ def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first
                      batch: int = 8, world: ToyWorld | None = None) -> dict:
     """Both modes on `scenes` held-out scenes (seeds first_scene ..), `chunks` chunks each.
     -> {"chunks", "unit", "scenes", "plan", "modes": {mode: {metric: [K] mean}}, "gap": {metric:
-    {"per_chunk" [K], "ci95" [K] (lo, hi), "slope", "slope_ci95"}}, "per_scene": {mode: {metric:
-    [N][K]}}}."""
+    {"per_chunk" [K], "ci95" [K] (lo, hi), "mean", "mean_ci95", "slope", "slope_ci95"}}, "per_scene":
+    {mode: {metric: [N][K]}}}."""
     check_student(student, chunks, scenes)
     world = world or ToyWorld()
     unit, frames = student.unit, chunks * student.unit
@@ -246,22 +247,29 @@ def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first
                 scores = score_chunks(video[i], seen, truth_frames[i], caption, unit, world.config)
                 for m in METRICS:
                     per_scene[mode][m].append(scores[m])
-    return summarize(per_scene, student, chunks, seeds)
+    header = {"model": student.name, "plan": student.plan.describe(), "unit": unit, "chunks": chunks,
+              "first_scene": first_scene}
+    return summarize(per_scene, header)
 
 
-def summarize(per_scene: dict, student: Student, chunks: int, seeds: list[int]) -> dict:
-    """Means per mode and chunk; the gap, its per-chunk intervals, slope and slope interval."""
+def summarize(per_scene: dict, header: dict) -> dict:
+    """Means per mode and chunk; the gap per chunk with bootstrap intervals over scenes, and over
+    the chunks with context (k >= 2; chunk 1 is the same in both modes by construction, and
+    counting its zero would tilt the slope): its level (mean) and its growth (slope per chunk,
+    per scene, then the mean), each with a bootstrap interval. header: what the result records
+    of the measurement (model, plan, unit, chunks, first_scene)."""
     modes = {mode: {m: _column_means(np.array(v)) for m, v in d.items()} for mode, d in per_scene.items()}
     gap = {}
     for m in METRICS:
         g = np.array(per_scene["self_conditioned"][m]) - np.array(per_scene["teacher_forced"][m])   # [N, K]
-        slopes = np.array([stats.slope(row) for row in g])
+        levels = np.array([stats.nanmean(row[1:]) for row in g])
+        slopes = np.array([stats.slope(row[1:]) for row in g])
         gap[m] = {"per_chunk": _column_means(g),
                   "ci95": [list(stats.bootstrap_ci(g[:, k])) for k in range(g.shape[1])],
+                  "mean": stats.nanmean(levels), "mean_ci95": list(stats.bootstrap_ci(levels)),
                   "slope": stats.nanmean(slopes), "slope_ci95": list(stats.bootstrap_ci(slopes))}
-    return {"kind": "exposure", "model": student.name, "plan": student.plan.describe(), "unit": student.unit,
-            "chunks": chunks, "scenes": len(seeds), "first_scene": seeds[0], "metrics": list(METRICS),
-            "modes": modes, "gap": gap,
+    scenes = len(next(iter(per_scene["teacher_forced"].values())))
+    return {"kind": "exposure", **header, "scenes": scenes, "metrics": list(METRICS), "modes": modes, "gap": gap,
             "per_scene": {mode: {m: np.array(v).tolist() for m, v in d.items()} for mode, d in per_scene.items()}}
 
 
@@ -273,17 +281,19 @@ def markdown(result: dict) -> str:
     """A table: per chunk k, each mode's means and the gap with its interval, per metric."""
     lines = [f"{result['model']}: {result['scenes']} scenes x {result['chunks']} chunks of {result['unit']} "
              f"latent frames; gap = self-conditioned - teacher-forced", "",
-             "| metric | " + " | ".join(f"k={k + 1}" for k in range(result["chunks"])) + " | slope/chunk [95% CI] |",
-             "|---|" + "---|" * (result["chunks"] + 1)]
+             "| metric | " + " | ".join(f"k={k + 1}" for k in range(result["chunks"]))
+             + " | mean k>=2 [95% CI] | slope/chunk k>=2 [95% CI] |",
+             "|---|" + "---|" * (result["chunks"] + 2)]
     for m in result["metrics"]:
         g = result["gap"][m]
         cells = " | ".join(f"{v:+.3f}" for v in g["per_chunk"])
-        lo, hi = g["slope_ci95"]
-        lines.append(f"| {m} gap | {cells} | {g['slope']:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+        (mlo, mhi), (lo, hi) = g["mean_ci95"], g["slope_ci95"]
+        lines.append(f"| {m} gap | {cells} | {g['mean']:+.3f} [{mlo:+.3f}, {mhi:+.3f}] | "
+                     f"{g['slope']:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
     for mode in MODES:
         for m in result["metrics"]:
             cells = " | ".join(f"{v:.3f}" for v in result["modes"][mode][m])
-            lines.append(f"| {m} {mode} | {cells} | |")
+            lines.append(f"| {m} {mode} | {cells} | | |")
     return "\n".join(lines)
 
 

@@ -14,8 +14,8 @@ import torch
 
 from forcelab.errors import ForcelabError
 from forcelab.eval import stats
-from forcelab.eval.exposure import (Student, check_student, measure_exposure, psnr, self_conditioned,
-                                    teacher_forced)
+from forcelab.eval.exposure import (METRICS, Student, check_student, measure_exposure, psnr, self_conditioned,
+                                    summarize, teacher_forced)
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.models.autoencoder import ToyCodec, load_autoencoder
 from forcelab.models.kv_cache import EMPTY
@@ -111,6 +111,25 @@ def test_measure_exposure_reports_a_zero_gap_at_the_first_chunk(student):
         sc, tf = result["per_scene"]["self_conditioned"][m], result["per_scene"]["teacher_forced"][m]
         want = np.mean(np.array(sc) - np.array(tf), 0)
         np.testing.assert_allclose(g["per_chunk"], want, atol=1e-12)
+
+
+def test_gap_level_and_slope_count_the_chunks_with_context_only():
+    K, N = 6, 4
+    k = np.arange(1, K + 1, dtype=float)
+    forced = np.random.default_rng(1).uniform(size=(N, K))
+    header = {"model": "m", "plan": {}, "unit": 2, "chunks": K, "first_scene": 0}
+
+    def result(gap):                       # the same gap in every scene
+        per_scene = {"teacher_forced": {m: forced.tolist() for m in METRICS},
+                     "self_conditioned": {m: (forced + gap).tolist() for m in METRICS}}
+        return summarize(per_scene, header)["gap"]["psnr"]
+
+    step = result(np.where(k > 1, -1.0, 0.0))          # a constant gap once there is context
+    assert step["mean"] == pytest.approx(-1.0) and step["slope"] == pytest.approx(0.0, abs=1e-12)
+    assert step["slope_ci95"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    growing = result(-0.1 * (k - 1))                   # a gap compounding by 0.1 per chunk
+    assert growing["slope"] == pytest.approx(-0.1) and growing["mean"] == pytest.approx(-0.1 * np.mean(k[1:] - 1))
+    np.testing.assert_allclose(growing["per_chunk"], -0.1 * (k - 1), atol=1e-12)
 
 
 def test_psnr_closed_form():
