@@ -119,19 +119,25 @@ def _run_plan(path) -> Chunkwise:
     return recipe_class(cfg.recipe).sampling_plan(cfg.algo)
 
 
-def check_student(student: Student, chunks: int, scenes: int) -> None:
-    """Bad input, before any work: one line naming it."""
-    if not isinstance(student.plan, Chunkwise):
-        raise ForcelabError(f"exposure: the {student.plan.name} plan overlaps chunks in denoising, so the context "
-                            f"of one chunk is not defined; measure a chunk-wise student (plan chunkwise)")
-    if student.codec.temporal_stride != 1:
-        raise ForcelabError(f"exposure: autoencoder {student.codec.name} compresses time (stride "
-                            f"{student.codec.temporal_stride}); the measurement needs the toy codec (a latent "
-                            f"frame per video frame)")
+def check_counts(chunks: int, scenes: int) -> None:
+    """Bad counts, before anything is loaded: one line naming them."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2:
         raise ForcelabError(f"exposure: chunks must be an integer >= 2 (chunk 1 has no context), got {chunks!r}")
     if isinstance(scenes, bool) or not isinstance(scenes, int) or not 1 <= scenes <= MAX_SCENES:
         raise ForcelabError(f"exposure: scenes must be an integer in [1, {MAX_SCENES}], got {scenes!r}")
+
+
+def check_student(student: Student, chunks: int, scenes: int) -> None:
+    """Bad input, before any rollout: one line naming it."""
+    check_counts(chunks, scenes)
+    if not isinstance(student.plan, Chunkwise):
+        raise ForcelabError(f"exposure: the {student.plan.name} plan does not finish a chunk before the next "
+                            f"starts (a bidirectional clip, or chunks overlapping in denoising), so the context "
+                            f"of a chunk is not defined; measure a causal student with the chunkwise plan")
+    if student.codec.temporal_stride != 1:
+        raise ForcelabError(f"exposure: autoencoder {student.codec.name} compresses time (stride "
+                            f"{student.codec.temporal_stride}); the measurement needs the toy codec (a latent "
+                            f"frame per video frame)")
 
 
 # ---------------------------------------------------------------------- the two rollouts
@@ -311,6 +317,7 @@ def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frame
     from ..fsio import write_text_atomic
     from ..validate import parse_device
 
+    check_counts(chunks, scenes)
     student = load_student(model, window_frames=window_frames, sink_frames=sink_frames, device=parse_device(device))
     check_student(student, chunks, scenes)
     result = measure_exposure(student, scenes=scenes, chunks=chunks, first_scene=first_scene, batch=batch)

@@ -156,7 +156,7 @@ def test_bad_inputs_say_what_to_fix(student, toy_dit, tmp_path):
     with pytest.raises(ForcelabError, match="scenes must be"):
         check_student(student, 4, 0)
     rolling = Student(student.model, Rolling(), student.codec, student.text_encoder)
-    with pytest.raises(ForcelabError, match="chunk-wise student"):
+    with pytest.raises(ForcelabError, match="chunkwise plan"):
         check_student(rolling, 4, 4)
     strided = Student(student.model, student.plan, ToyCodec(temporal_stride=2), student.text_encoder)
     with pytest.raises(ForcelabError, match="compresses time"):
@@ -165,6 +165,8 @@ def test_bad_inputs_say_what_to_fix(student, toy_dit, tmp_path):
 
     with pytest.raises(ForcelabError, match="not found"):
         load_student(tmp_path / "missing")
+    with pytest.raises(ForcelabError, match="an attention sink needs a window"):
+        check_student(load_student(toy_dit, window_frames=0, sink_frames=2), 4, 4)
 
 
 def test_cli_runs_and_rejects_a_bad_flag(toy_dit, tmp_path, capsys):
