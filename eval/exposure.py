@@ -134,6 +134,7 @@ def check_student(student: Student, chunks: int, scenes: int) -> None:
         raise ForcelabError(f"exposure: the {student.plan.name} plan does not finish a chunk before the next "
                             f"starts (a bidirectional clip, or chunks overlapping in denoising), so the context "
                             f"of a chunk is not defined; measure a causal student with the chunkwise plan")
+    cache_options(student.plan, student.model.config)          # window, sink and chunk agree
     if student.codec.temporal_stride != 1:
         raise ForcelabError(f"exposure: autoencoder {student.codec.name} compresses time (stride "
                             f"{student.codec.temporal_stride}); the measurement needs the toy codec (a latent "
