@@ -19,7 +19,6 @@ from .fsio import write_text_atomic
 
 TOY_CONFIGS = Path(__file__).resolve().parent / "configs" / "toy"
 COMMITTED_TEACHER = TOY_CONFIGS / "teacher_checkpoint"   # what configs/toy/teacher.yaml makes with seed 0
-HELD_OUT_SCENES = 10 ** 6        # toy-world scene seeds from here on: no stage trained on them
 TOYBENCH_RESULT = "toybench.json"
 
 
@@ -41,7 +40,7 @@ def sampling_plan(recipe: str):
 
 def held_out_prompts(path: Path, count: int, frames: int) -> list[str]:
     """Captions of `count` held-out toy scenes, written to `path` once (kept on a re-run)."""
-    from .data.toyworld import ToyWorld, ToyWorldConfig
+    from .data.toyworld import HELD_OUT_SCENES, ToyWorld, ToyWorldConfig
     from .generate.prompts import read_prompt_lines
 
     if not path.exists():

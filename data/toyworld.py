@@ -42,6 +42,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230),
 }
 SPEED_WORDS = ("slowly", "quickly")
+HELD_OUT_SCENES = 10 ** 6        # scene seeds from here on: evaluation only, no training stage draws them
 
 
 @dataclass

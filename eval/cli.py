@@ -1,8 +1,9 @@
-"""`forcelab eval`: toybench | vbench | report.
+"""`forcelab eval`: toybench | vbench | report | exposure.
 
     forcelab eval toybench VIDEOS_DIR [--out DIR] [--bucket-frames N]
     forcelab eval vbench VIDEOS_DIR --vbench-python PATH [--dimensions D ...] [--long] [--vbench-cache DIR]
     forcelab eval report RESULTS... --out report.html      # RESULTS: toybench.json, vbench.json, run folders
+    forcelab eval exposure MODEL --out DIR [--scenes N] [--chunks K] [--window W --sink S]
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ForcelabError
-from ..validate import arg, positive_int, seed
+from ..validate import arg, non_negative_int, positive_int, seed
 
 SUITE_DEFAULTS = {"seeds": 3, "first_seed": 0}      # --suite flags left unset; --recipes, --max-steps: None
 SUITE_FLAGS = {"seeds": "--seeds", "recipes": "--recipes", "max_steps": "--max-steps", "first_seed": "--first-seed"}
@@ -22,7 +23,7 @@ def _command(sub, name: str, text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="eval_command", metavar="{toybench,vbench,report}", required=True)
+    sub = p.add_subparsers(dest="eval_command", metavar="{toybench,vbench,report,exposure}", required=True)
     t = _command(sub, "toybench", "ToyBench metrics of toy-world videos (mp4 + generate's JSON sidecars)")
     t.add_argument("videos", metavar="VIDEOS_DIR", nargs="?", help="videos to score (not with --suite)")
     t.add_argument("--out", default=None, help="folder for toybench.json and the report (default: VIDEOS_DIR; "
@@ -59,6 +60,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gives training curves, config.yaml the config, samples/ the videos)")
     r.add_argument("--out", default="report.html", help="the .html to write (the .md goes beside it)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    x = _command(sub, "exposure", "exposure bias of a causal student: each chunk generated from the ground "
+                 "truth's context (teacher-forced) and from its own (self-conditioned), on held-out toy scenes")
+    x.add_argument("model", metavar="MODEL", help="a forcelab run folder (its generator and sampling plan) or a "
+                   "DiT directory (sampled with the default chunk-wise plan)")
+    x.add_argument("--out", required=True, help="folder for exposure.json and exposure.md")
+    x.add_argument("--scenes", type=arg(positive_int), default=16, help="held-out toy scenes (default 16)")
+    x.add_argument("--chunks", type=arg(positive_int), default=12, help="chunks per scene, K >= 2 (default 12)")
+    x.add_argument("--window", type=arg(non_negative_int), default=None,
+                   help="attention window in latent frames (0: none; default: the plan's)")
+    x.add_argument("--sink", type=arg(non_negative_int), default=None, help="sink frames (default: the plan's)")
+    x.add_argument("--first-scene", type=arg(seed), default=None,
+                   help="first scene seed (default: the toy world's first held-out scene)")
+    x.add_argument("--batch", type=arg(positive_int), default=8, help="scenes rolled out together (default 8)")
+    x.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
 
 
 def check_toybench_flags(args: argparse.Namespace) -> None:
@@ -110,6 +126,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"total {agg.get('total')}  quality {agg.get('quality')}  semantic {agg.get('semantic')}  "
               f"missing {agg.get('missing')}")
         print(f"wrote {(args.out or args.videos)}/vbench.json (VBench's own files: {(args.out or args.videos)}/vbench/)")
+    elif args.eval_command == "exposure":
+        from ..data.toyworld import HELD_OUT_SCENES
+        from .exposure import RESULT_NAME as EXPOSURE_RESULT, run_exposure
+
+        result = run_exposure(args.model, args.out, scenes=args.scenes, chunks=args.chunks,
+                              window_frames=args.window, sink_frames=args.sink,
+                              first_scene=HELD_OUT_SCENES if args.first_scene is None else args.first_scene,
+                              batch=args.batch, device=args.device)
+        for m, g in result["gap"].items():      # self-conditioned - teacher-forced over chunks k >= 2
+            (mlo, mhi), (lo, hi) = g["mean_ci95"], g["slope_ci95"]
+            print(f"{m}: gap {g['mean']:+.4g} [{mlo:+.4g}, {mhi:+.4g}], slope {g['slope']:+.4g}/chunk "
+                  f"[{lo:+.4g}, {hi:+.4g}]")
+        print(f"wrote {args.out}/{EXPOSURE_RESULT} and exposure.md")
     else:
         from .report import write_report
 

@@ -49,3 +49,23 @@ def nanmean(values) -> float:
     v = np.asarray(list(values), dtype=np.float64)
     v = v[np.isfinite(v)]
     return float(v.mean()) if len(v) else math.nan
+
+
+BOOTSTRAP_RESAMPLES = 2000     # resamples of the units (e.g. scenes); the 2.5% tails rest on ~50 draws each
+
+
+def bootstrap_ci(values, statistic=nanmean, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of statistic(values) over resamples of the units: values
+    [N, ...] (one row per unit, e.g. per scene), rows drawn with replacement; statistic maps
+    such an array to a float. (NaN, NaN) without units."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(v[rng.integers(0, len(v), len(v))]) for _ in range(resamples)])
+    draws = draws[np.isfinite(draws)]
+    if len(draws) == 0:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2
+    return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))

@@ -162,6 +162,15 @@ def commit_frames(model, cache, x: torch.Tensor, timestep: float, start_frame: i
     _forward(model, x.detach(), t, cache, start_frame, None, commit=True)
 
 
+def commit_context(model, plan: CausalPlan, cache, noise: Noise, x: torch.Tensor, start_frame: int) -> None:
+    """Commit clean latents x [B, C, n, H, W] of frames [start_frame, start_frame + n) as the
+    plan's context: re-noised to plan.context_noise (draw CONTEXT) when it is > 0, then the
+    clean pass at that timestep. What the loop does with every finished chunk and a prefix."""
+    if plan.context_noise > 0:
+        x = add_noise(x, noise(start_frame, x.shape[2], CONTEXT), timestep_to_sigma(plan.context_noise))
+    commit_frames(model, cache, x, plan.context_noise, start_frame)
+
+
 # ---------------------------------------------------------------------- the loop
 @dataclass
 class Switch:
@@ -352,12 +361,9 @@ def causal_stream(model, plan: CausalPlan, context: torch.Tensor | None, noise: 
     history: deque = deque(maxlen=keep or 1)   # (frame, clean latents [B, C, 1, H, W]) for recache
 
     def commit(x, f0, record=True):
-        n, clean = x.shape[2], x
-        if plan.context_noise > 0:
-            x = add_noise(x, noise(f0, n, CONTEXT), timestep_to_sigma(plan.context_noise))
-        commit_frames(model, cache, x, plan.context_noise, f0)
+        commit_context(model, plan, cache, noise, x, f0)
         if keep and record:
-            history.extend((f0 + j, clean[:, :, j:j + 1].detach()) for j in range(n))
+            history.extend((f0 + j, x[:, :, j:j + 1].detach()) for j in range(x.shape[2]))
 
     if prefix is not None:
         commit(prefix.to(noise.dtype), start_frame - prefix.shape[2])

@@ -196,11 +196,11 @@ MUTATIONS: list[Mutation] = [
       "return add_noise(x0.detach(), noise(start, x.shape[2], level + 1), sigmas[level])", SF + ENGINE),
     M("context_noise_not_added", "Self-Forcing, Rolling, LongLive, SF++", "context noise: the commit pass sees "
       "the clean output noised to context_noise", "models/rollout.py",
-      "if plan.context_noise > 0:\n            x = add_noise(", "if plan.context_noise < 0:\n            x = add_noise(",
+      "if plan.context_noise > 0:\n        x = add_noise(", "if plan.context_noise < 0:\n        x = add_noise(",
       SF + ENGINE),
     M("commit_pass_not_clean_timestep", "Self-Forcing, Rolling, LongLive, SF++", "commit pass at t = "
-      "context_noise (0: clean)", "models/rollout.py", "commit_frames(model, cache, x, plan.context_noise, f0)",
-      "commit_frames(model, cache, x, plan.context_noise + 250.0, f0)", SF + ENGINE),
+      "context_noise (0: clean)", "models/rollout.py", "commit_frames(model, cache, x, plan.context_noise, start_frame)",
+      "commit_frames(model, cache, x, plan.context_noise + 250.0, start_frame)", SF + ENGINE),
     M("cfg_in_the_cond_form", "every recipe with guidance", "guidance convention: uncond + g (cond - uncond)",
       "models/rollout.py",
       ".chunk(2)\n        v = v_u + guidance * (v_c - v_u)", ".chunk(2)\n        v = v_c + guidance * (v_c - v_u)",

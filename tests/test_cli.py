@@ -44,7 +44,7 @@ def test_every_eval_command_says_what_it_does_in_its_help():
     import subprocess
     import sys
 
-    for command in ("toybench", "vbench", "report"):
+    for command in ("toybench", "vbench", "report", "exposure"):
         out = subprocess.run([sys.executable, "-m", "forcelab.cli", "eval", command, "--help"],
                              capture_output=True, text=True, timeout=120).stdout
         block = out.split("\n\n")[1].strip()                     # what follows the usage
