@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from forcelab.bench.card import bf16_peak
 from forcelab.bench.gpu_check import parts as check_parts
 from forcelab.bench.gpu_check.report import REPORT_JSON, REPORT_MD
-from forcelab.bench.gpu_check.runner import Record, run_check, run_child
+from forcelab.bench.gpu_check.runner import run_check, run_child
 from forcelab.bench.train import DiTFlops
 from forcelab.models import CausalDiT, DiTConfig
 
