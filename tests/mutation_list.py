@@ -229,6 +229,17 @@ MUTATIONS: list[Mutation] = [
     M("teacher_forcing_rope_not_shared", "teacher forcing", "[clean | noisy] layout: both halves at the same "
       "RoPE positions", "models/dit.py", "positions = list(range(f // 2)) * 2", "positions = range(f)",
       RECIPES + KERNELS),
+    M("grouped_key_gradients_overwrite", "every causal recipe", "grouped attention: a key seen by several "
+      "query groups gets the SUM of their gradients", "kernels/grouped.py",
+      "dx[:, :, start:end] += grad[:, :, offset:offset + end - start]",
+      "dx[:, :, start:end] = grad[:, :, offset:offset + end - start]", KERNELS + RECIPES),
+    M("grouped_groups_merge_other_rows", "every causal recipe", "grouped attention: a group holds query frames "
+      "that see exactly the same keys", "kernels/grouped.py",
+      "if f < len(rows) and rows[f] == rows[first]:", "if f < len(rows) and rows[f][:1] == rows[first][:1]:",
+      KERNELS + RECIPES),
+    M("grouped_blind_queries_not_zero", "every causal recipe", "attention: a query that sees no key returns 0",
+      "kernels/grouped.py", "outs.append(q_group.new_zeros(q_group.shape[:-1] + v.shape[-1:]))",
+      "outs.append(q_group.clone())", KERNELS),
     M("ring_evicts_the_newest_frame", "every windowed recipe", "window: the ring overwrites its OLDEST frame",
       "models/kv_cache.py", "oldest = min(ring, key=lambda s: self.slot_frame[s])",
       "oldest = max(ring, key=lambda s: self.slot_frame[s])", ENGINE + ROLLING + LONG),
