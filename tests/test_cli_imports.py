@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forcelab
+
 TEACHER = Path(__file__).resolve().parents[1] / "configs" / "toy" / "teacher_checkpoint"
 
 # what a generate run never needs: forcelab's upper layers, the config machinery (omegaconf,
@@ -50,3 +52,16 @@ def test_generate_run_imports_only_what_it_uses(tmp_path):
             f"'--device', 'cpu', '--quiet', '--output', {str(out)!r}]) == 0")
     assert imported_after(code, (*NOT_FOR_GENERATE, VIDEO_WRITER, *COMPILER)) == [VIDEO_WRITER]
     assert len(list(out.glob("*.mp4"))) == 1
+
+
+def test_a_process_started_in_the_checkout_does_not_see_subpackages_as_top_level_modules():
+    """The checkout's root is the package folder: `python -m ...` started there puts it on sys.path,
+    where forcelab's `kernels/` would shadow the installed distribution of that name (which
+    transformers imports). Importing forcelab drops the folder from sys.path."""
+    package = Path(forcelab.__file__).parent
+    code = ("import importlib.util, json, sys, forcelab\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(json.dumps(spec.origin if spec and spec.origin else None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=package, check=True)
+    origin = json.loads(out.stdout.strip().splitlines()[-1])
+    assert origin is None or not Path(origin).resolve().is_relative_to(package.resolve()), origin
