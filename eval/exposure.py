@@ -29,6 +29,10 @@ Scores of chunk k in each mode (higher is better):
   and no frame after them: it is averaged over the frames whose stencil (frames t-1 .. t+2)
   touches the chunk, the last context frame included (a 2-frame chunk: the context frame's
   acceleration and change of step, and the chunk's first frame's acceleration).
+- background: background persistence (eval/persistence.py): PSNR (dB, capped) of chunk k's
+  background pixels (away from the true balls and not ball-coloured) against the scene's true
+  background. In the textured toy world (ToyWorldConfig.background_texture) the background is
+  state that only the context carries, so a gap that grows with k is error that compounds.
 
 Per metric: gap[k] = self-conditioned - teacher-forced per scene; its mean over scenes per k
 with a bootstrap 95% interval over scenes; its level (mean over k) and its least-squares slope
@@ -53,10 +57,11 @@ from ..errors import ForcelabError
 from ..models.plans import Chunkwise
 from ..models.rollout import Noise, cache_options, causal_stream, commit_context, make_cache, set_prompt
 from . import stats
+from .persistence import background_image, background_psnr, free_pixels
 from .toybench import PSNR_CAP, frame_metrics
 
 MODES = ("teacher_forced", "self_conditioned")
-METRICS = ("psnr", "adherence", "identity", "physics")
+METRICS = ("psnr", "adherence", "identity", "physics", "background")
 MAX_SCENES = 10_000            # scenes in one measurement (each is two rollouts)
 
 
@@ -103,20 +108,40 @@ def load_student(path, plan: Chunkwise | None = None, window_frames: int | None 
                    load_text_encoder(encoders["text_encoder"], device=device), name=str(path))
 
 
-def _run_plan(path) -> Chunkwise:
-    """The sampling plan of a run folder's recipe (its config.yaml)."""
+def _config_file(path):
+    """A run folder's (or its checkpoint folder's run's) config.yaml, or None."""
     from pathlib import Path
-
-    from ..train.config import load_train_config
-    from ..train.recipe import recipe_class
 
     run = Path(path)
     config = run / "config.yaml" if (run / "config.yaml").is_file() else run.parent / "config.yaml"
-    if not config.is_file():
+    return config if config.is_file() else None
+
+
+def _run_config(path):
+    """A run folder's training config (its config.yaml)."""
+    from ..train.config import load_train_config
+
+    config = _config_file(path)
+    if config is None:
         raise ForcelabError(f"model {path}: no config.yaml in the run folder, so its sampling plan is unknown; "
                             f"give the DiT directory and a plan")
-    cfg = load_train_config([config])
+    return load_train_config([config])
+
+
+def _run_plan(path) -> Chunkwise:
+    """The sampling plan of a run folder's recipe."""
+    from ..train.recipe import recipe_class
+
+    cfg = _run_config(path)
     return recipe_class(cfg.recipe).sampling_plan(cfg.algo)
+
+
+def run_world(path, background_texture: float | None = None) -> ToyWorld:
+    """The toy world a student is measured in: the given texture amplitude, else the run
+    folder's data.background_texture (the world it was trained on), else the plain world."""
+    if background_texture is None:
+        background_texture = _run_config(path).data.background_texture if _config_file(path) else 0.0
+    return ToyWorld(ToyWorldConfig(background_texture=background_texture))
 
 
 def check_counts(chunks: int, scenes: int) -> None:
@@ -198,16 +223,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def score_chunks(made: np.ndarray, seen: np.ndarray, truth: np.ndarray, caption: str, unit: int,
-                 config: ToyWorldConfig) -> dict[str, np.ndarray]:
+                 config: ToyWorldConfig, background: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
     """One scene, one mode: metric -> [K] over chunks. made: the chunks generated, uint8
     [F, H, W, 3]; seen: the context frames that mode gave (the truth for teacher-forced, made
-    itself for self-conditioned); truth: the ground-truth frames."""
+    itself for self-conditioned); truth: the ground-truth frames; background: the scene's true
+    background [H, W, 3] and its free pixels [F, H, W] (persistence.free_pixels)."""
     colors, speed = parse_caption(caption)
     chunks = made.shape[0] // unit
     out = {m: np.full(chunks, np.nan) for m in METRICS}
     for k in range(chunks):
         lo, hi = k * unit, (k + 1) * unit
         out["psnr"][k] = psnr(made[lo:hi], truth[lo:hi])
+        out["background"][k] = background_psnr(made[lo:hi], background[0], background[1][lo:hi])
         video = np.concatenate([seen[:lo], made[lo:hi]])
         per_frame = frame_metrics(video, colors, speed, config, reference_frames=config.frames)
         for m in ("adherence", "identity"):
@@ -228,6 +255,14 @@ def ground_truth(world: ToyWorld, seeds: list[int], frames: int, codec,
     return video.permute(0, 1, 3, 4, 2).numpy(), latents, [c.scene.caption for c in clips]
 
 
+def true_backgrounds(world: ToyWorld, seeds: list[int], frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per scene: its true background [H, W, 3] and the pixels no true ball is near [F, H, W]."""
+    c = world.config
+    clips = [world.clip(s, frames) for s in seeds]
+    return [(background_image(world, clip.scene), free_pixels(clip.positions, clip.scene.radius, (c.height, c.width)))
+            for clip in clips]
+
+
 def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first_scene: int = HELD_OUT_SCENES,
                      batch: int = 8, world: ToyWorld | None = None) -> dict:
     """Both modes on `scenes` held-out scenes (seeds first_scene ..), `chunks` chunks each.
@@ -242,6 +277,7 @@ def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first
     for b0 in range(0, scenes, batch):
         part = seeds[b0:b0 + batch]
         truth_frames, truth, captions = ground_truth(world, part, frames, student.codec, student.device)
+        backgrounds = true_backgrounds(world, part, frames)
         context = student.text_encoder.encode(captions)[0].to(truth.device)
         h, w = truth.shape[-2:]
         noise = Noise(part, truth.shape[1], h, w, device=truth.device)
@@ -251,7 +287,7 @@ def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first
             video = to_frames(latents, student.codec)
             for i, caption in enumerate(captions):
                 seen = truth_frames[i] if mode == "teacher_forced" else video[i]
-                scores = score_chunks(video[i], seen, truth_frames[i], caption, unit, world.config)
+                scores = score_chunks(video[i], seen, truth_frames[i], caption, unit, world.config, backgrounds[i])
                 for m in METRICS:
                     per_scene[mode][m].append(scores[m])
     header = {"model": student.name, "plan": student.plan.describe(), "unit": unit, "chunks": chunks,
@@ -309,9 +345,9 @@ RESULT_NAME = "exposure.json"
 
 def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frames: int | None = None,
                  sink_frames: int | None = None, first_scene: int = HELD_OUT_SCENES, batch: int = 8,
-                 device="cpu") -> dict:
-    """`forcelab eval exposure`: measure a run folder or DiT directory; write OUT/exposure.json
-    (measure_exposure's result) and OUT/exposure.md (the table)."""
+                 device="cpu", background_texture: float | None = None) -> dict:
+    """`forcelab eval exposure`: measure a run folder or DiT directory in its world (run_world);
+    write OUT/exposure.json (measure_exposure's result) and OUT/exposure.md (the table)."""
     import json
     from pathlib import Path
 
@@ -321,7 +357,10 @@ def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frame
     check_counts(chunks, scenes)
     student = load_student(model, window_frames=window_frames, sink_frames=sink_frames, device=parse_device(device))
     check_student(student, chunks, scenes)
-    result = measure_exposure(student, scenes=scenes, chunks=chunks, first_scene=first_scene, batch=batch)
+    world = run_world(model, background_texture)
+    result = measure_exposure(student, scenes=scenes, chunks=chunks, first_scene=first_scene, batch=batch,
+                              world=world)
+    result["background_texture"] = world.config.background_texture
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / RESULT_NAME, json.dumps(result, indent=2, allow_nan=True) + "\n")
