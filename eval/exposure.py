@@ -17,6 +17,11 @@ k = 1..K (`unit` latent frames each), the student generates chunk k twice:
 Both modes draw the same noise (rollout.Noise, seeded by the scene), so chunk 1 (no context)
 is the same in both and from there on the only difference is the context.
 
+prefix P >= 1 (a continuation): both modes are given the ground truth of chunks 1..P (the
+self-conditioned rollout continues from there on its own). Needed where the scene holds state
+that the caption does not name (the textured world's background): without it the
+self-conditioned rollout invents that state at chunk 1 and can only keep its own invention.
+
 Scores of chunk k in each mode (higher is better):
 - psnr: PSNR (dB, capped at toybench.PSNR_CAP) of the decoded chunk against the ground-truth
   frames. It asks for the ground truth's own trajectory: a lawful continuation that moves
@@ -37,7 +42,7 @@ Scores of chunk k in each mode (higher is better):
 Per metric: gap[k] = self-conditioned - teacher-forced per scene; its mean over scenes per k
 with a bootstrap 95% interval over scenes; its level (mean over k) and its least-squares slope
 over k (per chunk), each per scene, then the mean and a bootstrap interval; both over the
-chunks with context (k >= 2). Exposure bias shows as a negative gap; compounding errors as a gap that grows more
+chunks with context (k >= 2), or the chunks after the prefix (k > P). Exposure bias shows as a negative gap; compounding errors as a gap that grows more
 negative with k (negative slope).
 
 The toy codec only (temporal stride 1: a latent frame is a video frame) and the chunk-wise
@@ -176,21 +181,26 @@ def self_conditioned(student: Student, context: torch.Tensor, noise: Noise, fram
 
 @torch.no_grad()
 def teacher_forced(student: Student, context: torch.Tensor, noise: Noise, truth: torch.Tensor,
-                   recompute: bool = False) -> tuple[torch.Tensor, object]:
+                   recompute: bool = False, forced_frames: int | None = None) -> tuple[torch.Tensor, object]:
     """Chunk k generated against the ground truth of chunks < k: truth [B, C, F, h, w] clean
     latents -> (latents [B, C, F, h, w], the cache, holding the committed truth). A chunk's own
     commit is undone (the cache's state before it is restored) and the truth committed in its
     place, so that a window's ring never drops a ground-truth frame for a generated one.
-    recompute: the FrameCache reference instead of the KV cache."""
+    recompute: the FrameCache reference instead of the KV cache. forced_frames: only the chunks
+    that start before it are replaced by the truth (None: all); later chunks keep their own
+    commit, as in the ordinary rollout (a continuation of a ground-truth prefix)."""
     model, plan, unit = student.model, student.plan, student.unit
     B, _, frames, h, w = truth.shape
     cache = make_cache(model, plan, B, h, w, frames, recompute)
     set_prompt(model, cache, context)
     out = []
     for f0 in range(0, frames, unit):
-        state = _snapshot(cache)
+        forced = forced_frames is None or f0 < forced_frames
+        state = _snapshot(cache) if forced else None
         chunk = next(causal_stream(model, plan, None, noise, unit, cache=cache, start_frame=f0))
         out.append(chunk.x)
+        if not forced:
+            continue
         _restore(cache, state)
         commit_context(model, plan, cache, noise, truth[:, :, f0:f0 + unit].to(noise.dtype), f0)
     return torch.cat(out, dim=2), cache
@@ -264,12 +274,14 @@ def true_backgrounds(world: ToyWorld, seeds: list[int], frames: int) -> list[tup
 
 
 def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first_scene: int = HELD_OUT_SCENES,
-                     batch: int = 8, world: ToyWorld | None = None) -> dict:
-    """Both modes on `scenes` held-out scenes (seeds first_scene ..), `chunks` chunks each.
+                     batch: int = 8, world: ToyWorld | None = None, prefix: int = 0) -> dict:
+    """Both modes on `scenes` held-out scenes (seeds first_scene ..), `chunks` chunks each,
+    both given the ground truth of the first `prefix` chunks.
     -> {"chunks", "unit", "scenes", "plan", "modes": {mode: {metric: [K] mean}}, "gap": {metric:
     {"per_chunk" [K], "ci95" [K] (lo, hi), "mean", "mean_ci95", "slope", "slope_ci95"}}, "per_scene":
     {mode: {metric: [N][K]}}}."""
     check_student(student, chunks, scenes)
+    check_prefix(prefix, chunks)
     world = world or ToyWorld()
     unit, frames = student.unit, chunks * student.unit
     seeds = list(range(first_scene, first_scene + scenes))
@@ -282,16 +294,18 @@ def measure_exposure(student: Student, scenes: int = 16, chunks: int = 12, first
         h, w = truth.shape[-2:]
         noise = Noise(part, truth.shape[1], h, w, device=truth.device)
         made = {"teacher_forced": teacher_forced(student, context, noise, truth)[0],
-                "self_conditioned": self_conditioned(student, context, noise, frames)}
+                "self_conditioned": (self_conditioned(student, context, noise, frames) if prefix == 0 else
+                                     teacher_forced(student, context, noise, truth, forced_frames=prefix * unit)[0])}
         for mode, latents in made.items():
             video = to_frames(latents, student.codec)
             for i, caption in enumerate(captions):
-                seen = truth_frames[i] if mode == "teacher_forced" else video[i]
+                seen = truth_frames[i] if mode == "teacher_forced" else \
+                    np.concatenate([truth_frames[i][:prefix * unit], video[i][prefix * unit:]])
                 scores = score_chunks(video[i], seen, truth_frames[i], caption, unit, world.config, backgrounds[i])
                 for m in METRICS:
                     per_scene[mode][m].append(scores[m])
     header = {"model": student.name, "plan": student.plan.describe(), "unit": unit, "chunks": chunks,
-              "first_scene": first_scene}
+              "first_scene": first_scene, "prefix": prefix}
     return summarize(per_scene, header)
 
 
@@ -300,13 +314,15 @@ def summarize(per_scene: dict, header: dict) -> dict:
     the chunks with context (k >= 2; chunk 1 is the same in both modes by construction, and
     counting its zero would tilt the slope): its level (mean) and its growth (slope per chunk,
     per scene, then the mean), each with a bootstrap interval. header: what the result records
-    of the measurement (model, plan, unit, chunks, first_scene)."""
+    of the measurement (model, plan, unit, chunks, first_scene, prefix: the ground-truth chunks
+    both modes were given, whose gap is 0 by construction and is left out likewise)."""
+    first = first_scored(header.get("prefix", 0))
     modes = {mode: {m: _column_means(np.array(v)) for m, v in d.items()} for mode, d in per_scene.items()}
     gap = {}
     for m in METRICS:
         g = np.array(per_scene["self_conditioned"][m]) - np.array(per_scene["teacher_forced"][m])   # [N, K]
-        levels = np.array([stats.nanmean(row[1:]) for row in g])
-        slopes = np.array([stats.slope(row[1:]) for row in g])
+        levels = np.array([stats.nanmean(row[first:]) for row in g])
+        slopes = np.array([stats.slope(row[first:]) for row in g])
         gap[m] = {"per_chunk": _column_means(g),
                   "ci95": [list(stats.bootstrap_ci(g[:, k])) for k in range(g.shape[1])],
                   "mean": stats.nanmean(levels), "mean_ci95": list(stats.bootstrap_ci(levels)),
@@ -316,16 +332,30 @@ def summarize(per_scene: dict, header: dict) -> dict:
             "per_scene": {mode: {m: np.array(v).tolist() for m, v in d.items()} for mode, d in per_scene.items()}}
 
 
+def first_scored(prefix: int) -> int:
+    """Index of the first chunk the gap's level and slope count: the first after the prefix,
+    and never chunk 1 (no context: the same in both modes)."""
+    return max(prefix, 1)
+
+
+def check_prefix(prefix: int, chunks: int) -> None:
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix <= chunks - 2:
+        raise ForcelabError(f"exposure: prefix must be an integer in [0, chunks - 2 = {chunks - 2}] (two chunks "
+                            f"after it give a slope), got {prefix!r}")
+
+
 def _column_means(a: np.ndarray) -> list[float]:
     return [stats.nanmean(a[:, k]) for k in range(a.shape[1])]
 
 
 def markdown(result: dict) -> str:
     """A table: per chunk k, each mode's means and the gap with its interval, per metric."""
+    prefix = result.get("prefix", 0)
+    k0 = first_scored(prefix) + 1
     lines = [f"{result['model']}: {result['scenes']} scenes x {result['chunks']} chunks of {result['unit']} "
-             f"latent frames; gap = self-conditioned - teacher-forced", "",
+             f"latent frames, ground-truth prefix {prefix} chunks; gap = self-conditioned - teacher-forced", "",
              "| metric | " + " | ".join(f"k={k + 1}" for k in range(result["chunks"]))
-             + " | mean k>=2 [95% CI] | slope/chunk k>=2 [95% CI] |",
+             + f" | mean k>={k0} [95% CI] | slope/chunk k>={k0} [95% CI] |",
              "|---|" + "---|" * (result["chunks"] + 2)]
     for m in result["metrics"]:
         g = result["gap"][m]
@@ -345,7 +375,7 @@ RESULT_NAME = "exposure.json"
 
 def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frames: int | None = None,
                  sink_frames: int | None = None, first_scene: int = HELD_OUT_SCENES, batch: int = 8,
-                 device="cpu", background_texture: float | None = None) -> dict:
+                 device="cpu", background_texture: float | None = None, prefix: int = 0) -> dict:
     """`forcelab eval exposure`: measure a run folder or DiT directory in its world (run_world);
     write OUT/exposure.json (measure_exposure's result) and OUT/exposure.md (the table)."""
     import json
@@ -355,11 +385,12 @@ def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frame
     from ..validate import parse_device
 
     check_counts(chunks, scenes)
+    check_prefix(prefix, chunks)
     student = load_student(model, window_frames=window_frames, sink_frames=sink_frames, device=parse_device(device))
     check_student(student, chunks, scenes)
     world = run_world(model, background_texture)
     result = measure_exposure(student, scenes=scenes, chunks=chunks, first_scene=first_scene, batch=batch,
-                              world=world)
+                              world=world, prefix=prefix)
     result["background_texture"] = world.config.background_texture
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -214,3 +214,39 @@ def test_the_world_follows_the_run_config(tmp_path):
     assert run_world(run / "checkpoint-000600").config.background_texture == 25.0   # a checkpoint folder: its run's
     assert run_world(run, 0.0).config.background_texture == 0.0
     assert run_world(dit).config.background_texture == 0.0                           # no config: the plain world
+
+
+def test_a_ground_truth_prefix_then_the_students_own_chunks(student):
+    """forced_frames: the truth replaces the chunks before it, the student's own the rest. No
+    prefix is the ordinary rollout; a prefix matches the teacher-forced chunks up to its end and
+    then continues as the ordinary rollout of a video that began with the truth (checked against
+    teacher_forced given exactly that video as its ground truth)."""
+    context, noise, truth = _inputs(student)
+    unit, frames = student.unit, truth.shape[2]
+    own = self_conditioned(student, context, noise, frames)
+    assert torch.equal(teacher_forced(student, context, noise, truth, forced_frames=0)[0], own)
+    forced, _ = teacher_forced(student, context, noise, truth)
+    assert torch.equal(teacher_forced(student, context, noise, truth, forced_frames=frames)[0], forced)
+    prefix = 2 * unit
+    cont, _ = teacher_forced(student, context, noise, truth, forced_frames=prefix)
+    assert torch.equal(cont[:, :, :prefix + unit], forced[:, :, :prefix + unit])   # chunk P + 1 saw only the truth
+    video = torch.cat([truth[:, :, :prefix], cont[:, :, prefix:]], dim=2)          # what that rollout's context held
+    assert torch.equal(teacher_forced(student, context, noise, video)[0], cont)
+    assert not torch.allclose(cont[:, :, prefix + unit:], forced[:, :, prefix + unit:])
+
+
+def test_the_gap_after_a_prefix_counts_only_the_chunks_after_it():
+    K, N, P = 7, 3, 2
+    k = np.arange(1, K + 1, dtype=float)
+    forced = np.random.default_rng(2).uniform(size=(N, K))
+    gap = np.where(k > P, -0.2 * (k - P), 0.0)            # compounding once the prefix ends
+    per_scene = {"teacher_forced": {m: forced.tolist() for m in METRICS},
+                 "self_conditioned": {m: (forced + gap).tolist() for m in METRICS}}
+    header = {"model": "m", "plan": {}, "unit": 2, "chunks": K, "first_scene": 0, "prefix": P}
+    g = summarize(per_scene, header)["gap"]["background"]
+    assert g["slope"] == pytest.approx(-0.2) and g["mean"] == pytest.approx(-0.2 * np.mean(k[P:] - P))
+
+
+def test_a_prefix_must_leave_two_chunks(student):
+    with pytest.raises(ForcelabError, match="prefix"):
+        measure_exposure(student, scenes=1, chunks=3, prefix=2)
