@@ -42,8 +42,8 @@ Scores of chunk k in each mode (higher is better):
 Per metric: gap[k] = self-conditioned - teacher-forced per scene; its mean over scenes per k
 with a bootstrap 95% interval over scenes; its level (mean over k) and its least-squares slope
 over k (per chunk), each per scene, then the mean and a bootstrap interval; both over the
-chunks with context (k >= 2), or the chunks after the prefix (k > P). Exposure bias shows as a negative gap; compounding errors as a gap that grows more
-negative with k (negative slope).
+chunks with context that differ between the modes (k >= 2 and k > P). Exposure bias shows as
+a negative gap; compounding errors as a gap that grows more negative with k (negative slope).
 
 The toy codec only (temporal stride 1: a latent frame is a video frame) and the chunk-wise
 plan (chunk k is finished before chunk k + 1 starts, so "the context of chunk k" is defined).
