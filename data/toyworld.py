@@ -43,6 +43,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SPEED_WORDS = ("slowly", "quickly")
 HELD_OUT_SCENES = 10 ** 6        # scene seeds from here on: evaluation only, no training stage draws them
+TEXTURE_WAVES = 3                 # background texture: sinusoids summed per colour channel
+TEXTURE_MAX_CYCLES = 2            # their largest frequency, in cycles per frame side (low: the codec keeps it)
+TEXTURE_STREAM = 0x7E7            # names the texture's random stream, apart from the scene's own draws
 
 
 @dataclass
@@ -59,6 +62,9 @@ class ToyWorldConfig:
     speed_in_caption: float = 0.5                     # probability that the caption names the speed
     background: tuple[int, int, int] = (24, 24, 32)   # plain background RGB
     colors: tuple[str, ...] = tuple(PALETTE)          # palette names balls are drawn from
+    background_texture: float = 0.0                   # amplitude (pixel levels) of a per-scene static
+                                                      # low-frequency colour texture added to the background
+                                                      # (not in the caption); 0 = the plain background
 
     def __post_init__(self):
         unknown = [c for c in self.colors if c not in PALETTE]
@@ -69,6 +75,10 @@ class ToyWorldConfig:
                               f"got {self.min_balls}..{self.max_balls}")
         if 2 * max(self.radius) >= min(self.height, self.width):
             raise ConfigError(f"ToyWorldConfig: radius {self.radius} does not fit a {self.height}x{self.width} frame")
+        if not 0.0 <= self.background_texture <= 255.0:
+            raise ConfigError(f"ToyWorldConfig.background_texture: {self.background_texture} is not an amplitude "
+                              f"in pixel levels; give a value in [0, 255] (0: plain background)")
+        self.background_texture = float(self.background_texture)
         self.radius, self.slow_speed, self.fast_speed = (tuple(float(v) for v in x) for x in
                                                          (self.radius, self.slow_speed, self.fast_speed))
         self.colors, self.background = tuple(self.colors), tuple(int(v) for v in self.background)
@@ -84,6 +94,7 @@ class Scene:
     vel: np.ndarray           # [N, 2]
     speed: str                # "slowly" | "quickly"
     caption: str
+    background: np.ndarray | None = None   # float32 [H, W, 3] background image (None: the config's plain colour)
 
 
 @dataclass
@@ -156,7 +167,32 @@ class ToyWorld:
         angle = rng.uniform(0, 2 * np.pi, size=n)
         vel = np.stack([np.cos(angle), np.sin(angle)], -1) * magnitude[:, None]
         named = rng.uniform() < c.speed_in_caption
-        return Scene(colors, radius, pos0, vel, speed, make_caption(colors, speed if named else None))
+        caption = make_caption(colors, speed if named else None)
+        return Scene(colors, radius, pos0, vel, speed, caption, self.background(seed))
+
+    def background(self, seed: int) -> np.ndarray | None:
+        """Scene `seed`'s static background, float32 [H, W, 3] in [0, 255], or None (plain).
+
+        background + amplitude * p(x, y) per channel, p in [0, 1] the mean of TEXTURE_WAVES
+        terms (1 + sin(2 pi (fx x / W + fy y / H) + phase)) / 2 with integer frequencies
+        |fx|, |fy| <= TEXTURE_MAX_CYCLES (not both 0), drawn from its own stream, so the
+        scene's balls, motion and caption are those of the plain world."""
+        c = self.config
+        if c.background_texture == 0:
+            return None
+        rng = np.random.default_rng([self.seed, seed, TEXTURE_STREAM])
+        ys, xs = np.mgrid[0:c.height, 0:c.width].astype(np.float64) + 0.5
+        pattern = np.zeros((c.height, c.width, 3))
+        for channel in range(3):
+            for _ in range(TEXTURE_WAVES):
+                fx, fy = 0, 0
+                while fx == 0 and fy == 0:
+                    fx, fy = rng.integers(-TEXTURE_MAX_CYCLES, TEXTURE_MAX_CYCLES + 1, size=2)
+                phase = rng.uniform(0, 2 * np.pi)
+                wave = np.sin(2 * np.pi * (fx * xs / c.width + fy * ys / c.height) + phase)
+                pattern[..., channel] += (1 + wave) / (2 * TEXTURE_WAVES)
+        image = np.array(c.background, np.float64) + c.background_texture * pattern
+        return np.clip(image, 0, 255).astype(np.float32)
 
     def trajectory(self, scene: Scene, frames: int, start: int = 0):
         """positions, velocities [F, N, 2] and bounced [F, N] for frames start .. start+frames-1."""
@@ -180,7 +216,8 @@ class ToyWorld:
         """uint8 [F, 3, H, W]: antialiased discs (coverage = r + 0.5 - distance) on the background."""
         c = self.config
         ys, xs = np.mgrid[0:c.height, 0:c.width].astype(np.float32) + 0.5
-        img = np.broadcast_to(np.array(c.background, np.float32), (len(positions), c.height, c.width, 3)).copy()
+        background = np.array(c.background, np.float32) if scene.background is None else scene.background
+        img = np.broadcast_to(background, (len(positions), c.height, c.width, 3)).copy()
         for i, color in enumerate(scene.colors):
             x = positions[:, i, 0, None, None].astype(np.float32)
             y = positions[:, i, 1, None, None].astype(np.float32)

@@ -3,7 +3,8 @@
     forcelab eval toybench VIDEOS_DIR [--out DIR] [--bucket-frames N]
     forcelab eval vbench VIDEOS_DIR --vbench-python PATH [--dimensions D ...] [--long] [--vbench-cache DIR]
     forcelab eval report RESULTS... --out report.html      # RESULTS: toybench.json, vbench.json, run folders
-    forcelab eval exposure MODEL --out DIR [--scenes N] [--chunks K] [--window W --sink S]
+    forcelab eval exposure MODEL --out DIR [--scenes N] [--chunks K] [--window W --sink S] [--background-texture A]
+                                  [--prefix P]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ForcelabError
-from ..validate import arg, non_negative_int, positive_int, seed
+from ..validate import arg, non_negative_float, non_negative_int, positive_int, seed
 
 SUITE_DEFAULTS = {"seeds": 3, "first_seed": 0}      # --suite flags left unset; --recipes, --max-steps: None
 SUITE_FLAGS = {"seeds": "--seeds", "recipes": "--recipes", "max_steps": "--max-steps", "first_seed": "--first-seed"}
@@ -74,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--first-scene", type=arg(seed), default=None,
                    help="first scene seed (default: the toy world's first held-out scene)")
     x.add_argument("--batch", type=arg(positive_int), default=8, help="scenes rolled out together (default 8)")
+    x.add_argument("--prefix", type=arg(non_negative_int), default=0,
+                   help="ground-truth chunks both modes are given first (a continuation; default 0)")
+    x.add_argument("--background-texture", type=arg(non_negative_float), default=None,
+                   help="the toy world's background texture amplitude (default: the run's data.background_texture; "
+                        "0 for a DiT directory)")
     x.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
 
 
@@ -133,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_exposure(args.model, args.out, scenes=args.scenes, chunks=args.chunks,
                               window_frames=args.window, sink_frames=args.sink,
                               first_scene=HELD_OUT_SCENES if args.first_scene is None else args.first_scene,
-                              batch=args.batch, device=args.device)
-        for m, g in result["gap"].items():      # self-conditioned - teacher-forced over chunks k >= 2
+                              batch=args.batch, device=args.device, background_texture=args.background_texture,
+                              prefix=args.prefix)
+        for m, g in result["gap"].items():      # self-conditioned - teacher-forced over chunks k >= 2 and > prefix
             (mlo, mhi), (lo, hi) = g["mean_ci95"], g["slope_ci95"]
             print(f"{m}: gap {g['mean']:+.4g} [{mlo:+.4g}, {mhi:+.4g}], slope {g['slope']:+.4g}/chunk "
                   f"[{lo:+.4g}, {hi:+.4g}]")

@@ -76,7 +76,7 @@ def _blobs(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
+def dilate(mask: np.ndarray) -> np.ndarray:
     """3x3 dilation of a bool [H, W] mask."""
     p = np.pad(mask, 1)
     h, w = mask.shape
@@ -99,7 +99,7 @@ def _is_blend(frame_rel: np.ndarray, blob: np.ndarray, k: int, cores: list[np.nd
     """Whether a blob of colour k is better explained as the blend bg + a c_i + b c_j of two
     neighbouring balls' colours (anti-aliasing, a codec's chroma subsampling) than as a ball
     of its own; frame_rel and dirs are relative to the background."""
-    near = _dilate(_dilate(blob))
+    near = dilate(dilate(blob))
     neighbours = [j for j, core in enumerate(cores) if j != k and (core & near).any()]
     if not neighbours:
         return False
@@ -129,7 +129,7 @@ def _detect(alpha: np.ndarray, label: np.ndarray, names: list[str], frame_rel: n
         blob[members[:, 0], members[:, 1]] = True
         if check_blends and len(members) <= BLEND_MAX_PIXELS and _is_blend(frame_rel, blob, k, cores, dirs):
             continue
-        support = blob | (_dilate(blob) & (label == k))         # the blob plus its anti-aliased rim
+        support = blob | (dilate(blob) & (label == k))         # the blob plus its anti-aliased rim
         rows, cols = np.nonzero(support)
         weight = alpha[rows, cols, k].astype(np.float64)
         area = weight.sum()

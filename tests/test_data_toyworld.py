@@ -133,3 +133,70 @@ def test_toy_codec_statistics_match_the_toy_world():
 def test_toy_codec_cell_size_must_divide_the_frame():
     with pytest.raises(ForcelabError, match="cell size 3"):
         load_autoencoder("toy:6:3")
+
+
+# ---------------------------------------------------------------------- background texture
+TEXTURE = 60.0      # amplitude (pixel levels) of the textured world the tests use
+
+
+def _reference_plain_render(world, scene, positions) -> np.ndarray:
+    """The plain world's renderer written out in float64: discs over the constant background."""
+    c = world.config
+    ys, xs = np.mgrid[0:c.height, 0:c.width] + 0.5
+    img = np.broadcast_to(np.array(c.background, np.float64), (len(positions), c.height, c.width, 3)).copy()
+    for i, color in enumerate(scene.colors):
+        d = np.hypot(xs - positions[:, i, 0, None, None], ys - positions[:, i, 1, None, None])
+        alpha = np.clip(scene.radius[i] + 0.5 - d, 0, 1)[..., None]
+        img += alpha * (np.array(PALETTE[color], np.float64) - img)
+    return np.rint(img).astype(np.uint8)
+
+
+def test_zero_texture_is_the_plain_world():
+    plain, zero = ToyWorld(), ToyWorld(ToyWorldConfig(background_texture=0.0))
+    for seed in (0, 5, 10 ** 6):
+        a, b = plain.clip(seed, 12), zero.clip(seed, 12)
+        assert torch.equal(a.video, b.video) and a.scene.background is None
+        ref = _reference_plain_render(plain, a.scene, a.positions)
+        assert np.abs(a.video.permute(0, 2, 3, 1).numpy().astype(int) - ref).max() <= 1   # float32 rounding
+
+
+def test_texture_is_static_deterministic_and_in_range():
+    world = ToyWorld(ToyWorldConfig(background_texture=TEXTURE))
+    plain = ToyWorld()
+    for seed in (1, 2, 10 ** 6 + 3):
+        clip = world.clip(seed, 10)
+        tex = clip.scene.background
+        assert tex.shape == (32, 32, 3) and tex.min() >= 0 and tex.max() <= 255
+        assert np.array_equal(tex, ToyWorld(ToyWorldConfig(background_texture=TEXTURE)).scene(seed).background)
+        # the texture varies over the frame by a good part of its amplitude, and is not the plain colour
+        assert (tex.max((0, 1)) - tex.min((0, 1))).max() > TEXTURE / 4
+        # balls, motion and caption are those of the plain world
+        base = plain.clip(seed, 10)
+        assert base.scene.caption == clip.scene.caption and np.array_equal(base.positions, clip.positions)
+        # static: every pixel that no ball covers in any frame is the texture in every frame
+        ys, xs = np.mgrid[0:32, 0:32] + 0.5
+        free = np.ones((32, 32), bool)
+        for i, r in enumerate(clip.scene.radius):
+            d = np.hypot(xs[None] - clip.positions[:, i, 0, None, None], ys[None] - clip.positions[:, i, 1, None, None])
+            free &= (d >= r + 0.5).all(0)
+        video = clip.video.permute(0, 2, 3, 1).numpy()
+        assert free.sum() > 100
+        assert np.array_equal(video[:, free], np.broadcast_to(np.rint(tex[free]).astype(np.uint8), video[:, free].shape))
+    # scenes differ
+    assert not np.array_equal(world.scene(1).background, world.scene(2).background)
+
+
+def test_texture_is_a_sum_of_low_frequency_waves():
+    """Independent check of the texture's spectrum: no energy above TEXTURE_MAX_CYCLES."""
+    from forcelab.data.toyworld import TEXTURE_MAX_CYCLES
+    world = ToyWorld(ToyWorldConfig(background=(100, 100, 100), background_texture=TEXTURE))
+    tex = world.scene(4).background.astype(np.float64)        # no clipping with this base colour
+    spectrum = np.abs(np.fft.fft2(tex, axes=(0, 1)))
+    f = np.abs(np.fft.fftfreq(32, 1 / 32))
+    high = (f[:, None] > TEXTURE_MAX_CYCLES) | (f[None, :] > TEXTURE_MAX_CYCLES)
+    assert spectrum[high].max() < 1e-6 * spectrum.max()       # float32 storage
+
+
+def test_texture_amplitude_is_validated():
+    with pytest.raises(ConfigError, match="background_texture"):
+        ToyWorldConfig(background_texture=-1.0)

@@ -14,8 +14,11 @@ import torch
 
 from forcelab.errors import ForcelabError
 from forcelab.eval import stats
-from forcelab.eval.exposure import (METRICS, Student, check_student, measure_exposure, psnr, self_conditioned,
-                                    summarize, teacher_forced)
+from forcelab.data.toyworld import ToyWorld, ToyWorldConfig
+from forcelab.eval.degradations import blur, ramp
+from forcelab.eval.exposure import (METRICS, Student, check_student, measure_exposure, psnr, run_world, score_chunks,
+                                    self_conditioned, summarize, teacher_forced, true_backgrounds)
+from forcelab.eval.toybench import PSNR_CAP
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.models.autoencoder import ToyCodec, load_autoencoder
 from forcelab.models.kv_cache import EMPTY
@@ -103,7 +106,7 @@ def test_both_modes_agree_when_the_ground_truth_is_the_students_own_rollout(stud
 def test_measure_exposure_reports_a_zero_gap_at_the_first_chunk(student):
     result = measure_exposure(student, scenes=2, chunks=3, batch=2)
     assert result["scenes"] == 2 and result["chunks"] == 3 and result["unit"] == student.unit
-    for m in ("psnr", "adherence", "identity"):
+    for m in ("psnr", "adherence", "identity", "background"):
         g = result["gap"][m]
         assert g["per_chunk"][0] == 0.0 and len(g["per_chunk"]) == 3 and len(g["ci95"]) == 3
         lo, hi = g["slope_ci95"]
@@ -185,3 +188,65 @@ def test_cli_runs_and_rejects_a_bad_flag(toy_dit, tmp_path, capsys):
     assert "--chunks" in capsys.readouterr().err
     assert main(["eval", "exposure", str(toy_dit), "--out", str(out), "--chunks", "1"]) != 0
     assert "chunks must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_background_persistence_per_chunk_on_the_textured_world():
+    """Ground truth keeps its background in every chunk (the cap); a blur growing over the
+    clip loses it more chunk after chunk (a negative slope)."""
+    world = ToyWorld(ToyWorldConfig(background_texture=60.0))
+    chunks, unit, seed = 6, 2, 10 ** 6
+    clip = world.clip(seed, chunks * unit)
+    truth = clip.video.permute(0, 2, 3, 1).numpy()
+    background = true_backgrounds(world, [seed], chunks * unit)[0]
+    ideal = score_chunks(truth, truth, truth, clip.scene.caption, unit, world.config, background)["background"]
+    assert (ideal == PSNR_CAP).all()
+    bad = blur(truth, ramp(len(truth), 1.5))
+    worse = score_chunks(bad, bad, truth, clip.scene.caption, unit, world.config, background)["background"]
+    assert worse[-1] < worse[2] < PSNR_CAP and stats.slope(worse[1:]) < 0
+
+
+def test_the_world_follows_the_run_config(tmp_path):
+    run, dit = tmp_path / "runs" / "df", tmp_path / "dit" / "model"
+    run.mkdir(parents=True)
+    dit.mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: diffusion_forcing\ndata:\n  background_texture: 25.0\n")
+    assert run_world(run).config.background_texture == 25.0
+    assert run_world(run / "checkpoint-000600").config.background_texture == 25.0   # a checkpoint folder: its run's
+    assert run_world(run, 0.0).config.background_texture == 0.0
+    assert run_world(dit).config.background_texture == 0.0                           # no config: the plain world
+
+
+def test_a_ground_truth_prefix_then_the_students_own_chunks(student):
+    """forced_frames: the truth replaces the chunks before it, the student's own the rest. No
+    prefix is the ordinary rollout; a prefix matches the teacher-forced chunks up to its end and
+    then continues as the ordinary rollout of a video that began with the truth (checked against
+    teacher_forced given exactly that video as its ground truth)."""
+    context, noise, truth = _inputs(student)
+    unit, frames = student.unit, truth.shape[2]
+    own = self_conditioned(student, context, noise, frames)
+    assert torch.equal(teacher_forced(student, context, noise, truth, forced_frames=0)[0], own)
+    forced, _ = teacher_forced(student, context, noise, truth)
+    assert torch.equal(teacher_forced(student, context, noise, truth, forced_frames=frames)[0], forced)
+    prefix = 2 * unit
+    cont, _ = teacher_forced(student, context, noise, truth, forced_frames=prefix)
+    assert torch.equal(cont[:, :, :prefix + unit], forced[:, :, :prefix + unit])   # chunk P + 1 saw only the truth
+    video = torch.cat([truth[:, :, :prefix], cont[:, :, prefix:]], dim=2)          # what that rollout's context held
+    assert torch.equal(teacher_forced(student, context, noise, video)[0], cont)
+    assert not torch.allclose(cont[:, :, prefix + unit:], forced[:, :, prefix + unit:])
+
+
+def test_the_gap_after_a_prefix_counts_only_the_chunks_after_it():
+    K, N, P = 7, 3, 2
+    k = np.arange(1, K + 1, dtype=float)
+    forced = np.random.default_rng(2).uniform(size=(N, K))
+    gap = np.where(k > P, -0.2 * (k - P), 0.0)            # compounding once the prefix ends
+    per_scene = {"teacher_forced": {m: forced.tolist() for m in METRICS},
+                 "self_conditioned": {m: (forced + gap).tolist() for m in METRICS}}
+    header = {"model": "m", "plan": {}, "unit": 2, "chunks": K, "first_scene": 0, "prefix": P}
+    g = summarize(per_scene, header)["gap"]["background"]
+    assert g["slope"] == pytest.approx(-0.2) and g["mean"] == pytest.approx(-0.2 * np.mean(k[P:] - P))
+
+
+def test_a_prefix_must_leave_two_chunks(student):
+    with pytest.raises(ForcelabError, match="prefix"):
+        measure_exposure(student, scenes=1, chunks=3, prefix=2)

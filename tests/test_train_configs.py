@@ -11,7 +11,7 @@ from forcelab.train.recipe import recipe_names
 RECIPES = recipe_names()
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-FILES = sorted(p for d in ("toy", "recipes") for p in (CONFIGS / d).glob("*.yaml"))
+FILES = sorted(p for d in ("toy", "toy/textured", "recipes") for p in (CONFIGS / d).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f"{p.parent.name}/{p.name}" for p in FILES])
@@ -20,6 +20,15 @@ def test_config_loads(path):
     assert cfg.recipe in RECIPES
     if path.stem in RECIPES:
         assert cfg.recipe == path.stem        # a config named after a recipe runs that recipe
+
+
+def test_textured_configs_are_their_plain_recipe_on_the_textured_world():
+    textured = sorted((CONFIGS / "toy" / "textured").glob("*.yaml"))
+    assert textured
+    for path in textured:
+        cfg, plain = load_train_config([path]), load_train_config([CONFIGS / "toy" / path.name])
+        assert cfg.data.background_texture > 0 and plain.data.background_texture == 0
+        assert cfg.recipe == plain.recipe and cfg.algo == plain.algo
 
 
 def test_every_recipe_has_a_toy_config():

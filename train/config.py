@@ -70,6 +70,7 @@ class DataConfig:
     shuffle: int = setting(1000, non_negative_int)  # shard sources: shuffle buffer (0: read in order)
     height: int = setting(32, positive_int)         # toy world frame size in pixels
     width: int = setting(32, positive_int)
+    background_texture: float = setting(0.0, non_negative_float)   # toy world: per-scene background texture amplitude (0: plain)
     on_damage: str = setting("stop", choice, ON_DAMAGE)   # a sample whose checksum fails: stop, or skip and record it
 
 

@@ -32,8 +32,9 @@ class ToyStream:
     """Toy world samples by position: latents from the codec, captions, text embeddings."""
 
     def __init__(self, codec, text_encoder, frames: int | None, height: int, width: int,
-                 with_latents: bool = True, seed: int = 0):
-        cfg = ToyWorldConfig(height=height, width=width, **({"frames": frames} if frames else {}))
+                 with_latents: bool = True, seed: int = 0, background_texture: float = 0.0):
+        cfg = ToyWorldConfig(height=height, width=width, background_texture=background_texture,
+                             **({"frames": frames} if frames else {}))
         self.world = ToyWorld(cfg, seed=seed)
         self.codec, self.text_encoder, self.with_latents = codec, text_encoder, with_latents
 
@@ -130,7 +131,8 @@ def make_stream(cfg, kind: str, codec, text_encoder):
             raise ConfigError("data.source: ODE pairs come from shards (the ode_init recipe writes them), "
                               "not from the toy world directly")
         return ToyStream(codec, text_encoder, cfg.data.frames, cfg.data.height, cfg.data.width,
-                         with_latents=kind == "latents", seed=cfg.seed)
+                         with_latents=kind == "latents", seed=cfg.seed,
+                         background_texture=cfg.data.background_texture)
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(f"data.source: {source} not found; give 'toyworld', a shard folder "
