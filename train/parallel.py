@@ -65,7 +65,8 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .config import PARALLEL as STRATEGIES   # the choices live with the config field
-from .roles import Role, ema_state, plain_module, weights_record
+from ..models.shard_loading import load_local_shards
+from .roles import Role, ema_state, load_pending, plain_module, weights_record
 
 
 @functools.cache
@@ -173,6 +174,7 @@ class DataParallel:
     """Every process holds the whole model; the trainer averages gradients itself."""
     name = "ddp"
     sharded = False
+    loads_rank_local = False    # True: roles are built on meta and prepare() reads each rank's part
 
     def __init__(self, accelerator, cfg):
         self.acc, self.cfg = accelerator, cfg
@@ -187,7 +189,8 @@ class DataParallel:
                 f"(batch_size x processes x gradient_accumulation_steps)")
 
     def prepare(self, role: Role) -> None:
-        """Shard / wrap a freshly built role (weights already loaded)."""
+        """Shard / wrap a freshly built role (weights already loaded, or pending: read here)."""
+        load_pending(role, self.acc.device)
 
     def attach_optimizer(self, role: Role) -> None:
         """Called once the role's optimizer and LR schedule exist."""
@@ -260,6 +263,7 @@ class FSDP(DataParallel):
     bf16 when none is set."""
     name = "fsdp"
     sharded = True
+    loads_rank_local = True
 
     def __init__(self, accelerator, cfg, plugin=None):
         super().__init__(accelerator, cfg)
@@ -289,8 +293,19 @@ class FSDP(DataParallel):
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard)
         register_fsdp_forward_method(module, "set_prompt")   # rollouts call it outside forward
+        self._load_rank_local(role)
         role.params = [p for p in module.parameters() if p.requires_grad]
         role.model = module
+
+    def _load_rank_local(self, role: Role) -> None:
+        """A role built on meta (its weights pending): allocate this rank's shards and read only
+        their rows from the weights (models/shard_loading.py). The rank never holds more of the
+        model than its shards and the part of one stored tensor it is copying."""
+        if role.pending is None:
+            return
+        role.module.to_empty(device=self.acc.device)
+        load_local_shards(role.module, role.pending)
+        role.pending = None
 
     def reduces_grads(self, role: Role) -> bool:
         return True

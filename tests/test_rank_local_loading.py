@@ -1,0 +1,124 @@
+"""Rank-local loading under FSDP2 on 2 CPU processes (gloo, torchrun, one launch): a role built
+on the meta device, sharded, then filled with only each rank's rows of the safetensors files
+(models/shard_loading.py) equals the same checkpoint loaded whole by CausalDiT.from_pretrained
+(the plain loader, tested against saved tensors in test_dit_checkpoint.py), for Wan and
+diffusers layouts, one file and an index of shards, trainable (fp32) and frozen (bf16); and a
+rank's peak memory while loading stays within its shards + one block + a fixed overhead.
+
+Memory is the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs
+just before loading), which sees torch's allocations and the file pages safetensors maps, less
+the resident set at the reset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forcelab.models import CausalDiT, DiTConfig
+from forcelab.models.checkpoint import INDEX_NAME
+
+MiB = 2 ** 20
+TINY = dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2)
+# the memory check's model: 8 blocks of ~7 MB (fp32), ~56 MB in all, so that a rank's half plus
+# one block plus the overhead stays well below the whole model the old path held on every rank
+MEASURED = dict(dim=384, ffn_dim=768, num_layers=8, num_heads=4, text_dim=384, freq_dim=64)
+OVERHEAD = 8 * MiB      # fixed overhead allowed: allocator slack, safetensors headers, mesh state
+SHARD_BYTES = 4 * MiB   # shard the measured checkpoint's files (index) like a large model's
+
+SCRIPT = """
+import json, sys
+import torch
+from accelerate import Accelerator
+from forcelab.models.dit import CausalDiT
+from forcelab.train.config import load_train_config
+from forcelab.train.parallel import FSDP, exit_processes
+from forcelab.train.recipe import RoleSpec
+from forcelab.train.roles import build_role
+
+out, measured, checkpoints = sys.argv[1], sys.argv[2], sys.argv[3:]
+acc = Accelerator(cpu=True)
+torch.set_num_threads(1)
+cfg = lambda path, dtype: load_train_config([], ["recipe=teacher", "parallel=fsdp", f"roles.generator.init={path}"]
+                                            + ([f"roles.generator.dtype={dtype}"] if dtype else []))
+
+def load(path, trainable, dtype=None):
+    c = cfg(path, dtype)
+    role = build_role("generator", RoleSpec(trainable=trainable), c, 0, acc.device, path, None, defer_loading=True)
+    assert all(p.is_meta for p in role.module.parameters())
+    FSDP(acc, c).prepare(role)
+    assert role.pending is None
+    return role
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+for path in checkpoints:                       # equality: full tensors gathered to rank 0
+    for trainable, dtype in ((True, None), (False, "bf16")):
+        role = load(path, trainable, dtype)
+        full = {k: p.full_tensor() for k, p in role.module.named_parameters()}
+        held = sum(p.to_local().numel() for p in role.module.parameters())
+        assert held < sum(p.numel() for p in role.module.parameters())
+        assert all(p.requires_grad == trainable for p in role.module.parameters())
+        if acc.is_main_process:
+            torch.save(full, f"{out}/{path.split('/')[-1]}-{'trainable' if trainable else 'frozen'}.pt")
+
+with open("/proc/self/clear_refs", "w") as f:  # peak resident set := current
+    f.write("5")
+base = status("VmRSS")
+role = load(measured, True)
+peak = status("VmHWM") - base
+local = lambda p: p.to_local()
+shard = sum(local(p).numel() * local(p).element_size() for p in role.module.parameters())
+block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in role.module.blocks)
+total = sum(p.numel() * p.element_size() for p in role.module.parameters())
+with open(f"{out}/memory-rank{acc.process_index}.json", "w") as f:
+    json.dump({"peak": peak, "shard": shard, "block": block, "total": total}, f)
+exit_processes()
+"""
+
+
+def save(config: DiTConfig, path: Path, fmt: str, shard_bytes: int | None = None, seed: int = 0) -> Path:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CausalDiT(config).save_pretrained(path, format=fmt, max_shard_bytes=shard_bytes)
+    return path
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_rank_local_loading_equals_plain_loading_within_the_memory_bound(tmp_path):
+    tiny = DiTConfig.preset("toy", **TINY)
+    checkpoints = [save(tiny, tmp_path / "wan-single", "wan"),
+                   save(tiny, tmp_path / "wan-index", "wan", shard_bytes=8192, seed=1),
+                   save(tiny, tmp_path / "diffusers-single", "diffusers", seed=2),
+                   save(tiny, tmp_path / "diffusers-index", "diffusers", shard_bytes=8192, seed=3)]
+    measured = save(DiTConfig.preset("toy", **MEASURED), tmp_path / "measured", "diffusers", SHARD_BYTES)
+    assert all((p / INDEX_NAME).is_file() for p in (checkpoints[1], checkpoints[3], measured))
+    script = tmp_path / "load.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           str(tmp_path), str(measured), *map(str, checkpoints)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+
+    for path in checkpoints:
+        for kind, dtype in (("trainable", None), ("frozen", torch.bfloat16)):
+            expected = CausalDiT.from_pretrained(path, dtype=dtype).state_dict()
+            got = torch.load(tmp_path / f"{path.name}-{kind}.pt", weights_only=True)
+            assert got.keys() == expected.keys(), (path.name, kind)
+            for k, v in expected.items():
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), (path.name, kind, k)
+
+    for rank in range(2):
+        m = json.loads((tmp_path / f"memory-rank{rank}.json").read_text())
+        bound = m["shard"] + m["block"] + OVERHEAD
+        print(f"rank {rank}: peak {m['peak'] / MiB:.1f} MiB, shard {m['shard'] / MiB:.1f} MiB, "
+              f"largest block {m['block'] / MiB:.1f} MiB, bound {bound / MiB:.1f} MiB, whole model {m['total'] / MiB:.1f} MiB")
+        assert bound < m["total"]          # the check tells rank-local loading from loading everything
+        assert 0 < m["peak"] <= bound, m
