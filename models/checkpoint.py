@@ -240,6 +240,7 @@ class PlanEntry:
     name: str       # the model's parameter (original Wan name)
     file: Path      # the safetensors file holding it
     key: str        # its name in that file (Wan or diffusers)
+    shape: tuple    # its shape (the parameter's: checked)
 
 
 def open_weights(file: Path):
@@ -272,7 +273,7 @@ def read_plan(model: torch.nn.Module, path: Path, fmt: str) -> list[PlanEntry]:
                 if shape != tuple(expected[name].shape):
                     conflicts.append(f"{key}: checkpoint {shape} vs model {tuple(expected[name].shape)}")
                     continue
-                plan.append(PlanEntry(name, file, key))
+                plan.append(PlanEntry(name, file, key, shape))
     check_match(model, path, sorted(set(expected) - found), unexpected, conflicts)
     return plan
 

@@ -2,13 +2,16 @@
 on the meta device, sharded, then filled with only each rank's rows of the safetensors files
 (models/shard_loading.py) equals the same checkpoint loaded whole by CausalDiT.from_pretrained
 (the plain loader, tested against saved tensors in test_dit_checkpoint.py), for Wan and
-diffusers layouts, one file and an index of shards, trainable (fp32) and frozen (bf16); and a
-rank's peak memory while loading stays within its shards + one block + a fixed overhead.
+diffusers layouts, one file and an index of shards, trainable (fp32) and frozen (bf16), and so
+does a trainable role whose ZeRO-3 partitions each rank fills (where DeepSpeed is installed);
+and a rank's peak memory while loading under FSDP2 stays within its shards + one block + a
+fixed overhead.
 
 Memory is the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs
 just before loading), which sees torch's allocations and the file pages safetensors maps, less
 the resident set at the reset."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +24,7 @@ import torch
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.models.checkpoint import INDEX_NAME
 
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None   # ZeRO-3 is checked where installed
 MiB = 2 ** 20
 TINY = dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2)
 # the memory check's model: 8 blocks of ~7 MB (fp32), ~56 MB in all, so that a rank's half plus
@@ -31,6 +35,7 @@ SHARD_BYTES = 4 * MiB   # shard the measured checkpoint's files (index) like a l
 
 SCRIPT = """
 import json, sys
+from pathlib import Path
 import torch
 from accelerate import Accelerator
 from forcelab.models.dit import CausalDiT
@@ -39,7 +44,8 @@ from forcelab.train.parallel import FSDP, exit_processes
 from forcelab.train.recipe import RoleSpec
 from forcelab.train.roles import build_role
 
-out, measured, checkpoints = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, measured, zero3 = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "zero3"
+checkpoints = [Path(a) for a in sys.argv[4:]]
 acc = Accelerator(cpu=True)
 torch.set_num_threads(1)
 cfg = lambda path, dtype: load_train_config([], ["recipe=teacher", "parallel=fsdp", f"roles.generator.init={path}"]
@@ -66,7 +72,7 @@ for path in checkpoints:                       # equality: full tensors gathered
         assert held < sum(p.numel() for p in role.module.parameters())
         assert all(p.requires_grad == trainable for p in role.module.parameters())
         if acc.is_main_process:
-            torch.save(full, f"{out}/{path.split('/')[-1]}-{'trainable' if trainable else 'frozen'}.pt")
+            torch.save(full, f"{out}/{path.name}-{'trainable' if trainable else 'frozen'}.pt")
 
 with open("/proc/self/clear_refs", "w") as f:  # peak resident set := current
     f.write("5")
@@ -79,6 +85,21 @@ block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in r
 total = sum(p.numel() * p.element_size() for p in role.module.parameters())
 with open(f"{out}/memory-rank{acc.process_index}.json", "w") as f:
     json.dump({"peak": peak, "shard": shard, "block": block, "total": total}, f)
+
+if zero3:                                      # ZeRO-3: each rank fills its flat partitions
+    import deepspeed
+    from forcelab.train.parallel import ZeRO
+    for path in checkpoints[::3]:              # Wan in one file, diffusers with an index
+        c = cfg(path, None)
+        role = build_role("generator", RoleSpec(trainable=True), c, 0, acc.device, path, None, defer_loading=True)
+        ZeRO(acc, c, stage=3).prepare(role)
+        assert role.pending is None
+        params = list(role.module.parameters())
+        assert sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params)
+        with deepspeed.zero.GatheredParameters(params):
+            if acc.is_main_process:
+                full = {k: p.detach().clone() for k, p in role.module.named_parameters()}
+                torch.save(full, f"{out}/{path.name}-zero3.pt")
 exit_processes()
 """
 
@@ -103,12 +124,14 @@ def test_rank_local_loading_equals_plain_loading_within_the_memory_bound(tmp_pat
     script.write_text(SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
-           str(tmp_path), str(measured), *map(str, checkpoints)]
+           str(tmp_path), str(measured), "zero3" if HAS_DEEPSPEED else "-", *map(str, checkpoints)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
     for path in checkpoints:
-        for kind, dtype in (("trainable", None), ("frozen", torch.bfloat16)):
+        kinds = [("trainable", None), ("frozen", torch.bfloat16)]
+        kinds += [("zero3", None)] if HAS_DEEPSPEED and path in checkpoints[::3] else []
+        for kind, dtype in kinds:
             expected = CausalDiT.from_pretrained(path, dtype=dtype).state_dict()
             got = torch.load(tmp_path / f"{path.name}-{kind}.pt", weights_only=True)
             assert got.keys() == expected.keys(), (path.name, kind)
