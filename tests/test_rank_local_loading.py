@@ -34,11 +34,10 @@ OVERHEAD = 8 * MiB      # fixed overhead allowed: allocator slack, safetensors h
 SHARD_BYTES = 4 * MiB   # shard the measured checkpoint's files (index) like a large model's
 
 SCRIPT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from forcelab.models.dit import CausalDiT
 from forcelab.train.config import load_train_config
 from forcelab.train.parallel import FSDP, exit_processes
 from forcelab.train.recipe import RoleSpec
@@ -74,17 +73,18 @@ for path in checkpoints:                       # equality: full tensors gathered
         if acc.is_main_process:
             torch.save(full, f"{out}/{path.name}-{'trainable' if trainable else 'frozen'}.pt")
 
-with open("/proc/self/clear_refs", "w") as f:  # peak resident set := current
-    f.write("5")
-base = status("VmRSS")
-role = load(measured, True)
-peak = status("VmHWM") - base
-local = lambda p: p.to_local()
-shard = sum(local(p).numel() * local(p).element_size() for p in role.module.parameters())
-block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in role.module.blocks)
-total = sum(p.numel() * p.element_size() for p in role.module.parameters())
-with open(f"{out}/memory-rank{acc.process_index}.json", "w") as f:
-    json.dump({"peak": peak, "shard": shard, "block": block, "total": total}, f)
+if os.access("/proc/self/clear_refs", os.W_OK):   # Linux: measure the FSDP2 load's peak memory
+    with open("/proc/self/clear_refs", "w") as f:  # peak resident set := current
+        f.write("5")
+    base = status("VmRSS")
+    role = load(measured, True)
+    peak = status("VmHWM") - base
+    local = lambda p: p.to_local()
+    shard = sum(local(p).numel() * local(p).element_size() for p in role.module.parameters())
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in role.module.blocks)
+    total = sum(p.numel() * p.element_size() for p in role.module.parameters())
+    with open(f"{out}/memory-rank{acc.process_index}.json", "w") as f:
+        json.dump({"peak": peak, "shard": shard, "block": block, "total": total}, f)
 
 if zero3:                                      # ZeRO-3: each rank fills its flat partitions
     import deepspeed
@@ -111,7 +111,6 @@ def save(config: DiTConfig, path: Path, fmt: str, shard_bytes: int | None = None
     return path
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_rank_local_loading_equals_plain_loading_within_the_memory_bound(tmp_path):
     tiny = DiTConfig.preset("toy", **TINY)
     checkpoints = [save(tiny, tmp_path / "wan-single", "wan"),
@@ -138,10 +137,13 @@ def test_rank_local_loading_equals_plain_loading_within_the_memory_bound(tmp_pat
             for k, v in expected.items():
                 assert got[k].dtype == v.dtype and torch.equal(got[k], v), (path.name, kind, k)
 
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("the memory bound is measured through Linux's /proc/self/clear_refs (the loads were checked)")
     for rank in range(2):
         m = json.loads((tmp_path / f"memory-rank{rank}.json").read_text())
         bound = m["shard"] + m["block"] + OVERHEAD
         print(f"rank {rank}: peak {m['peak'] / MiB:.1f} MiB, shard {m['shard'] / MiB:.1f} MiB, "
-              f"largest block {m['block'] / MiB:.1f} MiB, bound {bound / MiB:.1f} MiB, whole model {m['total'] / MiB:.1f} MiB")
+              f"largest block {m['block'] / MiB:.1f} MiB, bound {bound / MiB:.1f} MiB, "
+              f"whole model {m['total'] / MiB:.1f} MiB")
         assert bound < m["total"]          # the check tells rank-local loading from loading everything
         assert 0 < m["peak"] <= bound, m
