@@ -5,7 +5,7 @@ on the meta device, sharded, then filled with only each rank's rows of the safet
 diffusers layouts, one file and an index of shards, trainable (fp32) and frozen (bf16), and so
 does a trainable role whose ZeRO-3 partitions each rank fills (where DeepSpeed is installed);
 and a rank's peak memory while loading under FSDP2 stays within its shards + one block + a
-fixed overhead.
+fixed overhead. A NaN that only one rank reads stops every rank with the same error.
 
 Memory is the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs
 just before loading), which sees torch's allocations and the file pages safetensors maps, less
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from forcelab.models import CausalDiT, DiTConfig
 from forcelab.models.checkpoint import INDEX_NAME
@@ -32,19 +33,21 @@ TINY = dict(dim=32, ffn_dim=64, num_layers=2, num_heads=2)
 MEASURED = dict(dim=384, ffn_dim=768, num_layers=8, num_heads=4, text_dim=384, freq_dim=64)
 OVERHEAD = 8 * MiB      # fixed overhead allowed: allocator slack, safetensors headers, mesh state
 SHARD_BYTES = 4 * MiB   # shard the measured checkpoint's files (index) like a large model's
+DAMAGED_KEY = "blocks.1.ffn.0.weight"
 
 SCRIPT = """
 import json, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
+from forcelab.errors import CheckpointError
 from forcelab.train.config import load_train_config
 from forcelab.train.parallel import FSDP, exit_processes
 from forcelab.train.recipe import RoleSpec
 from forcelab.train.roles import build_role
 
-out, measured, zero3 = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "zero3"
-checkpoints = [Path(a) for a in sys.argv[4:]]
+out, measured, damaged, zero3 = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "zero3"
+checkpoints = [Path(a) for a in sys.argv[5:]]
 acc = Accelerator(cpu=True)
 torch.set_num_threads(1)
 cfg = lambda path, dtype: load_train_config([], ["recipe=teacher", "parallel=fsdp", f"roles.generator.init={path}"]
@@ -72,6 +75,14 @@ for path in checkpoints:                       # equality: full tensors gathered
         assert all(p.requires_grad == trainable for p in role.module.parameters())
         if acc.is_main_process:
             torch.save(full, f"{out}/{path.name}-{'trainable' if trainable else 'frozen'}.pt")
+
+try:                                           # a NaN only rank 1 reads: every rank raises it
+    load(damaged, True)
+    error = None
+except CheckpointError as e:
+    error = str(e)
+with open(f"{out}/damaged-rank{acc.process_index}.json", "w") as f:
+    json.dump(error, f)
 
 if os.access("/proc/self/clear_refs", os.W_OK):   # Linux: measure the FSDP2 load's peak memory
     with open("/proc/self/clear_refs", "w") as f:  # peak resident set := current
@@ -119,11 +130,16 @@ def test_rank_local_loading_equals_plain_loading_within_the_memory_bound(tmp_pat
                    save(tiny, tmp_path / "diffusers-index", "diffusers", shard_bytes=8192, seed=3)]
     measured = save(DiTConfig.preset("toy", **MEASURED), tmp_path / "measured", "diffusers", SHARD_BYTES)
     assert all((p / INDEX_NAME).is_file() for p in (checkpoints[1], checkpoints[3], measured))
+    damaged = save(tiny, tmp_path / "damaged", "wan")
+    weights = damaged / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state[DAMAGED_KEY][-1, 0] = float("nan")    # the last row: rank 1's half of the rows
+    save_file(state, str(weights), metadata={"format": "pt"})
     script = tmp_path / "load.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
-           str(tmp_path), str(measured), "zero3" if HAS_DEEPSPEED else "-", *map(str, checkpoints)]
+           str(tmp_path), str(measured), str(damaged), "zero3" if HAS_DEEPSPEED else "-", *map(str, checkpoints)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
@@ -136,6 +152,9 @@ def test_rank_local_loading_equals_plain_loading_within_the_memory_bound(tmp_pat
             assert got.keys() == expected.keys(), (path.name, kind)
             for k, v in expected.items():
                 assert got[k].dtype == v.dtype and torch.equal(got[k], v), (path.name, kind, k)
+
+    errors = [json.loads((tmp_path / f"damaged-rank{rank}.json").read_text()) for rank in range(2)]
+    assert errors[0] == errors[1] and f"weight {DAMAGED_KEY!r} holds NaN or inf values" in errors[0], errors
 
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("the memory bound is measured through Linux's /proc/self/clear_refs (the loads were checked)")
