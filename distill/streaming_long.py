@@ -60,7 +60,7 @@ from ..models.plans import Chunkwise
 from ..models.rollout import Noise, Training, make_cache, rollout
 from ..train import checkpoint as ckpt_io
 from ..train.data import ShardStream
-from ..train.roles import resolve_init
+from ..train.roles import load_pending, resolve_init
 from . import lora
 from ..validate import (choice, each, in_range, multiple_of, non_negative_int, optional, positive_float,
                         positive_int, setting)
@@ -160,6 +160,9 @@ class StreamingLongRecipe(DMDRecipe):
         if role.cfg.ema_decay is not None:
             raise ConfigError(f"roles.{role.name}.ema_decay: no EMA with LoRA adapters (LongLive skips it); "
                               f"remove it or set algo.lora_rank=0")
+        # adapters wrap loaded weights: a role left on meta for rank-local loading is read whole
+        # (on the CPU: sharding moves it to the process's device)
+        load_pending(role, torch.device("cpu"))
         alpha = o.lora_rank if o.lora_alpha is None else o.lora_alpha
         role.params = lora.add_lora(role.module, o.lora_rank, alpha, cfg.seed, role.name)
 

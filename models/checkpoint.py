@@ -3,16 +3,19 @@
 Both are a directory with config.json and safetensors weights (one file, or shards listed in
 an index JSON). Our module names are the original Wan names; diffusers names are mapped by
 `diffusers_to_wan` / `wan_to_diffusers`. Loading builds the model on the meta device and
-materialises one tensor at a time straight in the target dtype and device (no full fp32 copy).
+materialises one tensor at a time straight in the target dtype and device (no full fp32 copy);
+models/shard_loading.py reads only the rows a process holds of a sharded model.
 forcelab-only settings (text_len, RoPE, causal defaults) ride along in config.json under the
 key "forcelab"; both libraries ignore it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -221,14 +224,41 @@ def require_safetensors(folder: Path, what: str) -> None:
 def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, device=None) -> None:
     """Materialise model's (meta) parameters from the checkpoint, one tensor at a time; a
     tensor with NaN or inf values is refused (CheckpointError naming it and its file)."""
+    params = dict(model.named_parameters())
+    for file, entries in itertools.groupby(read_plan(model, path, fmt), key=lambda e: e.file):
+        with open_weights(file) as f:
+            for entry in entries:
+                param = params[entry.name]
+                target = torch.float32 if dtype is not None and model.keeps_fp32(entry.name) else dtype
+                stored = check_floating(f.get_tensor(entry.key), file, entry.key)
+                tensor = check_finite(stored.to(dtype=target or param.dtype, device=device or "cpu"), file, entry.key)
+                _set_parameter(model, entry.name, tensor, param.requires_grad)
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    name: str       # the model's parameter (original Wan name)
+    file: Path      # the safetensors file holding it
+    key: str        # its name in that file (Wan or diffusers)
+    shape: tuple    # its shape (the parameter's: checked)
+
+
+def open_weights(file: Path):
+    """safe_open on one weights file; a file safetensors cannot read is a CheckpointError."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error classes
+        raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file may be truncated") from None
+
+
+def read_plan(model: torch.nn.Module, path: Path, fmt: str) -> list[PlanEntry]:
+    """Where each of model's parameters is stored, from the files' headers alone (no tensor is
+    read), in file order. A weight stored twice, and a checkpoint whose names or shapes do not
+    match the model (missing, unexpected, shape conflicts), are refused in one CheckpointError."""
     expected = dict(model.named_parameters())
-    loaded, unexpected, conflicts, seen = set(), [], [], {}
+    plan, found, unexpected, conflicts, seen = [], set(), [], [], {}
     for file in weight_files(path):
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error classes
-            raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file may be truncated") from None
-        with handle as f:
+        with open_weights(file) as f:
             for key in f.keys():
                 if key in seen:
                     raise CheckpointError(f"{path}: weight {key!r} is in both {seen[key]} and {file.name}; "
@@ -238,25 +268,35 @@ def load_state_into(model: torch.nn.Module, path: Path, fmt: str, dtype=None, de
                 if name not in expected:
                     unexpected.append(key)
                     continue
-                param = expected[name]
+                found.add(name)  # present, maybe just the wrong size: not "missing"
                 shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(param.shape):
-                    conflicts.append(f"{key}: checkpoint {shape} vs model {tuple(param.shape)}")
-                    loaded.add(name)  # present, just the wrong size: not "missing"
+                if shape != tuple(expected[name].shape):
+                    conflicts.append(f"{key}: checkpoint {shape} vs model {tuple(expected[name].shape)}")
                     continue
-                target = torch.float32 if dtype is not None and model.keeps_fp32(name) else dtype
-                stored = f.get_tensor(key)
-                if not stored.is_floating_point():
-                    raise CheckpointError(f"{file}: weight {key!r} is stored as {stored.dtype}; DiT weights are "
-                                          f"floating point - the file is not a DiT checkpoint or was damaged")
-                tensor = stored.to(dtype=target or param.dtype, device=device or "cpu")
-                if not bool(torch.isfinite(tensor).all()):
-                    raise CheckpointError(f"{file}: weight {key!r} holds NaN or inf values (as {tensor.dtype}); "
-                                          f"the checkpoint is damaged or came from a diverged run - load an "
-                                          f"earlier checkpoint")
-                _set_parameter(model, name, tensor, param.requires_grad)
-                loaded.add(name)
-    missing = sorted(set(expected) - loaded)
+                plan.append(PlanEntry(name, file, key, shape))
+    check_match(model, path, sorted(set(expected) - found), unexpected, conflicts)
+    return plan
+
+
+def check_floating(stored: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+    """stored itself; a weight that is not floating point is refused (CheckpointError naming it)."""
+    if not stored.is_floating_point():
+        raise CheckpointError(f"{file}: weight {key!r} is stored as {stored.dtype}; DiT weights are "
+                              f"floating point - the file is not a DiT checkpoint or was damaged")
+    return stored
+
+
+def check_finite(tensor: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+    """tensor itself; one holding NaN or inf values is refused (CheckpointError naming it)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{file}: weight {key!r} holds NaN or inf values (as {tensor.dtype}); "
+                              f"the checkpoint is damaged or came from a diverged run - load an "
+                              f"earlier checkpoint")
+    return tensor
+
+
+def check_match(model: torch.nn.Module, path: Path, missing: list, unexpected: list, conflicts: list) -> None:
+    """One CheckpointError listing the shape conflicts, missing and unexpected keys, if any."""
     if missing or unexpected or conflicts:
         lines = []
         if conflicts:

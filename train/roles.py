@@ -15,7 +15,7 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import ConfigError, ForcelabError
-from ..models.checkpoint import read_config
+from ..models.checkpoint import load_state_into, read_config
 from ..models.config import DiTConfig
 from ..models.dit import CausalDiT
 from ..run_folder import resolve_weights
@@ -37,6 +37,7 @@ class Role:
     ema: dict[str, torch.Tensor] | None = None
     updates: int = 0                    # optimizer steps taken
     params: list = field(default_factory=list)
+    pending: Path | None = None         # weights not yet read: module built on the meta device
 
     def ema_module(self) -> SimpleNamespace:
         """An object save_pretrained's writer accepts: the config and the EMA state."""
@@ -84,15 +85,22 @@ def resolve_init(cfg, specs: dict[str, RoleSpec], name: str) -> tuple[Path | Non
 
 
 def build_role(name: str, spec: RoleSpec, cfg, index: int, device, weights: Path | None,
-               init_source: str | None) -> Role:
-    """The role's model on `device`: from `weights` (a DiT dir) or a seeded random init."""
+               init_source: str | None, defer_loading: bool = False) -> Role:
+    """The role's model on `device`: from `weights` (a DiT dir) or a seeded random init.
+    defer_loading: a role with weights is built on the meta device in its dtype and its weights
+    are left to read (Role.pending): a sharded strategy reads each process's part of them
+    (train/parallel.py), `load_pending` all of them."""
     rcfg = cfg.roles.get(name) or RoleConfig()
     trainable = spec.trainable if rcfg.trainable is None else rcfg.trainable
     overrides = dict(cfg.model_overrides)
+    pending = None
     if weights is not None:
         dtype = None if trainable else parse_dtype(rcfg.dtype)
         config = _checked_config(name, weights, rcfg, overrides)
-        module = CausalDiT.from_pretrained(weights, config=config, device=device, dtype=dtype or torch.float32)
+        if defer_loading:
+            module, pending = meta_module(config, dtype or torch.float32), weights
+        else:
+            module = CausalDiT.from_pretrained(weights, config=config, device=device, dtype=dtype or torch.float32)
         source = init_source or str(weights)
     else:
         if not trainable:
@@ -107,7 +115,26 @@ def build_role(name: str, spec: RoleSpec, cfg, index: int, device, weights: Path
     module.gradient_checkpointing = bool(rcfg.gradient_checkpointing) and trainable
     module.train(trainable).requires_grad_(trainable)
     return Role(name, module, trainable, spec.causal, rcfg, source, model=module,
-                params=[p for p in module.parameters() if p.requires_grad])
+                params=[p for p in module.parameters() if p.requires_grad], pending=pending)
+
+
+def meta_module(config: DiTConfig, dtype: torch.dtype) -> CausalDiT:
+    """A CausalDiT on the meta device (no memory) whose parameters have the dtypes loading gives
+    them: dtype, `keeps_fp32` parameters fp32 (as CausalDiT.from_pretrained loads them)."""
+    with torch.device("meta"):
+        module = CausalDiT(config)
+    return module.set_dtype(dtype).eval()
+
+
+def load_pending(role: Role, device) -> None:
+    """Read all of a deferred role's weights on this process (a strategy that does not shard it,
+    or a recipe that changes the module before sharding, e.g. LoRA adapters); params are renewed."""
+    if role.pending is None:
+        return
+    _, fmt = read_config(role.pending)
+    load_state_into(role.module, role.pending, fmt, device=device)
+    role.pending = None
+    role.params = [p for p in role.module.parameters() if p.requires_grad]
 
 
 RUNTIME_FIELDS = {"chunk_frames", "window_frames", "sink_frames", "sink_rope", "attention_backend", "rope_max_len"}

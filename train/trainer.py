@@ -233,7 +233,8 @@ class Trainer:
             trainable = spec.trainable if rcfg is None or rcfg.trainable is None else rcfg.trainable
             if self.resume_from is not None and trainable:
                 weights, source = self.resume_from / name, f"resume:{self.resume_from}"
-            role = build_role(name, spec, self.cfg, index, self.device, weights, source)
+            role = build_role(name, spec, self.cfg, index, self.device, weights, source,
+                              defer_loading=self.parallel.loads_rank_local)
             self._check_encoders(role)
             self.recipe_cls.prepare_role(self.cfg, role)
             self.parallel.prepare(role)
