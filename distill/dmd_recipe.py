@@ -176,7 +176,9 @@ class DMDRecipe(Recipe):
                 loss, logs = sid_loss(out.x0, real, fake, alpha=self.opt.sid_alpha, timestep=t, noise=noise,
                                       mask=out.mask)
             else:
-                loss, logs = dmd_loss(out.x0, real, fake, timestep=t, noise=noise, mask=out.mask)
+                weights, weight_logs = self.sample_weights(out, batch)
+                loss, logs = dmd_loss(out.x0, real, fake, timestep=t, noise=noise, mask=out.mask, weights=weights)
+                logs.update(weight_logs)
         elif role == "critic":
             with torch.no_grad():
                 out = self.generate(batch, ctx, grad=False)
@@ -186,6 +188,11 @@ class DMDRecipe(Recipe):
         else:
             raise ConfigError(f"{self.name}: role {role!r} is not trained")
         return loss, logs
+
+    def sample_weights(self, generated: Generated, batch) -> tuple[torch.Tensor | None, dict]:
+        """(per-sample weights [B] of the DMD generator loss, their detached logs). None: the
+        plain loss (every recipe but Reward Forcing's Re-DMD, distill/reward_forcing.py)."""
+        return None, {}
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):
