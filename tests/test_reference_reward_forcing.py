@@ -99,3 +99,15 @@ def test_toy_reward_is_toybench_on_the_decoded_frames_and_ground_truth_beats_cor
     other = "a " + next(c for c in ("red", "green", "blue", "yellow") if c not in captions[1]) + " ball"
     assert float(reward(shuffled, captions[1:])[0]) < 0.8
     assert float(reward(truth, [other])[0]) < 0.8
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algo.reward.callable=no_such_package.rewards:load", "algo.reward.callable"),
+    ("algo.reward.callable=forcelab.eval.rewards:no_such_loader", "algo.reward.callable"),
+    ("algo.reward.callable=forcelab.eval.rewards", "algo.reward.callable"),
+    ("algo.reward.path=/no/such/reward/model", "algo.reward.path"),
+    ("algo.loss=sid", "algo.loss")])
+def test_a_reward_that_cannot_load_is_one_line_naming_its_key_when_the_config_loads(override, key, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_train_config([], ["recipe=reward_forcing", "algo.frames=8", f"output_dir={tmp_path / 'run'}", override])
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
