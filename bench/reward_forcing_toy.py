@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=None, help="cap the Self-Forcing / Re-DMD steps (default: the toy configs')")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap the Self-Forcing / Re-DMD steps (default: the toy configs')")
     p.add_argument("--long-factor", type=int, default=4)
     p.add_argument("--temperatures", type=float, nargs="*", default=[], help="extra Re-DMD runs at these T")
     args = p.parse_args()

@@ -27,15 +27,17 @@ gradient of sample i is multiplied by w_i (distill/dmd.py: dmd_loss(weights=...)
 critic's loss is not weighted (it must keep modelling the generator's actual distribution),
 and the reward is not differentiated (it only weights).
 
-Why this normalisation: Reward Forcing's Re-DMD tilts the matched distribution toward high
-reward, p_real(x) exp(r(x) / beta) (reward-weighted regression), so a sample's DMD gradient is
-weighted by exp(r / beta); over a batch, those weights normalised to mean 1 are the
-self-normalised estimate written above (T = beta). The paper's text states the tilt and a
-reward model (VideoAlign's motion quality); its public code (model/re_dmd.py) was not readable
-when this was written, so whether it normalises over the local batch, the gathered batch or
-not at all, and its beta, are not reproduced here: T is algo.reward.temperature, and the
-normalisation runs over the gathered micro-batch (gradient accumulation steps are normalised
-separately: their graphs are gone by the time the next one is scored).
+Why this normalisation: Reward Forcing's abstract says Re-DMD biases the student's output
+distribution toward high-reward regions by prioritising samples a video reward model (VideoAlign,
+rating dynamics) scores higher. Read as a reward-tilted target, p_real(x) exp(r(x) / beta) (as
+reward-weighted regression does), a sample's DMD gradient is weighted by exp(r / beta); over a
+batch, those weights normalised to mean 1 are the self-normalised estimate written above
+(T = beta). Neither the paper's equations nor its public code (model/re_dmd.py) could be read
+when this was written, so where they differ from this - the form of the weight, whether it is
+normalised over the local batch, the gathered batch or not at all, and beta - is not known and
+not reproduced: T is algo.reward.temperature, and the normalisation runs over the gathered
+micro-batch (gradient accumulation steps are normalised separately: their graphs are gone by
+the time the next one is scored).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..validate import optional, positive_float, setting
+from ..validate import positive_float, setting
 
 TOY_REWARD = "forcelab.eval.rewards:adherence_and_physics"   # ToyBench on the toy world's decoded frames
 
