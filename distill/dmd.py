@@ -73,14 +73,18 @@ def _normaliser(x0: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- losses
 def dmd_loss(x0: torch.Tensor, real_score: Score, fake_score: Score, *, timestep: torch.Tensor | None = None,
              noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-             draw: ScoreTimesteps = ScoreTimesteps(), generator: torch.Generator | None = None):
+             draw: ScoreTimesteps = ScoreTimesteps(), generator: torch.Generator | None = None,
+             weights: torch.Tensor | None = None):
     """DMD generator loss (DMD eq. 7-8, as in Self-Forcing), -> (loss float64 scalar, logs).
 
     x0 [B, C, F, H, W]: the generator's samples (carrying its graph). No gradient reaches the
     score networks: with x_t = add_noise(x0, noise, t),
         grad = (fake_x0(x_t) - real_x0(x_t)) / mean|x0 - real_x0(x_t)|   (per sample, float64)
-        loss = 0.5 * mean((x0 - (x0 - grad).detach())^2)                (over masked frames)
-    so d loss / d x0 = grad / (number of masked elements). Non-finite grad entries -> 0.
+        loss = 0.5 * mean(w_b * (x0 - (x0 - grad).detach())^2)          (over masked frames)
+    so d loss / d x0 = w_b grad / (number of masked elements). Non-finite grad entries -> 0.
+    weights [B]: w_b, the per-sample weights of Re-DMD (distill/reward.py); used as given (a
+    weight carrying a graph would put its gradient into the loss: the caller computes them
+    without one). None: w_b = 1, the plain loss (no multiply: the same bits as before).
     timestep [B] (or [B, F]) and noise default to a fresh draw. logs: detached scalars."""
     t, sigma, noise = _noise_and_level(x0, timestep, noise, draw, generator)
     with torch.no_grad():
@@ -91,7 +95,10 @@ def dmd_loss(x0: torch.Tensor, real_score: Score, fake_score: Score, *, timestep
         normaliser = _normaliser(x0d, real)
         grad = _zero_nonfinite((fake - real) / normaliser)
     x = x0.double()
-    loss = 0.5 * masked_mean((x - (x0d - grad)) ** 2, mask)
+    per_element = (x - (x0d - grad)) ** 2
+    if weights is not None:
+        per_element = per_element * weights.to(per_element.dtype).view(-1, *(1,) * (x.ndim - 1))
+    loss = 0.5 * masked_mean(per_element, mask)
     return loss, {"dmd_grad_abs_mean": grad.abs().mean(), "dmd_normaliser_mean": normaliser.mean(),
                   "dmd_timestep_mean": t.float().mean()}
 

@@ -1,5 +1,5 @@
 """The shared shape of every DMD-family recipe (CausVid, Self-Forcing, Rolling Forcing,
-streaming long tuning, Self-Forcing++): three roles and two losses.
+streaming long tuning, Self-Forcing++, Reward Forcing): three roles and two losses.
 
     generator   the causal student (trainable; starts from the teacher or an ODE-init run)
     critic      the fake score: bidirectional, trainable, starts from the teacher
@@ -9,10 +9,12 @@ A subclass says only how the generator produces the clip the losses see:
 
     def generate(self, batch, ctx, grad) -> Generated(x0 [B, C, F, H, W], mask [B, F] | None)
 
-Generator step: DMD (or SiD) on `generate(grad=True)`; critic step: the critic's
-flow-matching loss on `generate(grad=False)` (its own rollout on its own prompt batch, as
-the public code does). Both draw one timestep per sample (shifted, clamped: ScoreTimesteps)
-and the noise from the sample's position, so runs are reproducible across process layouts.
+Generator step: DMD (or SiD) on `generate(grad=True)`, each sample's DMD loss weighted by
+`sample_weights` (Reward Forcing's Re-DMD; the other recipes return None: unweighted); critic
+step: the critic's flow-matching loss on `generate(grad=False)` (its own rollout on its own
+prompt batch, as the public code does). Both draw one timestep per sample (shifted, clamped:
+ScoreTimesteps) and the noise from the sample's position, so runs are reproducible across
+process layouts.
 
 Random streams (StepContext.stream): "dmd_timestep" / "dmd_noise" (generator step),
 "critic_timestep" / "critic_noise" (critic step), "rollout_noise" (the student rollout's
@@ -176,7 +178,9 @@ class DMDRecipe(Recipe):
                 loss, logs = sid_loss(out.x0, real, fake, alpha=self.opt.sid_alpha, timestep=t, noise=noise,
                                       mask=out.mask)
             else:
-                loss, logs = dmd_loss(out.x0, real, fake, timestep=t, noise=noise, mask=out.mask)
+                weights, weight_logs = self.sample_weights(out, batch)
+                loss, logs = dmd_loss(out.x0, real, fake, timestep=t, noise=noise, mask=out.mask, weights=weights)
+                logs.update(weight_logs)
         elif role == "critic":
             with torch.no_grad():
                 out = self.generate(batch, ctx, grad=False)
@@ -186,6 +190,11 @@ class DMDRecipe(Recipe):
         else:
             raise ConfigError(f"{self.name}: role {role!r} is not trained")
         return loss, logs
+
+    def sample_weights(self, generated: Generated, batch) -> tuple[torch.Tensor | None, dict]:
+        """(per-sample weights [B] of the DMD generator loss, their detached logs). None: the
+        plain loss (every recipe but Reward Forcing's Re-DMD, distill/reward_forcing.py)."""
+        return None, {}
 
     @torch.no_grad()
     def sample(self, context, seeds, frames):

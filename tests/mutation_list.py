@@ -26,6 +26,7 @@ REF_CAUSVID = ("tests/test_reference_causvid*.py",) + RULES
 REF_ODE = ("tests/test_reference_ode*.py",) + RULES
 REF_DF = ("tests/test_reference_pretraining*.py", "tests/test_reference_diffusion_forcing*.py",
           "tests/test_reference_teacher_forcing*.py", "tests/test_reference_ar_diffusion*.py") + RULES
+REF_RF = ("tests/test_reference_reward_forcing*.py",)
 DMD = ("tests/test_dmd.py",)
 SF = REF_SF + ("tests/test_distill_self_forcing.py", "tests/test_reencode.py")
 CAUSVID = REF_CAUSVID + ("tests/test_distill_causvid.py",)
@@ -115,12 +116,12 @@ MUTATIONS: list[Mutation] = [
       "distill/dmd.py", "return (x0 - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)",
       "return (x0 - real).abs().mean()", DMD + SF),
     M("dmd_loss_weight_doubled", "every DMD recipe", "loss weight: 0.5 * mse(x0, (x0 - grad).detach())",
-      "distill/dmd.py", "loss = 0.5 * masked_mean((x - (x0d - grad)) ** 2, mask)",
-      "loss = masked_mean((x - (x0d - grad)) ** 2, mask)", DMD + SF),
+      "distill/dmd.py", "loss = 0.5 * masked_mean(per_element, mask)",
+      "loss = masked_mean(per_element, mask)", DMD + SF),
     M("dmd_loss_mask_ignored", "every DMD recipe", "masks: frames outside the mask (re-encoded chunk, overlap, "
       "clean chunks) get no DMD gradient", "distill/dmd.py",
-      "loss = 0.5 * masked_mean((x - (x0d - grad)) ** 2, mask)",
-      "loss = 0.5 * masked_mean((x - (x0d - grad)) ** 2, None)", DMD + SF + CAUSVID + LONG),
+      "loss = 0.5 * masked_mean(per_element, mask)",
+      "loss = 0.5 * masked_mean(per_element, None)", DMD + SF + CAUSVID + LONG),
     M("masked_mean_over_all_frames", "every DMD recipe", "normaliser: the loss is a mean over the masked frames",
       "train/flow_matching.py", "return kept.sum() / w.sum().clamp_min(1)", "return kept.sum() / values.numel()",
       DMD + CAUSVID + SF),
@@ -185,6 +186,46 @@ MUTATIONS: list[Mutation] = [
       "not generated: out of the critic's loss", "distill/self_forcing.py",
       "frame_mask = (carries_grad if grad else generated)", "frame_mask = (carries_grad if grad else generated | True)",
       SF),
+    # ------------------------------------------------------------------ Reward Forcing (Re-DMD)
+    M("reward_differentiated", "Reward Forcing", "the reward is not differentiated: it only weights the DMD "
+      "loss", "distill/reward_forcing.py", "with torch.no_grad():       # the reward is not differentiated",
+      "with torch.enable_grad():   # the reward is not differentiated", REF_RF),
+    M("reward_weights_not_normalised", "Reward Forcing", "weights: w = N softmax(r / T) over the batch (mean 1)",
+      "distill/reward.py", "return r.numel() * torch.softmax(r / temperature, dim=0)",
+      "return torch.exp(r / temperature)", REF_RF),
+    M("reward_temperature_ignored", "Reward Forcing", "weights: the temperature T comes from "
+      "algo.reward.temperature", "distill/reward_forcing.py",
+      "reward_weights(everyone, self.opt.reward.temperature)", "reward_weights(everyone, 1.0)", REF_RF),
+    M("reward_of_another_sample", "Reward Forcing", "weights: sample i's weight is its OWN video's reward",
+      "distill/reward_forcing.py", "rewards = score(self.reward, videos, batch[\"caption\"])",
+      "rewards = score(self.reward, videos.roll(1, 0), batch[\"caption\"])", REF_RF),
+    M("reward_weights_on_the_critic", "Reward Forcing", "weights: the generator's DMD loss is weighted, the "
+      "critic's loss is not", "distill/dmd_recipe.py",
+      "                weights, weight_logs = self.sample_weights(out, batch)\n"
+      "                loss, logs = dmd_loss(out.x0, real, fake, timestep=t, noise=noise, mask=out.mask, weights=weights)\n"
+      "                logs.update(weight_logs)\n"
+      "        elif role == \"critic\":\n"
+      "            with torch.no_grad():\n"
+      "                out = self.generate(batch, ctx, grad=False)\n"
+      "            _, fake = self._scores(context)\n"
+      "            t, noise = self._draw(ctx, out.x0, \"critic\")\n"
+      "            loss, logs = critic_loss(out.x0, fake, timestep=t, noise=noise, mask=out.mask)",
+      "                loss, logs = dmd_loss(out.x0, real, fake, timestep=t, noise=noise, mask=out.mask)\n"
+      "        elif role == \"critic\":\n"
+      "            with torch.no_grad():\n"
+      "                out = self.generate(batch, ctx, grad=False)\n"
+      "            _, fake = self._scores(context)\n"
+      "            t, noise = self._draw(ctx, out.x0, \"critic\")\n"
+      "            weights, _ = self.sample_weights(out, batch)\n"
+      "            if weights is None:\n"
+      "                loss, logs = critic_loss(out.x0, fake, timestep=t, noise=noise, mask=out.mask)\n"
+      "            else:\n"
+      "                parts = [critic_loss(out.x0[i:i + 1], x0_predictor(self.run.model(\"critic\"), context[i:i + 1]),\n"
+      "                                     timestep=t[i:i + 1], noise=noise[i:i + 1],\n"
+      "                                     mask=None if out.mask is None else out.mask[i:i + 1])\n"
+      "                         for i in range(len(weights))]\n"
+      "                loss = sum(w * p[0] for w, p in zip(weights, parts)) / len(parts)\n"
+      "                logs = parts[0][1]", REF_RF),
     # ------------------------------------------------------------------ the engine (every rollout recipe)
     M("renoise_reuses_start_noise", "Self-Forcing, Rolling, LongLive, SF++", "re-noising: each re-noise draws "
       "fresh noise", "models/rollout.py",

@@ -35,7 +35,8 @@ SHRINK = [
     "data.frames=21",                       # the toy codec keeps every frame: 21 latent frames (81 Wan frames)
     "logging.wandb=disabled", "logging.progress=false",
 ]
-DATA_SIZES = {"ode_init": ["algo.num_pairs=2"]}    # ODE pairs the teacher samples before training
+DATA_SIZES = {"ode_init": ["algo.num_pairs=2"],    # ODE pairs the teacher samples before training
+              "reward_forcing": ["data.batch_size=2"]}   # Re-DMD normalises over a micro-step's samples: 2 on 1 process
 STEPS = 2
 
 
@@ -108,7 +109,7 @@ def test_wan_config_trains_in_miniature(name, tiny_wan, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------- gradient checkpointing + a windowed cache
-WINDOWED = ["rolling_forcing", "streaming_long", "self_forcing_pp", "longlive_stage1"]
+WINDOWED = ["rolling_forcing", "streaming_long", "self_forcing_pp", "longlive_stage1", "reward_forcing"]
 
 
 def test_every_windowed_config_with_checkpointing_is_compared():

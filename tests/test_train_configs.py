@@ -48,6 +48,7 @@ CV = "CausVid wan_causal_dmd.yaml + train_distillation.py (ca21150)"
 CV_ODE = "CausVid wan_causal_ode.yaml + train_ode.py (ca21150)"
 RF = "Rolling Forcing rolling_forcing_dmd.yaml + default_config.yaml (a1477d0)"
 LL1 = "LongLive v1 longlive_train_init.yaml + default_config.yaml (e52d9ef)"
+RWF = "Reward Forcing paper (algorithms.md)"
 LL2 = "LongLive v1 longlive_train_long.yaml + default_config.yaml (e52d9ef)"
 ODE = "Self-Forcing's ODE data: 48 steps, shift 8, CFG 6, indices [0, 12, 24, 36, -1]"
 TORCH_ADAMW = "torch AdamW default weight decay (the public optimiser passes none)"
@@ -111,6 +112,9 @@ PINNED = {
                        ("roles.teacher.init", "checkpoints/Wan2.1-T2V-14B-Diffusers", LL2 + ": real_name"),
                        ("roles.critic.init", "runs/longlive_stage1", LL2 + ": stage 2 loads stage 1's critic")],
     "self_forcing_pp": [*SF_DMD, ("algo.sink_frames", 0, "Self-Forcing++ paper: no sink")],
+    "reward_forcing": [*SF_DMD, ("algo.loss", "dmd", RWF + ": Re-DMD"), ("max_steps", 601, RWF),
+                       ("gradient_accumulation_steps", 8, RWF), ("model_overrides.window_frames", 9, RWF),
+                       ("model_overrides.sink_frames", 3, RWF)],
     "ode_init": [("algo.teacher_steps", 48, ODE), ("algo.teacher_shift", 8.0, ODE),
                  ("algo.teacher_guidance", 6.0, ODE + " in uncond + 6 (cond - uncond)"),
                  ("algo.stored_steps", [0, 12, 24, 36, -1], ODE), ("algo.teacher_solver", "euler", ODE),

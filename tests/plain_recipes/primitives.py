@@ -182,18 +182,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 def dmd_generator_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+                       mask: torch.Tensor | None = None, weights: list[float] | None = None) -> torch.Tensor:
     """DMD (eq. 7-8, Self-Forcing's form), float64. x0 [B, C, F, H, W] carries the generator's
     graph; real / fake are the score networks' x0 at x_t (no gradient):
         grad = (fake - real) / mean|x0 - real|  (per sample, over all frames), nan/inf -> 0
-        loss = 0.5 * mean((x0 - (x0 - grad).detach())^2) over the masked frames."""
+        loss = 0.5 * mean(w_b (x0 - (x0 - grad).detach())^2) over the masked frames
+    weights: w_b per sample, plain numbers (Re-DMD); None: 1."""
     x = x0.double()
     real, fake = real.detach().double(), fake.detach().double()
     normaliser = (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
     grad = (fake - real) / normaliser
     grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
     target = (x - grad).detach()
-    return 0.5 * masked_mean((x - target) ** 2, mask)
+    squared = (x - target) ** 2
+    if weights is not None:
+        squared = squared * torch.tensor(weights, dtype=torch.float64)[:, None, None, None, None]
+    return 0.5 * masked_mean(squared, mask)
 
 
 def critic_flow_loss(fake_x0: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma,

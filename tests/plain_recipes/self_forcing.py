@@ -146,9 +146,10 @@ def generator_loss(trainer, batch, ctx, s: Settings) -> torch.Tensor:
     return scored_generator_loss(trainer, x0, mask, batch["text_emb"], ctx, s)
 
 
-def scored_generator_loss(trainer, x0, mask, context, ctx, s) -> torch.Tensor:
+def scored_generator_loss(trainer, x0, mask, context, ctx, s, weights=None) -> torch.Tensor:
     """DMD (or SiD) on generated x0 [B, C, F, H, W] over the frames in mask [B, F]: the teacher's
-    guided and the critic's predictions at one drawn level (CausVid scores the same way)."""
+    guided and the critic's predictions at one drawn level (CausVid scores the same way).
+    weights: per-sample weights of the DMD loss (Re-DMD), plain numbers; None: unweighted."""
     sigma, eps = score_draw(ctx, x0, GENERATOR_DRAWS, s)
     teacher, critic = trainer.module("teacher"), trainer.module("critic")
     if s.loss == "sid":
@@ -163,7 +164,7 @@ def scored_generator_loss(trainer, x0, mask, context, ctx, s) -> torch.Tensor:
         x_t = add_noise(x0.detach(), eps, sigma)
         real = guided_x0(teacher, x_t, sigma, context, trainer.negative, s.guidance)
         fake = predict_x0(critic, x_t, sigma, context)
-    return dmd_generator_loss(x0, real, fake, mask)
+    return dmd_generator_loss(x0, real, fake, mask, weights)
 
 
 def critic_loss(trainer, batch, ctx, s: Settings) -> torch.Tensor:
