@@ -5,8 +5,9 @@ and tabulate mean and spread over seeds.
     forcelab eval toybench --suite full --out runs/study [--seeds 3]
     forcelab eval toybench --suite quick --out /tmp/study          # a handful of steps (checks the pipeline)
 
-The rows are the toy configs (configs/toy/<row>.yaml, each naming its recipe: one per recipe,
-and variants such as causal_ode_init: ode_init from the causal teacher); each says what it
+The rows are the toy configs (configs/toy/<row>.yaml and framewise/<row>.yaml, each naming its
+recipe: one per recipe, and variants such as causal_ode_init: ode_init from the causal teacher,
+or framewise/self_forcing_2step: a 2-step student with one latent frame per chunk); each says what it
 samples with (Recipe.sampling_plan, from the config's options) and which runs it starts from
 (Recipe.starts_from, over which the config's own `starts_from` wins): the seed-0 run of that row
 (the teacher: the committed configs/toy/teacher_checkpoint in the full suite; Self-Forcing's
@@ -37,6 +38,7 @@ from .train.recipe import recipe_class, recipe_names
 from .validate import choice
 
 STUDY_KIND = "study"         # what the --out folder's marker records
+ROW_FOLDERS = ("", "framewise/")   # configs/toy/ and its frame-wise students (textured/ needs its own teacher)
 METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics", "continuity")
 
 
@@ -69,7 +71,8 @@ def study_recipes() -> list[str]:
     """The study's rows: every toy config (configs/toy/<row>.yaml) that names a known recipe,
     each after the rows its runs start from (row_sources): sources first, then by name."""
     known = set(recipe_names())
-    names = [p.stem for p in sorted(TOY_CONFIGS.glob("*.yaml")) if _named_recipe(p) in known]
+    names = [f"{folder}{p.stem}" for folder in ROW_FOLDERS for p in sorted((TOY_CONFIGS / folder).glob("*.yaml"))
+             if _named_recipe(p) in known]
 
     def depth(row: str) -> int:
         sources = row_sources(row).values()
