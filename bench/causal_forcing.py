@@ -1,8 +1,8 @@
 """Causal Forcing on the toy world: bidirectional-teacher vs causal-teacher initialisation of the
 4-step causal student, measured with ToyBench (boundary continuity, adherence, fidelity).
 
-    python bench/causal_forcing.py --out /tmp/cf                    # minutes on one thread
-    python bench/causal_forcing.py --out /tmp/cf --steps 600 --dmd-steps 300 --prompts 32
+    python bench/causal_forcing.py --out runs/causal_forcing                    # minutes on one thread
+    python bench/causal_forcing.py --out runs/causal_forcing --steps 600 --dmd-steps 300 --prompts 32
 
 Stages (each resumable: a finished run, video set or score is kept), every step count capped
 at --steps (reduced from the toy configs' own; printed):
@@ -15,14 +15,13 @@ from each initialisation: self_forcing, causal_forcing, causal_forcing_cd.
 
 Each student (and the causal teacher, for reference) generates the held-out prompts at
 `--factor` times the training length with its toy config's sampling plan; the table gives
-ToyBench's mean per student.
+ToyBench's mean ± std over the prompts per student.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -56,9 +55,10 @@ def main() -> None:
     runs, seconds = {"teacher": COMMITTED_TEACHER}, {}
 
     def train(row: str, cap: int, extra: list[str]) -> None:
-        t0 = time.perf_counter()
-        train_stage(TOY_CONFIGS / f"{row}.yaml", out / row, common + extra, cap=cap)
-        runs[row], seconds[row] = out / row, time.perf_counter() - t0
+        state = train_stage(TOY_CONFIGS / f"{row}.yaml", out / row, common + extra, cap=cap)
+        runs[row] = out / row
+        if state["steps"] > state["resumed_at"]:          # trained now (not a finished run kept)
+            seconds[row] = state["seconds"]
 
     train("teacher_forcing", args.teacher_steps, [f"roles.generator.init={COMMITTED_TEACHER}"])
     train("ode_init", args.steps, pairs + [f"roles.teacher.init={COMMITTED_TEACHER}"])
@@ -73,19 +73,21 @@ def main() -> None:
     for row in students:
         videos = out / row / "videos"
         generate_stage(runs[row], videos, prompts, plan=sampling_plan(row), frames=frames * args.factor)
-        rows[row] = toybench_stage(videos, bucket_frames=frames)["aggregate"]
+        rows[row] = toybench_stage(videos, bucket_frames=frames)["spread"]
     print(f"ToyBench, {args.prompts} held-out prompts, {frames * args.factor} frames ({args.factor}x the training "
           f"length), chunks of 2 latent frames, 4 steps; init stages capped at {args.steps} steps, the causal "
           f"teacher {args.teacher_steps}, {args.pairs} ODE pairs" +
           (f", DMD {args.dmd_steps} steps" if args.dmd_steps else "") + "; one thread")
-    print("| student | teacher of the init | " + " | ".join(COLUMNS) + " | train s |")
-    print("|---|---|" + "---|" * (len(COLUMNS) + 1))
+    print("| student | teacher of the init | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
     for row in students:
         init = DMD.get(row, row)
         kind = "-" if row == "teacher_forcing" else "bidirectional" if init == "ode_init" else "causal"
-        vals = [rows[row].get(m, math.nan) for m in COLUMNS]
-        print(f"| {row} | {kind} | " + " | ".join("-" if math.isnan(v) else f"{v:.3f}" for v in vals)
-              + f" | {seconds.get(row, math.nan):.0f} |")
+        cells = [rows[row].get(m) or {"mean": math.nan} for m in COLUMNS]
+        print(f"| {row} | {kind} | " + " | ".join("-" if math.isnan(c["mean"]) else f"{c['mean']:.3f} ± {c['std']:.3f}"
+                                                  for c in cells) + " |")
+    trained = ", ".join(f"{row} {s:.0f} s" for row, s in seconds.items())
+    print(f"(mean ± std over the prompts; training time of the stages run now: {trained or 'none'})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..models.plans import Chunkwise, warp_timesteps
 from ..models.schedule import add_noise, euler_step, sigma_to_timestep, teacher_sigmas, timestep_to_sigma, x0_from_v
 from ..train.diffusion_forcing import teacher_forced_flow
@@ -81,6 +82,14 @@ class CausalCDRecipe(Recipe):
         n = 2 * frames
         return {"generator": Workload([ModelPass("generator", n, n, grad=True, masked=True)])}
 
+    def check_frames(self, frames: int) -> None:
+        """Clips must be whole chunks of the student and of the teacher."""
+        teacher = self.opt.teacher_chunk_frames or self.run.module("teacher").config.chunk_frames
+        for who, chunk in (("the student", self.chunk), ("the teacher", teacher)):
+            if frames % chunk:
+                raise ConfigError(f"causal_cd: clips of {frames} latent frames are not whole chunks of {who} "
+                                  f"({chunk} frames); set data.frames (or algo.teacher_chunk_frames)")
+
     def student_x0(self, model, clean, noisy, t, context):
         """The student's (or its target's) x0 under teacher forcing, in the student's chunks."""
         c = self.run.module("generator").config
@@ -105,6 +114,7 @@ class CausalCDRecipe(Recipe):
     def loss(self, role, batch, ctx):
         x0, context = batch["latent"], batch["text_emb"]
         B, F = x0.shape[0], x0.shape[2]
+        self.check_frames(F)
         n = ctx.stream("cd_step").per_sample(
             lambda b, generator: torch.randint(0, self.opt.cd_steps - 1, (b,), generator=generator))
         levels = self.levels.to(x0.device)
