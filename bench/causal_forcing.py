@@ -10,6 +10,7 @@ at --steps (reduced from the toy configs' own; printed):
     ode_init          the student regresses the bidirectional teacher's ODE pairs (Self-Forcing's init)
     causal_ode_init   ... the causal teacher's pairs (Causal Forcing)
     causal_cd         causal consistency distillation from the causal teacher (Causal Forcing)
+    ode_init_no_cfg   the control: bidirectional pairs sampled without CFG, as the causal teacher's are
 With --dmd-steps N, the DMD stage (Self-Forcing, the bidirectional teacher as the real score)
 from each initialisation: self_forcing, causal_forcing, causal_forcing_cd.
 
@@ -33,6 +34,7 @@ INITS = ("ode_init", "causal_ode_init", "causal_cd")
 DMD = {"self_forcing": "ode_init", "causal_forcing": "causal_ode_init", "causal_forcing_cd": "causal_cd"}
 COLUMNS = ("continuity", "adherence", "fidelity_psnr", "identity", "physics")
 PAIRS_PER_SHARD = 32          # the toy configs' shard size
+NO_CFG = "ode_init_no_cfg"    # the control: ode_init.yaml with teacher_guidance 1 (the causal teacher has no CFG)
 
 
 def main() -> None:
@@ -54,8 +56,8 @@ def main() -> None:
     pairs = [f"algo.num_pairs={args.pairs}", f"algo.pairs_per_shard={min(args.pairs, PAIRS_PER_SHARD)}"]
     runs, seconds = {"teacher": COMMITTED_TEACHER}, {}
 
-    def train(row: str, cap: int, extra: list[str]) -> None:
-        state = train_stage(TOY_CONFIGS / f"{row}.yaml", out / row, common + extra, cap=cap)
+    def train(row: str, cap: int, extra: list[str], config: str | None = None) -> None:
+        state = train_stage(TOY_CONFIGS / f"{config or row}.yaml", out / row, common + extra, cap=cap)
         runs[row] = out / row
         if state["steps"] > state["resumed_at"]:          # trained now (not a finished run kept)
             seconds[row] = state["seconds"]
@@ -64,7 +66,10 @@ def main() -> None:
     train("ode_init", args.steps, pairs + [f"roles.teacher.init={COMMITTED_TEACHER}"])
     train("causal_ode_init", args.steps, pairs + [f"roles.teacher.init={runs['teacher_forcing']}"])
     train("causal_cd", args.steps, [f"roles.teacher.init={runs['teacher_forcing']}"])
-    students = ["teacher_forcing", *INITS]       # the causal teacher itself (20 Euler steps, no CFG), then the inits
+    # the control: bidirectional pairs without CFG, as the causal teacher samples them
+    train(NO_CFG, args.steps, pairs + [f"roles.teacher.init={COMMITTED_TEACHER}", "algo.teacher_guidance=1.0"],
+          config="ode_init")
+    students = ["teacher_forcing", "ode_init", NO_CFG, "causal_ode_init", "causal_cd"]   # the causal teacher first
     if args.dmd_steps:
         for row, init in DMD.items():
             train(row, args.dmd_steps, [f"roles.teacher.init={COMMITTED_TEACHER}", f"roles.generator.init={runs[init]}"])
@@ -72,7 +77,8 @@ def main() -> None:
     rows = {}
     for row in students:
         videos = out / row / "videos"
-        generate_stage(runs[row], videos, prompts, plan=sampling_plan(row), frames=frames * args.factor)
+        plan = sampling_plan("ode_init" if row == NO_CFG else row)
+        generate_stage(runs[row], videos, prompts, plan=plan, frames=frames * args.factor)
         rows[row] = toybench_stage(videos, bucket_frames=frames)["spread"]
     print(f"ToyBench, {args.prompts} held-out prompts, {frames * args.factor} frames ({args.factor}x the training "
           f"length), chunks of 2 latent frames, 4 steps; init stages capped at {args.steps} steps, the causal "
@@ -82,7 +88,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(COLUMNS))
     for row in students:
         init = DMD.get(row, row)
-        kind = "-" if row == "teacher_forcing" else "bidirectional" if init == "ode_init" else "causal"
+        kind = ("-" if row == "teacher_forcing" else "bidirectional, no CFG" if row == NO_CFG
+                else "bidirectional" if init == "ode_init" else "causal")
         cells = [rows[row].get(m) or {"mean": math.nan} for m in COLUMNS]
         print(f"| {row} | {kind} | " + " | ".join("-" if math.isnan(c["mean"]) else f"{c['mean']:.3f} ± {c['std']:.3f}"
                                                   for c in cells) + " |")
