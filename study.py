@@ -5,11 +5,14 @@ and tabulate mean and spread over seeds.
     forcelab eval toybench --suite full --out runs/study [--seeds 3]
     forcelab eval toybench --suite quick --out /tmp/study          # a handful of steps (checks the pipeline)
 
-The recipes are every recipe with a toy config; each says what it samples with
-(Recipe.sampling_plan, from its toy config's options) and which runs it starts from
-(Recipe.starts_from): the seed-0 run of that recipe (the teacher: the committed
-configs/toy/teacher_checkpoint in the full suite; Self-Forcing's students: an ODE-init run), so the
-seeds vary each recipe's own stage. Everything resumes: runs continue from their checkpoints,
+The rows are the toy configs (configs/toy/<row>.yaml and framewise/<row>.yaml, each naming its
+recipe: one per recipe, and variants such as causal_ode_init: ode_init from the causal teacher,
+or framewise/self_forcing_2step: a 2-step student with one latent frame per chunk); each says what it
+samples with (Recipe.sampling_plan, from the config's options) and which runs it starts from
+(Recipe.starts_from, over which the config's own `starts_from` wins): the seed-0 run of that row
+(the teacher: the committed configs/toy/teacher_checkpoint in the full suite; Self-Forcing's
+students: an ODE-init run; Causal Forcing's: a causal ODE-init or causal CD run from the
+teacher-forcing row), so the seeds vary each row's own stage. Everything resumes: runs continue from their checkpoints,
 finished video sets and scores are kept. --max-steps caps every recipe's steps (recorded). Writes
 study.json (every number) and study.md (the table). --out is forcelab's: new, empty or an earlier
 study's (a folder of other files is refused), written by one study at a time.
@@ -21,6 +24,7 @@ import json
 import math
 import time
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import ForcelabError
@@ -34,7 +38,8 @@ from .train.recipe import recipe_class, recipe_names
 from .validate import choice
 
 STUDY_KIND = "study"         # what the --out folder's marker records
-METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics")
+ROW_FOLDERS = ("", "framewise/")   # configs/toy/ and its frame-wise students (textured/ needs its own teacher)
+METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics", "continuity")
 
 
 QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=2", "checkpoint.every=0",
@@ -42,9 +47,9 @@ QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=
 FULL = {"steps": None, "prompts": 16, "long_factor": 10, "extra": []}
 
 
-def _extra(recipe: str, overrides: list[str]) -> list[str]:
-    """Quick-mode overrides that exist in the recipe's schema (ODE-pair keys only for ode_init)."""
-    return [o for o in overrides if not o.startswith("algo.") or recipe == "ode_init"]
+def _extra(row: str, overrides: list[str]) -> list[str]:
+    """Quick-mode overrides that exist in the row's schema (ODE-pair keys only for ode_init rows)."""
+    return [o for o in overrides if not o.startswith("algo.") or row_config(row).recipe == "ode_init"]
 
 
 def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: int = 2,
@@ -63,15 +68,44 @@ def run_study(out, suite: str = "full", seeds: int = 3, window: int = 6, sink: i
 
 
 def study_recipes() -> list[str]:
-    """Every recipe with a toy config (configs/toy/<name>.yaml), each after the recipes its runs
-    start from (Recipe.starts_from): sources first, then by name."""
-    names = [r for r in recipe_names() if (TOY_CONFIGS / f"{r}.yaml").is_file()]
+    """The study's rows: every toy config (configs/toy/<row>.yaml) that names a known recipe,
+    each after the rows its runs start from (row_sources): sources first, then by name."""
+    known = set(recipe_names())
+    names = [f"{folder}{p.stem}" for folder in ROW_FOLDERS for p in sorted((TOY_CONFIGS / folder).glob("*.yaml"))
+             if _named_recipe(p) in known]
 
-    def depth(recipe: str) -> int:
-        sources = recipe_class(recipe).starts_from.values()
+    def depth(row: str) -> int:
+        sources = row_sources(row).values()
         return 1 + max(map(depth, sources)) if sources else 0
 
     return sorted(names, key=lambda r: (depth(r), r))
+
+
+def _named_recipe(path: Path) -> str | None:
+    """The recipe a toy config names itself (None: a shared base such as base.yaml)."""
+    from .config import _read_yaml
+
+    return next((str(node["recipe"]) for _, node in _read_yaml(path) if "recipe" in node), None)
+
+
+@lru_cache(maxsize=None)
+def row_config(row: str):
+    """The loaded toy config of a study row."""
+    from .train.config import load_train_config
+
+    return load_train_config([TOY_CONFIGS / f"{row}.yaml"])
+
+
+def row_sources(row: str) -> dict[str, str]:
+    """role -> the row whose seed-0 run gives it weights: the recipe's starts_from, then the
+    config's own starts_from (a row that is no toy config is an error naming it)."""
+    cfg = row_config(row)
+    out = {**recipe_class(cfg.recipe).starts_from, **cfg.starts_from}
+    for role, source in out.items():
+        if not (TOY_CONFIGS / f"{source}.yaml").is_file():
+            raise ForcelabError(f"configs/toy/{row}.yaml: starts_from.{role} = {source!r} is no toy config "
+                                f"(configs/toy/{source}.yaml)")
+    return out
 
 
 def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, recipes: list[str] | None,
@@ -90,7 +124,7 @@ def _study(out: Path, s: dict, suite: str, seeds: int, window: int, sink: int, r
         if (recipe, seed) not in runs:
             path = out / recipe / f"seed{seed}"
             extra = _extra(recipe, s["extra"]) + [f"roles.{role}.init={run_of(source, 0)}"
-                                                  for role, source in recipe_class(recipe).starts_from.items()]
+                                                  for role, source in row_sources(recipe).items()]
             _train(recipe, path, seed, extra, cap)
             runs[recipe, seed] = path
         return runs[recipe, seed]

@@ -8,6 +8,17 @@ first, the clean output last - are stored as ODE-pair shards (data/ode_pairs.py)
 `pairs_dir`. Pair i's noise and prompt depend only on (seed, i): the set does not depend on
 the number of processes.
 
+Causal ODE pairs (Causal Forcing, `teacher_kind: causal`): the teacher is an autoregressive
+diffusion model (a diffusion-forcing or teacher-forcing run, train/diffusion_forcing.py) and
+samples each clip chunk by chunk with its KV cache through the same engine (the chunk-wise plan
+with Euler steps over the same levels; each finished chunk committed clean, at t = 0, as the
+context of the next): the pairs then follow a causal trajectory, which a causal student can
+follow, instead of a bidirectional one, whose later frames shape the earlier ones (the cause of
+the discontinuities at chunk boundaries that bidirectional ODE init leaves). The causal teacher
+samples without CFG (teacher_guidance 1; a teacher-forcing run trained without caption dropout
+has no unconditional branch). Its chunk: teacher_chunk_frames (None: the one it was trained
+with), so a frame-wise student (chunk_frames 1) can regress a chunk-wise teacher's pairs.
+
 Phase B (the loss): per sample, every chunk picks one stored state uniformly (stream
 "stored_state"); the causal student sees each chunk at its own stored latent under the block-causal layout (one forward
 over the clip; later chunks attend to earlier chunks at their chosen levels), predicts
@@ -35,7 +46,7 @@ from ..data.ode_pairs import ODEPairs
 from ..data.toyworld import ToyWorld, ToyWorldConfig
 from ..errors import ConfigError, ForcelabError
 from ..models.autoencoder import latent_frames
-from ..models.plans import Chunkwise, Teacher
+from ..models.plans import CausalPlan, Chunkwise, Teacher
 from ..models.schedule import SOLVERS, timestep_to_sigma, x0_from_v
 from ..train.data import TOYWORLD, MapStream
 from ..train.flow_matching import masked_mean
@@ -44,6 +55,8 @@ from ..train.timesteps import choose_levels
 from ..validate import choice, each, in_range, optional, positive_float, positive_int, setting, unit_interval
 from .ode_pair_stage import PAIRS_RECORD, PairJob, kept_levels, write_pairs
 
+TEACHER_KINDS = ("bidirectional", "causal")   # the pair teacher: the Teacher plan, or an AR teacher with its KV cache
+CLEAN_CONTEXT = 0.0                 # the causal teacher commits each finished chunk at t = 0 (as it was trained)
 
 
 @dataclass
@@ -60,23 +73,45 @@ class ODEInitOptions:
     teacher_solver: str = setting("euler", choice, SOLVERS)   # euler | unipc (the public pairs: Euler)
     teacher_sigma_max: float = setting(1.0, unit_interval)   # first level before the shift (public pairs: t = 1000)
     stored_steps: list[int] = field(default_factory=lambda: [0, 12, 24, 36, -1])  # solver states kept; -1 = clean
+    teacher_kind: str = setting("bidirectional", choice, TEACHER_KINDS)   # bidirectional | causal (Causal Forcing's AR teacher)
+    teacher_chunk_frames: int | None = setting(None, optional(positive_int))   # causal teacher: frames per chunk (None: its own)
     # phase B / samples: the student's sampling list (None: the stored levels > 0)
     sample_timesteps: list[float] | None = setting(None, optional(each(in_range, 0, 1000)))
 
     def check(self, model=None) -> None:
         """Rules across fields (the loader calls this before anything is built): the stored
         steps, the teacher's plan and the student's sampling list."""
+        if self.teacher_kind == "causal":
+            if self.teacher_guidance != 1.0:
+                raise ConfigError(f"algo.teacher_guidance: the causal teacher samples without CFG (its chunks "
+                                  f"condition on one prompt through the KV cache); set it to 1, got "
+                                  f"{self.teacher_guidance}")
+            if self.teacher_solver != "euler":
+                raise ConfigError(f"algo.teacher_solver: the causal teacher integrates each chunk with Euler "
+                                  f"steps; set it to euler, got {self.teacher_solver!r}")
+        elif self.teacher_chunk_frames is not None:
+            raise ConfigError("algo.teacher_chunk_frames: only for teacher_kind causal (the bidirectional "
+                              "teacher samples the whole clip at once); remove it")
         self.student_list(self.stored_levels(self.teacher_plan()))
 
-    def teacher_plan(self) -> Teacher:
-        """The teacher's sampling plan for the pairs (its own checks named by the config keys)."""
+    def teacher_plan(self) -> Teacher | CausalPlan:
+        """The teacher's sampling plan for the pairs (its own checks named by the config keys):
+        the bidirectional Teacher plan, or for a causal teacher the chunk-wise plan with Euler
+        steps over the same levels, each chunk committed clean."""
         try:
-            return Teacher(steps=self.teacher_steps, shift=self.teacher_shift, solver=self.teacher_solver,
-                           guidance=self.teacher_guidance, sigma_max=self.teacher_sigma_max)
+            if self.teacher_kind == "causal":
+                return Chunkwise(timesteps=self.solver_plan().timesteps, update="euler",
+                                 context_noise=CLEAN_CONTEXT, chunk_frames=self.teacher_chunk_frames)
+            return self.solver_plan()
         except ForcelabError as e:
             raise ConfigError(f"algo.teacher_*: {e}") from None
 
-    def stored_levels(self, plan: Teacher) -> list[float]:
+    def solver_plan(self) -> Teacher:
+        """The solver's levels and settings (the bidirectional teacher's whole plan)."""
+        return Teacher(steps=self.teacher_steps, shift=self.teacher_shift, solver=self.teacher_solver,
+                       guidance=self.teacher_guidance, sigma_max=self.teacher_sigma_max)
+
+    def stored_levels(self, plan: Teacher | CausalPlan) -> list[float]:
         """The timesteps of the stored solver states (the clean output: 0)."""
         return kept_levels(plan, stored_indices(self.stored_steps, self.teacher_steps))
 
@@ -148,6 +183,12 @@ class ODEInitRecipe(Recipe):
         if self.frames % self.chunk:
             raise ConfigError(f"ode_init: clips of {self.frames} latent frames are not whole chunks of "
                               f"{self.chunk}; set data.frames so the latent frames divide by chunk_frames")
+        if o.teacher_kind == "causal":
+            teacher_chunk = self.plan.chunk_frames or t.module("teacher").config.chunk_frames
+            if self.frames % teacher_chunk:
+                raise ConfigError(f"ode_init: clips of {self.frames} latent frames are not whole chunks of the "
+                                  f"causal teacher ({teacher_chunk} frames); set data.frames or "
+                                  f"algo.teacher_chunk_frames")
         self.shape = [c.latent_channels, self.frames, self.cfg.data.height // c.spatial_stride,
                       self.cfg.data.width // c.spatial_stride]
         source = Path(self.cfg.data.source).expanduser()

@@ -1,7 +1,9 @@
 """ODE pairs as a data stage of their own: the frozen teacher's ODE solutions written as an
 ODE-pair set (data/ode_pairs.py), resumable and split over ranks. The ODE-init recipe runs this
 stage when its data source is not a finished pair set, then trains on the pairs; any other
-caller (a script, another recipe) can run it the same way.
+caller (a script, another recipe) can run it the same way. The teacher is the bidirectional one
+(the Teacher plan) or, for Causal Forcing's causal ODE pairs, an autoregressive one sampling
+chunk by chunk with its KV cache (a causal plan with Euler steps): the same engine either way.
 
     job = PairJob(teacher, plan, indices, shape, caption, text_encoder, negative, seed=0, count=1024)
     folder = write_pairs("data/ode", job, settings, rank=r, world=w, barrier=wait_for_everyone)
@@ -26,7 +28,7 @@ import torch
 from ..data.ode_pairs import write_ode_pairs
 from ..errors import ConfigError
 from ..fsio import write_text_atomic
-from ..models.plans import Teacher
+from ..models.plans import CausalPlan, Teacher
 from ..models.rollout import Noise, rollout
 from ..seeds import stream_seed
 
@@ -38,8 +40,9 @@ PAIR_NOISE = "ode_pair_noise"        # the random stream of the pairs' starting 
 @dataclass
 class PairJob:
     """What a pair set is made from."""
-    teacher: torch.nn.Module            # the frozen bidirectional DiT (its plain module)
-    plan: Teacher                       # the teacher's sampling plan (CFG with the negative prompt)
+    teacher: torch.nn.Module            # the frozen teacher DiT (its plain module)
+    plan: Teacher | CausalPlan          # Teacher (bidirectional, CFG with the negative prompt) or a causal
+                                        # plan with Euler steps (an AR teacher, chunk by chunk with its KV cache)
     indices: list[int]                  # the solver states kept, increasing, the clean output last
     shape: list[int]                    # latent [C, F, H, W] of a clip
     caption: Callable[[int], str]       # pair index -> its caption
@@ -56,7 +59,7 @@ class PairJob:
         return kept_levels(self.plan, self.indices)
 
 
-def kept_levels(plan: Teacher, indices: list[int]) -> list[float]:
+def kept_levels(plan: Teacher | CausalPlan, indices: list[int]) -> list[float]:
     """The timesteps of the solver states kept at `indices` (the clean output, last: 0)."""
     states = plan.timesteps + [0.0]
     return [states[k] for k in indices]
@@ -115,9 +118,11 @@ def teacher_pairs(job: PairJob, first: int, count: int, source: str = ""):
         emb, lengths = job.text_encoder.encode(captions)
         kept: dict[int, torch.Tensor] = {}
 
-        def keep(k, x):
+        def keep(k, x, start=0):
+            """A solver state: the whole clip (the teacher plan) or one unit from frame `start`."""
             if k in wanted:
-                kept[k] = x.detach().float().cpu().clone()
+                clip = kept.setdefault(k, torch.empty(len(ids), C, F, h, w))
+                clip[:, :, start:start + x.shape[2]] = x.detach().float().cpu()
 
         noise = Noise([stream_seed(job.seed, PAIR_NOISE, i) for i in ids], C, h, w, device=job.device)
         neg = job.negative.expand(len(ids), -1, -1)

@@ -5,6 +5,7 @@
     flat = blur(frames, constant(len(frames), 0.75))           # the same harm, not growing
     slow = slow_down(clip, final_speed=0.25)                   # motion decelerates to a quarter
     back = reverse(clip, at=20.5, ball=0)                      # ball 0 turns back mid-step
+    seamed = seams(clip, starts=[8, 16, 24], skip=3.0)         # balls jump 3 frames ahead at each chunk
 
 Pixel corruptions take decoded frames (uint8 [T, H, W, 3], the space ToyBench measures) and a
 strength per frame ([T]; `ramp` grows it, `constant` holds it); a strength of 0 returns the
@@ -133,6 +134,20 @@ def reverse(clip: ToyClip, at: float, ball: int = 0, config: ToyWorldConfig | No
     times = np.repeat(t[:, None], n, 1)
     times[:, ball] = np.where(t <= at, t, 2 * at - t)
     return retime(clip, times, config)
+
+
+def seams(clip: ToyClip, starts, skip: float, config: ToyWorldConfig | None = None) -> np.ndarray:
+    """The clip with its clock jumping `skip` frames forward at every chunk start (pixel frames
+    `starts`): inside a chunk the motion is the world's, across a boundary every ball jumps as
+    if `skip` frames had passed unseen (the seam a causal student trained on bidirectional ODE
+    pairs leaves between chunks)."""
+    t = np.arange(len(clip.positions), dtype=np.float64)
+    jumps = np.zeros_like(t)
+    for s in starts:
+        if not 0 < s < len(t):
+            raise ForcelabError(f"seams: chunk start {s} is outside frames 1..{len(t) - 1}")
+        jumps[s:] += skip
+    return retime(clip, t + jumps, config)
 
 
 def _frames(video) -> np.ndarray:

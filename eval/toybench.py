@@ -23,6 +23,9 @@ of) its best. Every metric is oriented so that higher is better:
   caption's speed range ("slowly" / "quickly", either when unnamed); 1 inside, exp(-d / DYN_SCALE)
   at log-distance d outside. Catches frozen, slowing and stagnant motion.
 - continuation (given first_frame): agreement of frame 0's balls with those of the given frame.
+- continuity (given chunk_starts, the pixel frames that open chunks 1..): min(1, mean step
+  inside chunks / mean step into a chunk), a step being the mean absolute difference of two
+  consecutive frames (eval/continuity.py): 1 when the chunks join seamlessly, lower at seams.
 - drift: each metric per time bucket ("{metric}@{b}", bucket_frames frames each; default the
   training clip length) and "{metric}_drift" = min(0, slope per bucket): 0 when a metric does
   not degrade over the rollout, negative when it does.
@@ -42,6 +45,7 @@ from ..data.video import DEFAULT_FPS, read_video, write_video
 from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import stats
+from .continuity import continuity
 from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
 
 PSNR_CAP = 60.0          # dB; a perfect re-render would be infinite
@@ -57,7 +61,7 @@ METRICS = ("fidelity_psnr", "clean_pixels", "adherence", "identity", "physics", 
 
 
 def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | None = None,
-                config: ToyWorldConfig | None = None, codec=None) -> dict[str, float]:
+                config: ToyWorldConfig | None = None, codec=None, chunk_starts=None) -> dict[str, float]:
     """Metrics of one toy video: frames uint8 [T, H, W, 3] (numpy or torch), its caption.
 
     Returns a flat dict of floats: the METRICS over the whole video, "continuation" when
@@ -65,7 +69,9 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
     (default config.frames) and "{metric}_drift". NaN where a metric has nothing to measure
     (e.g. physics with no ball seen in three consecutive frames). codec: the lossy round
     trip the frames went through (uint8 [T, H, W, 3] -> same; e.g. mp4_roundtrip), applied to
-    the re-render too, so that fidelity measures the world and not the codec.
+    the re-render too, so that fidelity measures the world and not the codec. chunk_starts:
+    the pixel frames that open the generator's chunks 1.. (eval.continuity.chunk_starts); with
+    them "continuity".
     """
     config = config or ToyWorldConfig()
     frames = _as_frames(frames)
@@ -80,6 +86,8 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
     out = {m: stats.nanmean(v) for m, v in per_frame.items()}
     if first_frame is not None:
         out["continuation"] = continuation(_as_frames(first_frame[None])[0], frames[0], config)
+    if chunk_starts:
+        out["continuity"] = continuity(frames, chunk_starts)
     starts = range(0, len(frames), bucket_frames)
     for m, v in per_frame.items():
         buckets = [stats.nanmean(v[s:s + bucket_frames]) for s in starts]
@@ -249,17 +257,20 @@ def mp4_roundtrip(fps: float = DEFAULT_FPS):
 
 
 def score_videos(videos, captions, *, first_frames=None, bucket_frames: int | None = None,
-                 config: ToyWorldConfig | None = None, codec=None, progress: bool = False) -> dict:
+                 config: ToyWorldConfig | None = None, codec=None, progress: bool = False,
+                 chunk_starts=None) -> dict:
     """score_video over a list (frames uint8 [T, H, W, 3] each) and its summary:
     {"aggregate": {metric: mean}, "spread": {metric: stats.spread}, "buckets": {metric:
     {"mean": [...], "std": [...], "n": [...]}}, "slopes": {metric: slope of the bucket means},
     "videos": [flat dict per video]}. Videos of different lengths share bucket b where they have it.
+    chunk_starts: as for score_video, shared by every video.
     """
     videos, captions = list(videos), list(captions)
     if len(videos) != len(captions):
         raise ForcelabError(f"score_videos: {len(videos)} videos but {len(captions)} captions")
     firsts = list(first_frames) if first_frames is not None else [None] * len(videos)
-    per_video = [score_video(v, c, first_frame=f, bucket_frames=bucket_frames, config=config, codec=codec)
+    per_video = [score_video(v, c, first_frame=f, bucket_frames=bucket_frames, config=config, codec=codec,
+                             chunk_starts=chunk_starts)
                  for v, c, f in progress_bar(list(zip(videos, captions, firsts)), desc="toybench", unit="video",
                                      disable=not progress)]
     return summarize(per_video)

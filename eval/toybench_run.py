@@ -22,6 +22,7 @@ from ..data.video import DEFAULT_FPS, read_video
 from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import toybench
+from .continuity import chunk_starts
 from .report import write_report
 from .sidecars import check_writable, generation, read_sidecar
 
@@ -44,6 +45,21 @@ def _first_frame(folder: Path, name: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     from PIL import Image
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def sidecar_chunk_starts(side: dict, frames: int) -> list[int] | None:
+    """The pixel frames that open chunks 1.. of a video, from its sidecar's plan (a causal plan's
+    unit: block_frames, chunk_frames or the model's chunk) and frame counts (the codec's temporal
+    stride); None for the teacher plan or a sidecar without them."""
+    plan, model = side.get("plan") or {}, side.get("model_config") or {}
+    if plan.get("plan") in (None, "teacher"):
+        return None
+    unit = plan.get("block_frames") or plan.get("chunk_frames") or model.get("chunk_frames")
+    pixels, latent = side.get("frames"), side.get("latent_frames")
+    if not unit or not pixels or not latent:
+        return None
+    stride = (pixels - 1) // (latent - 1) if latent > 1 else 1
+    return chunk_starts(frames, int(unit), max(1, stride)) or None
 
 
 def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, report: bool = True,
@@ -70,7 +86,8 @@ def run_toybench(videos_dir, out_dir=None, *, bucket_frames: int | None = None, 
         first = _first_frame(folder, side["first_frame"]) if side.get("first_frame") else None
         try:
             scores = toybench.score_video(frames, caption or "", first_frame=first, bucket_frames=bucket_frames,
-                                          codec=toybench.mp4_roundtrip(side.get("fps") or DEFAULT_FPS))
+                                          codec=toybench.mp4_roundtrip(side.get("fps") or DEFAULT_FPS),
+                                          chunk_starts=sidecar_chunk_starts(side, len(frames)))
         except ForcelabError as e:
             skipped[video.name] = str(e)
             continue

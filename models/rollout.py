@@ -266,9 +266,12 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
     start_frame: first frame to generate (default: the cache's end). prefix: clean latents
     [B, C, p, H, W] of frames [start_frame - p, start_frame), committed first (continuation,
     recached context). Teacher plans: bidirectional over the whole clip, CFG with `negative`.
-    trajectory (teacher plan): called as trajectory(k, x_k) with the clip's latents at every
-    solver state k = 0 .. S, x_0 the starting noise at sigmas[0], x_S the output (ODE pairs
-    keep a few of them; see distill/ode_init.py)."""
+    trajectory (an ODE solve: the teacher plan, or a causal plan with update "euler"): the
+    teacher plan calls trajectory(k, x_k) with the clip's latents at every solver state
+    k = 0 .. S, x_0 the starting noise at sigmas[0], x_S the output; a causal plan calls
+    trajectory(k, x_k, first_frame) with each unit's latents at every state as the unit passes
+    it (x_S: its clean output, the latents committed to the cache). ODE pairs keep a few of
+    them (distill/ode_init.py)."""
     _check_frames(frames)
     if isinstance(plan, Teacher):
         if switches or prefix is not None or cache is not None:
@@ -276,10 +279,12 @@ def stream(model, plan, context: torch.Tensor, noise: Noise, frames: int, *,
         yield from sample_teacher(model, plan, context, noise, frames, negative=negative, start_frame=start_frame,
                                   training=training, trajectory=trajectory)
         return
-    if trajectory is not None:
-        raise ForcelabError(f"{plan.name}: trajectory recording is for the teacher plan (one clip, one solver)")
+    if trajectory is not None and (plan.update != "euler" or training is not None):
+        raise ForcelabError(f"{plan.name}: trajectory recording is for ODE solves: the teacher plan, or a causal "
+                            f"plan with update 'euler' outside training (this one re-noises or trains)")
     yield from causal_stream(model, plan, context, noise, frames, cache=cache, start_frame=start_frame,
-                             prefix=prefix, switches=switches, training=training, recompute=recompute)
+                             prefix=prefix, switches=switches, training=training, recompute=recompute,
+                             trajectory=trajectory)
 
 
 def _check_frames(frames: int) -> None:
@@ -340,7 +345,8 @@ def sample_teacher(model, plan: Teacher, context: torch.Tensor, noise: Noise, fr
 def causal_stream(model, plan: CausalPlan, context: torch.Tensor | None, noise: Noise, frames: int, *,
                   cache=None, start_frame: int | None = None, prefix: torch.Tensor | None = None,
                   switches: Sequence[Switch] = (), training: Training | None = None,
-                  recompute: bool = False) -> Iterator[Chunk]:
+                  recompute: bool = False,
+                  trajectory: Callable[[int, torch.Tensor, int], None] | None = None) -> Iterator[Chunk]:
     """The causal loop: per iteration of the plan, one `denoise_window` over the units in
     flight, each moved to its next level; finished units are committed to the cache (at the
     plan's context noise) and yielded. Arguments: as for `stream`."""
@@ -384,6 +390,9 @@ def causal_stream(model, plan: CausalPlan, context: torch.Tensor | None, noise: 
                 while switches and switches[0].frame <= starts[k]:
                     _apply_switch(model, cache, switches.pop(0), history, commit)
                 inflight[first + k] = noise(starts[k], unit, INITIAL)
+        if trajectory is not None:
+            for k, level in enumerate(levels):
+                trajectory(level, inflight[first + k], starts[k])
         x = torch.cat([inflight[first + k] for k in range(len(levels))], dim=2)
         sig = _window_sigma(sigmas, levels, unit, noise.batch, x.device)
         grad_pass = training is not None and i % S == training.exit_step
@@ -400,6 +409,8 @@ def causal_stream(model, plan: CausalPlan, context: torch.Tensor | None, noise: 
             if level + 1 == S or early:
                 inflight.pop(u)
                 finished.append((u, nxt))
+                if trajectory is not None:
+                    trajectory(S, nxt, starts[k])
             else:
                 inflight[u] = nxt
         if not finished:

@@ -27,6 +27,7 @@ REF_ODE = ("tests/test_reference_ode*.py",) + RULES
 REF_DF = ("tests/test_reference_pretraining*.py", "tests/test_reference_diffusion_forcing*.py",
           "tests/test_reference_teacher_forcing*.py", "tests/test_reference_ar_diffusion*.py") + RULES
 REF_RF = ("tests/test_reference_reward_forcing*.py",)
+REF_CAUSAL = ("tests/test_reference_causal*.py",) + RULES
 DMD = ("tests/test_dmd.py",)
 SF = REF_SF + ("tests/test_distill_self_forcing.py", "tests/test_reencode.py")
 CAUSVID = REF_CAUSVID + ("tests/test_distill_causvid.py",)
@@ -397,6 +398,38 @@ MUTATIONS: list[Mutation] = [
       "guidance=self.teacher_guidance, sigma_max=self.teacher_sigma_max)",
       "guidance=1.0, sigma_max=self.teacher_sigma_max)",
       ODE),
+    # ------------------------------------------------------------------ Causal Forcing
+    M("causal_pairs_bidirectional_teacher", "Causal Forcing (causal ODE pairs)", "the pairs come from the AR "
+      "teacher chunk by chunk with its KV cache, not from one bidirectional solve", "distill/ode_init.py",
+      "if self.teacher_kind == \"causal\":\n                return Chunkwise(",
+      "if False:\n                return Chunkwise(", REF_CAUSAL + ODE),
+    M("causal_pairs_context_noised", "Causal Forcing (causal ODE pairs)", "context: each finished chunk is "
+      "committed clean (t = 0), as the teacher was trained", "distill/ode_init.py",
+      "CLEAN_CONTEXT = 0.0 ", "CLEAN_CONTEXT = 500.0 ", REF_CAUSAL + ODE),
+    M("commit_noisy_latents", "every causal plan (Causal Forcing's pairs, every student)", "context: a finished "
+      "unit commits its clean output, not its last noisy input", "models/rollout.py",
+      "            commit(clean, c0)\n        yield _committed_chunk",
+      "            commit(x[:, :, -clean.shape[2]:], c0)\n        yield _committed_chunk", REF_CAUSAL + ENGINE),
+    M("causal_cd_target_wrong_step", "Causal Forcing (causal CD)", "target: the target student at t' (the "
+      "teacher's next level)", "distill/causal_cd.py",
+      "x0, x_next, t_next, context)", "x0, x_next, t, context)", REF_CAUSAL),
+    M("causal_cd_target_not_detached", "Causal Forcing (causal CD)", "stop-gradient: the target runs without "
+      "gradient", "distill/causal_cd.py", "with torch.no_grad():\n            target = self.student_x0",
+      "with torch.enable_grad():\n            target = self.student_x0", REF_CAUSAL),
+    M("causal_cd_student_noisy_context", "Causal Forcing (causal CD)", "context: the student's chunks see the "
+      "CLEAN earlier chunks (teacher forcing)", "distill/causal_cd.py",
+      "student = self.student_x0(self.run.model(role), x0, x_t, t, context)",
+      "student = self.student_x0(self.run.model(role), x_t, x_t, t, context)", REF_CAUSAL),
+    M("causal_cd_teacher_noisy_context", "Causal Forcing (causal CD)", "context: the teacher's step sees the "
+      "CLEAN earlier chunks (teacher forcing)", "distill/causal_cd.py",
+      "v_teacher = self.teacher_flow(x0, x_t, t, context)", "v_teacher = self.teacher_flow(x_t, x_t, t, context)",
+      REF_CAUSAL),
+    M("causal_cd_teacher_without_cfg", "Causal Forcing (causal CD)", "guidance: the teacher's step is "
+      "uncond + g (cond - uncond)", "distill/causal_cd.py",
+      "return v_u + self.opt.guidance * (v - v_u)", "return v", REF_CAUSAL),
+    M("causal_cd_last_level_never_drawn", "Causal Forcing (causal CD)", "sampler: n ~ U{0 .. N - 2}",
+      "distill/causal_cd.py", "torch.randint(0, self.opt.cd_steps - 1,", "torch.randint(0, self.opt.cd_steps - 2,",
+      REF_CAUSAL),
     # ------------------------------------------------------------------ diffusion / teacher forcing
     M("df_one_level_per_frame", "diffusion forcing", "levels: one level per chunk", "train/diffusion_forcing.py",
       "sample_flow_timesteps, frames, chunk_frames=self.chunk,", "sample_flow_timesteps, frames, chunk_frames=1,",

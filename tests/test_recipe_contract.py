@@ -105,17 +105,23 @@ def test_each_recipe_states_its_sampling_plan_and_sources_once_and_the_study_rea
     from the recipe itself: nothing to restate when a recipe is added."""
     from forcelab.models.plans import CausalPlan, Teacher
     from forcelab.pipeline import TOY_CONFIGS, sampling_plan
-    from forcelab.study import study_recipes
+    from forcelab.study import row_config, row_sources, study_recipes
 
-    order = study_recipes()
-    assert set(order) == {p.stem for p in TOY_CONFIGS.glob("*.yaml")} & set(recipe_names())
+    order = study_recipes()           # the rows: every toy config naming a recipe (its own, or a variant)
+    stems = {p.stem for p in TOY_CONFIGS.glob("*.yaml")}
+    framewise = {f"framewise/{p.stem}" for p in TOY_CONFIGS.glob("framewise/*.yaml")}
+    assert stems & set(recipe_names()) <= set(order) <= stems | framewise and framewise <= set(order)
     for recipe in order:
-        cls = recipe_class(recipe)
+        cls = recipe_class(row_config(recipe).recipe)
         plan = sampling_plan(recipe)
         causal = cls.roles["generator"].causal
         assert isinstance(plan, CausalPlan if causal else Teacher), recipe
-        for role, source in cls.starts_from.items():
+        for role, source in row_sources(recipe).items():
             assert role in cls.roles and order.index(source) < order.index(recipe), (recipe, role, source)
     causvid = load_train_config([TOY_CONFIGS / "causvid.yaml"]).algo
     assert sampling_plan("causvid").timesteps == [float(t) for t in causvid.steps]   # its own 3-step list
     assert recipe_class("self_forcing").starts_from == {"teacher": "teacher", "generator": "ode_init"}
+    # Causal Forcing's chain: the causal teacher -> causal ODE init / causal CD -> Self-Forcing DMD
+    assert row_sources("causal_ode_init")["teacher"] == row_sources("causal_cd")["teacher"] == "teacher_forcing"
+    assert row_sources("causal_forcing") == {"teacher": "teacher", "generator": "causal_ode_init"}
+    assert row_sources("causal_forcing_cd")["generator"] == "causal_cd"

@@ -109,6 +109,9 @@ class TrainConfig:
     parallel: str = setting("auto", choice, PARALLEL)   # auto (the accelerate launch config) | ddp | fsdp | zero2 | zero3
     data: DataConfig = field(default_factory=DataConfig)
     roles: dict[str, RoleConfig] = field(default_factory=dict)
+    # chained pipelines (the ToyBench study): role -> the toy config whose seed-0 run gives the role
+    # its weights, over the recipe's own Recipe.starts_from (e.g. {teacher: teacher_forcing}); training ignores it
+    starts_from: dict[str, str] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LogConfig = field(default_factory=LogConfig)
 
@@ -166,6 +169,9 @@ def check_train_config(cfg) -> None:
     unknown = sorted(set(cfg.roles) - set(roles))
     if unknown:
         raise ConfigError(f"roles: recipe '{cfg.recipe}' has no role(s) {unknown}; its roles are {list(roles)}")
+    unknown = sorted(set(cfg.starts_from) - set(roles))
+    if unknown:
+        raise ConfigError(f"starts_from: recipe '{cfg.recipe}' has no role(s) {unknown}; its roles are {list(roles)}")
     check_options(getattr(cfg, "algo", None), check_model(cfg))
 
 

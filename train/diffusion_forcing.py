@@ -46,6 +46,17 @@ class DiffusionForcingOptions:
             in_range(self.ar_step, "algo.ar_step", 0, self.sample_steps, integer=True, why="algo.sample_steps")
 
 
+def teacher_forced_flow(model, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        **kw) -> torch.Tensor:
+    """The flow of `noisy` [B, C, F, H, W] at per-frame timesteps t [B, F], each chunk seeing
+    the CLEAN copies of the earlier chunks of `clean` (the [clean | noisy] layout, both halves
+    at the same RoPE positions, the clean copies at t = 0); kw: chunk_frames, window_frames,
+    sink_frames. -> v [B, C, F, H, W] of the noisy half."""
+    F = noisy.shape[2]
+    both = torch.cat([torch.zeros_like(t), t], dim=1)
+    return model(torch.cat([clean, noisy], dim=2), both, context, teacher_forcing=True, **kw)[:, :, F:]
+
+
 class DiffusionForcingRecipe(Recipe):
     name = "diffusion_forcing"
     roles = {"generator": RoleSpec(causal=True)}
@@ -80,8 +91,7 @@ class DiffusionForcingRecipe(Recipe):
         model = self.run.model(role)
         kw = dict(chunk_frames=self.chunk, window_frames=self.opt.window_frames, sink_frames=self.opt.sink_frames)
         if self.opt.teacher_forcing:
-            both = torch.cat([torch.zeros_like(t), t], dim=1)
-            v = model(torch.cat([x0, x_t], dim=2), both, context, teacher_forcing=True, **kw)[:, :, F:]
+            v = teacher_forced_flow(model, x0, x_t, t, context, **kw)
         else:
             v = model(x_t, t, context, **kw)
         return flow_matching_loss(v, x0, noise), {"sigma": sigma.detach().mean()}
