@@ -1,0 +1,215 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) on 2 CPU processes (gloo, torchrun):
+FSDP writes each rank's own shards (about half the state per rank, nothing gathered), resumes
+bit for bit at the same world size and at one process as the same full tensors, exports to a
+DiT directory equal to the full weights; FSDP's bf16 mixed-precision policy is applied; and
+streaming_long's per-rank stream state continues each rank's stream exactly.
+
+One torchrun launch per test (each costs seconds); the single-process checks run here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forcelab.errors import ForcelabError
+from forcelab.models.checkpoint import diffusers_to_wan
+from forcelab.models.dit import CausalDiT
+from forcelab.train.config import load_train_config
+from forcelab.run_folder import resolve_weights
+from forcelab.train.export import export
+from forcelab.train.trainer import Trainer
+
+TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_layers=2",
+        "model_overrides.num_heads=2", "data.frames=4", "data.batch_size=2", "logging.wandb=disabled",
+        "logging.progress=false", "logging.every=100", "roles.generator.lr=1e-3",
+        "roles.generator.ema_decay=0.9", "roles.generator.ema_start=2", "roles.generator.grad_clip=1.0",
+        "roles.generator.lr_schedule=cosine", "roles.generator.warmup_steps=2", "recipe=teacher", "max_steps=6",
+        "checkpoint.every=3", "gradient_accumulation_steps=2"]
+WORLD, STEPS, ACCUMULATION, BATCH = 2, 6, 2, 2
+# a rank's shard file holds its half of every sharded tensor plus the small replicated ones
+# (each written once) and the file's own framing: well under the whole state
+SHARE_BOUND = 0.6
+
+FSDP_SCRIPT = """
+import json
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+import accelerate.utils
+from forcelab.train.config import load_train_config
+from forcelab.train.trainer import Trainer
+base, args = sys.argv[1], sys.argv[2:]
+def refuse(*a, **k):
+    raise AssertionError("a sharded checkpoint gathered objects to one rank")
+accelerate.utils.gather_object = refuse
+cfg = lambda name, *extra: load_train_config([], args + ["parallel=fsdp", f"output_dir={base}/{name}", *extra])
+straight = Trainer(cfg("straight"))
+assert straight.checkpoint_format == "sharded"
+straight.run()
+role = straight.roles["generator"]     # the full tensors, for the test's references (collective)
+full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+optim = get_optimizer_state_dict(role.module, role.optimizer, options=full)
+weights, ema = (straight.parallel.full_module(role, use_ema=e) for e in (False, True))
+if straight.is_main:
+    torch.save({"weights": weights.state_dict(), "ema": ema.state_dict(), "optim": optim["state"]}, f"{base}/full.pt")
+Trainer(cfg("split")).run(stop_at=3)
+Trainer(cfg("split"), resume="latest").run()
+# FSDP's mixed precision: bf16 parameters in forward and backward, fp32 gradient reduction
+calls = []
+def recording(name, real):
+    def call(*a, **k):
+        tensor = k.get("input", a[1] if len(a) > 1 else None)
+        calls.append((name, str(tensor.dtype)))
+        return real(*a, **k)
+    return call
+for name in ("all_gather_single", "reduce_scatter_single"):   # what FSDP2 calls
+    setattr(dist, name, recording(name, getattr(dist, name)))
+mp = Trainer(cfg("mp", "mixed_precision=bf16", "fsdp_bf16_params=true", "max_steps=1"))
+generator = mp.module("generator")
+seen = []
+generator.blocks[0].register_forward_pre_hook(
+    lambda m, a: seen.extend(str(p.dtype) for p in m.parameters(recurse=False)) or
+    seen.extend(str(p.dtype) for p in m.ffn.parameters()))
+mp.run()
+group = generator.blocks[0]._get_fsdp_state()._fsdp_param_group
+report = {"forward": sorted(set(seen)), "calls": sorted(set(calls)),
+          "param_dtype": sorted({str(p.param_dtype) for p in group.fsdp_params}),
+          "reduce_dtype": sorted({str(p.reduce_dtype) for p in group.fsdp_params}),
+          "shards": sorted({str(p.dtype) for p in generator.parameters()}),
+          "grads_or_none": sorted({str(p.grad.dtype) for p in generator.parameters() if p.grad is not None})}
+with open(f"{base}/mp-rank{mp.rank}.json", "w") as f:
+    json.dump(report, f)
+from forcelab.train.parallel import exit_processes
+exit_processes()
+"""
+
+
+def launch(tmp_path: Path, script: str, *args: str, timeout: int = 240) -> None:
+    path = tmp_path / "runs.py"
+    path.write_text(script)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone",
+           str(path), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+
+
+def losses(run: Path) -> list:
+    return [(r["step"], r["generator/loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def exported(tmp_path: Path, ckpt: Path, name: str, ema: bool) -> dict:
+    path = export(ckpt, tmp_path / "exports" / name, ema=ema)
+    return {diffusers_to_wan(k): v for k, v in load_file(str(path / "diffusion_pytorch_model.safetensors")).items()}
+
+
+def tensor_bytes_per_file(folder: Path) -> dict[str, int]:
+    """Bytes of tensor data each file of a torch.distributed.checkpoint folder holds, from its
+    index: every stored chunk's elements x element size, by the file it lies in."""
+    from math import prod
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(folder).read_metadata()
+    out = {}
+    for index, where in meta.storage_data.items():
+        item = meta.state_dict_metadata[index.fqn]
+        if not hasattr(item, "chunks"):                   # a non-tensor entry
+            continue
+        chunk = next(c for c in item.chunks if tuple(c.offsets) == tuple(index.offset))
+        size = prod(chunk.sizes) * torch.empty((), dtype=item.properties.dtype).element_size()
+        out[where.relative_path] = out.get(where.relative_path, 0) + size
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sharded")
+    launch(base, FSDP_SCRIPT, str(base), *TINY)
+    return base
+
+
+def test_fsdp_sharded_checkpoints_resume_bit_exact_and_export_the_full_weights(fsdp_runs, tmp_path):
+    straight, split = fsdp_runs / "straight", fsdp_runs / "split"
+    ckpt = straight / f"checkpoint-{STEPS:06d}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["format"] == "sharded" and state["world_size"] == WORLD
+    assert not (ckpt / "generator").exists() and (ckpt / "architecture" / "generator" / "config.json").is_file()
+    assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    # nothing gathered: each rank's shard file holds about its half of the state
+    full = torch.load(fsdp_runs / "full.pt", weights_only=True)
+    total = sum(t.numel() * t.element_size() for part in (full["weights"], full["ema"]) for t in part.values()) \
+        + sum(t.numel() * t.element_size() for s in full["optim"].values() for t in s.values() if t.dim() > 0)
+    written = tensor_bytes_per_file(ckpt / "sharded")
+    print(f"tensor bytes per shard file {written}; the full state {total} bytes")
+    assert len(written) == WORLD and all(b < SHARE_BOUND * total for b in written.values()), (written, total)
+    assert sum(written.values()) >= total                  # every tensor of the state is written (once)
+    # resumed bit for bit: losses, weights, EMA (exported) at the same world size
+    assert losses(straight) == losses(split)
+    split_ckpt = split / f"checkpoint-{STEPS:06d}"
+    for ema in (False, True):
+        assert same(exported(tmp_path, ckpt, f"straight-{ema}", ema), exported(tmp_path, split_ckpt, f"split-{ema}", ema))
+    # the export equals the full weights and EMA the run held; CausalDiT reads it
+    assert same(exported(tmp_path, ckpt, "w", ema=False), {k: v for k, v in full["weights"].items()})
+    assert same(exported(tmp_path, ckpt, "e", ema=True), full["ema"])
+    CausalDiT.from_pretrained(tmp_path / "exports" / "e")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ForcelabError, match="not written by forcelab"):   # never replaced
+        export(ckpt, user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    with pytest.raises(ForcelabError, match="forcelab export"):   # generate and init name the export step
+        resolve_weights(straight)
+
+
+def test_a_sharded_checkpoint_resumes_at_one_process_as_the_same_full_tensors(fsdp_runs, tmp_path):
+    ckpt = fsdp_runs / "straight" / f"checkpoint-{STEPS:06d}"
+    full = torch.load(fsdp_runs / "full.pt", weights_only=True)
+    cfg = load_train_config([], TINY + [f"output_dir={tmp_path / 'one'}", f"max_steps={STEPS + 1}"])
+    trainer = Trainer(cfg, resume=str(ckpt))
+    role = trainer.roles["generator"]
+    assert trainer.world == 1 and trainer.step == STEPS
+    assert same(role.module.state_dict(), full["weights"])
+    assert same(role.ema, {k: full["ema"][k] for k in role.ema}) and len(role.ema) == len(dict(role.module.named_parameters()))
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    optim = get_optimizer_state_dict(role.module, role.optimizer)["state"]
+    assert optim.keys() == full["optim"].keys()
+    assert all(same(optim[k], full["optim"][k]) for k in optim)
+    assert role.updates == STEPS and role.scheduler.last_epoch == STEPS
+    # the data continues at the next global sample: 6 steps x 2 micro-batches x 2 ranks x 2 samples
+    _, positions = trainer.next_batch()
+    assert positions == [STEPS * ACCUMULATION * WORLD * BATCH + i for i in range(BATCH)]
+    trainer.micro_batches -= 1
+    trainer.run()                                      # trains on at one process, writing the full format
+    assert (tmp_path / "one" / f"checkpoint-{STEPS + 1:06d}" / "generator" / "config.json").is_file()
+
+
+def test_fsdp_bf16_policy_computes_in_bf16_and_reduces_in_fp32(fsdp_runs):
+    for rank in range(WORLD):
+        report = json.loads((fsdp_runs / f"mp-rank{rank}.json").read_text())
+        assert report["forward"] == ["torch.bfloat16"], report               # parameters seen in forward
+        assert report["param_dtype"] == ["torch.bfloat16"] and report["reduce_dtype"] == ["torch.float32"], report
+        assert report["shards"] == ["torch.float32"]                         # the optimizer's shards stay fp32
+        gathered = {d for name, d in report["calls"] if name == "all_gather_single"}
+        reduced = {d for name, d in report["calls"] if name.startswith("reduce_scatter")}
+        assert gathered == {"torch.bfloat16"} and reduced == {"torch.float32"}, report["calls"]
+
+
+def test_checkpoint_format_is_validated(tmp_path):
+    from forcelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.format"):
+        load_train_config([], TINY + ["checkpoint.format=gathered"])
+    with pytest.raises(ConfigError, match="fsdp_bf16_params"):
+        load_train_config([], TINY + ["fsdp_bf16_params=true"])
