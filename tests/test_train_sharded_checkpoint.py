@@ -128,6 +128,17 @@ def tensor_bytes_per_file(folder: Path) -> dict[str, int]:
     return out
 
 
+def equal(a, b) -> bool:
+    """Nested dicts, lists and tensors equal bit for bit."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(equal, a, b))
+    return a == b
+
+
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -213,3 +224,51 @@ def test_checkpoint_format_is_validated(tmp_path):
         load_train_config([], TINY + ["checkpoint.format=gathered"])
     with pytest.raises(ConfigError, match="fsdp_bf16_params"):
         load_train_config([], TINY + ["fsdp_bf16_params=true"])
+
+
+STREAM_SCRIPT = """
+import sys
+import torch
+from forcelab.train.config import load_train_config
+from forcelab.train.trainer import Trainer
+base, args = sys.argv[1], sys.argv[2:]
+cfg = lambda name: load_train_config([], args + [f"output_dir={base}/{name}"])
+def stream(trainer):   # this rank's sequence as it stands: what a resume must continue exactly
+    seq = trainer.recipe.seq
+    return {"cache": seq.cache.state_dict(), "recent": seq.recent, "prompt": seq.prompt, "end": seq.end,
+            "seeds": list(seq.seeds), "sequences": trainer.recipe.sequences}
+straight = Trainer(cfg("straight"))
+straight.run()
+torch.save(stream(straight), f"{base}/straight-rank{straight.rank}.pt")
+Trainer(cfg("split")).run(stop_at=3)
+resumed = Trainer(cfg("split"), resume="latest")
+torch.save(stream(resumed), f"{base}/resumed-at-3-rank{resumed.rank}.pt")
+resumed.run()
+torch.save(stream(resumed), f"{base}/split-rank{resumed.rank}.pt")
+from forcelab.train.parallel import exit_processes
+exit_processes()
+"""
+
+
+def test_streaming_long_resumes_each_ranks_stream_from_its_own_file(tmp_path, tiny_teacher):
+    """2 ranks, FSDP, sharded checkpoints: each rank writes its own sequence state (KV cache,
+    recent frames, prompts, seeds) into its own rng-rankR.pt; a resume mid-sequence continues
+    every rank's stream bit for bit."""
+    args = ["recipe=streaming_long", f"roles.teacher.init={tiny_teacher(layers=2)}", "data.batch_size=1",
+            "algo.frames=4", "algo.new_frames=2", "algo.max_frames=9", "algo.sink_frames=2", "algo.window_frames=4",
+            "logging.wandb=disabled", "logging.progress=false", "logging.every=1", "roles.generator.update_every=2",
+            "roles.generator.lr=1e-3", "roles.critic.lr=1e-3", "max_steps=6", "checkpoint.every=3", "parallel=fsdp"]
+    launch(tmp_path, STREAM_SCRIPT, str(tmp_path), *args)
+    ckpt = tmp_path / "split" / "checkpoint-000003"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["format"] == "sharded"
+    saved = [torch.load(ckpt / f"rng-rank{r}.pt", weights_only=True)["recipe"]["sequence"] for r in range(WORLD)]
+    for rank in range(WORLD):
+        at3 = torch.load(tmp_path / f"resumed-at-3-rank{rank}.pt", weights_only=True)
+        assert saved[rank]["end"] == at3["end"] == 6                          # resumed mid-sequence
+        assert equal(saved[rank]["cache"], at3["cache"])                       # from this rank's own file
+        a, b = (torch.load(tmp_path / f"{n}-rank{rank}.pt", weights_only=True) for n in ("straight", "split"))
+        assert equal(a, b), rank                             # cache, recent frames, prompt, seeds, counts
+    assert not torch.equal(saved[0]["prompt"], saved[1]["prompt"])               # two ranks, two streams
+    rows = [(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("straight", "split")]
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("time", "steps_per_s")}  # noqa: E731
+    assert [strip(r) for r in rows[0]] == [strip(r) for r in rows[1]] and len(rows[0]) == 6
