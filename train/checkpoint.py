@@ -434,7 +434,8 @@ def last_good_checkpoint(run_dir: Path, failing_step: int) -> tuple[Path | None,
     (the first computed with its weights) logged finite losses and no skipped update. A
     checkpoint can hold finite weights that are already ruined (lr=1e30: weights ~1e30, the
     next loss inf), so the weights alone do not tell. failing_step: the step aborting now (not
-    logged). A step missing from metrics.jsonl is judged by the weights alone.
+    logged). A step missing from metrics.jsonl is judged by the weights alone; a sharded
+    checkpoint (no DiT directories to read in one process) by its loss alone.
     Returns (that checkpoint or None, why each newer one is not good)."""
     rows: dict[int, dict] = {}
     try:
@@ -486,7 +487,8 @@ def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
     arch = ckpt / ARCHITECTURE_DIR / role
     if not (arch / "config.json").is_file():
         have = sorted(d.name for d in (ckpt / ARCHITECTURE_DIR).iterdir()) if (ckpt / ARCHITECTURE_DIR).is_dir() else []
-        raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); choose one with --role")
+        raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); "
+                              f"choose one with --role")
     config, _ = read_config(arch)
     kept = _read_shard_index(ckpt).state_dict_metadata
     use_ema = ema and any(k.startswith(f"{role}.ema.") for k in kept)

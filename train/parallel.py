@@ -37,7 +37,11 @@ gathering (ema_source) and gathers it only to write a checkpoint or sample (snap
 full_module).
 
 Resume is exact for the same strategy and number of processes (the trainer already requires
-the same number of processes for its per-rank RNG states).
+the same number of processes for its per-rank RNG states). A sharded checkpoint also resumes
+at another number of processes, under FSDP or ddp (train/checkpoint.py says what starts fresh).
+
+Mixed precision: autocast (mixed_precision bf16) under every strategy; under FSDP
+fsdp_bf16_params adds FSDP2's MixedPrecisionPolicy (bf16 parameters, fp32 reduction).
 
 Gradients: ddp averages them itself after accumulation (Trainer._all_reduce_grads); FSDP
 reduce-scatters them in the last micro-batch's backward (gradient sync is off for the

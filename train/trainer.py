@@ -481,7 +481,8 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def trainer_state(self) -> dict:
         return {"step": self.step, "micro_batches": self.micro_batches, "sample_offset": self.sample_offset,
-                "nonfinite": self.nonfinite, "world_size": self.world, "format": self.checkpoint_format, "recipe": self.cfg.recipe, "seed": self.cfg.seed,
+                "nonfinite": self.nonfinite, "world_size": self.world, "format": self.checkpoint_format,
+                "recipe": self.cfg.recipe, "seed": self.cfg.seed,
                 "roles": {n: {"source": r.source, "updates": r.updates, "trainable": r.trainable}
                           for n, r in self.roles.items()},
                 "forcelab": __version__}
