@@ -58,6 +58,22 @@ optim = get_optimizer_state_dict(role.module, role.optimizer, options=full)
 weights, ema = (straight.parallel.full_module(role, use_ema=e) for e in (False, True))
 if straight.is_main:
     torch.save({"weights": weights.state_dict(), "ema": ema.state_dict(), "optim": optim["state"]}, f"{base}/full.pt")
+# a full disk on rank 1 alone while saving again: every rank stops with the same line
+from forcelab.errors import CheckpointError
+from forcelab.train import checkpoint as ckpt_io
+real = ckpt_io._write_rank_state
+def full_disk(tmp, rank, state):
+    if rank == 1:
+        raise OSError(28, "No space left on device")
+    return real(tmp, rank, state)
+ckpt_io._write_rank_state, error = full_disk, None
+try:
+    straight.save()
+except CheckpointError as e:
+    error = str(e)
+ckpt_io._write_rank_state = real
+with open(f"{base}/fault-rank{straight.rank}.json", "w") as f:
+    json.dump(error, f)
 Trainer(cfg("split")).run(stop_at=2)
 Trainer(cfg("split"), resume="latest").run()
 # FSDP's mixed precision: bf16 parameters in forward and backward, fp32 gradient reduction
@@ -164,6 +180,11 @@ def test_fsdp_sharded_checkpoints_resume_bit_exact_and_export_the_full_weights(f
     assert state["format"] == "sharded" and state["world_size"] == WORLD
     assert not (ckpt / "generator").exists() and (ckpt / "architecture" / "generator" / "config.json").is_file()
     assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    # a save that failed on rank 1 alone (full disk): one line on every rank, no leftovers, and
+    # the checkpoint it would have replaced intact (the export below reads it)
+    errors = [json.loads((fsdp_runs / f"fault-rank{r}.json").read_text()) for r in range(WORLD)]
+    assert errors[0] == errors[1] and "No space left" in errors[0] and "\n" not in errors[0], errors
+    assert [p.name for p in straight.iterdir() if p.name.startswith(".checkpoint")] == []
     # nothing gathered: each rank's shard file holds about its half of the state
     full = torch.load(fsdp_runs / "full.pt", weights_only=True)
     total = sum(t.numel() * t.element_size() for part in (full["weights"], full["ema"]) for t in part.values()) \
@@ -285,3 +306,58 @@ def test_streaming_long_resumes_each_ranks_stream_from_its_own_file(tmp_path, ti
     rows = [(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("straight", "split")]
     strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("time", "steps_per_s")}  # noqa: E731
     assert [strip(r) for r in rows[0]] == [strip(r) for r in rows[1]] and len(rows[0]) == 4
+
+
+# ---------------------------------------------------------------------- faults (one process)
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """A one-process run that saved a sharded checkpoint at step 2 (of 4)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    cfg = load_train_config([], TINY + [f"output_dir={out}", "checkpoint.format=sharded"])
+    Trainer(cfg).run(stop_at=2)
+    return cfg, out
+
+
+def test_a_failed_sharded_save_keeps_the_previous_checkpoint(one_process_run, monkeypatch):
+    import errno
+
+    from forcelab.errors import CheckpointError
+    from forcelab.train import checkpoint as ckpt_io
+
+    cfg, out = one_process_run
+    before = sorted(p.name for p in out.iterdir())
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt_io, "_write_shards", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        Trainer(cfg, resume="latest").run()
+    assert "\n" not in str(e.value) and "--resume latest" in str(e.value), e.value
+    assert sorted(p.name for p in out.iterdir() if p.name != "metrics.jsonl") == \
+        sorted(n for n in before if n != "metrics.jsonl")                   # no checkpoint-4, no leftovers
+    assert Trainer(cfg, resume="latest").step == 2                         # the earlier one resumes
+
+
+def test_a_damaged_sharded_checkpoint_is_one_clear_line(one_process_run, tmp_path, capsys):
+    import shutil
+
+    from forcelab.cli import main
+    from forcelab.errors import CheckpointError
+
+    cfg, out = one_process_run
+    damaged = tmp_path / "run"
+    shutil.copytree(out, damaged)
+    (damaged / "checkpoint-000002" / "sharded" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"\.metadata"):
+        Trainer(load_train_config([], TINY + [f"output_dir={damaged}"]), resume="latest")
+    lost = tmp_path / "lost"
+    shutil.copytree(out, lost)
+    (lost / "checkpoint-000002" / "sharded" / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=r"cannot read the shards \(FileNotFoundError"):
+        Trainer(load_train_config([], TINY + [f"output_dir={lost}"]), resume="latest")
+    for argv in (["export", str(damaged), str(tmp_path / "a")],                          # no shard index
+                 ["export", str(lost), str(tmp_path / "b")],                             # a shard file lost
+                 ["export", str(out), str(tmp_path / "c"), "--role", "critic"]):         # no such role
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert not (tmp_path / argv[2]).exists()

@@ -117,18 +117,22 @@ def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_st
                 tmp = stack.enter_context(atomic_directory(path, overwrite=True, what="checkpoint"))
                 if shards is not None:
                     (tmp / SHARDED_DIR).mkdir()
-            except Exception as e:      # a full disk, a read-only folder, a folder not forcelab's
+            except dcp_failures() as e:     # a full disk, a read-only folder, a folder not forcelab's
                 error = e
         tmp = Path(_agree(path, error, world, share=None if tmp is None else str(tmp)))
         error = None
         try:
             _write_rank_state(tmp, rank, rank_state)
-            if shards is not None:      # collective: each rank writes the shards it holds
+        except dcp_failures() as e:
+            error = e
+        _agree(path, error, world)      # (every rank enters the collective write below, or none)
+        try:
+            if shards is not None:      # collective: each rank writes the shards it holds (DCP raises on all)
                 _write_shards(tmp / SHARDED_DIR, {name: tensors for name, (tensors, _) in shards.items()}, world)
             if rank == 0:
                 _write_roles(tmp, roles, snapshots, shards)
                 (tmp / "config.yaml").write_text(config_yaml)   # tmp: a fresh folder of this save
-        except Exception as e:
+        except dcp_failures() as e:
             error = e
         _agree(path, error, world)      # every rank's part is written (or every rank raises)
         error = None
@@ -137,10 +141,36 @@ def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_st
                 with stack.pop_all():   # trainer_state.json last, then the swap into place
                     (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
                 _drop_old(run_dir, keep_last)
-            except Exception as e:
+            except dcp_failures() as e:
                 error = e
     _agree(path, error, world)
     return path
+
+
+def dcp_failures() -> tuple:
+    """What a save or load may raise: exceptions, and torch.distributed.checkpoint's
+    CheckpointException (a BaseException carrying each failed rank's exception)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return Exception, CheckpointException
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (the first failed rank's) and chained
+    wrappers: the OSError of a full disk, the FileNotFoundError of a missing shard file."""
+    while True:
+        failures = getattr(error, "failures", None)
+        if isinstance(failures, dict) and failures:
+            error = next(iter(failures.values()))[0]
+        elif error.__cause__ is not None:
+            error = error.__cause__
+        else:
+            return error
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def _agree(path: Path, error: BaseException | None, world: int, share: str | None = None) -> str | None:
@@ -163,16 +193,11 @@ def _message(path: Path, error: BaseException | None) -> str | None:
         return None
     if isinstance(error, ForcelabError):   # already one line naming the thing (a folder not forcelab's)
         return str(error)
-    if isinstance(error, OSError):   # a full disk, a read-only folder: the earlier checkpoints are intact
-        return f"{os_error_message(error, 'checkpoint', path)}; then continue with --resume latest"
-    cause = error
-    while cause.__cause__ is not None or cause.__context__ is not None:   # DCP wraps a rank's OSError
-        cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, OSError):
-            return f"{os_error_message(cause, 'checkpoint', path)}; then continue with --resume latest"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"checkpoint {path}: could not be written ({type(error).__name__}: {first}); the earlier checkpoints " \
-           f"are intact - continue with --resume latest"
+    cause = root_cause(error)
+    if isinstance(cause, OSError):   # a full disk, a read-only folder: the earlier checkpoints are intact
+        return f"{os_error_message(cause, 'checkpoint', path)}; then continue with --resume latest"
+    return f"checkpoint {path}: could not be written ({one_line(cause)}); the earlier checkpoints are intact - " \
+           f"continue with --resume latest"
 
 
 def _write_rank_state(tmp: Path, rank: int, state: dict) -> None:
@@ -246,6 +271,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 
 RESUME_ADVICE = "resume from an earlier checkpoint (--resume RUN/checkpoint-NNNNNN) or start a new run"
+EXPORT_ADVICE = "export an earlier checkpoint of the run (RUN/checkpoint-NNNNNN)"
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -350,7 +376,7 @@ def role_config_dir(ckpt: Path, name: str) -> Path:
     return ckpt / ARCHITECTURE_DIR / name if is_sharded(ckpt) else ckpt / name
 
 
-def _read_shard_index(ckpt: Path):
+def _read_shard_index(ckpt: Path, advice: str = RESUME_ADVICE):
     """The torch.distributed.checkpoint metadata of a sharded checkpoint (which tensors, which shards)."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -359,10 +385,10 @@ def _read_shard_index(ckpt: Path):
         return FileSystemReader(folder).read_metadata()
     except Exception as e:   # missing or damaged: DCP raises its own errors
         raise CheckpointError(f"{folder}: unreadable shard index .metadata ({type(e).__name__}); "
-                              f"{RESUME_ADVICE}") from None
+                              f"{advice}") from None
 
 
-def load_shards(ckpt: Path, state: dict, world: int) -> None:
+def load_shards(ckpt: Path, state: dict, world: int, advice: str = RESUME_ADVICE) -> None:
     """Fill `state` (tensors allocated where this process holds them; nested by role and kind)
     in place from a sharded checkpoint: each process reads the parts it holds (collective when
     world > 1)."""
@@ -373,10 +399,9 @@ def load_shards(ckpt: Path, state: dict, world: int) -> None:
         with warnings.catch_warnings():   # one process: DCP says it reads without a process group
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=world == 1)
-    except Exception as e:   # a missing shard file, a tensor of another shape (DCP's CheckpointException)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{folder}: cannot read the shards ({type(e).__name__}: {first[:300]}); "
-                              f"{RESUME_ADVICE}") from None
+    except dcp_failures() as e:   # a missing shard file, a tensor of another shape (DCP's CheckpointException)
+        raise CheckpointError(f"{folder}: cannot read the shards ({one_line(root_cause(e))}); "
+                              f"{advice}") from None
 
 
 def load_role_state(ckpt: Path, role: Role, strategy) -> None:
@@ -490,7 +515,7 @@ def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
         raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); "
                               f"choose one with --role")
     config, _ = read_config(arch)
-    kept = _read_shard_index(ckpt).state_dict_metadata
+    kept = _read_shard_index(ckpt, EXPORT_ADVICE).state_dict_metadata
     use_ema = ema and any(k.startswith(f"{role}.ema.") for k in kept)
     model = CausalDiT(config).eval()
     state = model.state_dict()                # the model's own storage: the load fills it in place
@@ -498,6 +523,6 @@ def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
     wanted = {"model": {k: v for k, v in state.items() if not (use_ema and k in params)}}
     if use_ema:
         wanted["ema"] = {k: state[k] for k in params}
-    load_shards(ckpt, {role: wanted}, world=1)
+    load_shards(ckpt, {role: wanted}, world=1, advice=EXPORT_ADVICE)
     model.load_state_dict(state)
     return model
