@@ -4,7 +4,8 @@ bit for bit at the same world size and at one process as the same full tensors, 
 DiT directory equal to the full weights; FSDP's bf16 mixed-precision policy is applied; and
 streaming_long's per-rank stream state continues each rank's stream exactly.
 
-One torchrun launch per test (each costs seconds); the single-process checks run here."""
+Two torchrun launches (each costs seconds): the FSDP runs, shared by three tests, and the
+streaming_long runs; the one-process resume, export and fault checks run in this process."""
 
 import json
 import os
@@ -19,8 +20,8 @@ from safetensors.torch import load_file
 from forcelab.errors import ForcelabError
 from forcelab.models.checkpoint import diffusers_to_wan
 from forcelab.models.dit import CausalDiT
-from forcelab.train.config import load_train_config
 from forcelab.run_folder import resolve_weights
+from forcelab.train.config import load_train_config
 from forcelab.train.export import export
 from forcelab.train.trainer import Trainer
 
@@ -31,8 +32,8 @@ TINY = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides
         "roles.generator.lr_schedule=cosine", "roles.generator.warmup_steps=2", "recipe=teacher", "max_steps=4",
         "checkpoint.every=2", "gradient_accumulation_steps=2"]
 WORLD, STEPS, ACCUMULATION, BATCH = 2, 4, 2, 2
-# a rank's shard file holds its half of every sharded tensor plus the small replicated ones
-# (each written once) and the file's own framing: well under the whole state
+# the tensor data in a rank's shard file: its half of every sharded tensor plus its share of
+# the small replicated ones (each written once): well under the whole state
 SHARE_BOUND = 0.6
 
 FSDP_SCRIPT = """
