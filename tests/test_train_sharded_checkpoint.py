@@ -251,6 +251,24 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_reduces_in_fp32(fsdp_runs):
         assert gathered == {"torch.bfloat16"} and reduced == {"torch.float32"}, report["calls"]
 
 
+def test_a_resharded_resume_reads_every_sample_once():
+    """Exact enumeration: a stream read by W processes for m micro-batches, resumed by W'
+    processes, reads the samples 0, 1, 2, ... in order of (micro-batch, rank), each once."""
+    from forcelab.train.checkpoint import resharded_position
+
+    def read(world, batch, micro_batches, offset=0):   # what Trainer.next_batch reads, rank after rank
+        return [offset + (m * world + r) * batch + i for m in micro_batches for r in range(world)
+                for i in range(batch)]
+
+    for batch in (1, 2, 3):
+        for saved, now in ((2, 1), (2, 3), (2, 4), (3, 2), (4, 3)):
+            for done in range(5):
+                before = read(saved, batch, range(done))
+                m, offset = resharded_position(len(before), now, batch)
+                after = read(now, batch, range(m, m + 3), offset)
+                assert before + after == list(range(len(before) + len(after))), (batch, saved, now, done)
+
+
 def test_checkpoint_format_is_validated(tmp_path):
     from forcelab.errors import ConfigError
 

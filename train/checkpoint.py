@@ -85,6 +85,14 @@ def checkpoint_format(cfg, strategy) -> str:
     return fmt
 
 
+def resharded_position(consumed: int, world: int, batch_size: int) -> tuple[int, int]:
+    """(micro_batches, sample_offset) that continue a data stream at global sample `consumed`
+    with `world` processes: micro-batch m of rank r reads the batch_size samples from
+    sample_offset + (m * world + r) * batch_size on (Trainer.next_batch), so the next samples
+    are read by the next ranks in order, none skipped or read twice."""
+    return divmod(consumed, world * batch_size)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():

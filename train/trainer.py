@@ -276,9 +276,9 @@ class Trainer:
         """Resume at another number of processes: the data continues at the same global sample;
         what belonged to one process alone (RNG, the recipe's per-rank state, a shard stream's
         read count) starts fresh."""
-        B = self.cfg.data.batch_size
-        consumed = self.sample_offset + self.micro_batches * saved_world * B
-        self.micro_batches, self.sample_offset = divmod(consumed, self.world * B)
+        consumed = self.sample_offset + self.micro_batches * saved_world * self.cfg.data.batch_size
+        self.micro_batches, self.sample_offset = ckpt_io.resharded_position(consumed, self.world,
+                                                                             self.cfg.data.batch_size)
         torch.manual_seed(mix_seed(self.cfg.seed, self.rank, self.step))
         self._recipe_state = self.recipe.shared_state(ckpt_io.load_rank_state(self.resume_from, 0).get("recipe") or {})
         self._resharded = (f"resharded: checkpoint of {saved_world} process(es) resumed by {self.world}; the data "
