@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("forcelab.data.preprocess", "encode videos + captions (or prompts) into webdataset latent shards"),
     "train": ("forcelab.train.cli", "train with a recipe config (teacher, diffusion forcing, AR-diffusion, ...)"),
     "distill": ("forcelab.distill.cli", "distill a causal student (ODE init, CausVid, Self-Forcing, Rolling Forcing, LongLive, ...)"),
-    "export": ("forcelab.train.export", "export a run's generator as a diffusers or Wan checkpoint directory"),
+    "export": ("forcelab.train.export", "export a run's generator (full or sharded checkpoint) as a diffusers or Wan DiT directory"),
     "demo": ("forcelab.demo", "distill a streaming student on the toy world end to end, with a report (CPU)"),
     "eval": ("forcelab.eval.cli", "evaluate videos: ToyBench, VBench (runner, aggregation), HTML reports"),
 }

@@ -3,6 +3,8 @@
     run_dir/forcelab-run.json           the run: recipe, encoders ({"vae", "text_encoder"})
     run_dir/checkpoint-000600/          a training checkpoint (trainer_state.json inside)
         generator/, generator_ema/      DiT directories (config.json + safetensors)
+        sharded/                        or: each rank's shards (torch.distributed.checkpoint), which
+                                        `forcelab export` turns into DiT directories (train/checkpoint.py)
     EXPORT_DIR/forcelab.json            an exported DiT directory's encoders
 
 `resolve_weights(path, role)` turns any of these (or a plain DiT / Wan pipeline directory)
@@ -23,6 +25,13 @@ TRAINER_STATE = "trainer_state.json"   # marks a training checkpoint folder (wri
 ENCODERS_RECORD = "forcelab.json"      # beside an exported DiT's config.json
 CHECKPOINT_PREFIX = "checkpoint-"
 EMA_SUFFIX = "_ema"
+SHARDED_DIR = "sharded"                # a sharded checkpoint's torch.distributed.checkpoint folder
+ARCHITECTURE_DIR = "architecture"      # a sharded checkpoint's roles' config.json (ROLE/config.json)
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """A training checkpoint written in the sharded format."""
+    return (Path(checkpoint) / SHARDED_DIR).is_dir() and (Path(checkpoint) / TRAINER_STATE).is_file()
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -50,6 +59,9 @@ def resolve_weights(path, role: str = "generator", ema: bool = True) -> Path:
         if not found:
             raise ForcelabError(f"weights {path}: a forcelab run without a finished checkpoint yet")
         p = found[-1]
+    if is_sharded(p):
+        raise ForcelabError(f"weights {path}: checkpoint {p.name} is sharded (one file per training process); "
+                            f"turn it into DiT directories first: forcelab export {p} OUT_DIR")
     if (p / TRAINER_STATE).is_file():
         for name in ([role + EMA_SUFFIX] if ema else []) + [role]:
             if (p / name / "config.json").is_file():

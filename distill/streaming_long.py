@@ -41,8 +41,10 @@ switches, so a prompt file is sampled sparsely, never read twice at one position
 
 Checkpoints save the sequence state per rank (the cache tensors - computed by weights that no
 longer exist, so they cannot be rebuilt from latents -, the recent frames, prompts, noise seeds
-and position): a resume continues mid-sequence bit for bit. `checkpoint_stream: false` saves
-less and starts a new sequence on resume instead.
+and position), each rank into its own file (rng-rankR.pt, written by that rank: nothing is
+gathered, so a Wan-scale cache costs each rank its own share of disk writes, not rank 0's memory):
+a resume continues mid-sequence bit for bit. `checkpoint_stream: false` saves less and starts a
+new sequence on resume instead, as a resume at another number of processes does.
 
 Optional LoRA (`lora_rank` > 0, peft) on the attention and FFN linears of the generator and the
 critic: see distill/lora.py (checkpoints keep merged weights plus the adapters; EMA is not
@@ -293,6 +295,11 @@ class StreamingLongRecipe(DMDRecipe):
                                 bool(s["recache"]))
         if self.opt.lora_rank:
             self._load_lora(state)
+
+    def shared_state(self, state: dict) -> dict:
+        """At another number of processes: the sequence count and LoRA adapters; each rank starts
+        new sequences (a sequence's cache belongs to its rank's samples)."""
+        return {k: state[k] for k in ("sequences", "lora") if k in state}
 
     def _lora_roles(self) -> list[str]:
         return [r for r in self.opt.lora_roles if self.run.trainable(r)]

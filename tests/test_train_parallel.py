@@ -126,7 +126,8 @@ def check_save_resume(tmp_path: Path, mode: str) -> dict:
 
 
 def test_fsdp_saves_resumes_and_matches_data_parallel(tmp_path):
-    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY)
+    # the full format (gathered to rank 0); the sharded one: tests/test_train_sharded_checkpoint.py
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "fsdp", "ddp", *TINY, "checkpoint.format=full")
     check_save_resume(tmp_path, "fsdp")
 
 
@@ -165,7 +166,7 @@ def test_self_forcing_three_roles_under_fsdp(tmp_path):
     args = ["recipe=self_forcing", f"roles.teacher.init={teacher}", "data.batch_size=1", "data.frames=8",
             "algo.frames=4", "algo.min_chunks=1", "algo.max_chunks=2", "logging.wandb=disabled",
             "logging.progress=false", "roles.generator.update_every=2", "roles.generator.ema_decay=0.9",
-            "max_steps=2", "parallel=fsdp", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
+            "max_steps=2", "parallel=fsdp", "checkpoint.format=full", "logging.sample_every=2", "logging.sample_prompts=[a red ball]",
             f"output_dir={tmp_path / 'run'}"]   # output_dir last: the script derives its other runs from it
     launch(tmp_path, SF_SCRIPT, *args)
     ckpt = tmp_path / "run" / "checkpoint-000002"
@@ -326,7 +327,7 @@ def check_guard(tmp_path: Path, modes: list[str]) -> None:
 
 
 GUARD_ARGS = [a for a in TINY if not a.startswith(("max_steps=", "checkpoint.every=", "roles.generator.ema_start="))] \
-    + ["max_steps=4", "roles.generator.ema_start=0"]   # the EMA runs through the skipped step
+    + ["max_steps=4", "roles.generator.ema_start=0", "checkpoint.format=full"]   # the EMA runs through the skipped step
 
 
 def test_nonfinite_guard_skips_the_same_update_when_sharded(tmp_path):

@@ -1,16 +1,44 @@
 """Training checkpoints: written atomically, kept last-K, resumed exactly.
 
-    run_dir/checkpoint-000006/
+Two formats (checkpoint.format: auto | full | sharded; auto: sharded under FSDP, else full):
+
+    run_dir/checkpoint-000006/              format: full (one process, ddp, ZeRO; fsdp on request)
         generator/, critic/          each trainable role: a DiT directory (config.json + safetensors),
                                      readable by CausalDiT.from_pretrained and diffusers
         generator_ema/               the EMA weights, when kept
         optim-generator.pt           optimizer + LR schedule state (torch.save; loaded weights_only)
-        rng-rank0.pt, ...            every rank's RNG states and recipe state
-        trainer_state.json           step, data position, counters (written last)
+        rng-rank0.pt, ...            each rank's RNG states, recipe state (streaming_long's KV
+                                     caches), data position, ZeRO partitions: written by that rank
+        trainer_state.json           step, data position, counters, format (written last)
         config.yaml                  the resolved config
 
-Every rank's small state is gathered to rank 0, which writes the folder through
-fsio.atomic_directory: a killed save leaves the previous checkpoint intact.
+    run_dir/checkpoint-000006/              format: sharded (torch.distributed.checkpoint)
+        sharded/                     .metadata (rank 0) and __R_0.distcp, one file per rank: the
+                                     shards that rank holds of every trainable role's weights
+                                     (ROLE.model.*), EMA (ROLE.ema.*) and optimizer state (ROLE.optim.*)
+        architecture/generator/      each trainable role's config.json (no weights)
+        optim-generator.pt           the optimizer's param groups (hyperparameters), the LR
+                                     schedule and update count; no tensors of the optimizer
+        rng-rank0.pt, ...            as above, each written by its rank
+        trainer_state.json, config.yaml
+
+Nothing is gathered to one process to write a sharded checkpoint: every rank writes its own
+shards (a tensor replicated on several ranks is written once) and its own rng-rankR.pt into
+one temporary folder, which rank 0 made (fsio.atomic_directory) and moves into place after
+every rank reported success, trainer_state.json last: a killed or failed save leaves the
+previous checkpoint intact and no partial one under a checkpoint's name. The folder must lie
+on a file system every rank sees (as for any resume). In the full format the sharded
+strategies gather the weights, EMA (and FSDP's optimizer state) to rank 0, which writes them.
+
+A sharded checkpoint resumes at any number of processes and under any strategy but ZeRO
+(torch.distributed.checkpoint reshards on load: each rank reads the parts of the tensors it
+holds now). Bit for bit at the same number of processes; at another, the states are the same
+full tensors, the data stream continues at the same global sample (`sample_offset`), and what
+belongs to one rank alone starts fresh, which the run's log says: RNG states (reseeded from
+seed, rank and step), a recipe's per-rank state (streaming_long starts new sequences) and a
+shard stream's read count (each rank reads its new split from the start of an epoch).
+`forcelab export` turns a sharded checkpoint into DiT directories (train/export.py); generate
+and roles.X.init read those, not the shards.
 
 A resume is verified before it trains (verify_checkpoint): the trainer state, recipe, roles,
 world size, each role's architecture and every state file; each failure is one line naming
@@ -19,24 +47,50 @@ the file and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, ForcelabError
 from ..fsio import atomic_directory, os_error_message, remove_directory, written_by_forcelab
-from ..models.checkpoint import diffusers_to_wan, read_config, save_state, weight_files
-from ..run_folder import CHECKPOINT_PREFIX, EMA_SUFFIX, TRAINER_STATE, checkpoints
+from ..models.checkpoint import config_to_json, diffusers_to_wan, read_config, save_state, weight_files
+from ..run_folder import (ARCHITECTURE_DIR, CHECKPOINT_PREFIX, EMA_SUFFIX, SHARDED_DIR, TRAINER_STATE, checkpoints,
+                          is_sharded)
 from .roles import RUNTIME_FIELDS, Role, _norm
+
+FORMATS = ("full", "sharded")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def checkpoint_format(cfg, strategy) -> str:
+    """full | sharded for this run (checkpoint.format; auto: sharded under FSDP)."""
+    fmt = cfg.checkpoint.format
+    if fmt == "auto":
+        return "sharded" if strategy.name == "fsdp" else "full"
+    if fmt == "sharded" and strategy.name.startswith("zero"):
+        raise ConfigError(f"checkpoint.format=sharded: not written under DeepSpeed ({strategy.name}), whose "
+                          f"optimizer partitions each rank writes already (rng-rankR.pt); set checkpoint.format "
+                          f"to auto or full, or train with parallel=fsdp")
+    return fmt
+
+
+def resharded_position(consumed: int, world: int, batch_size: int) -> tuple[int, int]:
+    """(micro_batches, sample_offset) that continue a data stream at global sample `consumed`
+    with `world` processes: micro-batch m of rank r reads the batch_size samples from
+    sample_offset + (m * world + r) * batch_size on (Trainer.next_batch), so the next samples
+    are read by the next ranks in order, none skipped or read twice."""
+    return divmod(consumed, world * batch_size)
 
 
 def rng_state() -> dict:
@@ -53,17 +107,149 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_state: dict,
-                    rank_states: list[dict], config_yaml: str, keep_last: int, snapshots: dict | None = None) -> Path:
-    """Rank 0 only: write checkpoint-{step} atomically, then drop checkpoints beyond keep_last.
-    snapshots: per trainable role, the full weights / EMA / optimizer state a sharded run
-    gathered (train/parallel.py); None: taken from the roles as they are."""
+# ---------------------------------------------------------------------- saving (every rank)
+def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_state: dict, rank_state: dict,
+                    config_yaml: str, keep_last: int, *, rank: int = 0, world: int = 1, snapshots: dict | None = None,
+                    shards: dict | None = None) -> Path:
+    """Collective: every rank calls it. Writes checkpoint-{step} atomically, then drops
+    checkpoints beyond keep_last. rank_state: this rank's own state (rng-rankR.pt).
+    shards (sharded format): per trainable role, (the tensors this rank holds by name, the
+    optimizer's param groups) from strategy.checkpoint_shards; every rank writes its part.
+    snapshots (full format of a sharded strategy): per trainable role, the full weights / EMA /
+    optimizer state gathered to rank 0 (train/parallel.py); None: taken from the roles."""
     path = checkpoint_dir(run_dir, step)
-    try:
-        _write(path, roles, trainer_state, rank_states, config_yaml, snapshots)
-    except OSError as e:   # a full disk, a read-only folder: the earlier checkpoints are intact
-        raise CheckpointError(f"{os_error_message(e, 'checkpoint', path)}; then continue with "
-                              f"--resume latest") from None
+    with contextlib.ExitStack() as stack:
+        tmp, error = None, None
+        if rank == 0:
+            try:
+                tmp = stack.enter_context(atomic_directory(path, overwrite=True, what="checkpoint"))
+                if shards is not None:
+                    (tmp / SHARDED_DIR).mkdir()
+            except dcp_failures() as e:     # a full disk, a read-only folder, a folder not forcelab's
+                error = e
+        tmp = Path(_agree(path, error, world, share=None if tmp is None else str(tmp)))
+        error = None
+        try:
+            _write_rank_state(tmp, rank, rank_state)
+        except dcp_failures() as e:
+            error = e
+        _agree(path, error, world)      # (every rank enters the collective write below, or none)
+        try:
+            if shards is not None:      # collective: each rank writes the shards it holds (DCP raises on all)
+                _write_shards(tmp / SHARDED_DIR, {name: tensors for name, (tensors, _) in shards.items()}, world)
+            if rank == 0:
+                _write_roles(tmp, roles, snapshots, shards)
+                (tmp / "config.yaml").write_text(config_yaml)   # tmp: a fresh folder of this save
+        except dcp_failures() as e:
+            error = e
+        _agree(path, error, world)      # every rank's part is written (or every rank raises)
+        error = None
+        if rank == 0:
+            try:
+                with stack.pop_all():   # trainer_state.json last, then the swap into place
+                    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+                _drop_old(run_dir, keep_last)
+            except dcp_failures() as e:
+                error = e
+    _agree(path, error, world)
+    return path
+
+
+def dcp_failures() -> tuple:
+    """What a save or load may raise: exceptions, and torch.distributed.checkpoint's
+    CheckpointException (a BaseException carrying each failed rank's exception)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return Exception, CheckpointException
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (the first failed rank's) and chained
+    wrappers: the OSError of a full disk, the FileNotFoundError of a missing shard file."""
+    while True:
+        failures = getattr(error, "failures", None)
+        if isinstance(failures, dict) and failures:
+            error = next(iter(failures.values()))[0]
+        elif error.__cause__ is not None:
+            error = error.__cause__
+        else:
+            return error
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
+def _agree(path: Path, error: BaseException | None, world: int, share: str | None = None) -> str | None:
+    """Every rank learns whether any rank failed (then all raise the first rank's error, as one
+    line) and rank 0's `share` (the temporary folder). Small objects only: no tensors."""
+    messages = [_message(path, error)]
+    if world > 1:
+        messages = [None] * world
+        torch.distributed.all_gather_object(messages, (_message(path, error), share))
+        share = messages[0][1]
+        messages = [m for m, _ in messages]
+    failed = next((m for m in messages if m is not None), None)
+    if failed is not None:
+        raise CheckpointError(failed) from None
+    return share
+
+
+def _message(path: Path, error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, ForcelabError):   # already one line naming the thing (a folder not forcelab's)
+        return str(error)
+    cause = root_cause(error)
+    if isinstance(cause, OSError):   # a full disk, a read-only folder: the earlier checkpoints are intact
+        return f"{os_error_message(cause, 'checkpoint', path)}; then continue with --resume latest"
+    return f"checkpoint {path}: could not be written ({one_line(cause)}); the earlier checkpoints are intact - " \
+           f"continue with --resume latest"
+
+
+def _write_rank_state(tmp: Path, rank: int, state: dict) -> None:
+    """This rank's own file, synced by this rank (on a shared file system rank 0 cannot)."""
+    with open(tmp / f"rng-rank{rank}.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_shards(folder: Path, state: dict, world: int) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():   # one process: DCP says it writes without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), no_dist=world == 1)
+
+
+def _write_roles(tmp: Path, roles: dict[str, Role], snapshots: dict | None, shards: dict | None) -> None:
+    """Rank 0: the trainable roles' DiT directories and optimizer files (full format), or
+    their architectures and optimizer hyperparameters (sharded format)."""
+    for name, role in roles.items():
+        if not role.trainable:
+            continue
+        schedule = {"scheduler": role.scheduler.state_dict(), "updates": role.updates}
+        if shards is not None:
+            arch = tmp / ARCHITECTURE_DIR / name
+            arch.mkdir(parents=True)
+            (arch / "config.json").write_text(json.dumps(config_to_json(role.module.config, "diffusers"), indent=2))
+            torch.save({"optimizer": {"param_groups": shards[name][1]}, **schedule}, tmp / f"optim-{name}.pt")
+            continue
+        if snapshots is not None:
+            snap = snapshots[name]
+            weights, ema, optim = snap.weights, snap.ema, snap.optimizer
+        else:
+            weights, ema = role.module, role.ema_module() if role.ema is not None else None
+            optim = {"optimizer": role.optimizer.state_dict(), **schedule}
+        save_state(weights, tmp / name)
+        if ema is not None:
+            save_state(ema, tmp / (name + EMA_SUFFIX))
+        torch.save(optim, tmp / f"optim-{name}.pt")
+
+
+def _drop_old(run_dir: Path, keep_last: int) -> None:
     for old in checkpoints(run_dir)[:-keep_last]:
         if old.is_symlink():
             raise CheckpointError(f"checkpoint {old}: a symbolic link (to {old.resolve()}), met while removing "
@@ -74,30 +260,6 @@ def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_st
                 remove_directory(old)
             except OSError as e:
                 raise CheckpointError(f"{os_error_message(e, 'old checkpoint', old)}") from None
-    return path
-
-
-def _write(path: Path, roles: dict[str, Role], trainer_state: dict, rank_states: list[dict], config_yaml: str,
-           snapshots: dict | None) -> None:
-    with atomic_directory(path, overwrite=True) as tmp:
-        for name, role in roles.items():
-            if not role.trainable:
-                continue
-            if snapshots is not None:
-                snap = snapshots[name]
-                weights, ema, optim = snap.weights, snap.ema, snap.optimizer
-            else:
-                weights, ema = role.module, role.ema_module() if role.ema is not None else None
-                optim = {"optimizer": role.optimizer.state_dict(), "scheduler": role.scheduler.state_dict(),
-                         "updates": role.updates}
-            save_state(weights, tmp / name)
-            if ema is not None:
-                save_state(ema, tmp / (name + EMA_SUFFIX))
-            torch.save(optim, tmp / f"optim-{name}.pt")
-        for rank, state in enumerate(rank_states):
-            torch.save(state, tmp / f"rng-rank{rank}.pt")
-        (tmp / "config.yaml").write_text(config_yaml)   # tmp: a fresh folder of this save
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -117,6 +279,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 
 RESUME_ADVICE = "resume from an earlier checkpoint (--resume RUN/checkpoint-NNNNNN) or start a new run"
+EXPORT_ADVICE = "export an earlier checkpoint of the run (RUN/checkpoint-NNNNNN)"
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -150,19 +313,30 @@ def _load(path: Path, what: str, keys: tuple[str, ...]) -> dict:
     return state
 
 
-def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict) -> dict:
+def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict, parallel: str = "ddp") -> dict:
     """Everything a resume from `ckpt` will read, checked before any of it is used (rank 0).
 
-    trainable: each role this run trains -> the DiTConfig it expects. Returns the trainer state."""
+    trainable: each role this run trains -> the DiTConfig it expects; parallel: this run's
+    strategy. Returns the trainer state."""
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
     where = ckpt / TRAINER_STATE
+    sharded = is_sharded(ckpt)
     if state.get("recipe") != recipe:
         raise CheckpointError(f"checkpoint {ckpt}: written by recipe '{state.get('recipe')}', this run is "
                               f"'{recipe}'; start a new run with init from it instead")
-    if state.get("world_size") != world:
-        raise CheckpointError(f"checkpoint {ckpt}: written by {state.get('world_size')} process(es); resume with "
+    saved_world = state.get("world_size")
+    if sharded and parallel.startswith("zero"):
+        raise CheckpointError(f"checkpoint {ckpt}: sharded (torch.distributed.checkpoint), which DeepSpeed "
+                              f"({parallel}) does not read; resume with parallel=fsdp or ddp, or start a new run "
+                              f"with init from its export (forcelab export {ckpt} OUT_DIR)")
+    if not sharded and saved_world != world:
+        raise CheckpointError(f"checkpoint {ckpt}: written by {saved_world} process(es); resume with "
                               f"the same number (this run has {world})")
+    if sharded and (isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1):
+        raise CheckpointError(f"{where}: lacks a whole-number 'world_size' (got {saved_world!r}); {RESUME_ADVICE}")
+    if sharded:
+        _read_shard_index(ckpt)
     roles = state.get("roles")
     if not isinstance(roles, dict):
         raise CheckpointError(f"{where}: lacks its 'roles'; {RESUME_ADVICE}")
@@ -171,7 +345,7 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict) -
         raise CheckpointError(f"checkpoint {ckpt}: trains role(s) {theirs}, this run trains {sorted(trainable)}; "
                               f"resume with the roles of the config that wrote it ({ckpt / 'config.yaml'})")
     for name, expected in trainable.items():
-        found, _ = read_config(ckpt / name)
+        found, _ = read_config(role_config_dir(ckpt, name))
         clash = [f"{k} {getattr(found, k)!r} (config {getattr(expected, k)!r})"
                  for k in expected.__dataclass_fields__ if k not in RUNTIME_FIELDS
                  and _norm(getattr(found, k)) != _norm(getattr(expected, k))]
@@ -180,7 +354,7 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict) -
                                   f"({', '.join(clash)}); resume with the config that wrote it "
                                   f"({ckpt / 'config.yaml'}), or start a new run with roles.{name}.init={ckpt}")
         _load(ckpt / f"optim-{name}.pt", f"optimizer state of role '{name}'", ("optimizer", "scheduler", "updates"))
-    for rank in range(world):
+    for rank in range(world if saved_world == world else 0):   # at another world size they start fresh
         rs = _load(ckpt / f"rng-rank{rank}.pt", f"RNG state of rank {rank}", ("rng",))
         rng = rs["rng"]
         if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) \
@@ -205,11 +379,57 @@ def _check_optimizer_fits(path: Path, saved: dict, role: Role) -> None:
                               f"'{role.name}' has {len(params)} of other shapes); {RESUME_ADVICE}")
 
 
+def role_config_dir(ckpt: Path, name: str) -> Path:
+    """The folder holding a checkpoint's role's config.json (its DiT directory when full)."""
+    return ckpt / ARCHITECTURE_DIR / name if is_sharded(ckpt) else ckpt / name
+
+
+def _read_shard_index(ckpt: Path, advice: str = RESUME_ADVICE):
+    """The torch.distributed.checkpoint metadata of a sharded checkpoint (which tensors, which shards)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = ckpt / SHARDED_DIR
+    try:
+        return FileSystemReader(folder).read_metadata()
+    except Exception as e:   # missing or damaged: DCP raises its own errors
+        raise CheckpointError(f"{folder}: unreadable shard index .metadata ({type(e).__name__}); "
+                              f"{advice}") from None
+
+
+def load_shards(ckpt: Path, state: dict, world: int, advice: str = RESUME_ADVICE) -> None:
+    """Fill `state` (tensors allocated where this process holds them; nested by role and kind)
+    in place from a sharded checkpoint: each process reads the parts it holds (collective when
+    world > 1)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = ckpt / SHARDED_DIR
+    try:
+        with warnings.catch_warnings():   # one process: DCP says it reads without a process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=world == 1)
+    except dcp_failures() as e:   # a missing shard file, a tensor of another shape (DCP's CheckpointException)
+        raise CheckpointError(f"{folder}: cannot read the shards ({one_line(root_cause(e))}); "
+                              f"{advice}") from None
+
+
 def load_role_state(ckpt: Path, role: Role, strategy) -> None:
-    """Optimizer, schedule, update count and EMA of a trainable role (its weights are loaded
-    when the role is built), put in place by the run's strategy (train/parallel.py)."""
+    """Optimizer, schedule, update count and EMA of a trainable role (full format: its weights
+    are loaded when the role is built; sharded: they are read here, with the rest), put in
+    place by the run's strategy (train/parallel.py)."""
     path = ckpt / f"optim-{role.name}.pt"
     state = _load(path, f"optimizer state of role '{role.name}'", ("optimizer", "scheduler", "updates"))
+    if is_sharded(ckpt):
+        kept = _read_shard_index(ckpt).state_dict_metadata
+        tensors = strategy.checkpoint_template(role, ema=any(k.startswith(f"{role.name}.ema.") for k in kept))
+        load_shards(ckpt, {role.name: tensors}, strategy.world)
+        try:
+            strategy.load_checkpoint_shards(role, tensors, state["optimizer"]["param_groups"])
+            role.scheduler.load_state_dict(state["scheduler"])
+            role.updates = int(state["updates"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: does not fit this run's optimizer ({type(e).__name__}: {e}); "
+                                  f"{RESUME_ADVICE}") from None
+        return
     if not strategy.sharded:   # a sharded strategy keys its state by name
         _check_optimizer_fits(path, state["optimizer"], role)
     try:
@@ -247,7 +467,8 @@ def last_good_checkpoint(run_dir: Path, failing_step: int) -> tuple[Path | None,
     (the first computed with its weights) logged finite losses and no skipped update. A
     checkpoint can hold finite weights that are already ruined (lr=1e30: weights ~1e30, the
     next loss inf), so the weights alone do not tell. failing_step: the step aborting now (not
-    logged). A step missing from metrics.jsonl is judged by the weights alone.
+    logged). A step missing from metrics.jsonl is judged by the weights alone; a sharded
+    checkpoint (no DiT directories to read in one process) by its loss alone.
     Returns (that checkpoint or None, why each newer one is not good)."""
     rows: dict[int, dict] = {}
     try:
@@ -286,3 +507,30 @@ def _weights_finite(ckpt: Path) -> bool:
     except Exception:   # unreadable (safetensors raises its own errors): not one to recommend
         return False
     return True
+
+
+# ---------------------------------------------------------------------- export (offline, one process)
+def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
+    """A plain CausalDiT holding a sharded checkpoint's role: its EMA when kept and ema=True,
+    else its weights. One process, no process group: every shard file is read into the model's
+    own tensors (the EMA straight into the parameters), never the whole checkpoint at once."""
+    from ..models.dit import CausalDiT
+
+    ckpt = Path(ckpt)
+    arch = ckpt / ARCHITECTURE_DIR / role
+    if not (arch / "config.json").is_file():
+        have = sorted(d.name for d in (ckpt / ARCHITECTURE_DIR).iterdir()) if (ckpt / ARCHITECTURE_DIR).is_dir() else []
+        raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); "
+                              f"choose one with --role")
+    config, _ = read_config(arch)
+    kept = _read_shard_index(ckpt, EXPORT_ADVICE).state_dict_metadata
+    use_ema = ema and any(k.startswith(f"{role}.ema.") for k in kept)
+    model = CausalDiT(config).eval()
+    state = model.state_dict()                # the model's own storage: the load fills it in place
+    params = dict(model.named_parameters())
+    wanted = {"model": {k: v for k, v in state.items() if not (use_ema and k in params)}}
+    if use_ema:
+        wanted["ema"] = {k: state[k] for k in params}
+    load_shards(ckpt, {role: wanted}, world=1, advice=EXPORT_ADVICE)
+    model.load_state_dict(state)
+    return model

@@ -37,6 +37,7 @@ PRECISIONS = ("no", "bf16")   # fp16 would need loss scaling; bf16 does not
 WANDB_MODES = ("offline", "online", "disabled")
 RGB, FLOAT_BYTES = 3, 4       # a clip in pixels as the data stream holds it
 PARALLEL = ("auto", "ddp", "fsdp", "zero2", "zero3")   # see train/parallel.py
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")   # see train/checkpoint.py
 
 
 @dataclass
@@ -78,6 +79,9 @@ class DataConfig:
 class CheckpointConfig:
     every: int = setting(500, non_negative_int)     # save every N steps (and at the end); 0 = only at the end
     keep_last: int = setting(3, positive_int)       # keep the newest K checkpoints (older ones forcelab wrote go)
+    # full: DiT directories (gathered to rank 0); sharded: each rank writes its shards
+    # (torch.distributed.checkpoint; FSDP only); auto: sharded under FSDP, else full
+    format: str = setting("auto", choice, CHECKPOINT_FORMATS)
 
 
 @dataclass
@@ -99,6 +103,9 @@ class TrainConfig:
     max_steps: int = setting(1000, positive_int)
     gradient_accumulation_steps: int = setting(1, positive_int)   # global batch = batch_size x processes x this
     mixed_precision: str = setting("no", choice, PRECISIONS)   # no | bf16 (autocast; weights, optimizer stay fp32)
+    # FSDP with mixed_precision bf16: all-gather and compute with bf16 copies of the trainable
+    # roles' parameters, reduce gradients in fp32 (shards and optimizer stay fp32)
+    fsdp_bf16_params: bool = False
     max_nonfinite_steps: int = setting(10, positive_int)   # abort after this many non-finite steps in a row
     model_preset: str = setting("toy", choice, PRESETS)   # architecture of randomly initialised roles
     model_overrides: dict[str, Any] = field(default_factory=dict)   # DiTConfig fields (chunk_frames, ...)
@@ -165,6 +172,9 @@ def check_train_config(cfg) -> None:
     with config_errors():
         check_settings(cfg)
         check_batch_fits(cfg.data)
+    if cfg.fsdp_bf16_params and cfg.mixed_precision != "bf16":
+        raise ConfigError("fsdp_bf16_params: bf16 parameters in compute belong to a bf16 run; set "
+                          "mixed_precision=bf16 (or fsdp_bf16_params=false)")
     roles = recipe_class(cfg.recipe).roles
     unknown = sorted(set(cfg.roles) - set(roles))
     if unknown:

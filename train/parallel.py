@@ -18,8 +18,11 @@ launch_strategy reads when the state has none. `accelerate launch --cpu` (or use
 starts ONE process whatever --num_processes says; such a run refuses instead of silently
 training alone (check_launch).
 
-Every strategy writes the same checkpoint: FULL weights as DiT directories (so generate, export
-and init read a sharded run unchanged), the EMA as full weights, and the optimizer state:
+FSDP writes sharded checkpoints by default (checkpoint.format auto; train/checkpoint.py): each
+rank its own shards of the weights, EMA and optimizer state (checkpoint_shards), read back at
+any number of processes (load_checkpoint_shards). In the full format every strategy writes the
+same checkpoint: FULL weights as DiT directories (so generate, export and init read a sharded
+run unchanged), the EMA as full weights, and the optimizer state:
 
     ddp    optim-ROLE.pt holds torch's optimizer state dict (as without this module)
     fsdp   optim-ROLE.pt holds the FULL optimizer state keyed by parameter name
@@ -34,7 +37,11 @@ gathering (ema_source) and gathers it only to write a checkpoint or sample (snap
 full_module).
 
 Resume is exact for the same strategy and number of processes (the trainer already requires
-the same number of processes for its per-rank RNG states).
+the same number of processes for its per-rank RNG states). A sharded checkpoint also resumes
+at another number of processes, under FSDP or ddp (train/checkpoint.py says what starts fresh).
+
+Mixed precision: autocast (mixed_precision bf16) under every strategy; under FSDP
+fsdp_bf16_params adds FSDP2's MixedPrecisionPolicy (bf16 parameters, fp32 reduction).
 
 Gradients: ddp averages them itself after accumulation (Trainer._all_reduce_grads); FSDP
 reduce-scatters them in the last micro-batch's backward (gradient sync is off for the
@@ -263,6 +270,37 @@ class DataParallel:
         when asked and kept) on rank 0, None elsewhere."""
         raise NotImplementedError
 
+    # sharded checkpoints (torch.distributed.checkpoint): the same code serves every strategy but
+    # ZeRO - plain tensors here, DTensors whose local shards each rank writes and reads under FSDP
+    def checkpoint_shards(self, role: Role) -> tuple[dict, list]:
+        """(the role's tensors as this process holds them: {"model": weights and buffers, "optim":
+        the optimizer's per-parameter state keyed by parameter name, "ema": when kept}, the
+        optimizer's param groups - hyperparameters, parameters by name - saved beside them)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        optim = get_optimizer_state_dict(role.module, role.optimizer)
+        tensors = {"model": get_model_state_dict(role.module), "optim": optim["state"]}
+        if role.ema is not None:
+            tensors["ema"] = dict(role.ema)
+        return tensors, optim["param_groups"]
+
+    def checkpoint_template(self, role: Role, ema: bool) -> dict:
+        """checkpoint_shards' tensors, allocated where this process holds them, for a load to fill
+        in place (the optimizer's state is created first; an EMA of zeros shaped like the weights)."""
+        tensors, _ = self.checkpoint_shards(role)
+        tensors.pop("ema", None)
+        if ema:
+            tensors["ema"] = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in role.module.named_parameters()}
+        return tensors
+
+    def load_checkpoint_shards(self, role: Role, tensors: dict, param_groups: list) -> None:
+        """Put a loaded checkpoint_template (and the saved param groups) into the role."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(role.module, tensors["model"])
+        set_optimizer_state_dict(role.module, role.optimizer, {"state": tensors["optim"], "param_groups": param_groups})
+        role.ema = tensors.get("ema")
+
 
 # ---------------------------------------------------------------------------- FSDP2
 class FSDP(DataParallel):
@@ -292,16 +330,16 @@ class FSDP(DataParallel):
         module = role.module
         if not role.trainable and role.cfg.dtype is None:
             module.set_dtype(SHARDED_FROZEN_DTYPE)
-        reshard = self.reshard_after_forward
+        reshard, mp = self.reshard_after_forward, self.mixed_precision_policy(role)
         for block in module.blocks:
             attn = block.cross_attn
-            fully_shard(attn, mesh=self.mesh, reshard_after_forward=reshard)
+            fully_shard(attn, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=mp)
             # its K/V are views (unflatten): an in-place op on a view returned by an FSDP unit
             # would drop the hook that all-gathers its weights for backward, so return copies
             attn.context_kv = lambda context, kv=attn.context_kv: tuple(t.clone() for t in kv(context))
             register_fsdp_forward_method(attn, "context_kv")
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
-        fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=mp)
         register_fsdp_forward_method(module, "set_prompt")   # rollouts call it outside forward
         self._load_rank_local(role)
         role.params = [p for p in module.parameters() if p.requires_grad]
@@ -316,6 +354,17 @@ class FSDP(DataParallel):
         role.module.to_empty(device=self.acc.device)
         load_local_shards(role.module, role.pending)
         role.pending = None
+
+    def mixed_precision_policy(self, role: Role):
+        """fsdp_bf16_params (bf16 runs): the trainable role's parameters are all-gathered and
+        used in forward and backward as bf16, its gradients reduce-scattered in fp32 into the
+        fp32 shards the optimizer updates. Otherwise (and for frozen roles, kept in their own
+        dtype) the parameters are used in the dtype they are stored in."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if role.trainable and self.cfg.fsdp_bf16_params:
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
 
     def reduces_grads(self, role: Role) -> bool:
         return True
@@ -599,6 +648,13 @@ class ZeRO(DataParallel):
         return Snapshot(weights_record(config, state),
                         weights_record(config, ema_state(state, ema)) if ema is not None else None,
                         {"optimizer": {}, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
+
+    def checkpoint_shards(self, role: Role) -> tuple[dict, list]:
+        raise ConfigError(f"{self.name}: sharded checkpoints (torch.distributed.checkpoint) are not written or "
+                          f"read under DeepSpeed; resume with parallel=fsdp or ddp, or export the checkpoint")
+
+    def checkpoint_template(self, role: Role, ema: bool) -> dict:
+        return self.checkpoint_shards(role)
 
     def full_module(self, role: Role, use_ema: bool):
         snap = self.snapshot(role)

@@ -186,3 +186,8 @@ class Recipe:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def shared_state(self, state: dict) -> dict:
+        """The part of rank 0's state_dict every process takes when a run resumes at another
+        number of processes (the rest belongs to one process's samples and starts fresh)."""
+        return {}

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import CheckpointError, ConfigError, ForcelabError
+from ..errors import ConfigError, ForcelabError
 from ..fsio import LOCK, MARKER, check_kind, check_output_dir, mark, os_error_message, write_text_atomic
 from ..locks import lock_folder
 from ..models.autoencoder import latent_frames, load_autoencoder
 from ..models.text_encoder import load_text_encoder
-from ..run_folder import RUN_RECORD
+from ..run_folder import RUN_RECORD, is_sharded
 from ..seeds import mix_seed
 from . import checkpoint as ckpt_io
 from .config import config_dict, config_yaml
@@ -77,6 +77,7 @@ class Trainer:
         if self.world > 1:
             leave_process_group_at_exit()
         self.parallel = make_strategy(cfg, self.acc)    # ddp | fsdp | zero2 | zero3 (train/parallel.py)
+        self.checkpoint_format = ckpt_io.checkpoint_format(cfg, self.parallel)   # full | sharded
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or 1)   # see README: a shared CPU otherwise slows many-fold
         elif cfg.threads:
@@ -164,7 +165,7 @@ class Trainer:
                               f"to continue it, or choose another output_dir")
         if found is not None:
             ckpt_io.verify_checkpoint(found, recipe=self.cfg.recipe, world=self.world,
-                                      trainable=self._expected_architectures())
+                                      trainable=self._expected_architectures(), parallel=self.parallel.name)
         mark(d, RUN_KIND)
         if found is None or not (d / RUN_RECORD).is_file():
             self._write_run_files()
@@ -231,10 +232,13 @@ class Trainer:
             weights, source = self._init_source(name)
             rcfg = self.cfg.roles.get(name)
             trainable = spec.trainable if rcfg is None or rcfg.trainable is None else rcfg.trainable
-            if self.resume_from is not None and trainable:
+            resumed = self.resume_from is not None and trainable
+            if resumed and not is_sharded(self.resume_from):
                 weights, source = self.resume_from / name, f"resume:{self.resume_from}"
             role = build_role(name, spec, self.cfg, index, self.device, weights, source,
                               defer_loading=self.parallel.loads_rank_local)
+            if resumed:      # a sharded checkpoint's weights are read once the role is sharded
+                role.source = f"resume:{self.resume_from}"
             self._check_encoders(role)
             self.recipe_cls.prepare_role(self.cfg, role)
             self.parallel.prepare(role)
@@ -258,6 +262,10 @@ class Trainer:
     def _load_state(self, state: dict) -> None:
         self.step, self.micro_batches = int(state["step"]), int(state["micro_batches"])
         self.nonfinite = int(state.get("nonfinite", 0))
+        self.sample_offset = int(state.get("sample_offset", 0))
+        if int(state["world_size"]) != self.world:     # a sharded checkpoint, resharded (train/checkpoint.py)
+            self._reshard(int(state["world_size"]))
+            return
         rank_state = ckpt_io.load_rank_state(self.resume_from, self.rank)
         ckpt_io.set_rng_state(rank_state["rng"])
         self._recipe_state = rank_state.get("recipe")
@@ -265,7 +273,22 @@ class Trainer:
         if isinstance(self.stream, ShardStream):
             self.stream.skip(int(rank_state.get("shard_batches", 0)))
 
+    def _reshard(self, saved_world: int) -> None:
+        """Resume at another number of processes: the data continues at the same global sample;
+        what belonged to one process alone (RNG, the recipe's per-rank state, a shard stream's
+        read count) starts fresh."""
+        consumed = self.sample_offset + self.micro_batches * saved_world * self.cfg.data.batch_size
+        self.micro_batches, self.sample_offset = ckpt_io.resharded_position(consumed, self.world,
+                                                                             self.cfg.data.batch_size)
+        torch.manual_seed(mix_seed(self.cfg.seed, self.rank, self.step))
+        self._recipe_state = self.recipe.shared_state(ckpt_io.load_rank_state(self.resume_from, 0).get("recipe") or {})
+        self._resharded = (f"resharded: checkpoint of {saved_world} process(es) resumed by {self.world}; the data "
+                           f"continues at sample {consumed}; RNG, per-process recipe state and shard read counts "
+                           f"start fresh")
+
     _recipe_state = None
+    sample_offset = 0         # samples read before micro-batch 0 of this world size (a resharded resume)
+    _resharded = None         # the line a resharded resume logs
     _ran = False              # run() was called before (and released the folder's lock)
     _gathered: dict = {}      # sharded runs: full copies of the roles for sampling (rank 0)
 
@@ -300,7 +323,7 @@ class Trainer:
     def next_batch(self) -> tuple[dict, list[int]]:
         """This rank's next micro-batch and its samples' global positions."""
         B = self.cfg.data.batch_size
-        first = (self.micro_batches * self.world + self.rank) * B
+        first = self.sample_offset + (self.micro_batches * self.world + self.rank) * B
         positions = list(range(first, first + B))
         self.micro_batches += 1
         return to_device(self.stream.batch(positions), self.device), positions
@@ -314,6 +337,8 @@ class Trainer:
             self.log.write(f"nothing to do: the run is at step {self.step} of max_steps={cfg.max_steps}")
         if self.resume_from is not None:
             self.log.write(f"resumed from {self.resume_from} at step {self.step}")
+            if self._resharded:
+                self.log.write(self._resharded)
         elif self._resume_asked == "latest" and not self.dry_run and not self._ran:
             self.log.write(f"--resume latest: {self.run_dir} holds no checkpoint yet; starting a new run at step 0")
         t0 = time.perf_counter()
@@ -456,38 +481,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def trainer_state(self) -> dict:
-        return {"step": self.step, "micro_batches": self.micro_batches, "nonfinite": self.nonfinite,
-                "world_size": self.world, "recipe": self.cfg.recipe, "seed": self.cfg.seed,
+        return {"step": self.step, "micro_batches": self.micro_batches, "sample_offset": self.sample_offset,
+                "nonfinite": self.nonfinite, "world_size": self.world, "format": self.checkpoint_format,
+                "recipe": self.cfg.recipe, "seed": self.cfg.seed,
                 "roles": {n: {"source": r.source, "updates": r.updates, "trainable": r.trainable}
                           for n, r in self.roles.items()},
                 "forcelab": __version__}
 
-    def save(self) -> Path | None:
-        from accelerate.utils import gather_object
-
+    def save(self) -> Path:
+        """Collective: every rank writes its own state (and, sharded, its own shards) into the
+        checkpoint; an error on any rank stops every rank with the same line."""
         rank_state = {"rng": ckpt_io.rng_state(), "recipe": self.recipe.state_dict(),
                       **self.parallel.rank_state(self.roles)}
-        snapshots = {n: self.parallel.snapshot(r) for n, r in self.roles.items() if r.trainable} \
-            if self.parallel.sharded else None   # collective: full weights / optimizer state on rank 0
         if isinstance(self.stream, ShardStream):
             rank_state["shard_batches"] = self.stream.read
-        states = gather_object([rank_state]) if self.world > 1 else [rank_state]
-        path, error = None, None
-        if self.is_main:
-            try:
-                path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.roles, self.trainer_state(), states,
-                                               config_yaml(self.cfg), self.cfg.checkpoint.keep_last, snapshots)
-                self.log.write(f"saved {path}")
-            except ForcelabError as e:   # a full disk, a link among the checkpoints: every rank stops
-                error = e
-        if self.world > 1:   # also the barrier: no rank goes on before the checkpoint is complete
-            from accelerate.utils import broadcast_object_list
-
-            message = broadcast_object_list([None if error is None else str(error)])[0]
-            if error is None and message is not None:
-                error = CheckpointError(message)
-        if error is not None:
-            raise error
+        trainable = {n: r for n, r in self.roles.items() if r.trainable}
+        shards = snapshots = None
+        if self.checkpoint_format == "sharded":
+            shards = {n: self.parallel.checkpoint_shards(r) for n, r in trainable.items()}
+        elif self.parallel.sharded:    # collective: full weights / optimizer state on rank 0
+            snapshots = {n: self.parallel.snapshot(r) for n, r in trainable.items()}
+        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.roles, self.trainer_state(), rank_state,
+                                       config_yaml(self.cfg), self.cfg.checkpoint.keep_last, rank=self.rank,
+                                       world=self.world, snapshots=snapshots, shards=shards)
+        self.log.write(f"saved {path}")
         return path
 
     def sample_prompts(self) -> list[str]:
