@@ -30,12 +30,13 @@ then counts cache entries, not frames, and every entry the policy kept is visibl
                     Simplified: the short heads share the one cache (no memory saved).
     temporal_merge  TempCache-style temporal compression: when full, the adjacent pair of ring
                     slots holding the fewest frames (the oldest on ties) is averaged into one
-                    slot, so older slots hold spans of 2, 4, 8 ... frames and a fixed budget
-                    covers a past that grows with the stream. Simplified: no sparse attention.
+                    slot: nothing is evicted, every past frame stays in some span, the spans
+                    grow with the stream and the newest frame is always on its own, so a fixed
+                    budget covers the whole past, ever more coarsely. Simplified: no sparse attention.
     similar_merge   KV merging of similar tokens (as in the KV-merging / MiniCache line): when
                     full, the adjacent pair of ring slots whose keys are most alike (cosine, mean
                     over layers and the batch) is merged, weighted by the frames each holds; the
-                    newest `recent` frames are never merged. Simplified: whole frames are merged
+                    newest `recent` frames are spared while other pairs exist. Simplified: whole frames are merged
                     token by token (same spatial token), not free token pairs.
 Merged keys are averaged as stored (after RoPE) and carry one slot's attention weight (no
 size bias); the merged slot's position is the count-weighted mean of its frames' positions.
@@ -262,18 +263,18 @@ class TemporalMerge(CachePolicy):
 @dataclass
 class SimilarMerge(CachePolicy):
     """KV merging: merge the adjacent ring pair whose keys are most alike (cosine similarity,
-    mean over layers and the batch), weighted; the newest `recent` frames are never merged."""
+    mean over layers and the batch), weighted; the newest `recent` frames are merged only when
+    no other pair is left (a commit of several frames shrinks the choice frame by frame)."""
 
-    recent: int | None = None        # newest frames never merged (None: one chunk)
+    recent: int = 1                  # newest cached frames kept out of merges while other pairs exist
     name = "similar_merge"
     plain = False
     needs_window = True
 
     def make_room(self, cache, frame, ring):
-        keep = cache.chunk_frames if self.recent is None else self.recent
-        pairs = [(ring[j], ring[j + 1]) for j in range(len(ring) - 1 - keep)] if len(ring) > keep else []
-        if not pairs:
+        if len(ring) < 2:
             return ring[0], None
+        pairs = [(ring[j], ring[j + 1]) for j in range(max(len(ring) - 1 - self.recent, 1))]
         sim = key_similarity(cache, pairs).tolist()
         j = max(range(len(pairs)), key=lambda i: (sim[i], -i))       # most alike, oldest on ties
         return pairs[j][1], _merge(cache, *pairs[j])

@@ -133,10 +133,8 @@ def test_similar_merge_merges_the_most_alike_adjacent_pair():
     cache = make_cache(f"similar_merge:recent={recent}")
 
     def most_alike(spans):
-        if len(spans) <= recent + 1:
-            return None
         sims = []
-        for i in range(len(spans) - 1 - recent):
+        for i in range(max(len(spans) - 1 - recent, 1)):
             total = 0.0
             for layer in range(L):
                 a, b = mean_kv(kv, layer, spans[i])[0], mean_kv(kv, layer, spans[i + 1])[0]
