@@ -55,7 +55,8 @@ from ..kernels import AttentionLayout, attention
 from ..validate import non_negative_int, positive_int, unit_interval
 
 DEFAULT_POLICY = "sink_window"
-QUERY_STRIDE = 4             # attention statistics read every 4th query token (a cheap, unbiased sample)
+QUERY_STRIDE = 4             # attention statistics read every 4th query token (a cheap, unbiased sample) ...
+STAT_QUERIES = 256           # ... and at most this many (a Wan chunk has 4,680): one head's scores stay ~33 MB at 32K keys
 DUMMY_FRACTION = 0.25        # Dummy Forcing: about a quarter of the heads need little context
 
 
@@ -70,15 +71,21 @@ class Merge:
 
 
 def attention_mass(q: torch.Tensor, k: torch.Tensor, layout: AttentionLayout,
-                   stride: int = QUERY_STRIDE) -> torch.Tensor:
+                   stride: int | None = None) -> torch.Tensor:
     """Mean softmax mass each key frame receives: [B, H, Fk] (float32), from every `stride`-th
-    query token of q [B, Lq, H, D] against k [B, Lk, H, D] under `layout` (scale 1/sqrt(D)).
-    A separate computation: the attention output is not touched. Queries that see no key add 0."""
-    qs = q[:, ::stride].float()
+    query token of q [B, Lq, H, D] against k [B, Lk, H, D] under `layout` (scale 1/sqrt(D);
+    default stride: QUERY_STRIDE, coarser when that leaves more than STAT_QUERIES queries). One
+    head at a time, a separate computation: the attention output is not touched. Queries that
+    see no key add 0."""
+    stride = stride or max(QUERY_STRIDE, -(-q.shape[1] // STAT_QUERIES))
+    qs, kf = q[:, ::stride].float(), k.float()
     mask = layout.token_mask(q.device)[::stride]
-    scores = torch.einsum("bqhd,bkhd->bhqk", qs, k.float()) / math.sqrt(q.shape[-1])
-    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-    return p.unflatten(-1, (-1, layout.tokens_per_frame)).sum(-1).mean(2)
+    heads = []
+    for h in range(q.shape[2]):
+        scores = torch.einsum("bqd,bkd->bqk", qs[:, :, h], kf[:, :, h]) / math.sqrt(q.shape[-1])
+        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        heads.append(p.unflatten(-1, (-1, layout.tokens_per_frame)).sum(-1).mean(1))
+    return torch.stack(heads, 1)
 
 
 class CachePolicy:

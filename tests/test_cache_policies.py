@@ -299,3 +299,21 @@ def test_a_merging_policy_needs_a_window(model):
     with pytest.raises(ForcelabError, match="set a window"):
         rollout(model, Chunkwise(timesteps=[1000.0], window_frames=0, cache_policy="temporal_merge"),
                 torch.zeros(1, 4, model.config.text_dim), Noise([0], model.config.in_channels, 4, 4), 2)
+
+
+STREAMING_RECIPES = ["rolling_forcing", "self_forcing_pp", "streaming_long"]
+
+
+@pytest.mark.parametrize("recipe", STREAMING_RECIPES)
+def test_every_streaming_recipe_takes_its_cache_policy_from_the_config(recipe):
+    from pathlib import Path
+
+    from forcelab.train.config import load_train_config
+    from forcelab.train.recipe import recipe_class
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "toy" / f"{recipe}.yaml"
+    cfg = load_train_config([path], ["algo.cache_policy=temporal_merge"])
+    assert recipe_class(cfg.recipe).sampling_plan(cfg.algo).cache_policy == "temporal_merge"
+    assert load_train_config([path]).algo.cache_policy == "sink_window"
+    with pytest.raises(ForcelabError, match="algo.cache_policy"):
+        load_train_config([path], ["algo.cache_policy=lru"])
