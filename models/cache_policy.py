@@ -39,7 +39,9 @@ then counts cache entries, not frames, and every entry the policy kept is visibl
                     newest `recent` frames are spared while other pairs exist. Simplified: whole frames are merged
                     token by token (same spatial token), not free token pairs.
 Merged keys are averaged as stored (after RoPE) and carry one slot's attention weight (no
-size bias); the merged slot's position is the count-weighted mean of its frames' positions.
+size bias); the merged slot's position is the count-weighted mean of its frames' positions (a
+moving sink sits just before the oldest kept entry). A merged slot counts as its newest frame:
+a re-commit from frame f drops every slot holding a frame >= f, merged span and all.
 """
 
 from __future__ import annotations
@@ -98,11 +100,6 @@ class CachePolicy:
 
     def bind(self, cache) -> None:
         """Called once by the cache it serves (its sizes: layers, heads, slots, chunk)."""
-
-    def spec(self) -> str:
-        fields = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)] \
-            if dataclasses.is_dataclass(self) else []
-        return self.name + (":" + ",".join(fields) if fields else "")
 
     # ------------------------------------------------------------------ slots
     def make_room(self, cache, frame: int, ring: list[int]) -> tuple[int, Merge | None]:
@@ -191,6 +188,7 @@ class DummyHeads(CachePolicy):
         super().bind(cache)
         self.heads: list[list[int] | None] = [None] * len(cache.k)   # per layer: its short heads (None: not measured)
         self._short: tuple | None = None
+        self._index: dict = {}
 
     def short_layout(self, cache, layout: AttentionLayout) -> AttentionLayout | None:
         """The layout of the short heads, or None when it hides nothing (the same as `layout`)."""
@@ -230,13 +228,21 @@ class DummyHeads(CachePolicy):
             heads = self.heads[layer]
         if short is None or not heads:
             return attention(q, k, v, layout, backend=backend)
-        long = [h for h in range(q.shape[2]) if h not in heads]
-        idx_s, idx_l = (torch.tensor(ix, device=q.device) for ix in (heads, long))
+        idx_s, idx_l, inverse = self._head_index(tuple(heads), q.shape[2], q.device)
         parts = [attention(*(t.index_select(2, idx_s) for t in (q, k, v)), short, backend=backend)]
-        if long:
+        if idx_l.numel():
             parts.append(attention(*(t.index_select(2, idx_l) for t in (q, k, v)), layout, backend=backend))
-        inverse = torch.argsort(torch.cat([idx_s, idx_l]))
         return torch.cat(parts, dim=2).index_select(2, inverse)
+
+    def _head_index(self, heads: tuple, num_heads: int, device):
+        """(short heads, long heads, the order that puts [short | long] back) as index tensors,
+        made once per head set and device (no host-to-device copy per layer and pass)."""
+        key = (heads, num_heads, str(device))
+        if key not in self._index:
+            long = [h for h in range(num_heads) if h not in heads]
+            idx_s, idx_l = (torch.tensor(ix, dtype=torch.long, device=device) for ix in (heads, long))
+            self._index[key] = (idx_s, idx_l, torch.argsort(torch.cat([idx_s, idx_l])))
+        return self._index[key]
 
     def state_dict(self) -> dict:
         return {"heads": [None if h is None else list(h) for h in self.heads]}

@@ -287,8 +287,8 @@ MUTATIONS: list[Mutation] = [
       "distill/rolling_forcing.py", "< round(self.opt.rolling_prob * _PROB_RESOLUTION)", "< _PROB_RESOLUTION // 2",
       ROLLING),
     M("rolling_sink_option_ignored", "Rolling Forcing", "sink: algo.sink_frames sets the rollout's sink",
-      "distill/rolling_forcing.py", "window_frames=self.window_frames,\n                    sink_frames=self.sink_frames)",
-      "window_frames=self.window_frames,\n                    sink_frames=0)", ROLLING),
+      "distill/rolling_forcing.py", "window_frames=self.window_frames,\n                    sink_frames=self.sink_frames,",
+      "window_frames=self.window_frames,\n                    sink_frames=0,", ROLLING),
     # ------------------------------------------------------------------ LongLive streaming long tuning
     M("recache_skipped", "LongLive", "recache: after a switch the recent frames are re-run with the new prompt",
       "distill/streaming_long.py", "seq.recache = self.recache_frames > 0", "seq.recache = False", LONG + ENGINE),
