@@ -10,7 +10,9 @@ Per policy: the cache's bytes (KVCache.nbytes: K/V store, a moving sink's keys b
 prompt's cross-attention K/V), generated frames per second (DiT only, the generating thread's
 CPU time: torch runs every op inline in it with one thread; the best of --rounds), ToyBench's adherence, identity, physics and fidelity (PSNR of the frame
 against its re-render) over the whole video, and drift: the slope per training-length bucket of
-adherence and fidelity (ToyBench's "slopes"; 0 = no degradation).
+adherence and fidelity (ToyBench's "slopes"; 0 = no degradation). Adherence and identity are
+also given as paired differences to sink_window (per video: same prompt, same noise), mean +-
+the 95 % half-width over the prompts.
 
 --model: a forcelab run folder (its generator, its recipe's chunk-wise plan) or a DiT directory;
 the default is the committed toy teacher sampled as a causal chunk-wise 4-step model (the
@@ -32,6 +34,7 @@ import torch
 
 from forcelab.data.toyworld import HELD_OUT_SCENES, ToyWorld
 from forcelab.eval.exposure import load_student, to_frames
+from forcelab.eval.stats import spread
 from forcelab.eval.toybench import score_videos
 from forcelab.models.rollout import Noise, make_cache, stream
 
@@ -51,6 +54,13 @@ POLICIES = {
 }
 QUALITY = ("adherence", "identity", "physics", "fidelity_psnr")
 DRIFT = ("adherence", "fidelity_psnr")
+PAIRED = ("adherence", "identity")    # also as paired differences to sink_window (same prompts, same noise)
+
+
+def paired(row: dict, base: dict, metric: str) -> str:
+    """mean +- 95% half-width of the per-video difference row - base."""
+    d = spread(a - b for a, b in zip(row["per_video"][metric], base["per_video"][metric]))
+    return f"{d['mean']:+.3f} +- {d['ci95']:.3f}"
 
 
 def run_policy(student, spec, window, sink, context, captions, latent_hw, frames, rounds):
@@ -70,6 +80,7 @@ def run_policy(student, spec, window, sink, context, captions, latent_hw, frames
     scores = score_videos(list(videos), captions, bucket_frames=TRAINING_FRAMES)
     return {"bytes": nbytes, "slots": slots, "fps": B * frames / best, "seconds": best,
             **{m: scores["aggregate"][m] for m in QUALITY},
+            "per_video": {m: [v[m] for v in scores["videos"]] for m in PAIRED},
             **{f"{m}_slope": scores["slopes"][m] for m in DRIFT}}
 
 
@@ -104,13 +115,16 @@ def main() -> None:
     print(f"model: {args.model} (plan {student.plan.name}, {student.plan.steps} steps); {args.prompts} held-out "
           f"prompts as one batch; training length {TRAINING_FRAMES} frames; budget {BUDGET_SLOTS} cache slots\n")
     print("| length | policy | window + sink | cache KiB | frames/s | adherence | identity | physics | fidelity dB "
-          "| adherence slope | fidelity slope |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| adherence slope | fidelity slope | adherence - sink_window | identity - sink_window |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (factor, name), r in rows.items():
         _, window, sink = POLICIES[name]
+        base = rows.get((factor, "sink_window"))
+        diffs = [paired(r, base, m) if base is not None and name != "sink_window" else "" for m in PAIRED]
         print(f"| {factor}x ({factor * TRAINING_FRAMES} f) | {name} | {window} + {sink} | {r['bytes'] / 1024:.0f} "
               f"| {r['fps']:.0f} | {r['adherence']:.3f} | {r['identity']:.3f} | {r['physics']:.3f} "
-              f"| {r['fidelity_psnr']:.2f} | {r['adherence_slope']:+.4f} | {r['fidelity_psnr_slope']:+.3f} |")
+              f"| {r['fidelity_psnr']:.2f} | {r['adherence_slope']:+.4f} | {r['fidelity_psnr_slope']:+.3f} "
+              f"| {' | '.join(diffs)} |")
 
 
 if __name__ == "__main__":
