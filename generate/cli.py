@@ -3,6 +3,7 @@
     forcelab generate CKPT --prompt "a red ball bouncing" --plan chunkwise --steps 4
     forcelab generate CKPT --prompts prompts.txt --samples 5 --vbench --output out/vbench
     forcelab generate CKPT --prompt "a red ball" --switch "8:a blue ball" --window 6 --sink 2
+    forcelab generate CKPT --prompt "a red ball" --window 6 --sink 2 --cache-policy temporal_merge
     forcelab generate CKPT --prompt "a red ball" --image first.png          # image-to-video
     forcelab generate CKPT --prompt "a red ball" --video clip.mp4 --prefix-frames 9   # extension
 
