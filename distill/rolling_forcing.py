@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..models.cache_policy import DEFAULT_POLICY, check_policy
 from ..models.plans import Chunkwise, Rolling
 from ..validate import non_negative_int, optional, setting, unit_interval
 from ..train.workload import DMDWorkload, ModelPass, cache_capacity, chunk_keys
@@ -60,16 +61,19 @@ class RollingForcingOptions(SelfForcingOptions):
     window_frames: int | None = setting(None, optional(non_negative_int))
     # attention sink: first frames kept visible (None: the generator's config)
     sink_frames: int | None = setting(None, optional(non_negative_int))
+    # what the full window keeps, merges or hides (models/cache_policy.py: NAME[:key=value,...])
+    cache_policy: str = setting(DEFAULT_POLICY, check_policy)
 
     def check(self, model=None) -> None:
         super().check(model)
         # the plan's own check, reported against the config keys
-        check_cache(Rolling(**self.plan_args(self.timesteps())), model, "algo.window_frames / algo.sink_frames")
+        check_cache(Rolling(**self.plan_args(self.timesteps())), model,
+                    "algo.window_frames / algo.sink_frames / algo.cache_policy")
 
     def plan_args(self, timesteps: list[float]) -> dict:
         """The arguments of both rollout plans (rolling and chunk-wise) over `timesteps`."""
         return dict(timesteps=timesteps, context_noise=self.context_noise, window_frames=self.window_frames,
-                    sink_frames=self.sink_frames)
+                    sink_frames=self.sink_frames, cache_policy=self.cache_policy)
 
 
 class RollingForcingRecipe(SelfForcingRecipe):

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.cache_policy import DEFAULT_POLICY, check_policy
 from ..models.plans import Chunkwise
 from ..models.rollout import INITIAL, Noise, Training, default_cache, rollout
 from ..models.schedule import add_noise, timestep_to_sigma
@@ -65,6 +66,8 @@ class SelfForcingPPOptions(DMDOptions):
     # the student's attention window = rolling KV cache (None: frames; 0: none)
     window_frames: int | None = setting(None, optional(non_negative_int))
     sink_frames: int = setting(0, non_negative_int)   # attention sink frames (Self-Forcing++: none)
+    # what the full window keeps, merges or hides (models/cache_policy.py: NAME[:key=value,...])
+    cache_policy: str = setting(DEFAULT_POLICY, check_policy)
     reencode_first: bool = True         # windows after the video's start: re-encode the first frame (as Self-Forcing)
 
     def check(self, model=None) -> None:
@@ -75,7 +78,8 @@ class SelfForcingPPOptions(DMDOptions):
         if chunk is not None:
             multiple_of(self.frames, "algo.frames", chunk, CHUNK)
             multiple_of(long, "algo.rollout_frames", chunk, CHUNK)
-        check_cache(self.rolling_plan(self.timesteps()), model, "algo.window_frames / algo.sink_frames")
+        check_cache(self.rolling_plan(self.timesteps()), model,
+                    "algo.window_frames / algo.sink_frames / algo.cache_policy")
 
     def long_frames(self) -> int:
         """Frames of the long rollout (rollout_frames, or DEFAULT_ROLLOUT_FACTOR x frames)."""
@@ -87,7 +91,8 @@ class SelfForcingPPOptions(DMDOptions):
 
     def rolling_plan(self, timesteps: list[float]) -> Chunkwise:
         """The chunk-wise plan over `timesteps` with the rolling cache (window and sink)."""
-        return self.plan(timesteps, window_frames=self.attention_window(), sink_frames=self.sink_frames)
+        return self.plan(timesteps, window_frames=self.attention_window(), sink_frames=self.sink_frames,
+                         cache_policy=self.cache_policy)
 
 
 class BackwardNoise:

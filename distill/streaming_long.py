@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..models.cache_policy import DEFAULT_POLICY, check_policy
 from ..models.plans import Chunkwise
 from ..models.rollout import Noise, Training, make_cache, rollout
 from ..train import checkpoint as ckpt_io
@@ -77,6 +78,8 @@ class StreamingLongOptions(DMDOptions):
     # generator attention window incl. the chunk (None: model config)
     window_frames: int | None = setting(None, optional(non_negative_int))
     sink_frames: int | None = setting(None, optional(non_negative_int))   # frames kept visible forever (None: model config)
+    # what the full window keeps, merges or hides (models/cache_policy.py: NAME[:key=value,...])
+    cache_policy: str = setting(DEFAULT_POLICY, check_policy)
     switch: bool = True                 # one prompt switch per sequence
     # candidate switch frames, step starts (None: all but the last)
     switch_frames: list[int] | None = setting(None, optional(each(non_negative_int)))
@@ -103,11 +106,12 @@ class StreamingLongOptions(DMDOptions):
         if bad:
             raise ConfigError(f"algo.switch_frames: {bad} are not step starts of a sequence ({starts[:4]}... up to "
                               f"{self.sequence_length()} frames: frames + k * new_frames)")
-        check_cache(self.windowed_plan(self.timesteps()), model)
+        check_cache(self.windowed_plan(self.timesteps()), model, "algo.window_frames / algo.sink_frames / algo.cache_policy")
 
     def windowed_plan(self, timesteps: list[float]) -> Chunkwise:
         """The generator's chunk-wise plan with its attention window and sink."""
-        return self.plan(timesteps, window_frames=self.window_frames, sink_frames=self.sink_frames)
+        return self.plan(timesteps, window_frames=self.window_frames, sink_frames=self.sink_frames,
+                         cache_policy=self.cache_policy)
 
     def sequence_length(self) -> int:
         """Frames of one sequence: the longest frames + k * new_frames <= max_frames."""

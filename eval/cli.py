@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--window", type=arg(non_negative_int), default=None,
                    help="attention window in latent frames (0: none; default: the plan's)")
     x.add_argument("--sink", type=arg(non_negative_int), default=None, help="sink frames (default: the plan's)")
+    x.add_argument("--cache-policy", default=None, metavar="NAME[:k=v,...]",
+                   help="what a full window keeps (the policies of `forcelab generate --cache-policy`; "
+                   "default: the plan's)")
     x.add_argument("--first-scene", type=arg(seed), default=None,
                    help="first scene seed (default: the toy world's first held-out scene)")
     x.add_argument("--batch", type=arg(positive_int), default=8, help="scenes rolled out together (default 8)")
@@ -134,13 +137,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {(args.out or args.videos)}/vbench.json (VBench's own files: {(args.out or args.videos)}/vbench/)")
     elif args.eval_command == "exposure":
         from ..data.toyworld import HELD_OUT_SCENES
+        from ..models.cache_policy import check_policy
+
+        if args.cache_policy is not None:
+            check_policy(args.cache_policy, "--cache-policy")       # before the model loads
         from .exposure import RESULT_NAME as EXPOSURE_RESULT, run_exposure
 
         result = run_exposure(args.model, args.out, scenes=args.scenes, chunks=args.chunks,
                               window_frames=args.window, sink_frames=args.sink,
                               first_scene=HELD_OUT_SCENES if args.first_scene is None else args.first_scene,
                               batch=args.batch, device=args.device, background_texture=args.background_texture,
-                              prefix=args.prefix)
+                              prefix=args.prefix, cache_policy=args.cache_policy)
         for m, g in result["gap"].items():      # self-conditioned - teacher-forced over chunks k >= 2 and > prefix
             (mlo, mhi), (lo, hi) = g["mean_ci95"], g["slope_ci95"]
             print(f"{m}: gap {g['mean']:+.4g} [{mlo:+.4g}, {mhi:+.4g}], slope {g['slope']:+.4g}/chunk "

@@ -90,10 +90,10 @@ class Student:
 
 
 def load_student(path, plan: Chunkwise | None = None, window_frames: int | None = None,
-                 sink_frames: int | None = None, device="cpu") -> Student:
+                 sink_frames: int | None = None, device="cpu", cache_policy: str | None = None) -> Student:
     """A student from a forcelab run folder (its generator, EMA when kept; its recipe's sampling
     plan) or a DiT directory (plan: given, default Chunkwise()). window_frames / sink_frames
-    replace the plan's (0: no window)."""
+    replace the plan's (0: no window), cache_policy its cache policy (models/cache_policy.py)."""
     from ..generate.sources import resolve_model
     from ..models.autoencoder import load_autoencoder
     from ..models.dit import CausalDiT
@@ -107,6 +107,8 @@ def load_student(path, plan: Chunkwise | None = None, window_frames: int | None 
         plan = replace(plan, window_frames=window_frames)
     if sink_frames is not None:
         plan = replace(plan, sink_frames=sink_frames)
+    if cache_policy is not None:
+        plan = replace(plan, cache_policy=cache_policy)
     encoders = recorded_encoders(dit_dir) or {"vae": "toy", "text_encoder": "toy"}
     model = CausalDiT.from_pretrained(dit_dir, dtype=torch.float32, device=torch.device(device)).eval()
     return Student(model, plan, load_autoencoder(encoders["vae"], device=device),
@@ -375,7 +377,8 @@ RESULT_NAME = "exposure.json"
 
 def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frames: int | None = None,
                  sink_frames: int | None = None, first_scene: int = HELD_OUT_SCENES, batch: int = 8,
-                 device="cpu", background_texture: float | None = None, prefix: int = 0) -> dict:
+                 device="cpu", background_texture: float | None = None, prefix: int = 0,
+                 cache_policy: str | None = None) -> dict:
     """`forcelab eval exposure`: measure a run folder or DiT directory in its world (run_world);
     write OUT/exposure.json (measure_exposure's result) and OUT/exposure.md (the table)."""
     import json
@@ -386,7 +389,8 @@ def run_exposure(model, out, *, scenes: int = 16, chunks: int = 12, window_frame
 
     check_counts(chunks, scenes)
     check_prefix(prefix, chunks)
-    student = load_student(model, window_frames=window_frames, sink_frames=sink_frames, device=parse_device(device))
+    student = load_student(model, window_frames=window_frames, sink_frames=sink_frames, device=parse_device(device),
+                           cache_policy=cache_policy)
     check_student(student, chunks, scenes)
     world = run_world(model, background_texture)
     result = measure_exposure(student, scenes=scenes, chunks=chunks, first_scene=first_scene, batch=batch,

@@ -3,6 +3,7 @@
     forcelab generate CKPT --prompt "a red ball bouncing" --plan chunkwise --steps 4
     forcelab generate CKPT --prompts prompts.txt --samples 5 --vbench --output out/vbench
     forcelab generate CKPT --prompt "a red ball" --switch "8:a blue ball" --window 6 --sink 2
+    forcelab generate CKPT --prompt "a red ball" --window 6 --sink 2 --cache-policy temporal_merge
     forcelab generate CKPT --prompt "a red ball" --image first.png          # image-to-video
     forcelab generate CKPT --prompt "a red ball" --video clip.mp4 --prefix-frames 9   # extension
 
@@ -17,6 +18,7 @@ import argparse
 from ..dtypes import DTYPES
 from ..data.video import DEFAULT_FPS, check_fps
 from ..fsio import check_output_dir
+from ..models.cache_policy import POLICIES, check_policy
 from ..models.plans import PLANS, SAMPLING_SHIFT, UPDATES
 from ..models.schedule import NUM_TRAIN_TIMESTEPS, SOLVERS
 from ..validate import (arg, finite_float, in_range, non_negative_int, parse_device, positive_float,
@@ -59,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk", type=arg(positive_int), default=None, help="latent frames per chunk (default: the model's)")
     g.add_argument("--window", type=arg(non_negative_int), default=None, help="attention window in latent frames (0: none)")
     g.add_argument("--sink", type=arg(non_negative_int), default=None, help="attention sink in latent frames")
+    g.add_argument("--cache-policy", type=arg(check_policy), default=None, metavar="NAME[:k=v,...]",
+                   help=f"what a full window keeps: {', '.join(POLICIES)} (default sink_window; "
+                   "e.g. deep_forcing:recent=2, dummy_heads:fraction=0.25,short=0)")
     g.add_argument("--ar-step", type=arg(non_negative_int), default=1, help="step_matrix: levels between blocks")
     g.add_argument("--block", type=arg(positive_int), default=None, help="step_matrix: latent frames per block")
     g.add_argument("--segment", type=arg(positive_int), default=None, help="step_matrix: latent frames per segment")

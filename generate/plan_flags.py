@@ -49,6 +49,7 @@ def build_plan(args):
     steps = parse_steps(args.steps, args.plan)
     if args.plan == "teacher":
         for flag, value in (("--chunk", args.chunk), ("--window", args.window), ("--sink", args.sink),
+                            ("--cache-policy", getattr(args, "cache_policy", None)),
                             ("--block", args.block), ("--segment", args.segment), ("--update", args.update)):
             if value is not None:
                 raise ForcelabError(f"{flag} does not apply to the teacher plan (bidirectional, whole clip)")
@@ -61,6 +62,8 @@ def build_plan(args):
                   sink_frames=args.sink, context_noise=args.context_noise)
     if args.update:
         common["update"] = args.update
+    if getattr(args, "cache_policy", None):
+        common["cache_policy"] = args.cache_policy
     if args.plan == "step_matrix":
         return StepMatrix(ar_step=args.ar_step, block_frames=args.block, segment_frames=args.segment, **common)
     if args.block is not None or args.segment is not None:

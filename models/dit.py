@@ -35,7 +35,7 @@ from ..kernels import AttentionLayout, apply_rope, attention, qk_norm_rope, rms_
 from ..validate import positive_int
 from .checkpoint import DEFAULT_SHARD_BYTES, load_state_into, read_config, save_state
 from .config import DiTConfig
-from .kv_cache import EMPTY, KVCache
+from .kv_cache import KVCache
 from .rope import rope_tables
 
 MODULATION_TERMS = 6  # shift, scale, gate for attention, then for the FFN
@@ -134,7 +134,11 @@ class SelfAttention(nn.Module):
         sink_rope = rope[2:] if rope[2] is not None else None
         read = layout.num_keys - k.shape[1]                  # cached key tokens this pass reads
         k_all, v_all = cache.attention_kv(layer, read, k, v, sink_rope, past=past)
-        out = attention(q.to(v_all.dtype), k_all, v_all, layout, backend=backend)
+        if cache.policy.plain:
+            out = attention(q.to(v_all.dtype), k_all, v_all, layout, backend=backend)
+        else:
+            out = cache.policy.attend(cache, layer, q.to(v_all.dtype), k_all, v_all, layout, backend,
+                                      past=past, commit=commit)
         if commit:
             k_pre = self._norm(self.k(x), self.norm_k).detach() if cache.needs_pre_rope(start_frame) else None
             cache.write(layer, start_frame, k.detach(), v.detach(), k_pre)
@@ -298,9 +302,10 @@ class CausalDiT(nn.Module):
     def new_cache(self, batch_size: int, height: int, width: int, *, chunk_frames: int | None = None,
                   window_frames: int | None = ..., sink_frames: int | None = None,
                   max_frames: int | None = None, sink_rope: str | None = None,
-                  dtype: torch.dtype | None = None, device=None) -> KVCache:
+                  dtype: torch.dtype | None = None, device=None, cache_policy=None) -> KVCache:
         """A KV cache for latents of height x width; unset options come from the config, an
-        unset dtype from cache_dtype."""
+        unset dtype from cache_dtype. cache_policy: what a full window keeps (a spec or a
+        CachePolicy; None: sink_window, see models/cache_policy.py)."""
         cfg = self.config
         height, width = positive_int(height, "new_cache: height"), positive_int(width, "new_cache: width")
         return KVCache(
@@ -310,7 +315,7 @@ class CausalDiT(nn.Module):
             window_frames=cfg.window_frames if window_frames is ... else window_frames,
             sink_frames=cfg.sink_frames if sink_frames is None else sink_frames,
             max_frames=max_frames, sink_rope=sink_rope or cfg.sink_rope,
-            dtype=dtype or self.cache_dtype(device), device=device or self.device)
+            dtype=dtype or self.cache_dtype(device), device=device or self.device, cache_policy=cache_policy)
 
     def cache_dtype(self, device=None) -> torch.dtype:
         """The dtype of the keys and values a pass produces, which a cache stores: autocast's
@@ -418,7 +423,7 @@ class CausalDiT(nn.Module):
         used = cache.used_slots
         # keys are the cache slots [0, used) then the frames of this pass; stored frames at or
         # after `start` are not visible (a re-commit replaces them)
-        k_frames = [fr if fr != EMPTY and fr < start else EMPTY for fr in cache.slot_frame[:used]]
+        k_frames = cache.layout_frames(start)
         layout = AttentionLayout.cached(q_frames, k_frames + q_frames, cache.tokens_per_frame,
                                         cache.chunk_frames, cache.window_frames, cache.sink_frames)
         # Stored keys are rotated at their own positions and RoPE scores depend only on

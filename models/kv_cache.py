@@ -39,6 +39,10 @@ frame are dropped first, so re-committing (recache) is safe. Nothing is cloned p
 
 Cross-attention K/V of the current prompt are cached per layer as well (`set_prompt` on the
 DiT); replacing them is a prompt switch.
+
+What a full ring keeps, merges or hides is the cache's policy (models/cache_policy.py; default
+sink_window: evict the oldest ring frame, exactly the cache described above). A merge writes
+over a cached slot, so it copies out live reads first like any other write.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import torch
 from ..errors import ForcelabError
 from ..kernels import apply_rope
 from ..validate import non_negative_int, optional, positive_int
+from .cache_policy import CachePolicy, make_policy
 from .config import SINK_ROPE_POLICIES
 
 EMPTY = -1
@@ -65,6 +70,7 @@ class CachedKV:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, k_view_from: int = 0):
         self.k, self.v = k, v
+        self.policy_view = None      # what the cache policy attended with (CachePolicy.snapshot)
         self.tokens = v.shape[1]
         self._view_from = {"k": k_view_from if k_view_from < self.tokens else None, "v": 0}
 
@@ -84,12 +90,18 @@ class CachedKV:
 class KVCache:
     def __init__(self, *, num_layers: int, batch_size: int, tokens_per_frame: int, num_heads: int,
                  head_dim: int, chunk_frames: int, window_frames: int | None, sink_frames: int,
-                 max_frames: int | None, sink_rope: str, dtype: torch.dtype, device=None):
+                 max_frames: int | None, sink_rope: str, dtype: torch.dtype, device=None,
+                 cache_policy: str | CachePolicy | None = None):
         batch_size = positive_int(batch_size, "KVCache: batch_size")
         chunk_frames = positive_int(chunk_frames, "KVCache: chunk_frames")
         window_frames = optional(positive_int)(window_frames, "KVCache: window_frames (None: no window)")
         max_frames = optional(positive_int)(max_frames, "KVCache: max_frames")
         sink_frames = non_negative_int(sink_frames, "KVCache: sink_frames")
+        policy = make_policy(cache_policy, "KVCache: cache_policy")
+        if policy.needs_window and window_frames is None:
+            raise ForcelabError(f"KVCache: cache policy {policy.name} decides what a full window keeps; "
+                                f"set window_frames (without one every past frame is kept)")
+        sink_rope = policy.sink_rope or sink_rope
         if window_frames is None:
             if max_frames is None:
                 raise ForcelabError("KVCache: without window_frames the cache needs max_frames "
@@ -119,12 +131,16 @@ class KVCache:
                        if self.moves_sink else [])
         self.slot_frame = [EMPTY] * self.num_slots
         self.slot_position = [0] * self.num_slots
+        self.slot_count = [1] * self.num_slots   # frames a slot holds (> 1 after a policy merged slots)
+        self._merges = []                        # the commit in progress: merges before its writes
         self.rope_offset = 0     # added to frame indices to get RoPE positions (RoPE cut)
         self.end_frame = 0       # one past the last committed frame
         self._pending: list[int] = []  # slot of each frame of the commit in progress (layer 0 assigns)
         self.context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # per layer: CachedKV reads that a backward may recompute (weak: gone with their graph)
         self._readers: list[list[weakref.ref]] = [[] for _ in range(num_layers)]
+        self.policy = policy
+        policy.bind(self)
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -148,6 +164,18 @@ class KVCache:
         if self.context_kv is not None:
             n += sum(t.numel() * t.element_size() for kv in self.context_kv for t in kv)
         return n
+
+    def layout_frames(self, start: int) -> list[int]:
+        """The frame id of slots [0, used_slots) in a pass's layout from frame `start`: stored
+        frames at or after `start` are not visible (a re-commit replaces them); under a policy
+        other than sink_window the ring slots are listed by recency rank (see cache_policy)."""
+        frames = [fr if fr != EMPTY and fr < start else EMPTY for fr in self.slot_frame[:self.used_slots]]
+        if self.policy.plain:
+            return frames
+        ring = sorted(((f, i) for i, f in enumerate(frames) if i >= self.sink_frames and f != EMPTY), reverse=True)
+        for rank, (_, i) in enumerate(ring):
+            frames[i] = start - 1 - rank
+        return frames
 
     def key_positions(self, query_positions: list[int]) -> list[int]:
         """RoPE positions of slots [0, used_slots), under the sink policy.
@@ -191,6 +219,7 @@ class KVCache:
             past = CachedKV(torch.cat([sink, kb[:, sink.shape[1]:]], dim=1), vb, k_view_from=read)
         else:
             past = CachedKV(kb, vb)
+        past.policy_view = self.policy.snapshot(layer)
         if recomputable and not past.owns_all:
             self._readers[layer].append(weakref.ref(past))
         return past
@@ -243,7 +272,7 @@ class KVCache:
         return self.moves_sink and start_frame < self.sink_frames
 
     # ------------------------------------------------------------------ writing
-    def _slot_for(self, frame: int) -> int:
+    def _slot_for(self, frame: int, start: int) -> int:
         if frame < self.sink_frames:
             return frame
         ring = range(self.sink_frames, self.num_slots)
@@ -256,7 +285,19 @@ class KVCache:
         if self.window_frames is None:
             raise ForcelabError(f"KVCache: full at frame {frame} ({self.num_slots} frames); "
                                 f"create it with a larger max_frames or a window_frames")
-        return oldest
+        if self.policy.plain:
+            return oldest
+        committed = sorted((s for s in ring if self.slot_frame[s] < start), key=lambda s: self.slot_frame[s])
+        if not committed:             # a commit longer than the ring: its own newest frames win
+            return oldest
+        slot, merge = self.policy.make_room(self, frame, committed)
+        if merge is not None:
+            d, s = merge.dst, merge.src
+            self.slot_position[d] = round(merge.w_dst * self.slot_position[d] + merge.w_src * self.slot_position[s])
+            self.slot_frame[d] = max(self.slot_frame[d], self.slot_frame[s])
+            self.slot_count[d] += self.slot_count[s]
+            self._merges.append(merge)
+        return slot
 
     def drop_from(self, frame: int) -> None:
         """Forget stored frames >= frame (before re-committing them)."""
@@ -277,14 +318,16 @@ class KVCache:
         n = k.shape[1] // S
         if layer == 0:
             self.drop_from(start_frame)
-            self._pending = []
+            self._pending, self._merges = [], []
             for f in range(start_frame, start_frame + n):
-                s = self._slot_for(f)
+                s = self._slot_for(f, start_frame)
                 if s != EMPTY:
                     self.slot_frame[s] = f
                     self.slot_position[s] = f + self.rope_offset
+                    self.slot_count[s] = 1
                 self._pending.append(s)
             self.end_frame = start_frame + n
+            self.policy.committed(self)
         # the last writer of a slot wins (a commit longer than the ring keeps its newest frames)
         last = {s: i for i, s in enumerate(self._pending) if s != EMPTY}
         if self.needs_pre_rope(start_frame) and k_pre_rope is None:
@@ -293,9 +336,14 @@ class KVCache:
         kb = self.k[layer].view(k.shape[0], self.capacity, S, *k.shape[2:])
         vb = self.v[layer].view(kb.shape)
         ks, vs = k.view(k.shape[0], n, S, *k.shape[2:]), v.view(k.shape[0], n, S, *k.shape[2:])
+        for m in self._merges:        # merged slots first: a source slot is about to take a new frame
+            self._before_write(layer, m.dst * S, (m.dst + 1) * S)
         for s in last:
             self._before_write(layer, s * S, (s + 1) * S)
         with torch.no_grad():
+            for m in self._merges:
+                for buf in (kb, vb):
+                    buf[:, m.dst].mul_(m.w_dst).add_(buf[:, m.src], alpha=m.w_src)
             for s, i in last.items():
                 kb[:, s].copy_(ks[:, i])
                 vb[:, s].copy_(vs[:, i])
@@ -315,6 +363,7 @@ class KVCache:
         return {"k": [copy(t) for t in self.k], "v": [copy(t) for t in self.v],
                 "sink_k": [copy(t) for t in self.sink_k],
                 "slot_frame": list(self.slot_frame), "slot_position": list(self.slot_position),
+                "slot_count": list(self.slot_count), "policy": self.policy.state_dict(),
                 "rope_offset": self.rope_offset, "end_frame": self.end_frame, "context_kv": kv}
 
     def load_state_dict(self, state: dict) -> None:
@@ -329,6 +378,9 @@ class KVCache:
             for dst, src in zip(self.k + self.v + self.sink_k, state["k"] + state["v"] + state["sink_k"]):
                 dst.copy_(src)
         self.slot_frame, self.slot_position = list(state["slot_frame"]), list(state["slot_position"])
+        self.slot_count = list(state.get("slot_count", [1] * self.num_slots))   # states saved before policies: 1 each
+        if state.get("policy"):
+            self.policy.load_state_dict(state["policy"])
         self.rope_offset, self.end_frame = int(state["rope_offset"]), int(state["end_frame"])
         device = self.k[0].device
         self.context_kv = None if state["context_kv"] is None else [(k.to(device), v.to(device))

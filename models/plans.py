@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ForcelabError
+from .cache_policy import DEFAULT_POLICY, check_policy
 from .schedule import NUM_TRAIN_TIMESTEPS, SOLVERS, TEACHER_SIGMA_MAX, sigma_to_timestep, teacher_sigmas, warp_timesteps
 
 UPDATES = ("renoise", "euler")
@@ -116,6 +117,7 @@ class CausalPlan:
     chunk_frames: int | None = None      # frames per chunk = block-causal unit (None: the model's config)
     window_frames: int | None = None     # attention window in frames, incl. the current chunk (None: the model's config; 0: none)
     sink_frames: int | None = None       # first frames kept visible forever, attention sink (None: the model's config)
+    cache_policy: str = DEFAULT_POLICY   # what a full window keeps, merges or hides (models/cache_policy.py: NAME[:k=v,...])
     context_noise: float = 0.0           # timestep of the clean pass that commits a chunk to the cache
     update: str = "renoise"              # next level: "renoise" x0 with fresh noise (few-step) or "euler" ODE step
     name = "causal"
@@ -137,6 +139,7 @@ class CausalPlan:
             raise ForcelabError(f"{self.name}: chunk_frames must be >= 1, got {self.chunk_frames}")
         if (self.sink_frames or 0) < 0 or (self.window_frames or 0) < 0:
             raise ForcelabError(f"{self.name}: window_frames and sink_frames must be >= 0")
+        self.cache_policy = check_policy(self.cache_policy, f"{self.name}: cache_policy")
 
     @property
     def steps(self) -> int:

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import ForcelabError
+from .cache_policy import DEFAULT_POLICY, make_policy
 from .kv_cache import KVCache
 from .plans import CausalPlan, Teacher
 from .schedule import add_noise, euler_step, make_solver, sigma_to_timestep, timestep_to_sigma, x0_from_v
@@ -228,6 +229,9 @@ def cache_options(plan: CausalPlan, config) -> tuple[int, int | None, int]:
         if plan.sink_frames:
             raise ForcelabError(f"{plan.name}: an attention sink needs a window (window_frames); "
                                 f"without one every past frame is visible anyway")
+        if make_policy(plan.cache_policy).needs_window:
+            raise ForcelabError(f"{plan.name}: cache policy {plan.cache_policy!r} decides what a full window "
+                                f"keeps; set a window (window_frames)")
         return chunk, None, 0
     if window < chunk or window % chunk:
         raise ForcelabError(f"{plan.name}: window_frames ({window}) must be a positive multiple of "
@@ -240,9 +244,13 @@ def make_cache(model, plan: CausalPlan, batch: int, height: int, width: int, max
     """A cache sized from the plan (see cache_options); a FrameCache when recompute."""
     chunk, window, sink = cache_options(plan, model.config)
     if recompute:
+        if plan.cache_policy != DEFAULT_POLICY:
+            raise ForcelabError(f"{plan.name}: the recomputing FrameCache has no cache policy; "
+                                f"use the KV cache for {plan.cache_policy!r}")
         return FrameCache(chunk, window, sink)
     return model.new_cache(batch, height, width, chunk_frames=chunk, window_frames=window,
-                           sink_frames=sink, max_frames=None if window else max_frames)
+                           sink_frames=sink, max_frames=None if window else max_frames,
+                           cache_policy=plan.cache_policy)
 
 
 def default_cache(model, plan: CausalPlan, noise: Noise, frames: int, start_frame: int | None = None,

@@ -40,6 +40,7 @@ TIMESTEPS = RULES + ("tests/test_timesteps.py",)
 TRAINER = RULES + ("tests/test_train_trainer.py",)
 ENGINE = ("tests/test_rollout_plans.py", "tests/test_rollout_engine.py", "tests/test_dit_streaming.py",
           "tests/test_cache_recompute.py", "tests/test_generate_prefix.py")
+CACHE_POLICY = ("tests/test_cache_policies.py", "tests/test_cache_recompute.py")
 KERNELS = ("tests/test_kernels_grouped.py", "tests/test_kernels_attention.py")
 DISTILL = SF + CAUSVID + ROLLING + SFPP + LONG
 EVERY_DMD = DMD + DISTILL
@@ -295,13 +296,41 @@ MUTATIONS: list[Mutation] = [
     M("adjacent_sink_not_rerotated", "Rolling Forcing", "sink: re-rotated to sit just before the working cache",
       "models/kv_cache.py", "pos[i] = first - self.sink_frames + i", "pos[i] = self.slot_position[i]",
       ENGINE + ROLLING),
+    # ------------------------------------------------------------------ cache policies (models/cache_policy.py)
+    M("policy_ring_not_ranked", "every cache policy", "layout: a policy's ring entries are listed by recency "
+      "rank, so every kept entry is visible", "models/kv_cache.py", "frames[i] = start - 1 - rank", "pass",
+      CACHE_POLICY),
+    M("merge_weights_swapped", "temporal_merge, similar_merge", "merge: each slot weighted by the frames IT holds",
+      "models/kv_cache.py", "buf[:, m.dst].mul_(m.w_dst).add_(buf[:, m.src], alpha=m.w_src)",
+      "buf[:, m.dst].mul_(m.w_src).add_(buf[:, m.src], alpha=m.w_dst)", CACHE_POLICY),
+    M("merge_unnormalised_weights", "temporal_merge, similar_merge", "merge: the count-weighted MEAN of two slots",
+      "models/cache_policy.py", "return Merge(a, b, ca / (ca + cb), cb / (ca + cb))", "return Merge(a, b, ca, cb)",
+      CACHE_POLICY),
+    M("temporal_merge_newest_pair", "temporal_merge", "merge the pair holding the fewest frames, the OLDEST on ties",
+      "models/cache_policy.py", "key=lambda j: (counts[j] + counts[j + 1], j))",
+      "key=lambda j: (counts[j] + counts[j + 1], -j))", CACHE_POLICY),
+    M("similar_merge_least_alike", "similar_merge", "merge the MOST alike adjacent pair", "models/cache_policy.py",
+      "j = max(range(len(pairs)), key=lambda i: (sim[i], -i))", "j = min(range(len(pairs)), key=lambda i: (sim[i], -i))",
+      CACHE_POLICY),
+    M("deep_forcing_evicts_most_attended", "deep_forcing", "participative compression: evict the LEAST attended",
+      "models/cache_policy.py", "return min(candidates, key=lambda s: (score[s], cache.slot_frame[s])), None",
+      "return max(candidates, key=lambda s: (score[s], cache.slot_frame[s])), None", CACHE_POLICY),
+    M("deep_forcing_evicts_newest_on_ties", "deep_forcing", "without statistics the OLDEST frame goes",
+      "models/cache_policy.py", "return min(candidates, key=lambda s: (score[s], cache.slot_frame[s])), None",
+      "return min(candidates, key=lambda s: (score[s], -cache.slot_frame[s])), None", CACHE_POLICY),
+    M("dummy_heads_least_local", "dummy_heads", "the short heads are the MOST local ones",
+      "models/cache_policy.py", "key=lambda h: (-float(local[h]), h))", "key=lambda h: (float(local[h]), h))",
+      CACHE_POLICY),
+    M("dummy_heads_hide_the_newest", "dummy_heads", "short heads keep the NEWEST `short` frames",
+      "models/cache_policy.py", "hidden = [i for _, i in ring[:max(len(ring) - self.short, 0)]]",
+      "hidden = [i for _, i in ring[min(self.short, len(ring)):]]", CACHE_POLICY),
     # ------------------------------------------------------------------ Rolling Forcing
     M("rolling_prob_ignored", "Rolling Forcing", "sampler: a rollout is rolling with probability rolling_prob",
       "distill/rolling_forcing.py", "< round(self.opt.rolling_prob * _PROB_RESOLUTION)", "< _PROB_RESOLUTION // 2",
       ROLLING),
     M("rolling_sink_option_ignored", "Rolling Forcing", "sink: algo.sink_frames sets the rollout's sink",
-      "distill/rolling_forcing.py", "window_frames=self.window_frames,\n                    sink_frames=self.sink_frames)",
-      "window_frames=self.window_frames,\n                    sink_frames=0)", ROLLING),
+      "distill/rolling_forcing.py", "window_frames=self.window_frames,\n                    sink_frames=self.sink_frames,",
+      "window_frames=self.window_frames,\n                    sink_frames=0,", ROLLING),
     # ------------------------------------------------------------------ LongLive streaming long tuning
     M("recache_skipped", "LongLive", "recache: after a switch the recent frames are re-run with the new prompt",
       "distill/streaming_long.py", "seq.recache = self.recache_frames > 0", "seq.recache = False", LONG + ENGINE),

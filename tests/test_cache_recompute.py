@@ -77,6 +77,22 @@ def test_step_matrix_gradients_are_the_same_with_checkpointing(exit_step):
     assert_same_gradients(toy_model(), plan, 10, exit_step)
 
 
+# every cache policy besides sink_window (models/cache_policy.py); the toy model has 2 heads, so
+# dummy_heads gives half of them a short context
+POLICIES = ["deep_forcing", "dummy_heads:fraction=0.5", "temporal_merge", "similar_merge:recent=1"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("kind", ["chunkwise", "rolling"])
+@pytest.mark.parametrize("exit_step", [0, len(STEPS) - 1])
+def test_cache_policy_gradients_are_the_same_with_checkpointing(policy, kind, exit_step):
+    """A policy merges slots (writes over cached K/V), evicts by attention statistics or gives
+    heads their own context: the recomputed pass must still see what its forward saw."""
+    plan = (Chunkwise if kind == "chunkwise" else Rolling)(timesteps=STEPS, window_frames=6, sink_frames=2,
+                                                            cache_policy=policy)
+    assert_same_gradients(toy_model(), plan, 14, exit_step)
+
+
 @pytest.mark.parametrize("mode", ["recache", "flush"])
 @pytest.mark.parametrize("exit_step", [0, len(STEPS) - 1])
 def test_prompt_switch_gradients_are_the_same_with_checkpointing(mode, exit_step):

@@ -179,15 +179,18 @@ def test_cli_runs_and_rejects_a_bad_flag(toy_dit, tmp_path, capsys):
 
     out = tmp_path / "exposure"
     assert main(["eval", "exposure", str(toy_dit), "--out", str(out), "--scenes", "1", "--chunks", "2",
-                 "--window", "4", "--sink", "2"]) == 0
+                 "--window", "4", "--sink", "2", "--cache-policy", "temporal_merge"]) == 0
     result = json.loads((out / "exposure.json").read_text())
     assert result["kind"] == "exposure" and result["plan"]["window_frames"] == 4
+    assert result["plan"]["cache_policy"] == "temporal_merge"
     assert (out / "exposure.md").read_text().startswith(str(toy_dit))
     capsys.readouterr()
     assert main(["eval", "exposure", str(toy_dit), "--out", str(out), "--chunks", "0"]) != 0
     assert "--chunks" in capsys.readouterr().err
     assert main(["eval", "exposure", str(toy_dit), "--out", str(out), "--chunks", "1"]) != 0
     assert "chunks must be an integer >= 2" in capsys.readouterr().err
+    assert main(["eval", "exposure", str(toy_dit), "--out", str(out), "--cache-policy", "lru"]) == 2
+    assert "--cache-policy 'lru': unknown policy" in capsys.readouterr().err
 
 
 def test_background_persistence_per_chunk_on_the_textured_world():

@@ -63,6 +63,13 @@ def test_vbench_names_and_other_plans(ckpt, tmp_path):
                     "--steps", "1000,500", "--frames", 4) == 0
 
 
+def test_a_cache_policy_reaches_the_cache_and_the_sidecar(ckpt, tmp_path):
+    assert generate(ckpt, tmp_path, "--prompt", "a red ball", "--frames", 12, "--window", 4, "--sink", 2,
+                    "--cache-policy", "temporal_merge") == 0
+    side = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert side["plan"]["cache_policy"] == "temporal_merge"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "a", "--frames", 6, "--switch", "6:b"], "chunk boundaries"),
     (["--prompt", "a", "--frames", 6, "--switch", "9:b"], "chunk boundaries"),
@@ -72,6 +79,10 @@ def test_vbench_names_and_other_plans(ckpt, tmp_path):
     (["--prompt", "a", "--sink", 2], "needs a window"),
     (["--prompt", "a", "--plan", "teacher", "--switch", "2:b"], "causal plan"),
     (["--frames", 4], "no prompt"),
+    (["--prompt", "a", "--cache-policy", "lru"], "unknown policy 'lru'"),
+    (["--prompt", "a", "--cache-policy", "deep_forcing:keep=1"], "not an option of deep_forcing"),
+    (["--prompt", "a", "--cache-policy", "temporal_merge", "--window", 0], "set a window"),
+    (["--prompt", "a", "--plan", "teacher", "--cache-policy", "temporal_merge"], "does not apply to the teacher"),
 ])
 def test_bad_input_fails_before_any_work(ckpt, tmp_path, monkeypatch, capsys, args, message):
     def no_work(*a, **k):
