@@ -77,10 +77,13 @@ class CausalCDRecipe(Recipe):
 
     @classmethod
     def workload(cls, opt, frames, chunk):
-        """The student's gradient pass over [clean | noisy] copies (the teacher's and the target's
-        passes run without gradient)."""
+        """The student's gradient pass over [clean | noisy] copies; the teacher's (twice under
+        CFG) before it and the target's after it run without gradient, the target's next to the
+        student's graph."""
         n = 2 * frames
-        return {"generator": Workload([ModelPass("generator", n, n, grad=True, masked=True)])}
+        teacher = ModelPass("teacher", n, n, grad=False, masked=True, count=1 if opt.guidance == 1.0 else 2)
+        return {"generator": Workload([teacher, ModelPass("generator", n, n, grad=True, masked=True),
+                                       ModelPass("generator", n, n, grad=False, masked=True)])}
 
     def check_frames(self, frames: int) -> None:
         """Clips must be whole chunks of the student and of the teacher."""

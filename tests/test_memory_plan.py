@@ -45,6 +45,8 @@ CASES = {
     "ode_init": ("ode_init", ["roles.generator.ema_start=0", "algo.num_pairs=4", "algo.pairs_per_shard=2",
                               "algo.teacher_steps=4", "algo.stored_steps=[0,2,-1]"], 1),
     "causvid": ("causvid", DMD, 1),
+    "causal_cd": ("causal_cd", ["algo.cd_steps=4"], 1),
+    "reward_forcing": ("reward_forcing", DMD, 1),
     "self_forcing": ("self_forcing", DMD, 1),
     "self_forcing-bf16_teacher": ("self_forcing", DMD + ["roles.teacher.dtype=bf16"], 1),   # Wan's setting
     "rolling_forcing": ("rolling_forcing", DMD + ["algo.min_chunks=2", "algo.max_chunks=2"], 1),
