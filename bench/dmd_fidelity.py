@@ -25,6 +25,8 @@ Stages, each resumable (a finished run, video set or score is kept under --out):
     ode_init        configs/toy/ode_init.yaml, --ode-steps steps on --pairs pairs (seed 0)
     sf ...          configs/toy/self_forcing.yaml from that ODE-init run, --dmd-steps steps, one
                     setting changed per row (SF_VARIANTS); the --seeded rows with --seeds seeds
+    ode_init_no_cfg the control: the same ODE init on pairs sampled without CFG, and Self-Forcing
+                    at guidance 3 from it (NO_CFG_ROWS)
     causvid ...     configs/toy/causvid.yaml (from the teacher), --dmd-steps steps, its variants
 Each row's student generates the held-out prompts at the training length with its config's
 sampling plan (seed 0) and is scored with ToyBench.
@@ -63,6 +65,9 @@ SF_VARIANTS = {
     "sf score t_max 500": ["algo.t_max=500.0"],
     "sf guidance 2 + critic lr x5": ["algo.guidance=2.0", "roles.critic.lr=2.0e-4"],
 }
+# the control: the same DMD from an ODE init whose pairs are sampled without CFG (guidance 1)
+NO_CFG_INIT = "ode_init_no_cfg"
+NO_CFG_ROWS = {"sf no-CFG init (g 3)": []}
 CAUSVID_VARIANTS = {
     "causvid baseline (g 3)": [],
     "causvid guidance 1": ["algo.guidance=1.0"],
@@ -170,13 +175,21 @@ def main() -> None:
         train("ode_init", "ode_init", ode, ["seed=0", f"algo.num_pairs={args.pairs}",
                                             f"algo.pairs_per_shard={min(args.pairs, 32)}"], args.ode_steps)
         score("ode_init (the start)", ode, ode / "videos", sampling_plan("ode_init"))
+        inits = {row: ode for row in SF_VARIANTS}
+        if any(wanted(row) for row in NO_CFG_ROWS):
+            no_cfg = out / NO_CFG_INIT
+            train(NO_CFG_INIT, "ode_init", no_cfg, ["seed=0", f"algo.num_pairs={args.pairs}",
+                                                    f"algo.pairs_per_shard={min(args.pairs, 32)}",
+                                                    "algo.teacher_guidance=1.0"], args.ode_steps)
+            score("ode_init, pairs without CFG", no_cfg, no_cfg / "videos", sampling_plan("ode_init"))
+            inits.update({row: no_cfg for row in NO_CFG_ROWS})
         plan = sampling_plan("self_forcing")
         for seed in range(args.seeds):
-            for row, extra in SF_VARIANTS.items():
-                if (seed and _folder(row) not in args.seeded) or not wanted(row):
+            for row, extra in {**SF_VARIANTS, **NO_CFG_ROWS}.items():
+                if (seed and _folder(row) not in args.seeded) or not wanted(row) or row not in inits:
                     continue
                 run = out / _folder(row) / f"s{args.dmd_steps}_seed{seed}"
-                train(row, "self_forcing", run, extra + [f"seed={seed}", f"roles.generator.init={ode}"],
+                train(row, "self_forcing", run, extra + [f"seed={seed}", f"roles.generator.init={inits[row]}"],
                       args.dmd_steps)
                 score(row, run, run / "videos", plan)
     if args.only == "all":
