@@ -201,8 +201,8 @@ def main() -> None:
             train(row, "causvid", run, extra + ["seed=0"], args.dmd_steps)
             score(row, run, run / "videos", plan)
     print(f"\nToyBench, {args.prompts} held-out prompts at the training length ({frames} frames), seed 0 "
-          f"(rows marked xN: the mean over seeds 0..N-1); ODE init {args.ode_steps} steps on {args.pairs} pairs, DMD rows "
-          f"{args.dmd_steps} steps; one thread; {time.perf_counter() - t0:.0f} s")
+          f"(rows marked xN: the mean over seeds 0..N-1); ODE init {args.ode_steps} steps on {args.pairs} pairs, "
+          f"DMD rows {args.dmd_steps} steps; one thread; {time.perf_counter() - t0:.0f} s")
     print("| row | " + " | ".join(COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))
     for row, results in rows.items():
