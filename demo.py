@@ -6,7 +6,7 @@
 Stages (pipeline.py, run in this process; a finished stage is skipped on re-run, an
 interrupted one resumes from its last checkpoint):
   1 teacher       the toy teacher: the committed checkpoint configs/toy/teacher_checkpoint,
-                  which configs/toy/teacher.yaml makes (3000 steps, ~8 minutes on one core;
+                  which configs/toy/teacher.yaml makes (12000 steps, ~40 minutes on one core;
                   --train-teacher trains it here instead)
   2 ode_init      ODE pairs from the teacher, regressed into the causal student
   3 self_forcing  Self-Forcing DMD into a 4-step causal student with a KV cache
