@@ -388,7 +388,9 @@ def test_a_damaged_sharded_checkpoint_is_one_clear_line(one_process_run, tmp_pat
 
 ZERO3_SCRIPT = """
 import json
+import shutil
 import sys
+from pathlib import Path
 import torch
 from forcelab.errors import CheckpointError
 from forcelab.train import checkpoint as ckpt_io
@@ -422,6 +424,18 @@ with open(f"{base}/fault-rank{straight.rank}.json", "w") as f:
     json.dump(error, f)
 Trainer(cfg("split")).run(stop_at=2)
 Trainer(cfg("split"), resume="latest").run()
+if straight.rank == 0:   # rank 1's partitions truncated: every rank refuses the resume with the same line
+    shutil.copytree(straight.run_dir, f"{base}/damaged")
+    damaged = Path(base) / "damaged" / "checkpoint-000004" / "sharded" / "zero3-rank1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+torch.distributed.barrier()
+try:
+    Trainer(cfg("damaged"), resume="latest")
+    error = None
+except CheckpointError as e:
+    error = str(e)
+with open(f"{base}/damaged-rank{straight.rank}.json", "w") as f:
+    json.dump(error, f)
 from forcelab.train.parallel import exit_processes
 exit_processes()
 """
@@ -445,6 +459,8 @@ def test_zero3_sharded_checkpoints_write_each_ranks_partitions_resume_bit_exact_
     errors = [json.loads((tmp_path / f"fault-rank{r}.json").read_text()) for r in range(WORLD)]
     assert errors[0] == errors[1] and "No space left" in errors[0] and "\n" not in errors[0], errors
     assert [p.name for p in straight.iterdir() if p.name.startswith(".checkpoint")] == []
+    errors = [json.loads((tmp_path / f"damaged-rank{r}.json").read_text()) for r in range(WORLD)]
+    assert errors[0] == errors[1] and "zero3-rank1.pt: damaged or truncated" in errors[0], errors
     # nothing gathered: each rank's file holds its partitions, about half of the weights and EMA
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     total = sum(t.numel() * t.element_size() for part in full.values() for t in part.values())

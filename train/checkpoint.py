@@ -462,9 +462,13 @@ def load_role_state(ckpt: Path, role: Role, strategy) -> None:
     path = ckpt / f"optim-{role.name}.pt"
     state = _load(path, f"optimizer state of role '{role.name}'", ("optimizer", "scheduler", "updates"))
     if is_partitioned(ckpt):   # ZeRO-3: this rank's own partitions (the optimizer's come with rng-rankR.pt)
-        mine = partitions_file(ckpt, strategy.acc.process_index)
-        saved = _load(mine, "ZeRO-3 partitions", (role.name,))[role.name]
-        strategy.load_partitions(role, saved, str(mine))
+        mine, error = partitions_file(ckpt, strategy.acc.process_index), None
+        try:
+            saved = _load(mine, "ZeRO-3 partitions", (role.name,))[role.name]
+            strategy.load_partitions(role, saved, str(mine))
+        except CheckpointError as e:
+            error = e
+        _agree(mine, error, strategy.world)   # a damaged file on one rank stops every rank with its line
         role.scheduler.load_state_dict(state["scheduler"])
         role.updates = int(state["updates"])
         return
