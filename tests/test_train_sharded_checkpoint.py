@@ -280,6 +280,15 @@ def test_checkpoint_format_is_validated(tmp_path):
         load_train_config([], TINY + ["checkpoint.format=gathered"])
     with pytest.raises(ConfigError, match="fsdp_bf16_params"):
         load_train_config([], TINY + ["fsdp_bf16_params=true"])
+    from types import SimpleNamespace
+
+    from forcelab.train.checkpoint import checkpoint_format
+
+    auto = load_train_config([], TINY)
+    assert [checkpoint_format(auto, SimpleNamespace(name=n)) for n in ("ddp", "fsdp", "zero2", "zero3")] == \
+        ["full", "sharded", "full", "sharded"]
+    with pytest.raises(ConfigError, match="not written under zero2"):   # its weights are whole on every rank
+        checkpoint_format(load_train_config([], TINY + ["checkpoint.format=sharded"]), SimpleNamespace(name="zero2"))
 
 
 STREAM_SCRIPT = """
