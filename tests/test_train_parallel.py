@@ -196,7 +196,7 @@ def test_zero2_saves_resumes_and_matches_data_parallel(tmp_path):
 
 @needs_deepspeed
 def test_zero3_saves_resumes_and_matches_data_parallel(tmp_path):
-    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY)
+    launch(tmp_path, RUNS_SCRIPT, str(tmp_path), "zero3", "ddp", *TINY, "checkpoint.format=full")
     check_save_resume(tmp_path, "zero3")
 
 

@@ -2,11 +2,15 @@
 FSDP writes each rank's own shards (about half the state per rank, nothing gathered), resumes
 bit for bit at the same world size and at one process as the same full tensors, exports to a
 DiT directory equal to the full weights; FSDP's bf16 mixed-precision policy is applied; and
-streaming_long's per-rank stream state continues each rank's stream exactly.
+streaming_long's per-rank stream state continues each rank's stream exactly. Under ZeRO-3 each
+rank writes its flat partitions of the weights and EMA (about half per rank, nothing gathered),
+resumes bit for bit, and the export reassembles them into the gathered full tensors.
 
-Two torchrun launches (each costs seconds): the FSDP runs, shared by three tests, and the
-streaming_long runs; the one-process resume, export and fault checks run in this process."""
+Three torchrun launches (each costs seconds): the FSDP runs, shared by three tests, the
+streaming_long runs and the ZeRO-3 runs (skipped without DeepSpeed); the one-process resume,
+export and fault checks run in this process."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -276,6 +280,15 @@ def test_checkpoint_format_is_validated(tmp_path):
         load_train_config([], TINY + ["checkpoint.format=gathered"])
     with pytest.raises(ConfigError, match="fsdp_bf16_params"):
         load_train_config([], TINY + ["fsdp_bf16_params=true"])
+    from types import SimpleNamespace
+
+    from forcelab.train.checkpoint import checkpoint_format
+
+    auto = load_train_config([], TINY)
+    assert [checkpoint_format(auto, SimpleNamespace(name=n)) for n in ("ddp", "fsdp", "zero2", "zero3")] == \
+        ["full", "sharded", "full", "sharded"]
+    with pytest.raises(ConfigError, match="not written under zero2"):   # its weights are whole on every rank
+        checkpoint_format(load_train_config([], TINY + ["checkpoint.format=sharded"]), SimpleNamespace(name="zero2"))
 
 
 STREAM_SCRIPT = """
@@ -380,3 +393,99 @@ def test_a_damaged_sharded_checkpoint_is_one_clear_line(one_process_run, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1, err
         assert not (tmp_path / argv[2]).exists()
+
+
+ZERO3_SCRIPT = """
+import json
+import shutil
+import sys
+from pathlib import Path
+import torch
+from forcelab.errors import CheckpointError
+from forcelab.train import checkpoint as ckpt_io
+from forcelab.train.config import load_train_config
+from forcelab.train.trainer import Trainer
+base, args = sys.argv[1], sys.argv[2:]
+cfg = lambda name: load_train_config([], args + ["parallel=zero3", f"output_dir={base}/{name}"])
+straight = Trainer(cfg("straight"))
+assert straight.checkpoint_format == "sharded"
+def refuse(*a, **k):
+    raise AssertionError("a sharded checkpoint gathered the weights to one rank")
+gather, straight.parallel.snapshot = straight.parallel.snapshot, refuse
+straight.run()
+straight.parallel.snapshot = gather
+role = straight.roles["generator"]     # the full tensors, for the test's references (collective)
+weights, ema = (straight.parallel.full_module(role, use_ema=e) for e in (False, True))
+if straight.is_main:
+    torch.save({"weights": weights.state_dict(), "ema": ema.state_dict()}, f"{base}/full.pt")
+real = ckpt_io._write_partitions   # a full disk on rank 1 alone: every rank stops with the same line
+def full_disk(path, roles):
+    if straight.rank == 1:
+        raise OSError(28, "No space left on device")
+    return real(path, roles)
+ckpt_io._write_partitions, error = full_disk, None
+try:
+    straight.save()
+except CheckpointError as e:
+    error = str(e)
+ckpt_io._write_partitions = real
+with open(f"{base}/fault-rank{straight.rank}.json", "w") as f:
+    json.dump(error, f)
+Trainer(cfg("split")).run(stop_at=2)
+Trainer(cfg("split"), resume="latest").run()
+if straight.rank == 0:   # rank 1's partitions truncated: every rank refuses the resume with the same line
+    shutil.copytree(straight.run_dir, f"{base}/damaged")
+    damaged = Path(base) / "damaged" / "checkpoint-000004" / "sharded" / "zero3-rank1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+torch.distributed.barrier()
+try:
+    Trainer(cfg("damaged"), resume="latest")
+    error = None
+except CheckpointError as e:
+    error = str(e)
+with open(f"{base}/damaged-rank{straight.rank}.json", "w") as f:
+    json.dump(error, f)
+from forcelab.train.parallel import exit_processes
+exit_processes()
+"""
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install 'forcelab[deepspeed]')")
+
+
+@needs_deepspeed
+def test_zero3_sharded_checkpoints_write_each_ranks_partitions_resume_bit_exact_and_export(tmp_path):
+    from forcelab.train.checkpoint import verify_checkpoint
+
+    launch(tmp_path, ZERO3_SCRIPT, str(tmp_path), *TINY)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ckpt = straight / f"checkpoint-{STEPS:06d}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["format"] == "sharded" and state["world_size"] == WORLD
+    assert not (ckpt / "generator").exists() and (ckpt / "architecture" / "generator" / "config.json").is_file()
+    assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == ["zero3-rank0.pt", "zero3-rank1.pt"]
+    errors = [json.loads((tmp_path / f"fault-rank{r}.json").read_text()) for r in range(WORLD)]
+    assert errors[0] == errors[1] and "No space left" in errors[0] and "\n" not in errors[0], errors
+    assert [p.name for p in straight.iterdir() if p.name.startswith(".checkpoint")] == []
+    errors = [json.loads((tmp_path / f"damaged-rank{r}.json").read_text()) for r in range(WORLD)]
+    assert errors[0] == errors[1] and "zero3-rank1.pt: damaged or truncated" in errors[0], errors
+    # nothing gathered: each rank's file holds its partitions, about half of the weights and EMA
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    total = sum(t.numel() * t.element_size() for part in full.values() for t in part.values())
+    written = []
+    for rank in range(WORLD):
+        record = torch.load(ckpt / "sharded" / f"zero3-rank{rank}.pt", weights_only=True)["generator"]
+        written.append(sum(t.numel() * t.element_size() for kind in ("model", "ema") for t in record[kind]))
+    print(f"tensor bytes per rank file {written}; the full weights and EMA {total} bytes")
+    assert all(b < SHARE_BOUND * total for b in written) and sum(written) >= total, (written, total)
+    # resumed bit for bit; the export reassembles the partitions into the gathered full tensors
+    assert losses(straight) == losses(split)
+    for name, run in (("straight", straight), ("split", split)):
+        for ema, held in ((False, full["weights"]), (True, full["ema"])):
+            assert same(exported(tmp_path, run / f"checkpoint-{STEPS:06d}", f"{name}-{ema}", ema), held), (name, ema)
+    # another world size or strategy: one line saying what to do
+    for world, parallel in ((1, "zero3"), (WORLD, "fsdp")):
+        with pytest.raises(ForcelabError, match="forcelab export") as e:
+            verify_checkpoint(ckpt, recipe="teacher", world=world, trainable={}, parallel=parallel)
+        assert "\n" not in str(e.value)

@@ -1,8 +1,8 @@
 """Training checkpoints: written atomically, kept last-K, resumed exactly.
 
-Two formats (checkpoint.format: auto | full | sharded; auto: sharded under FSDP, else full):
+Two formats (checkpoint.format: auto | full | sharded; auto: sharded under FSDP and ZeRO-3, else full):
 
-    run_dir/checkpoint-000006/              format: full (one process, ddp, ZeRO; fsdp on request)
+    run_dir/checkpoint-000006/              format: full (one process, ddp, ZeRO-2; fsdp, zero3 on request)
         generator/, critic/          each trainable role: a DiT directory (config.json + safetensors),
                                      readable by CausalDiT.from_pretrained and diffusers
         generator_ema/               the EMA weights, when kept
@@ -22,6 +22,14 @@ Two formats (checkpoint.format: auto | full | sharded; auto: sharded under FSDP,
         rng-rank0.pt, ...            as above, each written by its rank
         trainer_state.json, config.yaml
 
+    run_dir/checkpoint-000006/              format: sharded under ZeRO-3 (DeepSpeed's own partitions)
+        sharded/zero3-rank0.pt, ...  one file per rank (torch.save, read weights_only): per trainable
+                                     role its flat partition of every parameter (ds_tensor, padding
+                                     included) and of the EMA (its real elements), with the parameter
+                                     names, full shapes, element counts, partition sizes, world size
+        architecture/, optim-generator.pt (LR schedule, update count), rng-rank0.pt (the optimizer's
+        partitions, as in the full format), trainer_state.json, config.yaml
+
 Nothing is gathered to one process to write a sharded checkpoint: every rank writes its own
 shards (a tensor replicated on several ranks is written once) and its own rng-rankR.pt into
 one temporary folder, which rank 0 made (fsio.atomic_directory) and moves into place after
@@ -37,8 +45,12 @@ full tensors, the data stream continues at the same global sample (`sample_offse
 belongs to one rank alone starts fresh, which the run's log says: RNG states (reseeded from
 seed, rank and step), a recipe's per-rank state (streaming_long starts new sequences) and a
 shard stream's read count (each rank reads its new split from the start of an epoch).
-`forcelab export` turns a sharded checkpoint into DiT directories (train/export.py); generate
-and roles.X.init read those, not the shards.
+A ZeRO-3 sharded checkpoint resumes under zero3 at the same number of processes only, bit for
+bit (each rank copies its partitions back); any other resume is refused in one line: export it
+and start a new run with init from the export.
+`forcelab export` turns a sharded checkpoint into DiT directories (train/export.py; ZeRO-3
+partitions are concatenated in rank order, the padding dropped, reshaped); generate and
+roles.X.init read those, not the shards.
 
 A resume is verified before it trains (verify_checkpoint): the trainer state, recipe, roles,
 world size, each role's architecture and every state file; each failure is one line naming
@@ -67,6 +79,17 @@ from ..run_folder import (ARCHITECTURE_DIR, CHECKPOINT_PREFIX, EMA_SUFFIX, SHARD
 from .roles import RUNTIME_FIELDS, Role, _norm
 
 FORMATS = ("full", "sharded")
+ZERO3_PARTITIONS = "zero3"              # a ZeRO-3 sharded checkpoint: per rank, its flat partitions
+
+
+def partitions_file(ckpt: Path, rank: int) -> Path:
+    """Rank `rank`'s file of a ZeRO-3 sharded checkpoint (its partitions of every trainable role)."""
+    return Path(ckpt) / SHARDED_DIR / f"{ZERO3_PARTITIONS}-rank{rank}.pt"
+
+
+def is_partitioned(ckpt: Path) -> bool:
+    """A sharded checkpoint written under ZeRO-3 (per-rank partitions, not torch.distributed.checkpoint)."""
+    return partitions_file(ckpt, 0).is_file()
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -74,14 +97,14 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def checkpoint_format(cfg, strategy) -> str:
-    """full | sharded for this run (checkpoint.format; auto: sharded under FSDP)."""
+    """full | sharded for this run (checkpoint.format; auto: sharded under FSDP and ZeRO-3)."""
     fmt = cfg.checkpoint.format
     if fmt == "auto":
-        return "sharded" if strategy.name == "fsdp" else "full"
-    if fmt == "sharded" and strategy.name.startswith("zero"):
-        raise ConfigError(f"checkpoint.format=sharded: not written under DeepSpeed ({strategy.name}), whose "
-                          f"optimizer partitions each rank writes already (rng-rankR.pt); set checkpoint.format "
-                          f"to auto or full, or train with parallel=fsdp")
+        return "sharded" if strategy.name in ("fsdp", "zero3") else "full"
+    if fmt == "sharded" and strategy.name == "zero2":
+        raise ConfigError("checkpoint.format=sharded: not written under zero2, whose weights are whole on every "
+                          "rank (nothing to gather) and whose optimizer partitions each rank writes already "
+                          "(rng-rankR.pt); set checkpoint.format to auto or full, or train with parallel=zero3")
     return fmt
 
 
@@ -135,8 +158,11 @@ def save_checkpoint(run_dir: Path, step: int, roles: dict[str, Role], trainer_st
             error = e
         _agree(path, error, world)      # (every rank enters the collective write below, or none)
         try:
-            if shards is not None:      # collective: each rank writes the shards it holds (DCP raises on all)
-                _write_shards(tmp / SHARDED_DIR, {name: tensors for name, (tensors, _) in shards.items()}, world)
+            tensors = {name: tensors for name, (tensors, _) in (shards or {}).items()}
+            if any(ZERO3_PARTITIONS in t for t in tensors.values()):   # ZeRO-3: each rank its own file
+                _write_partitions(partitions_file(tmp, rank), {n: t[ZERO3_PARTITIONS] for n, t in tensors.items()})
+            elif shards is not None:    # collective: each rank writes the shards it holds (DCP raises on all)
+                _write_shards(tmp / SHARDED_DIR, tensors, world)
             if rank == 0:
                 _write_roles(tmp, roles, snapshots, shards)
                 (tmp / "config.yaml").write_text(config_yaml)   # tmp: a fresh folder of this save
@@ -212,6 +238,14 @@ def _write_rank_state(tmp: Path, rank: int, state: dict) -> None:
     """This rank's own file, synced by this rank (on a shared file system rank 0 cannot)."""
     with open(tmp / f"rng-rank{rank}.pt", "wb") as f:
         torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_partitions(path: Path, roles: dict) -> None:
+    """This rank's ZeRO-3 partitions of every trainable role, synced by this rank."""
+    with open(path, "wb") as f:
+        torch.save(roles, f)
         f.flush()
         os.fsync(f.fileno())
 
@@ -326,7 +360,16 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict, p
         raise CheckpointError(f"checkpoint {ckpt}: written by recipe '{state.get('recipe')}', this run is "
                               f"'{recipe}'; start a new run with init from it instead")
     saved_world = state.get("world_size")
-    if sharded and parallel.startswith("zero"):
+    if sharded and is_partitioned(ckpt):
+        if parallel != "zero3" or saved_world != world:
+            raise CheckpointError(f"checkpoint {ckpt}: ZeRO-3 partitions of {saved_world} process(es), read back by "
+                                  f"parallel=zero3 at that number only (this run: {parallel}, {world}); export it "
+                                  f"(forcelab export {ckpt} OUT_DIR), then start a new run with "
+                                  f"roles.ROLE.init=OUT_DIR")
+        missing = [partitions_file(ckpt, r).name for r in range(world) if not partitions_file(ckpt, r).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt / SHARDED_DIR}: lacks {missing}; {RESUME_ADVICE}")
+    elif sharded and parallel.startswith("zero"):
         raise CheckpointError(f"checkpoint {ckpt}: sharded (torch.distributed.checkpoint), which DeepSpeed "
                               f"({parallel}) does not read; resume with parallel=fsdp or ddp, or start a new run "
                               f"with init from its export (forcelab export {ckpt} OUT_DIR)")
@@ -335,7 +378,7 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict, p
                               f"the same number (this run has {world})")
     if sharded and (isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1):
         raise CheckpointError(f"{where}: lacks a whole-number 'world_size' (got {saved_world!r}); {RESUME_ADVICE}")
-    if sharded:
+    if sharded and not is_partitioned(ckpt):
         _read_shard_index(ckpt)
     roles = state.get("roles")
     if not isinstance(roles, dict):
@@ -418,6 +461,17 @@ def load_role_state(ckpt: Path, role: Role, strategy) -> None:
     place by the run's strategy (train/parallel.py)."""
     path = ckpt / f"optim-{role.name}.pt"
     state = _load(path, f"optimizer state of role '{role.name}'", ("optimizer", "scheduler", "updates"))
+    if is_partitioned(ckpt):   # ZeRO-3: this rank's own partitions (the optimizer's come with rng-rankR.pt)
+        mine, error = partitions_file(ckpt, strategy.acc.process_index), None
+        try:
+            saved = _load(mine, "ZeRO-3 partitions", (role.name,))[role.name]
+            strategy.load_partitions(role, saved, str(mine))
+        except CheckpointError as e:
+            error = e
+        _agree(mine, error, strategy.world)   # a damaged file on one rank stops every rank with its line
+        role.scheduler.load_state_dict(state["scheduler"])
+        role.updates = int(state["updates"])
+        return
     if is_sharded(ckpt):
         kept = _read_shard_index(ckpt).state_dict_metadata
         tensors = strategy.checkpoint_template(role, ema=any(k.startswith(f"{role.name}.ema.") for k in kept))
@@ -523,6 +577,8 @@ def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
         raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); "
                               f"choose one with --role")
     config, _ = read_config(arch)
+    if is_partitioned(ckpt):
+        return _assemble_partitions(ckpt, role, CausalDiT(config).eval(), ema)
     kept = _read_shard_index(ckpt, EXPORT_ADVICE).state_dict_metadata
     use_ema = ema and any(k.startswith(f"{role}.ema.") for k in kept)
     model = CausalDiT(config).eval()
@@ -533,4 +589,37 @@ def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
         wanted["ema"] = {k: state[k] for k in params}
     load_shards(ckpt, {role: wanted}, world=1, advice=EXPORT_ADVICE)
     model.load_state_dict(state)
+    return model
+
+
+def _assemble_partitions(ckpt: Path, role: str, model, ema: bool):
+    """A ZeRO-3 sharded checkpoint's role in one process: each parameter's partitions
+    concatenated in rank order, the padding dropped, reshaped. The rank files are memory-mapped,
+    not read whole."""
+    files, world = [], 1
+    while len(files) < world:
+        path = partitions_file(ckpt, len(files))
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt / SHARDED_DIR}: lacks {path.name}; {EXPORT_ADVICE}")
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[role]
+            world = int(record["world_size"])
+        except Exception as e:   # truncated or foreign bytes: pickle, zip and torch raise their own errors
+            raise CheckpointError(f"{path}: damaged ZeRO-3 partitions of role '{role}' ({type(e).__name__}); "
+                                  f"{EXPORT_ADVICE}") from None
+        files.append(record)
+    first = files[0]
+    use_ema = ema and "ema" in first
+    params = dict(model.named_parameters())
+    if sorted(first["names"]) != sorted(params):
+        raise CheckpointError(f"checkpoint {ckpt}: partitions of role '{role}' name other parameters than its "
+                              f"architecture; {EXPORT_ADVICE}")
+    with torch.no_grad():
+        for i, name in enumerate(first["names"]):
+            parts = [f["ema" if use_ema else "model"][i] for f in files]
+            full = torch.cat([p.reshape(-1) for p in parts])[:first["numel"][i]]
+            params[name].copy_(full.view(first["shapes"][i]))
+        for k, b in model.named_buffers():
+            if k in first["buffers"]:
+                b.copy_(first["buffers"][k])
     return model

@@ -80,7 +80,8 @@ class CheckpointConfig:
     every: int = setting(500, non_negative_int)     # save every N steps (and at the end); 0 = only at the end
     keep_last: int = setting(3, positive_int)       # keep the newest K checkpoints (older ones forcelab wrote go)
     # full: DiT directories (gathered to rank 0); sharded: each rank writes its shards
-    # (torch.distributed.checkpoint; FSDP only); auto: sharded under FSDP, else full
+    # (FSDP: torch.distributed.checkpoint; ZeRO-3: its partitions); auto: sharded under FSDP
+    # and ZeRO-3, else full
     format: str = setting("auto", choice, CHECKPOINT_FORMATS)
 
 

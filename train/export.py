@@ -6,7 +6,9 @@ directory. The EMA weights are exported when the run kept them (--no-ema for the
 A sharded checkpoint (torch.distributed.checkpoint, one file per training process; see
 train/checkpoint.py) is read here in one process, without a process group, shard file by
 shard file into the model: exporting it is the offline step that turns it into the ordinary
-DiT directory generate, init and diffusers read. OUT_DIR must not exist, be empty, or be an
+DiT directory generate, init and diffusers read. A ZeRO-3 sharded checkpoint (one file of flat
+partitions per process) is reassembled the same way: each parameter's partitions concatenated
+in rank order, the padding dropped, reshaped. OUT_DIR must not exist, be empty, or be an
 earlier forcelab output: a folder forcelab did not write is never replaced.
 """
 

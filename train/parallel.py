@@ -20,7 +20,9 @@ training alone (check_launch).
 
 FSDP writes sharded checkpoints by default (checkpoint.format auto; train/checkpoint.py): each
 rank its own shards of the weights, EMA and optimizer state (checkpoint_shards), read back at
-any number of processes (load_checkpoint_shards). In the full format every strategy writes the
+any number of processes (load_checkpoint_shards). So does ZeRO-3, in its own form: each rank its
+flat partitions of the weights and EMA (ZeRO.checkpoint_shards), read back by the same ranks
+(ZeRO.load_partitions). In the full format every strategy writes the
 same checkpoint: FULL weights as DiT directories (so generate, export and init read a sharded
 run unchanged), the EMA as full weights, and the optimizer state:
 
@@ -83,6 +85,7 @@ from ..errors import CheckpointError, ConfigError
 from .config import PARALLEL as STRATEGIES   # the choices live with the config field
 from ..models.checkpoint import read_config, read_plan
 from ..models.shard_loading import load_local_shards
+from .checkpoint import ZERO3_PARTITIONS
 from .roles import Role, ema_state, load_pending, plain_module, weights_record
 
 
@@ -650,8 +653,39 @@ class ZeRO(DataParallel):
                         {"optimizer": {}, "scheduler": role.scheduler.state_dict(), "updates": role.updates})
 
     def checkpoint_shards(self, role: Role) -> tuple[dict, list]:
-        raise ConfigError(f"{self.name}: sharded checkpoints (torch.distributed.checkpoint) are not written or "
-                          f"read under DeepSpeed; resume with parallel=fsdp or ddp, or export the checkpoint")
+        """ZeRO-3: ({ZERO3_PARTITIONS: this rank's flat partition of every parameter (ds_tensor,
+        padding included) and of the EMA, with what reassembles them}, no param groups: the
+        optimizer's partitions travel in rng-rankR.pt). Nothing is gathered."""
+        if self.stage != 3:
+            raise ConfigError(f"{self.name}: sharded checkpoints are written under zero3 and fsdp only (ZeRO-2 "
+                              f"holds whole weights on every rank); set checkpoint.format to auto or full")
+        names, params = zip(*role.module.named_parameters())
+        record = {"names": list(names), "shapes": [list(p.ds_shape) for p in params],
+                  "numel": [int(p.ds_numel) for p in params], "partition": [p.ds_tensor.numel() for p in params],
+                  "world_size": self.world, "model": [p.ds_tensor.detach().cpu().clone() for p in params],
+                  "buffers": {k: b.detach().cpu().clone() for k, b in role.module.named_buffers()}}
+        if role.ema is not None:
+            record["ema"] = [role.ema[k].detach().cpu().clone() for k in names]   # the real elements only
+        return {ZERO3_PARTITIONS: record}, []
+
+    def load_partitions(self, role: Role, record: dict, where: str) -> None:
+        """Put this rank's saved partitions (checkpoint_shards' record, same world size) back
+        into the role's parameters and EMA, bit for bit."""
+        names, params = zip(*role.module.named_parameters())
+        mine = (list(names), [list(p.ds_shape) for p in params], [p.ds_tensor.numel() for p in params])
+        theirs = (record.get("names"), record.get("shapes"), record.get("partition"))
+        if mine != theirs:
+            raise CheckpointError(f"{where}: partitions of another model or world size than this run's role "
+                                  f"'{role.name}'; resume with the config and processes that wrote it")
+        with torch.no_grad():
+            for p, part in zip(params, record["model"]):
+                p.ds_tensor.copy_(part)
+            for k, b in role.module.named_buffers():
+                if k in record["buffers"]:
+                    b.copy_(record["buffers"][k])
+        if "ema" in record:
+            role.ema = {k: e.to(p.ds_tensor.device, torch.float32).clone()
+                        for k, p, e in zip(names, params, record["ema"])}
 
     def checkpoint_template(self, role: Role, ema: bool) -> dict:
         return self.checkpoint_shards(role)
