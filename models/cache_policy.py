@@ -54,7 +54,7 @@ import torch
 
 from ..errors import ForcelabError
 from ..kernels import AttentionLayout, attention
-from ..validate import non_negative_int, positive_int, unit_interval
+from ..validate import non_negative_int, unit_interval
 
 DEFAULT_POLICY = "sink_window"
 QUERY_STRIDE = 4             # attention statistics read every 4th query token (a cheap, unbiased sample) ...
