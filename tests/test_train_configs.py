@@ -52,6 +52,7 @@ RWF = "Reward Forcing paper (algorithms.md)"
 LL2 = "LongLive v1 longlive_train_long.yaml + default_config.yaml (e52d9ef)"
 ODE = "Self-Forcing's ODE data: 48 steps, shift 8, CFG 6, indices [0, 12, 24, 36, -1]"
 TORCH_ADAMW = "torch AdamW default weight decay (the public optimiser passes none)"
+CF = "Causal Forcing (algorithms.md)"
 
 
 def dmd_optimiser(lr_g, lr_c, betas, source, wd_source=None, clip_source=None):
@@ -74,6 +75,14 @@ SF_DMD = [*dmd_optimiser(2e-6, 4e-7, [0.0, 0.999], SF),
           ("algo.guidance", 4.0, SF + ": w = 3.0"), ("algo.score_shift", 5.0, SF),
           ("algo.t_min", 20.0, SF), ("algo.t_max", 980.0, SF), ("algo.context_noise", 0.0, SF),
           ("algo.frames", 21, SF)]
+ODE_INIT = [("algo.teacher_steps", 48, ODE), ("algo.teacher_shift", 8.0, ODE),
+            ("algo.teacher_guidance", 6.0, ODE + " in uncond + 6 (cond - uncond)"),
+            ("algo.stored_steps", [0, 12, 24, 36, -1], ODE), ("algo.teacher_solver", "euler", ODE),
+            ("algo.teacher_sigma_max", 1.0, ODE + ": t = 1000 first"), ("roles.teacher.dtype", "fp32", ODE),
+            ("roles.generator.lr", 2e-6, CV_ODE), ("roles.generator.betas", [0.9, 0.999], CV_ODE),
+            ("roles.generator.weight_decay", 0.01, TORCH_ADAMW), ("roles.generator.grad_clip", 10.0, CV_ODE),
+            ("model_overrides.chunk_frames", 3, CV_ODE + ": num_frame_per_block 3"),
+            ("max_steps", 3000, CV_ODE + ": the DMD stage loads its model_003000")]
 PINNED = {
     "self_forcing": [*SF_DMD, ("algo.loss", "dmd", SF), ("algo.min_chunks", 7, SF), ("algo.max_chunks", 7, SF),
                      ("max_steps", 600, SF + ": 600 iterations")],
@@ -115,14 +124,21 @@ PINNED = {
     "reward_forcing": [*SF_DMD, ("algo.loss", "dmd", RWF + ": Re-DMD"), ("max_steps", 601, RWF),
                        ("gradient_accumulation_steps", 8, RWF), ("model_overrides.window_frames", 9, RWF),
                        ("model_overrides.sink_frames", 3, RWF)],
-    "ode_init": [("algo.teacher_steps", 48, ODE), ("algo.teacher_shift", 8.0, ODE),
-                 ("algo.teacher_guidance", 6.0, ODE + " in uncond + 6 (cond - uncond)"),
-                 ("algo.stored_steps", [0, 12, 24, 36, -1], ODE), ("algo.teacher_solver", "euler", ODE),
-                 ("algo.teacher_sigma_max", 1.0, ODE + ": t = 1000 first"), ("roles.teacher.dtype", "fp32", ODE),
-                 ("roles.generator.lr", 2e-6, CV_ODE), ("roles.generator.betas", [0.9, 0.999], CV_ODE),
-                 ("roles.generator.weight_decay", 0.01, TORCH_ADAMW), ("roles.generator.grad_clip", 10.0, CV_ODE),
-                 ("model_overrides.chunk_frames", 3, CV_ODE + ": num_frame_per_block 3"),
-                 ("max_steps", 3000, CV_ODE + ": the DMD stage loads its model_003000")],
+    "ode_init": ODE_INIT,
+    "causal_ode_init": [*(p for p in ODE_INIT if p[0] != "algo.teacher_guidance"),
+                        ("algo.teacher_kind", "causal", CF + ": ODE pairs from the AR teacher"),
+                        ("roles.teacher.init", "runs/wan_teacher_forcing", CF + ": stage 2 from the AR teacher")],
+    "causal_cd": [("max_steps", 3000, CF + ": causal CD >= 3K"),
+                  ("roles.teacher.init", "runs/wan_teacher_forcing", CF + ": stage 2 from the AR teacher"),
+                  ("algo.steps", [1000, 750, 500, 250], SF), ("algo.warp_shift", 5.0, SF),
+                  ("model_overrides.chunk_frames", 3, SF)],
+    "teacher_forcing": [("max_steps", 2000, CF + ": AR diffusion >= 2K steps"),
+                        ("algo.teacher_forcing", True, CF + ": [clean | noisy] layout"),
+                        ("model_overrides.chunk_frames", 3, "the Self-Forcing / CausVid chunk")],
+    "causal_forcing": [*SF_DMD, ("algo.loss", "dmd", SF), ("max_steps", 600, SF + ": 600 iterations"),
+                       ("roles.teacher.init", "checkpoints/Wan2.1-T2V-1.3B-Diffusers",
+                        CF + ": the bidirectional teacher as the real score"),
+                       ("roles.generator.init", "runs/wan_causal_ode_init", CF + ": DMD from the causal init")],
     "ar_diffusion": [("algo.num_levels", 1000, "AR-Diffusion: T = 1000 levels"),
                      ("algo.sampler", "fopp", "AR-Diffusion: the FoPP scheduler"),
                      ("algo.chunk_frames", 1, "AR-Diffusion: temporal-causal per frame")],
@@ -157,6 +173,13 @@ def test_wan_config_keeps_the_published_values(name):
         if got != (pytest.approx(expected) if isinstance(expected, (float, list)) else expected):
             wrong.append(f"{key} = {got!r}, {source} has {expected!r}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_causal_forcing_step_counts_are_within_the_published_bounds():
+    """algorithms.md (Causal Forcing): AR diffusion >= 2K steps, causal CD >= 3K, DMD <= 1K."""
+    steps = {n: load_train_config([CONFIGS / "recipes" / f"{n}.yaml"]).max_steps
+             for n in ("teacher_forcing", "causal_cd", "causal_forcing")}
+    assert steps["teacher_forcing"] >= 2000 and steps["causal_cd"] >= 3000 and steps["causal_forcing"] <= 1000, steps
 
 
 def test_warped_lists_and_ode_levels_are_the_published_ones():
