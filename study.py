@@ -39,7 +39,7 @@ from .validate import choice
 
 STUDY_KIND = "study"         # what the --out folder's marker records
 ROW_FOLDERS = ("", "framewise/")   # configs/toy/ and its frame-wise students (textured/ needs its own teacher)
-METRICS = ("adherence", "identity", "fidelity_psnr", "physics", "dynamics", "continuity")
+METRICS = ("adherence", "identity", "fidelity_psnr", "fidelity_adherent", "physics", "dynamics", "continuity")
 
 
 QUICK = {"steps": 3, "prompts": 2, "long_factor": 2, "extra": ["data.batch_size=2", "checkpoint.every=0",

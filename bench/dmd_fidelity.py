@@ -15,9 +15,9 @@ palette colours on the plain background), so it is split here into where the err
     contrast    mean |frame - background| / |re-render - background| over ball pixels
                 (1: the palette's contrast; > 1: over-saturated balls, < 1: washed out)
     bg_offset   mean (frame - re-render) over background pixels, levels (+: a lifted background)
-    psnr_adherent   fidelity_psnr over the frames whose adherence is 1 (the caption's balls, no
-                    other: adherent, their share), psnr_other over the rest: fidelity at equal
-                    adherence, so that a row that finds more balls is not scored on other frames
+and fidelity at equal adherence is ToyBench's own fidelity_adherent (fidelity_psnr over the
+frames whose adherence is 1: the caption's balls and no other), so that a row that finds more
+balls is not scored on other frames.
 The re-render goes through the same mp4 round trip as ToyBench's.
 
 Stages, each resumable (a finished run, video set or score is kept under --out):
@@ -48,7 +48,7 @@ from forcelab.data.toyworld import ToyWorldConfig, parse_caption
 from forcelab.data.video import DEFAULT_FPS, read_video
 from forcelab.eval.sidecars import read_sidecar
 from forcelab.eval.stats import spread
-from forcelab.eval.toybench import frame_metrics, mp4_roundtrip
+from forcelab.eval.toybench import mp4_roundtrip
 from forcelab.eval.toydetect import detect_frames, rerender
 from forcelab.pipeline import (COMMITTED_TEACHER, TOY_CONFIGS, generate_stage, held_out_prompts, sampling_plan,
                                toybench_stage, train_stage, training_frames)
@@ -74,28 +74,23 @@ CAUSVID_VARIANTS = {
     "causvid levels without 0": ["algo.levels=[1000.0,757.0,522.0]"],
 }
 SEEDED = ("sf_baseline", "sf_guidance_1")    # rows (folder names) run with --seeds seeds, by default
-COLUMNS = ("fidelity_psnr", "psnr_adherent", "psnr_other", "adherent", "clean_pixels", "psnr_bg", "psnr_ball",
+COLUMNS = ("fidelity_psnr", "fidelity_adherent", "clean_pixels", "psnr_bg", "psnr_ball",
            "contrast", "bg_offset", "adherence", "identity", "continuity", "physics")
 DIAGNOSIS = "fidelity_split.json"
 
 
 def fidelity_split(folder: Path, config: ToyWorldConfig) -> dict:
-    """The split above (per-video means), and fidelity_psnr pooled over the frames whose adherence
-    is 1 (psnr_adherent: every captioned ball found, no other; adherent: their share) and over
-    the others (psnr_other), over the folder's videos (kept in DIAGNOSIS)."""
+    """The split above: per-video means over the folder's videos (kept in DIAGNOSIS)."""
     path = folder / DIAGNOSIS
     if path.exists():
         return json.loads(path.read_text())
     background = np.asarray(config.background, np.float64)
-    rows, psnr_by_adherence = [], {True: [], False: []}
+    rows = []
     for video in sorted(folder.glob("*.mp4")):
         side = read_sidecar(video)
         frames = read_video(video).permute(0, 2, 3, 1).numpy()
-        colors, speed = parse_caption(side.get("prompt_text") or side.get("prompt"))
+        colors, _ = parse_caption(side.get("prompt_text") or side.get("prompt"))
         codec = mp4_roundtrip(side.get("fps") or DEFAULT_FPS)
-        per_frame = frame_metrics(frames, colors, speed, config, codec)
-        for psnr, adherence in zip(per_frame["fidelity_psnr"], per_frame["adherence"]):
-            psnr_by_adherence[bool(adherence == 1.0)].append(psnr)
         detections = detect_frames(frames, config, order=colors)
         H, W = frames.shape[1:3]
         clean = np.stack([rerender(b, (H, W), config) for b in detections])
@@ -112,10 +107,6 @@ def fidelity_split(folder: Path, config: ToyWorldConfig) -> dict:
         rows.append(row)
     out = {k: spread(r.get(k, math.nan) for r in rows)["mean"] for k in ("psnr_bg", "psnr_ball", "contrast",
                                                                           "bg_offset")}
-    frames_seen = len(psnr_by_adherence[True]) + len(psnr_by_adherence[False])
-    out.update(psnr_adherent=spread(psnr_by_adherence[True])["mean"],
-               psnr_other=spread(psnr_by_adherence[False])["mean"],
-               adherent=len(psnr_by_adherence[True]) / max(frames_seen, 1))
     path.write_text(json.dumps(out))
     return out
 

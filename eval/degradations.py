@@ -6,6 +6,7 @@
     slow = slow_down(clip, final_speed=0.25)                   # motion decelerates to a quarter
     back = reverse(clip, at=20.5, ball=0)                      # ball 0 turns back mid-step
     seamed = seams(clip, starts=[8, 16, 24], skip=3.0)         # balls jump 3 frames ahead at each chunk
+    ghost = ghost_ball(clip, range(8, 16), opacity=0.8)        # a faint uncaptioned ball in frames 8..15
 
 Pixel corruptions take decoded frames (uint8 [T, H, W, 3], the space ToyBench measures) and a
 strength per frame ([T]; `ramp` grows it, `constant` holds it); a strength of 0 returns the
@@ -16,6 +17,7 @@ defect differs from ground truth. Every function is pure: same inputs, same fram
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -148,6 +150,39 @@ def seams(clip: ToyClip, starts, skip: float, config: ToyWorldConfig | None = No
             raise ForcelabError(f"seams: chunk start {s} is outside frames 1..{len(t) - 1}")
         jumps[s:] += skip
     return retime(clip, t + jumps, config)
+
+
+def ghost_ball(clip: ToyClip, frames, color: str | None = None, opacity: float = 1.0, radius: float | None = None,
+               config: ToyWorldConfig | None = None) -> np.ndarray:
+    """The clip with an extra, still ball of `color` (default: the first palette colour the
+    scene lacks) drawn over the others in `frames` (pixel frame indices) only, at `opacity` (1:
+    the renderer's own ball; less: a faint ghost between its colour and the background), of
+    `radius` px (default: the world's largest). It sits in free space: at the whole pixel
+    farthest from every ball's edge over those frames, so that (where the frame has room) it
+    hides and touches none and the detector sees the other balls as without it. The other
+    frames are the clip's, bit for bit."""
+    world = ToyWorld(config)
+    c = world.config
+    color = color or next((k for k in c.colors if k not in clip.scene.colors), None)
+    if color is None or color in clip.scene.colors:
+        raise ForcelabError(f"ghost_ball: need a colour the scene lacks (it has {clip.scene.colors}), got {color}")
+    if not 0 < opacity <= 1:
+        raise ForcelabError(f"ghost_ball: opacity must be in (0, 1], got {opacity}")
+    T = len(clip.positions)
+    chosen = sorted(set(int(t) for t in frames))
+    if not chosen or not all(0 <= t < T for t in chosen):
+        raise ForcelabError(f"ghost_ball: frames must be indices in 0..{T - 1}, got {list(frames)}")
+    radius = max(c.radius) if radius is None else float(radius)
+    ys, xs = np.mgrid[math.ceil(radius):int(c.height - radius) + 1, math.ceil(radius):int(c.width - radius) + 1]
+    spots = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float64)                # [S, 2] (x, y)
+    balls = clip.positions[chosen].reshape(-1, 2)                                     # [F N, 2]
+    gap = np.linalg.norm(spots[:, None] - balls[None], axis=-1) - np.tile(clip.scene.radius, len(chosen))
+    spot = spots[gap.min(1).argmax()]
+    scene = replace(clip.scene, colors=list(clip.scene.colors) + [color], radius=np.append(clip.scene.radius, radius))
+    ghosted = _frames(world.render(scene, np.concatenate([clip.positions, np.broadcast_to(spot, (T, 1, 2))], 1)))
+    out = _frames(clip.video).copy()
+    out[chosen] = _to_uint8(out[chosen] + opacity * (ghosted[chosen].astype(np.float64) - out[chosen]))
+    return out
 
 
 def _frames(video) -> np.ndarray:

@@ -9,6 +9,9 @@ of) its best. Every metric is oriented so that higher is better:
 
 - fidelity_psnr: PSNR (dB, capped at PSNR_CAP) of the frame against its re-render from the
   detections with the toy world's renderer: how much of the frame the world explains.
+- fidelity_adherent: fidelity_psnr over the frames whose adherence is 1 (exactly the caption's
+  balls; NaN for a video with none): fidelity at equal adherence. fidelity_psnr alone rewards a
+  frame that draws fewer balls (a missing ball is missing from the re-render too).
 - clean_pixels: 1 - the fraction of stray pixels (any channel off the re-render by > STRAY_LEVEL).
 - adherence: per frame, |detected & captioned| / |detected | captioned| over the multisets of
   ball colours (count and colours must match the caption).
@@ -57,7 +60,7 @@ DYN_WINDOW = 5           # steps in the running median of a ball's speed (bounce
 DYN_MARGIN = 0.15        # relative slack around the caption's speed range
 DYN_SCALE = 0.1          # log-distance outside the range at which the score falls to 1/e
 
-METRICS = ("fidelity_psnr", "clean_pixels", "adherence", "identity", "physics", "dynamics")
+METRICS = ("fidelity_psnr", "fidelity_adherent", "clean_pixels", "adherence", "identity", "physics", "dynamics")
 
 
 def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | None = None,
@@ -119,7 +122,9 @@ def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
     mode = Counter(frozenset(s.items()) for s in seen[:reference_frames]).most_common(1)[0][0]
     identity = np.array([float(frozenset(s.items()) == mode) for s in seen])
     tracks = _tracks(detections)
-    return {"fidelity_psnr": psnr, "clean_pixels": clean, "adherence": adherence, "identity": identity,
+    adherent_psnr = np.where(adherence == 1.0, psnr, math.nan)     # NaN: the frame is not adherent
+    return {"fidelity_psnr": psnr, "fidelity_adherent": adherent_psnr, "clean_pixels": clean,
+            "adherence": adherence, "identity": identity,
             "physics": _physics(tracks, T, (W, H)), "dynamics": _dynamics(tracks, T, speed, config)}
 
 

@@ -10,13 +10,16 @@ import pytest
 from forcelab.data.toyworld import Scene, ToyClip, ToyWorld, make_caption
 from forcelab.errors import ForcelabError
 from forcelab.eval import degradations as D
-from forcelab.eval.toybench import score_video
+from forcelab.data.toyworld import parse_caption
+from forcelab.eval.toybench import frame_metrics, score_video
 
 T = 32
 BUCKET = 8                 # 4 buckets, so a slope has something to fit
 SEEDS = (0, 1, 3)          # 3, 2 and 2 balls; slow and fast
 WORLD = ToyWorld()
 MOTION = ("adherence", "identity", "physics", "dynamics")   # what pixel corruptions should leave alone
+GHOST_FRAMES = range(8, 16)          # bucket 1
+GHOST_OPACITY = 0.8                  # a faint ghost: found as a ball, but not the renderer's ball
 CLEAN_LEVEL = {"adherence": 1.0, "identity": 1.0, "physics": 1.0, "dynamics": 1.0}
 
 
@@ -35,6 +38,7 @@ def corruptions(clip):
         "saturate": D.saturate(f, D.ramp(T, 1.0)),             # up to twice as saturated
         "slow": D.slow_down(clip, final_speed=0.25),
         "swap": D.swap_identities(clip, frame=T // 2),
+        "ghost": D.ghost_ball(clip, GHOST_FRAMES, opacity=GHOST_OPACITY),
     }
 
 
@@ -56,6 +60,7 @@ def test_ground_truth_scores_ideal(scores):
         for m, best in CLEAN_LEVEL.items():
             assert gt[m] == best and gt[f"{m}_drift"] == 0.0, (seed, m)
         assert gt["clean_pixels"] == 1.0 and gt["fidelity_psnr"] >= 50.0      # measured 55.5-58.3 dB
+        assert gt["fidelity_adherent"] == gt["fidelity_psnr"]                # every frame adherent
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -93,6 +98,33 @@ def test_growing_blur_and_saturation_lower_fidelity_over_time_but_keep_the_balls
         # the balls stay where they are, their colours nearest their own: detection and motion unharmed
         for m in MOTION:
             assert s[kind][m] == gt[m], (kind, m)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_ghost_ball_costs_fidelity_but_not_fidelity_on_adherent_frames(scores, seed):
+    """A faint uncaptioned ball in free space in frames 8..15 is found (those frames lose
+    adherence) but drawn off the renderer's colours, so fidelity_psnr falls; fidelity_adherent
+    leaves those frames out and is exactly ground truth's fidelity over the other frames (the
+    same frames, the same detections). That differs from ground truth's over all frames by which
+    frames are averaged, not by the ghost."""
+    gt, s = scores[seed]["gt"], scores[seed]["ghost"]
+    assert s["fidelity_psnr"] <= gt["fidelity_psnr"] - 4.0               # measured 6.1-6.4 dB lower
+    assert s["adherence@1"] < 1.0 and s["adherence"] < gt["adherence"]  # measured 0.67-0.75 in bucket 1
+    assert np.isnan(s["fidelity_adherent@1"])                          # no adherent frame in bucket 1
+    clip = WORLD.clip(seed, frames=T)
+    colors, speed = parse_caption(make_caption(clip.scene.colors, clip.scene.speed))
+    per_frame = frame_metrics(frames_of(clip.video), colors, speed, WORLD.config)["fidelity_psnr"]
+    others = [t for t in range(T) if t not in GHOST_FRAMES]
+    assert s["fidelity_adherent"] == pytest.approx(per_frame[others].mean(), rel=1e-12)
+    assert abs(s["fidelity_adherent"] - gt["fidelity_adherent"]) <= 1.0  # measured 0.06-0.47 dB
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_blur_lowers_fidelity_on_adherent_frames_too(scores, seed):
+    gt, s = scores[seed]["gt"], scores[seed]
+    for kind in ("blur", "blur_constant"):          # the balls are still found: every frame adherent
+        assert s[kind]["fidelity_adherent"] == s[kind]["fidelity_psnr"], kind
+        assert s[kind]["fidelity_adherent"] <= gt["fidelity_adherent"] - 15.0, kind   # measured >= 17.6 dB
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -184,6 +216,9 @@ def test_degradations_are_exact_at_zero_strength_and_pure():
     swapped = D.swap_identities(clip, frame=6)
     assert np.array_equal(swapped[:6], f[:6]) and not np.array_equal(swapped[6:], f[6:])
     assert D.ramp(5, 2.0).tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
+    ghost = D.ghost_ball(clip, [3, 4])
+    changed = (ghost != f).any((1, 2, 3))
+    assert changed.tolist() == [t in (3, 4) for t in range(12)]
 
 
 def test_blur_is_a_gaussian_of_the_given_sigma():
@@ -216,6 +251,9 @@ def test_saturate_leaves_greys_and_moves_colours_out():
     (lambda f, c: D.swap_identities(c, 2, balls=(0, 0)), "two different indices"),
     (lambda f, c: D.slow_down(c, 2.0), "final_speed"),
     (lambda f, c: D.retime(c, np.zeros(3)), "times must be"),
+    (lambda f, c: D.ghost_ball(c, [6]), r"frames must be indices in 0\.\.5"),
+    (lambda f, c: D.ghost_ball(c, [0], opacity=0.0), "opacity"),
+    (lambda f, c: D.ghost_ball(c, [0], color=c.scene.colors[0]), "a colour the scene lacks"),
 ])
 def test_bad_arguments_are_one_clear_error(call, match):
     clip = WORLD.clip(1, frames=6)

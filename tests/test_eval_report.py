@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 import re
 from html.parser import HTMLParser
 from urllib.parse import unquote
@@ -40,15 +41,17 @@ class Page(HTMLParser):
             self._row.append(data.strip())
 
 
-def toybench_record(folder, name, slope):
-    """A toybench.json as `forcelab eval toybench` writes it, with one sample video."""
+def toybench_record(folder, name, slope, adherent=38.0):
+    """A toybench.json as `forcelab eval toybench` writes it, with one sample video; adherent:
+    its fidelity_adherent (NaN: no video had a frame with exactly the caption's balls)."""
     clip = ToyWorld().clip(3, frames=24)
     write_video(folder / "0000-a-0.mp4", clip.video.permute(0, 2, 3, 1).numpy(), 8.0)
     metrics = ["fidelity_psnr", "physics"]
     buckets = {m: {"mean": [0.9 + slope * b for b in range(3)], "std": [0.01] * 3, "n": [1] * 3} for m in metrics}
     return {"kind": "toybench", "name": name, "videos_dir": str(folder), "metrics": metrics, "bucket_frames": 8,
-            "aggregate": {"fidelity_psnr": 40.0, "physics": 0.95},
-            "spread": {"fidelity_psnr": {"mean": 40.0, "ci95": 1.5}, "physics": {"mean": 0.95, "ci95": 0.02}},
+            "aggregate": {"fidelity_psnr": 40.0, "fidelity_adherent": adherent, "physics": 0.95},
+            "spread": {"fidelity_psnr": {"mean": 40.0, "ci95": 1.5}, "physics": {"mean": 0.95, "ci95": 0.02},
+                       "fidelity_adherent": {"mean": adherent, "ci95": math.nan if math.isnan(adherent) else 0.0}},
             "buckets": buckets, "videos": [{"video": "0000-a-0.mp4", "caption": clip.scene.caption, "fps": 8.0}],
             "speed_fps": 123.0}
 
@@ -56,10 +59,10 @@ def toybench_record(folder, name, slope):
 @pytest.fixture
 def results(tmp_path):
     paths = []
-    for name, slope in (("student", -0.05), ("teacher", 0.0)):
+    for name, slope, adherent in (("student", -0.05, math.nan), ("teacher", 0.0, 38.0)):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "toybench.json").write_text(json.dumps(toybench_record(folder, name, slope)))
+        (folder / "toybench.json").write_text(json.dumps(toybench_record(folder, name, slope, adherent)))
         paths.append(folder / "toybench.json")
     (tmp_path / "escape.mp4").write_bytes((tmp_path / "student" / "0000-a-0.mp4").read_bytes())
     scores = {"subject_consistency": 0.95, "temporal_flickering": 0.97, "color": 0.8}
@@ -87,6 +90,9 @@ def test_report_renders_every_run_with_embedded_images(results, tmp_path):
     by_label = {row[0]: row for row in summary[:5]}
     assert "41.5" in by_label["demo-chunkwise"] and "37.25" in by_label["demo-rolling"] and "123" in by_label["student"]
     assert "40 ± 1.5" in by_label["student"]
+    header = next(row for row in page.rows if "fidelity_adherent" in row)
+    column = header.index("fidelity_adherent")
+    assert by_label["student"][column] == "-" and by_label["teacher"][column] == "38"   # NaN: undefined, shown as -
     assert any(cell.startswith(f"{aggregate({'subject_consistency': 0.95, 'temporal_flickering': 0.97, 'color': 0.8})['total']:.4g}")
                for cell in by_label["wan-vbench"])
     assert "VBench-Long" in " ".join(page.text)                          # the protocol is shown

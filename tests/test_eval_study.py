@@ -20,6 +20,9 @@ def test_quick_study_tabulates_every_variant_over_seeds(tmp_path, capsys):
     assert sorted(p.name for p in (out / "self_forcing").iterdir()) == ["seed0", "seed1"]
     table = (out / "study.md").read_text()
     assert "| self_forcing | 2x full cache |" in table and "±" in table
+    header = next(line for line in table.splitlines() if line.startswith("| recipe | rollout |"))
+    assert "| fidelity_psnr | fidelity_adherent |" in header
+    assert 0 <= record["table"]["teacher"]["1x"]["fidelity_adherent"]["n"] <= 2   # NaN seeds left out
     capsys.readouterr()
     assert cli_main(args) == 0          # everything finished: nothing is trained or generated again
     assert "wrote 2 video(s)" not in capsys.readouterr().out

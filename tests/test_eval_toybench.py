@@ -15,11 +15,12 @@ from forcelab.data.video import write_video
 from forcelab.errors import ForcelabError
 from forcelab.eval.toybench import METRICS, continuation, score_video, score_videos
 from forcelab.eval.toydetect import detect_balls, detect_frames, touching
+from forcelab.pipeline import toybench_stage
 
 T = 48
 SEEDS = (0, 1, 2)   # one-, two- and three-ball scenes among them
 WORLD = ToyWorld()
-UNIT = [m for m in METRICS if m != "fidelity_psnr"]   # metrics in 0..1
+UNIT = [m for m in METRICS if not m.startswith("fidelity_")]   # metrics in 0..1 (the others: dB)
 
 
 def frames_of(video):
@@ -154,6 +155,19 @@ def test_continuation_and_score_videos_summary():
         score_video(a.video, a.scene.caption)                     # [T, 3, H, W] is refused
 
 
+def test_fidelity_adherent_is_nan_without_an_adherent_frame_and_left_out_of_the_summary():
+    clip = WORLD.clip(0, frames=16)
+    f = frames_of(clip.video)
+    absent = next(c for c in PALETTE if c not in clip.scene.colors)
+    summary = score_videos([f, f], [clip.scene.caption, f"a {absent} ball"])     # no frame shows that ball
+    right, wrong = summary["videos"]
+    assert right["fidelity_adherent"] == right["fidelity_psnr"] and np.isnan(wrong["fidelity_adherent"])
+    assert wrong["fidelity_psnr"] == right["fidelity_psnr"]            # the same frames, the same re-render
+    spread = summary["spread"]["fidelity_adherent"]
+    assert (spread["n"], spread["missing"]) == (1, 1)
+    assert summary["aggregate"]["fidelity_adherent"] == right["fidelity_adherent"]
+
+
 def write_toy_videos(folder, seeds, frames=32):
     for seed in seeds:
         clip = WORLD.clip(seed, frames=frames)
@@ -182,6 +196,21 @@ def test_cli_toybench_reads_generate_output(tmp_path):
     (out / "toybench.json").write_text("{}")                       # not ours any more: refuse to overwrite
     assert main(["eval", "toybench", str(videos), "--out", str(out), "--quiet"]) == 2
     assert main(["eval", "toybench", str(tmp_path / "none"), "--quiet"]) == 2
+
+
+def test_toybench_stage_keeps_a_current_result_and_rescores_one_that_predates_a_metric(tmp_path):
+    videos = tmp_path / "videos"
+    write_toy_videos(videos, (0,), frames=8)
+    first = toybench_stage(videos, bucket_frames=8)
+    assert set(METRICS) <= set(first["metrics"]) and "fidelity_adherent" in first["aggregate"]
+    kept = videos / "toybench.json"
+    kept.write_text(json.dumps({**first, "name": "kept"}))
+    assert toybench_stage(videos, bucket_frames=8)["name"] == "kept"            # current: not scored again
+    old = {**first, "name": "old", "metrics": [m for m in first["metrics"] if m != "fidelity_adherent"],
+           "aggregate": {k: v for k, v in first["aggregate"].items() if k != "fidelity_adherent"}}
+    kept.write_text(json.dumps(old))
+    again = toybench_stage(videos, bucket_frames=8)
+    assert again["name"] != "old" and again["aggregate"]["fidelity_adherent"] == first["aggregate"]["fidelity_adherent"]
 
 
 def test_spread_and_slope_by_hand():
