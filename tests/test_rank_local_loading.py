@@ -42,7 +42,8 @@ import torch
 from accelerate import Accelerator
 from forcelab.errors import CheckpointError
 from forcelab.train.config import load_train_config
-from forcelab.train.parallel import FSDP, exit_processes
+from forcelab.train.fsdp import FSDP
+from forcelab.train.parallel import exit_processes
 from forcelab.train.recipe import RoleSpec
 from forcelab.train.roles import build_role
 
@@ -99,7 +100,7 @@ if os.access("/proc/self/clear_refs", os.W_OK):   # Linux: measure the FSDP2 loa
 
 if zero3:                                      # ZeRO-3: each rank fills its flat partitions
     import deepspeed
-    from forcelab.train.parallel import ZeRO
+    from forcelab.train.zero import ZeRO
     for path in checkpoints[::3]:              # Wan in one file, diffusers with an index
         c = cfg(path, None)
         role = build_role("generator", RoleSpec(trainable=True), c, 0, acc.device, path, None, defer_loading=True)

@@ -379,7 +379,7 @@ def verify_checkpoint(ckpt: Path, *, recipe: str, world: int, trainable: dict, p
     if sharded and (isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1):
         raise CheckpointError(f"{where}: lacks a whole-number 'world_size' (got {saved_world!r}); {RESUME_ADVICE}")
     if sharded and not is_partitioned(ckpt):
-        _read_shard_index(ckpt)
+        read_shard_index(ckpt)
     roles = state.get("roles")
     if not isinstance(roles, dict):
         raise CheckpointError(f"{where}: lacks its 'roles'; {RESUME_ADVICE}")
@@ -427,7 +427,7 @@ def role_config_dir(ckpt: Path, name: str) -> Path:
     return ckpt / ARCHITECTURE_DIR / name if is_sharded(ckpt) else ckpt / name
 
 
-def _read_shard_index(ckpt: Path, advice: str = RESUME_ADVICE):
+def read_shard_index(ckpt: Path, advice: str = RESUME_ADVICE):
     """The torch.distributed.checkpoint metadata of a sharded checkpoint (which tensors, which shards)."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -473,7 +473,7 @@ def load_role_state(ckpt: Path, role: Role, strategy) -> None:
         role.updates = int(state["updates"])
         return
     if is_sharded(ckpt):
-        kept = _read_shard_index(ckpt).state_dict_metadata
+        kept = read_shard_index(ckpt).state_dict_metadata
         tensors = strategy.checkpoint_template(role, ema=any(k.startswith(f"{role.name}.ema.") for k in kept))
         load_shards(ckpt, {role.name: tensors}, strategy.world)
         try:
@@ -561,65 +561,3 @@ def _weights_finite(ckpt: Path) -> bool:
     except Exception:   # unreadable (safetensors raises its own errors): not one to recommend
         return False
     return True
-
-
-# ---------------------------------------------------------------------- export (offline, one process)
-def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
-    """A plain CausalDiT holding a sharded checkpoint's role: its EMA when kept and ema=True,
-    else its weights. One process, no process group: every shard file is read into the model's
-    own tensors (the EMA straight into the parameters), never the whole checkpoint at once."""
-    from ..models.dit import CausalDiT
-
-    ckpt = Path(ckpt)
-    arch = ckpt / ARCHITECTURE_DIR / role
-    if not (arch / "config.json").is_file():
-        have = sorted(d.name for d in (ckpt / ARCHITECTURE_DIR).iterdir()) if (ckpt / ARCHITECTURE_DIR).is_dir() else []
-        raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); "
-                              f"choose one with --role")
-    config, _ = read_config(arch)
-    if is_partitioned(ckpt):
-        return _assemble_partitions(ckpt, role, CausalDiT(config).eval(), ema)
-    kept = _read_shard_index(ckpt, EXPORT_ADVICE).state_dict_metadata
-    use_ema = ema and any(k.startswith(f"{role}.ema.") for k in kept)
-    model = CausalDiT(config).eval()
-    state = model.state_dict()                # the model's own storage: the load fills it in place
-    params = dict(model.named_parameters())
-    wanted = {"model": {k: v for k, v in state.items() if not (use_ema and k in params)}}
-    if use_ema:
-        wanted["ema"] = {k: state[k] for k in params}
-    load_shards(ckpt, {role: wanted}, world=1, advice=EXPORT_ADVICE)
-    model.load_state_dict(state)
-    return model
-
-
-def _assemble_partitions(ckpt: Path, role: str, model, ema: bool):
-    """A ZeRO-3 sharded checkpoint's role in one process: each parameter's partitions
-    concatenated in rank order, the padding dropped, reshaped. The rank files are memory-mapped,
-    not read whole."""
-    files, world = [], 1
-    while len(files) < world:
-        path = partitions_file(ckpt, len(files))
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt / SHARDED_DIR}: lacks {path.name}; {EXPORT_ADVICE}")
-        try:
-            record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[role]
-            world = int(record["world_size"])
-        except Exception as e:   # truncated or foreign bytes: pickle, zip and torch raise their own errors
-            raise CheckpointError(f"{path}: damaged ZeRO-3 partitions of role '{role}' ({type(e).__name__}); "
-                                  f"{EXPORT_ADVICE}") from None
-        files.append(record)
-    first = files[0]
-    use_ema = ema and "ema" in first
-    params = dict(model.named_parameters())
-    if sorted(first["names"]) != sorted(params):
-        raise CheckpointError(f"checkpoint {ckpt}: partitions of role '{role}' name other parameters than its "
-                              f"architecture; {EXPORT_ADVICE}")
-    with torch.no_grad():
-        for i, name in enumerate(first["names"]):
-            parts = [f["ema" if use_ema else "model"][i] for f in files]
-            full = torch.cat([p.reshape(-1) for p in parts])[:first["numel"][i]]
-            params[name].copy_(full.view(first["shapes"][i]))
-        for k, b in model.named_buffers():
-            if k in first["buffers"]:
-                b.copy_(first["buffers"][k])
-    return model

@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..dtypes import parse_dtype
-from ..errors import ForcelabError
+from ..errors import CheckpointError, ForcelabError
 from ..fsio import check_new_directory
+from ..models.checkpoint import read_config
 from ..models.dit import CausalDiT
-from ..run_folder import (RUN_RECORD, TRAINER_STATE, checkpoints, is_sharded, recorded_encoders, resolve_weights,
-                          write_encoders_record)
-from .checkpoint import read_sharded_role
+from ..run_folder import (ARCHITECTURE_DIR, RUN_RECORD, SHARDED_DIR, TRAINER_STATE, checkpoints, is_sharded,
+                          recorded_encoders, resolve_weights, write_encoders_record)
+from .checkpoint import EXPORT_ADVICE, is_partitioned, load_shards, partitions_file, read_shard_index
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,3 +73,63 @@ def run(args: argparse.Namespace) -> int:
     path = export(args.run, args.out, args.format, args.role, not args.no_ema, args.dtype)
     print(f"wrote {path} ({args.format} format)")
     return 0
+
+
+# ---------------------------------------------------------------------- sharded checkpoints, offline
+def read_sharded_role(ckpt: Path, role: str, ema: bool = True):
+    """A plain CausalDiT holding a sharded checkpoint's role: its EMA when kept and ema=True,
+    else its weights. One process, no process group: every shard file is read into the model's
+    own tensors (the EMA straight into the parameters), never the whole checkpoint at once."""
+    ckpt = Path(ckpt)
+    arch = ckpt / ARCHITECTURE_DIR / role
+    if not (arch / "config.json").is_file():
+        have = sorted(d.name for d in (ckpt / ARCHITECTURE_DIR).iterdir()) if (ckpt / ARCHITECTURE_DIR).is_dir() else []
+        raise CheckpointError(f"checkpoint {ckpt}: has no trained role '{role}' (it has {have}); "
+                              f"choose one with --role")
+    config, _ = read_config(arch)
+    if is_partitioned(ckpt):
+        return _assemble_partitions(ckpt, role, CausalDiT(config).eval(), ema)
+    kept = read_shard_index(ckpt, EXPORT_ADVICE).state_dict_metadata
+    use_ema = ema and any(k.startswith(f"{role}.ema.") for k in kept)
+    model = CausalDiT(config).eval()
+    state = model.state_dict()                # the model's own storage: the load fills it in place
+    params = dict(model.named_parameters())
+    wanted = {"model": {k: v for k, v in state.items() if not (use_ema and k in params)}}
+    if use_ema:
+        wanted["ema"] = {k: state[k] for k in params}
+    load_shards(ckpt, {role: wanted}, world=1, advice=EXPORT_ADVICE)
+    model.load_state_dict(state)
+    return model
+
+
+def _assemble_partitions(ckpt: Path, role: str, model, ema: bool):
+    """A ZeRO-3 sharded checkpoint's role in one process: each parameter's partitions
+    concatenated in rank order, the padding dropped, reshaped. The rank files are memory-mapped,
+    not read whole."""
+    files, world = [], 1
+    while len(files) < world:
+        path = partitions_file(ckpt, len(files))
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt / SHARDED_DIR}: lacks {path.name}; {EXPORT_ADVICE}")
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[role]
+            world = int(record["world_size"])
+        except Exception as e:   # truncated or foreign bytes: pickle, zip and torch raise their own errors
+            raise CheckpointError(f"{path}: damaged ZeRO-3 partitions of role '{role}' ({type(e).__name__}); "
+                                  f"{EXPORT_ADVICE}") from None
+        files.append(record)
+    first = files[0]
+    use_ema = ema and "ema" in first
+    params = dict(model.named_parameters())
+    if sorted(first["names"]) != sorted(params):
+        raise CheckpointError(f"checkpoint {ckpt}: partitions of role '{role}' name other parameters than its "
+                              f"architecture; {EXPORT_ADVICE}")
+    with torch.no_grad():
+        for i, name in enumerate(first["names"]):
+            parts = [f["ema" if use_ema else "model"][i] for f in files]
+            full = torch.cat([p.reshape(-1) for p in parts])[:first["numel"][i]]
+            params[name].copy_(full.view(first["shapes"][i]))
+        for k, b in model.named_buffers():
+            if k in first["buffers"]:
+                b.copy_(first["buffers"][k])
+    return model
