@@ -96,3 +96,14 @@ def test_causal_cd_step_equals_the_plain_reference(cd_trainer):
         assert_same(got, ref, rtol=1e-4, what=step)
     role.ema = None
     assert len(levels_seen) >= 3
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_causal_cd_resume_is_bit_exact(tmp_path, tiny_teacher, resume_is_exact, checkpointing):
+    def make_config(folder, *overrides):
+        return load_train_config([], [
+            "recipe=causal_cd", f"roles.teacher.init={tiny_teacher(layers=1)}", *TINY, "data.frames=4",
+            "data.batch_size=2", f"algo.cd_steps={CD_STEPS}", f"algo.guidance={GUIDANCE}",
+            f"roles.generator.gradient_checkpointing={checkpointing}", f"output_dir={folder / 'run'}", *overrides])
+    resume_is_exact(make_config, tmp_path, ("generator", "generator_ema"), "roles.generator.ema_decay=0.9",
+                    "roles.generator.ema_start=0")

@@ -30,11 +30,15 @@ def teacher_dir(tiny_teacher):
 
 
 def make_trainer(tmp_path, teacher_dir, *extra):
-    return Trainer(load_train_config([], [
+    return Trainer(reward_config(tmp_path, teacher_dir, *extra))
+
+
+def reward_config(tmp_path, teacher_dir, *extra):
+    return load_train_config([], [
         "recipe=reward_forcing", f"roles.teacher.init={teacher_dir}", "data.batch_size=3", "data.frames=8",
         "algo.frames=4", "algo.min_chunks=2", "algo.max_chunks=3", f"algo.reward.callable={STUB}",
         f"algo.reward.temperature={TEMPERATURE}", "logging.wandb=disabled", "logging.progress=false",
-        f"output_dir={tmp_path / 'run'}", *extra]))
+        f"output_dir={tmp_path / 'run'}", *extra])
 
 
 def check_steps(trainer, s, wanted):
@@ -111,3 +115,12 @@ def test_a_reward_that_cannot_load_is_one_line_naming_its_key_when_the_config_lo
     with pytest.raises(ConfigError) as e:
         load_train_config([], ["recipe=reward_forcing", "algo.frames=8", f"output_dir={tmp_path / 'run'}", override])
     assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_resume_is_bit_exact(tmp_path, teacher_dir, resume_is_exact, checkpointing):
+    resume_is_exact(lambda folder, *a: reward_config(folder, teacher_dir, *a), tmp_path,
+                    ("generator", "critic", "generator_ema"),
+                    "roles.generator.update_every=2", "roles.generator.ema_decay=0.9", "roles.generator.ema_start=0",
+                    f"roles.generator.gradient_checkpointing={checkpointing}",
+                    f"roles.critic.gradient_checkpointing={checkpointing}")
