@@ -29,12 +29,13 @@ def training_frames() -> int:
     return load_train_config([TOY_CONFIGS / "teacher.yaml"]).data.frames
 
 
-def sampling_plan(recipe: str):
-    """What the recipe samples with, from its toy config (configs/toy/<recipe>.yaml)."""
+def sampling_plan(recipe: str, overrides: tuple[str, ...] = ()):
+    """What the recipe samples with, from its toy config (configs/toy/<recipe>.yaml) with
+    overrides (e.g. "algo.sample_steps=4")."""
     from .train.config import load_train_config
     from .train.recipe import recipe_class
 
-    cfg = load_train_config([TOY_CONFIGS / f"{recipe}.yaml"])
+    cfg = load_train_config([TOY_CONFIGS / f"{recipe}.yaml"], list(overrides))
     return recipe_class(cfg.recipe).sampling_plan(cfg.algo)
 
 

@@ -14,8 +14,9 @@ import argparse
 from ..errors import ForcelabError
 from ..validate import arg, non_negative_float, non_negative_int, positive_int, seed
 
-SUITE_DEFAULTS = {"seeds": 3, "first_seed": 0}      # --suite flags left unset; --recipes, --max-steps: None
-SUITE_FLAGS = {"seeds": "--seeds", "recipes": "--recipes", "max_steps": "--max-steps", "first_seed": "--first-seed"}
+SUITE_DEFAULTS = {"seeds": 3, "first_seed": 0, "world": "plain", "jobs": 1}   # --suite flags left unset; --recipes, --max-steps: None
+SUITE_FLAGS = {"seeds": "--seeds", "recipes": "--recipes", "max_steps": "--max-steps", "first_seed": "--first-seed",
+               "world": "--world", "jobs": "--jobs"}
 
 
 def _command(sub, name: str, text: str):
@@ -36,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-steps", type=arg(positive_int), default=None, help="--suite full: cap every recipe's steps")
     t.add_argument("--first-seed", type=arg(seed), default=None,
                    help="--suite: seeds first_seed .. first_seed + seeds - 1 (split a study over processes)")
+    t.add_argument("--world", choices=("plain", "textured"), default=None,
+                   help="--suite: the toy world and its rows (configs/toy/ or configs/toy/textured/; default plain)")
+    t.add_argument("--jobs", type=arg(positive_int), default=None,
+                   help="--suite --world textured: seeds trained in parallel processes, one thread each (default 1)")
     t.add_argument("--bucket-frames", type=arg(positive_int), default=None,
                    help="frames per drift bucket (default: the toy world's training clip length)")
     t.add_argument("--no-report", action="store_true", help="write toybench.json only")
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         from ..study import run_study
 
         record = run_study(args.out or "runs/study", args.suite, args.seeds, recipes=args.recipes,
-                           max_steps=args.max_steps, first_seed=args.first_seed)
+                           max_steps=args.max_steps, first_seed=args.first_seed, world=args.world, jobs=args.jobs)
         print(f"wrote {args.out or 'runs/study'}/study.md and study.json ({record['seconds']:.0f} s)")
     elif args.eval_command == "toybench":
         from .toybench_run import RESULT_NAME, run_toybench

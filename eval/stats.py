@@ -69,3 +69,23 @@ def bootstrap_ci(values, statistic=nanmean, resamples: int = BOOTSTRAP_RESAMPLES
         return math.nan, math.nan
     tail = (1.0 - level) / 2
     return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))
+
+
+def clustered_bootstrap_ci(groups, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over units nested in groups (e.g. held-out
+    prompts within training seeds): each resample draws the groups with replacement, then the
+    units within each drawn group, so the interval carries the spread between groups as well as
+    within them. groups: a list of 1-D arrays; NaN units are left out. (NaN, NaN) without units."""
+    parts = [np.asarray(g, dtype=np.float64) for g in groups]
+    parts = [g[np.isfinite(g)] for g in parts]
+    parts = [g for g in parts if len(g)]
+    if not parts:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        chosen = rng.integers(0, len(parts), len(parts))
+        draws[i] = np.concatenate([parts[j][rng.integers(0, len(parts[j]), len(parts[j]))] for j in chosen]).mean()
+    tail = (1.0 - level) / 2
+    return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))

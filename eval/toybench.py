@@ -25,6 +25,12 @@ of) its best. Every metric is oriented so that higher is better:
 - dynamics: per ball step, how well the speed (median over DYN_WINDOW steps) falls in the
   caption's speed range ("slowly" / "quickly", either when unnamed); 1 inside, exp(-d / DYN_SCALE)
   at log-distance d outside. Catches frozen, slowing and stagnant motion.
+- background: PSNR (dB, capped at PSNR_CAP) of the frame's background against the background
+  the video starts with: the per-pixel median over the first bucket's frames (the frame itself
+  left out) of the pixels no detected ball covers (balls from the re-render, grown by one pixel);
+  scored over the pixels no ball covers in either. Self-referenced, so it asks for persistence, not for a particular
+  background: a scene's texture (ToyWorldConfig.background_texture) that fades, blurs or drifts
+  lowers it, a background that is wrong but steady does not. Ground truth scores PSNR_CAP.
 - continuation (given first_frame): agreement of frame 0's balls with those of the given frame.
 - continuity (given chunk_starts, the pixel frames that open chunks 1..): min(1, mean step
   inside chunks / mean step into a chunk), a step being the mean absolute difference of two
@@ -49,7 +55,7 @@ from ..errors import ForcelabError
 from ..progress import progress_bar
 from . import stats
 from .continuity import continuity
-from .toydetect import Ball, detect_balls, detect_frames, rerender, touching
+from .toydetect import Ball, detect_balls, detect_frames, dilate, rerender, touching
 
 PSNR_CAP = 60.0          # dB; a perfect re-render would be infinite
 STRAY_LEVEL = 32         # a pixel this far (any channel, 0..255) from the re-render is stray
@@ -60,7 +66,8 @@ DYN_WINDOW = 5           # steps in the running median of a ball's speed (bounce
 DYN_MARGIN = 0.15        # relative slack around the caption's speed range
 DYN_SCALE = 0.1          # log-distance outside the range at which the score falls to 1/e
 
-METRICS = ("fidelity_psnr", "fidelity_adherent", "clean_pixels", "adherence", "identity", "physics", "dynamics")
+METRICS = ("fidelity_psnr", "fidelity_adherent", "clean_pixels", "adherence", "identity", "physics", "dynamics",
+           "background")
 
 
 def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | None = None,
@@ -101,11 +108,12 @@ def score_video(frames, caption: str, *, first_frame=None, bucket_frames: int | 
 
 def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
                   config: ToyWorldConfig, codec=None, reference_frames: int | None = None) -> dict[str, np.ndarray]:
-    """Each metric per frame, float [T] (NaN where it has nothing to measure). identity refers
-    to the most common set of balls over the first reference_frames frames (default: all)."""
+    """Each metric per frame, float [T] (NaN where it has nothing to measure). identity and
+    background refer to the first reference_frames frames (default: all)."""
     T, H, W, _ = frames.shape
     detections = detect_frames(frames, config, order=colors)
     rendered = np.stack([rerender(balls, (H, W), config) for balls in detections])
+    ball_pixels = _ball_pixels(rendered, config)              # before the codec blurs the re-render's edges
     if codec is not None:
         rendered = np.asarray(codec(rendered))
         if rendered.shape != frames.shape:
@@ -125,7 +133,40 @@ def frame_metrics(frames: np.ndarray, colors: list[str], speed: str | None,
     adherent_psnr = np.where(adherence == 1.0, psnr, math.nan)     # NaN: the frame is not adherent
     return {"fidelity_psnr": psnr, "fidelity_adherent": adherent_psnr, "clean_pixels": clean,
             "adherence": adherence, "identity": identity,
-            "physics": _physics(tracks, T, (W, H)), "dynamics": _dynamics(tracks, T, speed, config)}
+            "physics": _physics(tracks, T, (W, H)), "dynamics": _dynamics(tracks, T, speed, config),
+            "background": _background(frames, ball_pixels, reference_frames or T)}
+
+
+def _ball_pixels(rendered: np.ndarray, config: ToyWorldConfig) -> np.ndarray:
+    """bool [T, H, W]: the pixels the detected balls cover in their re-render (uint8 [T, H, W, 3]
+    on the plain background), grown by one pixel for the anti-aliased rim."""
+    covered = (rendered != np.rint(np.asarray(config.background, np.float64)).astype(np.uint8)).any(-1)
+    return np.stack([dilate(m) for m in covered])
+
+
+def _background(frames: np.ndarray, balls: np.ndarray, reference_frames: int) -> np.ndarray:
+    """Per frame, PSNR (dB, capped) of the pixels no ball covers (balls bool [T, H, W]) against the
+    per-pixel median of the first reference_frames frames where no ball covers them, leaving the
+    frame itself out of its own reference (a frame of the first bucket is not compared with
+    itself); NaN for a frame with no such pixel."""
+    stack = np.where(balls[:reference_frames, ..., None], np.nan, frames[:reference_frames].astype(np.float64))
+    shared = _reference(stack)
+    out = np.full(len(frames), math.nan)
+    for t in range(len(frames)):
+        ref = _reference(np.delete(stack, t, 0)) if t < len(stack) and len(stack) > 1 else shared
+        m = ~balls[t] & np.isfinite(ref[..., 0])
+        if m.any():
+            mse = float(((frames[t][m].astype(np.float64) - ref[m]) ** 2).mean())
+            out[t] = min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse)) if mse > 0 else PSNR_CAP
+    return out
+
+
+def _reference(stack: np.ndarray) -> np.ndarray:
+    """np.nanmedian over axis 0 of [R, H, W, 3]; NaN where no frame saw the pixel."""
+    seen = np.isfinite(stack).any(0)
+    out = np.full(stack.shape[1:], np.nan)
+    out[seen] = np.nanmedian(stack[:, seen], axis=0)
+    return out
 
 
 def _jaccard(a: Counter, b: Counter) -> float:

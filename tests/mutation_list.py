@@ -532,4 +532,18 @@ MUTATIONS: list[Mutation] = [
     M("ema_starts_from_zero", "every recipe with EMA", "EMA: initialised to the weights at ema_start",
       "train/roles.py", "role.ema = {k: p.detach().float().clone() for k, p in params.items()}",
       "role.ema = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}", TRAINER + SF),
+    # the study's evaluation: ToyBench's background metric and the claims' paired differences
+    M("background_frame_in_own_reference", "the study", "background: a first-bucket frame is not scored against "
+      "a reference that holds it", "eval/toybench.py",
+      "ref = _reference(np.delete(stack, t, 0)) if t < len(stack) and len(stack) > 1 else shared",
+      "ref = shared", ("tests/test_eval_background.py",)),
+    M("claims_difference_reversed", "the study", "claims: the paired difference is A - B", "study_claims.py",
+      "d = np.array([_num(a[seed][k]) - _num(b[seed][k]) for k in keys])",
+      "d = np.array([_num(b[seed][k]) - _num(a[seed][k]) for k in keys])", ("tests/test_study_claims.py",)),
+    M("claims_verdict_on_the_wrong_tail", "the study", "claims: supported only when the whole interval is above 0",
+      "study_claims.py", "    if lo > 0:\n        return \"supported\"", "    if hi > 0:\n        return \"supported\"",
+      ("tests/test_study_claims.py",)),
+    M("claims_unpaired_across_seeds", "the study", "claims: videos are paired within their seed", "study_claims.py",
+      "keys = sorted(set(a[seed]) & set(b[seed]))", "keys = sorted(set(a[seed]) & set(b[seeds[0]]))",
+      ("tests/test_study_claims.py",)),
 ]

@@ -5,7 +5,7 @@ Imports only go down this order (left is lower):
     root modules < kernels < models < data < generate < train < distill < eval < pipelines < cli
 
 root modules are the top-level .py files (errors, validate, fsio, locks, dtypes, config, progress,
-run_folder) and the package itself; pipelines are demo.py, pipeline.py and study.py; cli is
+run_folder) and the package itself; pipelines are demo.py, pipeline.py, study.py and study_claims.py; cli is
 commands/, every cli.py and __main__.py, and the
 `if __name__ == "__main__":` block of any module (it runs only as a script). Every import counts:
 module-level and function-local, relative and `forcelab.` absolute. On top of the order, no two
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_PACKAGE_CODE = ("tests", "bench", "docs")
 
 LAYERS = ("root", "kernels", "models", "data", "generate", "train", "distill", "eval", "pipelines", "cli")
-PIPELINES = {"forcelab.demo", "forcelab.pipeline", "forcelab.study"}
+PIPELINES = {"forcelab.demo", "forcelab.pipeline", "forcelab.study", "forcelab.study_claims"}
 CLI_FILES = {"cli", "__main__"}
 CLI_PACKAGES = {"commands"}
 ACYCLIC_PACKAGES = ("kernels", "models", "data")

@@ -1,12 +1,13 @@
 """Every shipped recipe config loads against its recipe's strict schema, and every Wan-scale
 config keeps the hyperparameters of the paper / public code it cites (pinned, with the source)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from forcelab.train.config import load_train_config
-from forcelab.train.recipe import recipe_names
+from forcelab.train.recipe import recipe_class, recipe_names
 
 RECIPES = recipe_names()
 
@@ -23,12 +24,31 @@ def test_config_loads(path):
 
 
 def test_textured_configs_are_their_plain_recipe_on_the_textured_world():
+    """Each textured row is its plain config's recipe and options on the textured world; a
+    *_nosink row moves the sink's frames into the window (the same cache budget, no sink)."""
     textured = sorted((CONFIGS / "toy" / "textured").glob("*.yaml"))
     assert textured
     for path in textured:
-        cfg, plain = load_train_config([path]), load_train_config([CONFIGS / "toy" / path.name])
+        plain_name = path.name.replace("_nosink", "")
+        cfg, plain = load_train_config([path]), load_train_config([CONFIGS / "toy" / plain_name])
         assert cfg.data.background_texture > 0 and plain.data.background_texture == 0
-        assert cfg.recipe == plain.recipe and cfg.algo == plain.algo
+        expected = plain.algo
+        if "_nosink" in path.name:
+            budget = plain.algo.window_frames + plain.algo.sink_frames
+            expected = replace(plain.algo, window_frames=budget, sink_frames=0)
+        assert cfg.recipe == plain.recipe and cfg.algo == expected, path.name
+
+
+def test_textured_dmd_rows_share_one_budget():
+    """The study's DMD rows differ by their recipe only: 300 steps from the ODE init, generator
+    lr 2e-4 and critic lr 4e-5."""
+    rows = ("self_forcing", "causvid", "rolling_forcing", "rolling_forcing_nosink", "streaming_long",
+            "streaming_long_nosink", "self_forcing_pp")
+    for row in rows:
+        cfg = load_train_config([CONFIGS / "toy" / "textured" / f"{row}.yaml"])
+        starts = {**recipe_class(cfg.recipe).starts_from, **cfg.starts_from}
+        assert starts["generator"] == "ode_init", row
+        assert (cfg.max_steps, cfg.roles["generator"].lr, cfg.roles["critic"].lr) == (300, 2.0e-4, 4.0e-5), row
 
 
 def test_every_recipe_has_a_toy_config():
